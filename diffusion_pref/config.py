@@ -1,0 +1,347 @@
+"""Typed run configuration: one dataclass per section, YAML recipes, ``key=value`` overrides.
+
+Every command reads the same :class:`Config`. A recipe in ``configs/`` sets only what differs from the defaults
+below, and dotted overrides on the command line win over the recipe::
+
+    diffusion-pref train --config configs/sd15_dpo_lora.yaml train.max_steps=100 loss.beta=5000
+
+Merging and type conversion are OmegaConf structured configs; this module adds what OmegaConf does not say
+clearly: an unknown key names the nearest valid key, a badly typed value names the key and the expected type,
+and a value outside a fixed set of choices lists the choices. ``load_config`` returns plain dataclass
+instances, so the rest of the code reads ``cfg.train.batch_size`` with types it can trust.
+
+The resolved config is written as ``config.yaml`` into ``output.dir`` by every run; passing that file back with
+``--config`` reproduces the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+# omegaconf is light (no torch), so importing it here keeps `diffusion-pref --help` fast.
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+@dataclass
+class ModelConfig:
+    # A hub id, a local folder in the standard diffusers layout, or "toy" for the shapes-world model shipped
+    # inside the package (the only one that works without a model hub).
+    pretrained: str = "toy"
+    family: str = "auto"  # auto | sd | sdxl | tango: "auto" reads the pipeline's model_index.json
+    revision: Optional[str] = None
+    variant: Optional[str] = None
+    vae: Optional[str] = None  # another VAE, e.g. an fp16-safe SDXL VAE
+    finetune: str = "lora"  # lora | full
+    lora_rank: int = 8
+    lora_alpha: Optional[float] = None  # None = lora_rank, so the adapter's scale is 1
+    lora_targets: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    # Where the reference log-likelihoods come from. auto: the adapter switched off for LoRA, a frozen copy for
+    # full fine-tuning, none for reference-free losses. copy_cpu keeps the frozen copy in CPU memory.
+    reference: str = "auto"  # auto | adapter | copy | copy_cpu | none
+
+
+@dataclass
+class DataConfig:
+    source: Optional[str] = None  # hub dataset id, a parquet file, or a folder of parquet shards
+    split: str = "train"
+    # Our column name -> the dataset's, for layouts other than Pick-a-Pic v2
+    # (caption, jpg_0, jpg_1, label_0, and optionally score_0, score_1).
+    columns: Dict[str, str] = field(default_factory=dict)
+    resolution: int = 512
+    ties: str = "drop"  # drop | soft: soft keeps label_0 == 0.5 as a soft label for losses that take one
+    on_bad_row: str = "error"  # error | skip: skip counts and reports every skipped row
+    caption_dropout: float = 0.0  # decided once per pair, never differently for winner and loser
+    random_flip: bool = True  # the same flip for both images of a pair
+    random_crop: bool = False  # the same crop for both images of a pair
+    cache: bool = False  # train from precomputed VAE latents and text embeddings
+    cache_dir: Optional[str] = None  # default: <output.dir>/cache
+    max_pairs: Optional[int] = None
+    shuffle: bool = True
+    num_workers: int = 0
+
+
+@dataclass
+class RewardConfig:
+    # Reward model name -> weight; several names make a weighted sum, e.g. {pickscore: 1.0, clip: 0.5}.
+    models: Dict[str, float] = field(default_factory=lambda: {"pickscore": 1.0})
+    # Reward model name -> hub id or local path, where the default official weights are not wanted.
+    pretrained: Dict[str, str] = field(default_factory=dict)
+    batch_size: int = 16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class LossConfig:
+    name: str = "dpo"  # any key of diffusion_pref.losses.LOSSES
+    # Our beta equals the diffusers train_diffusion_dpo.py beta (2500 there) and is half of the beta of the
+    # original Diffusion-DPO code and the diffusers SDXL script (5000 there = 2500 here); see DESIGN.md.
+    beta: float = 2500.0
+    # Loss-specific keyword arguments (gamma for smpo, flip_rate for robust, ...), checked against the chosen
+    # loss's signature before any model is loaded.
+    params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrajectoryConfig:
+    kind: str = "forward"  # forward | ddim | renoise: where x_t and its target come from
+    steps: int = 50  # inversion grid size for ddim / renoise
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 4  # pairs per device per optimizer micro-step
+    grad_accum: int = 1
+    max_steps: int = 1000  # optimizer steps
+    learning_rate: float = 1e-5
+    lr_scheduler: str = "constant_with_warmup"  # any name diffusers.optimization.get_scheduler knows
+    warmup_steps: int = 0
+    optimizer: str = "adamw"  # adamw | adamw8bit | adafactor
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    attention: str = "sdpa"  # sdpa | xformers
+    seed: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    resume: Optional[str] = None  # latest | a checkpoint folder
+    log_every: int = 1
+    logger: str = "tensorboard"  # tensorboard | wandb | none
+    validate_every: int = 0  # 0 = no validation images during training
+    validation_prompts: List[str] = field(default_factory=list)
+
+
+@dataclass
+class GenerateConfig:
+    prompts: Optional[str] = None  # text file, JSON list, parquet/hub dataset column, PartiPrompts TSV, HPDv2 JSON
+    prompt_column: Optional[str] = None
+    samples_per_prompt: int = 4
+    steps: int = 25
+    guidance_scale: float = 7.5
+    batch_size: int = 8
+    seed: int = 0
+    strategy: str = "best_vs_worst"  # best_vs_worst | all_pairs | best_vs_each
+    min_winner_score: Optional[float] = None
+    min_gap: Optional[float] = None
+    max_gap: Optional[float] = None
+    shard_size: int = 256  # pairs per parquet shard
+
+
+@dataclass
+class EvalConfig:
+    prompts: Optional[str] = None  # a prompt set name or file
+    # Variant name -> a LoRA folder, a full pipeline folder, or "base".
+    variants: Dict[str, str] = field(default_factory=dict)
+    seeds: List[int] = field(default_factory=lambda: [0, 1])
+    steps: int = 25
+    guidance_scale: float = 7.5
+    batch_size: int = 8
+    bootstrap_samples: int = 1000
+    no_cache: bool = False
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "outputs/run"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# Fields whose value must be one of a fixed set. Kept as plain strings (not Enums) so YAML and code read the
+# same words; the check below gives the error a user can act on.
+CHOICES: Dict[str, Sequence[str]] = {
+    "model.family": ("auto", "sd", "sdxl", "tango"),
+    "model.finetune": ("lora", "full"),
+    "model.reference": ("auto", "adapter", "copy", "copy_cpu", "none"),
+    "data.ties": ("drop", "soft"),
+    "data.on_bad_row": ("error", "skip"),
+    "trajectory.kind": ("forward", "ddim", "renoise"),
+    "train.optimizer": ("adamw", "adamw8bit", "adafactor"),
+    "train.mixed_precision": ("no", "fp16", "bf16"),
+    "train.attention": ("sdpa", "xformers"),
+    "train.logger": ("tensorboard", "wandb", "none"),
+    "generate.strategy": ("best_vs_worst", "all_pairs", "best_vs_each"),
+}
+
+
+class ConfigError(ValueError):
+    """A config problem the user can fix; the message says which key and what to do."""
+
+
+def _nearest(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.0)
+    return close[0] if close else ""
+
+
+def _section_class(annotation: Any) -> Optional[type]:
+    cls = globals().get(annotation) if isinstance(annotation, str) else annotation
+    return cls if dataclasses.is_dataclass(cls) else None
+
+
+def _valid_keys(cls: type = None, prefix: str = "") -> Dict[str, Optional[type]]:
+    """Every dotted key the config accepts -> its section class (None for a leaf value)."""
+    keys: Dict[str, Optional[type]] = {}
+    for f in dataclasses.fields(cls or Config):
+        dotted = f"{prefix}{f.name}"
+        sub = _section_class(f.type)
+        keys[dotted] = sub
+        if sub is not None:
+            keys.update(_valid_keys(sub, prefix=f"{dotted}."))
+    return keys
+
+
+def _check_keys(tree: Any, where: str, prefix: str = "") -> None:
+    """Reject keys that no section has, naming the nearest valid key among all of them.
+
+    Dict-typed fields (column maps, loss params, reward weights) are leaves here: they accept any key.
+    """
+    valid = _valid_keys()
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if dotted not in valid:
+            while isinstance(value, dict) and len(value) == 1:  # name the whole key the user wrote
+                (inner, value), = value.items()
+                dotted = f"{dotted}.{inner}"
+            leaves = [k for k, sub in valid.items() if sub is None]
+            section = dotted.rsplit(".", 1)[0]
+            nearby = [k for k in leaves if k.startswith(section + ".")] or leaves
+            raise ConfigError(
+                f"unknown config key '{dotted}' ({where}); did you mean '{_nearest(dotted, leaves)}'? "
+                f"Valid keys: {', '.join(nearby) if len(nearby) < 40 else 'see --print-config'}"
+            )
+        if valid[dotted] is not None:
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"'{dotted}' ({where}) is a section; set its keys, e.g. {dotted}.<key>=...")
+            if value:
+                _check_keys(value, where, prefix=f"{dotted}.")
+
+
+def _check_choices(cfg: Config) -> None:
+    for dotted, choices in CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in choices:
+            raise ConfigError(
+                f"{dotted}={value!r} is not one of {', '.join(choices)}; did you mean '{_nearest(str(value), choices)}'?"
+            )
+
+
+def _merge(base: DictConfig, layer: Any, where: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        expected = ""
+        ref_type = getattr(err, "ref_type", None)
+        node = OmegaConf.select(base, key) if key != "?" else None
+        if key != "?":
+            section, _, name = key.partition(".")
+            section_cls = type(getattr(Config(), section, None))
+            hints = {f.name: f.type for f in dataclasses.fields(section_cls)} if dataclasses.is_dataclass(section_cls) else {}
+            expected = f" expected type: {hints.get(name, ref_type or type(node).__name__)}."
+        first_line = str(err).splitlines()[0]
+        raise ConfigError(f"bad value for '{key}' ({where}): {first_line}.{expected}") from None
+
+
+def parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
+    """``["train.max_steps=10", "loss.params.gamma=5"]`` -> nested dict, values parsed as YAML scalars."""
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"could not parse overrides {list(overrides)}: {err}") from None
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file at ``path``, then the dotted ``overrides``; returns a checked :class:`Config`."""
+    merged = OmegaConf.structured(Config)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; recipes live in configs/ (e.g. configs/toy_train_dpo.yaml)")
+        try:
+            loaded = OmegaConf.to_container(OmegaConf.load(path))
+        except Exception as err:  # YAML syntax errors come from several libraries
+            raise ConfigError(f"could not read {path} as YAML: {err}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections (model:, data:, train:, ...)")
+        _check_keys(loaded, where=str(path))
+        merged = _merge(merged, loaded, where=str(path))
+    dotted = parse_overrides(overrides)
+    _check_keys(dotted, where="command line")
+    merged = _merge(merged, dotted, where="command line")
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"config is incomplete: {str(err).splitlines()[0]}") from None
+    _check_choices(cfg)
+    return cfg
+
+
+def check_loss(cfg: Config) -> None:
+    """Check ``loss.name`` and ``loss.params`` against the loss library before any model is loaded."""
+    from diffusion_pref.losses import check_loss_params  # imports torch: only for commands that train
+
+    try:
+        check_loss_params(cfg.loss.name, dict(cfg.loss.params))
+    except (KeyError, ValueError, TypeError) as err:
+        message = err.args[0] if err.args else str(err)
+        raise ConfigError(f"loss config: {message}") from None
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Config, directory: str | Path) -> Path:
+    """Write the resolved config as ``config.yaml``; ``--config`` on that file reproduces the run."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "config.yaml"
+    path.write_text(to_yaml(cfg))
+    return path
+
+
+__all__ = [
+    "CHOICES",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "GenerateConfig",
+    "LossConfig",
+    "ModelConfig",
+    "MISSING",
+    "OutputConfig",
+    "RewardConfig",
+    "TrainConfig",
+    "TrajectoryConfig",
+    "check_loss",
+    "load_config",
+    "parse_overrides",
+    "save_config",
+    "to_yaml",
+]
