@@ -1,0 +1,145 @@
+"""Tiny random-weight models: each saved model loads back with the ecosystem's own loader and behaves the same.
+
+Run: HF_HUB_OFFLINE=1 python -m pytest tests/test_testing.py -q
+"""
+
+import json
+
+import pytest
+import torch
+
+from diffusion_pref import testing
+
+
+def _state_dicts_equal(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _unet_inputs(unet, batch=2, tokens=testing.CLIP_MAX_LENGTH, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    size = unet.config.sample_size
+    latents = torch.randn(batch, unet.config.in_channels, size, size, generator=g)  # [B, 4, 8, 8]
+    context = torch.randn(batch, tokens, unet.config.cross_attention_dim, generator=g)  # [B, L, D]
+    timesteps = torch.tensor([10, 700])[:batch]
+    return latents, timesteps, context
+
+
+@torch.no_grad()
+def _unet_out(unet, inputs, **kwargs):
+    latents, timesteps, context = inputs
+    return unet(latents, timesteps, encoder_hidden_states=context, **kwargs).sample
+
+
+@torch.no_grad()
+def _image(pipe, prompt="a photo of a red cat", seed=0, **kwargs):
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(prompt, num_inference_steps=2, generator=generator, output_type="pt", **kwargs).images
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def test_clip_tokenizer_round_trips_any_caption_and_pads():
+    tokenizer = testing.tiny_clip_tokenizer()
+    caption = "A photo of 3 red cats, jumping! (naïve café)"
+    ids = tokenizer(caption).input_ids
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    # No unknown token: CLIP's unk is its eos, which must appear only at the end.
+    assert tokenizer.unk_token_id not in ids[1:-1]
+    decoded = tokenizer.decode(ids, skip_special_tokens=True)
+    # CLIP lower-cases and decodes word ends as spaces, so compare without whitespace.
+    assert decoded.replace(" ", "") == caption.lower().replace(" ", "")
+    # Common words are single tokens (merges work), rarer ones split into byte symbols.
+    assert len(tokenizer("the")["input_ids"]) == 3
+    padded = tokenizer(["a cat", caption], padding="max_length", truncation=True, return_tensors="pt")
+    assert padded.input_ids.shape == (2, testing.CLIP_MAX_LENGTH)
+
+
+def test_clip_tokenizer_from_written_files_matches_in_memory(tmp_path):
+    in_memory = testing.tiny_clip_tokenizer()
+    from_files = testing.tiny_clip_tokenizer(save_dir=tmp_path)
+    assert (tmp_path / "vocab.json").exists() and (tmp_path / "merges.txt").exists()
+    caption = "the dog and the bird, singing in the rain"
+    assert from_files(caption).input_ids == in_memory(caption).input_ids
+    assert len(json.loads((tmp_path / "vocab.json").read_text())) == len(in_memory)
+
+
+# ---------------------------------------------------------------- Stable Diffusion
+
+
+def test_sd_builder_is_deterministic_per_seed_and_keeps_global_rng():
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = testing.tiny_sd_pipeline(seed=0)
+    assert torch.equal(torch.rand(3), expected_next)  # the builder did not consume the caller's RNG
+    b = testing.tiny_sd_pipeline(seed=0)
+    c = testing.tiny_sd_pipeline(seed=1)
+    for name in ("unet", "vae", "text_encoder"):
+        assert _state_dicts_equal(getattr(a, name), getattr(b, name)), name
+        assert not _state_dicts_equal(getattr(a, name), getattr(c, name)), name
+
+
+def test_sd_generates_32px_images_in_two_steps():
+    pipe = testing.tiny_sd_pipeline()
+    images = _image(pipe, prompt=["a cat", "a dog"])
+    assert images.shape == (2, 3, 32, 32)
+    assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
+    assert not torch.equal(images[0], images[1])  # the prompt reaches the UNet
+
+
+def test_sd_prediction_type_sets_scheduler():
+    assert testing.tiny_sd_pipeline().scheduler.config.prediction_type == "epsilon"
+    assert testing.tiny_sd_pipeline(prediction_type="v_prediction").scheduler.config.prediction_type == "v_prediction"
+    with pytest.raises(ValueError, match="prediction_type"):
+        testing.tiny_sd_pipeline(prediction_type="sample_x0")
+
+
+def test_saved_sd_loads_with_diffusers_and_matches(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = testing.tiny_sd_pipeline(seed=0)
+    testing.save_tiny_sd(tmp_path, seed=0)
+    assert (tmp_path / "model_index.json").exists()
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert (tmp_path / "text_encoder" / "model.safetensors").exists()
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    inputs = _unet_inputs(pipe.unet)
+    torch.testing.assert_close(_unet_out(loaded.unet, inputs), _unet_out(pipe.unet, inputs), rtol=0, atol=0)
+    torch.testing.assert_close(_image(loaded), _image(pipe), rtol=0, atol=1e-6)
+    assert loaded.tokenizer("a red cat").input_ids == pipe.tokenizer("a red cat").input_ids
+
+
+def test_tiny_sd_dir_fixture_is_a_pipeline_folder(tiny_sd_dir, tiny_sd_vpred_dir):
+    index = json.loads((tiny_sd_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    scheduler = json.loads((tiny_sd_vpred_dir / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction"
+
+
+def test_lora_on_unet_changes_output_and_round_trips_through_load_lora_weights(tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = testing.tiny_sd_pipeline()
+    inputs = _unet_inputs(pipe.unet)
+    base = _unet_out(pipe.unet, inputs)
+    torch.manual_seed(0)
+    # init_lora_weights=False gives a random (non-zero) B, so the adapter acts before any training.
+    config = LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    pipe.unet.add_adapter(config)
+    with_lora = _unet_out(pipe.unet, inputs)
+    assert not torch.allclose(with_lora, base, atol=1e-4)
+    pipe.unet.disable_adapters()
+    torch.testing.assert_close(_unet_out(pipe.unet, inputs), base)
+    pipe.unet.enable_adapters()
+
+    lora_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=lora_layers, safe_serialization=True)
+    fresh = testing.tiny_sd_pipeline()
+    fresh.load_lora_weights(tmp_path)
+    torch.testing.assert_close(_unet_out(fresh.unet, inputs), with_lora, rtol=1e-5, atol=1e-6)
