@@ -1,0 +1,64 @@
+"""The command line: help without heavy imports, strict overrides, print-config, unavailable commands."""
+
+import subprocess
+import sys
+
+import pytest
+
+from diffusion_pref import cli
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "diffusion_pref.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_every_command():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for name in ("generate", "cache", "train", "evaluate", "invert", "prompt-opt", "quickstart"):
+        assert name in result.stdout
+
+
+def test_help_imports_nothing_heavy():
+    code = (
+        "import sys; from diffusion_pref import cli; cli.build_parser().format_help(); "
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'open_clip') if m in sys.modules]; "
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_unknown_key_fails_naming_the_nearest():
+    result = run_cli("train", "--print-config", "train.max_stepz=1")
+    assert result.returncode != 0
+    assert "train.max_steps" in result.stderr
+
+
+def test_print_config_prints_the_resolved_values():
+    result = run_cli("train", "--print-config", "train.max_steps=123", "loss.name=ipo")
+    assert result.returncode == 0, result.stderr
+    assert "max_steps: 123" in result.stdout and "name: ipo" in result.stdout
+
+
+def test_a_command_that_has_not_landed_says_so(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(cli.COMMANDS, "future", cli.Command("diffusion_pref.no_such_module", "later", 99))
+    code = cli.main(["future", f"output.dir={tmp_path}"])
+    assert code != 0
+    assert "issue #99" in capsys.readouterr().err
+
+
+def test_bad_loss_param_fails_before_any_model_loads(monkeypatch, capsys, tmp_path):
+    loaded = []
+    monkeypatch.setitem(cli.COMMANDS, "train", cli.Command("diffusion_pref.no_such_module", "t", 3, trains=True))
+    monkeypatch.setattr(cli, "_command_available", lambda c: True)
+    monkeypatch.setattr(cli.importlib, "import_module", lambda name: loaded.append(name))
+    code = cli.main(["train", "loss.name=robust", "loss.params.flip=0.1", f"output.dir={tmp_path}"])
+    assert code == 2 and loaded == []
+    assert "flip" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_every_command_has_a_subparser(command):
+    args = cli.build_parser().parse_args([command, "--print-config"])
+    assert args.command == command and args.print_config

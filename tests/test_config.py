@@ -1,0 +1,91 @@
+"""Configs: strict keys, typed values, choices, YAML recipes, and the saved config reproducing a run."""
+
+from pathlib import Path
+
+import pytest
+
+from diffusion_pref.config import CHOICES, Config, ConfigError, check_loss, load_config, save_config, to_yaml
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("**/*.yaml"))
+RECIPES = [p for p in CONFIGS if "accelerate" not in p.parts]  # accelerate's own files are not our recipes
+
+
+def test_defaults_and_overrides_are_typed():
+    cfg = load_config(None, ["train.max_steps=7", "loss.beta=5000", "loss.params.gamma=3", "data.columns.caption=text"])
+    assert isinstance(cfg, Config)
+    assert cfg.train.max_steps == 7 and isinstance(cfg.train.max_steps, int)
+    assert cfg.loss.beta == 5000.0 and isinstance(cfg.loss.beta, float)
+    assert cfg.loss.params == {"gamma": 3}
+    assert cfg.data.columns == {"caption": "text"}
+
+
+def test_overrides_win_over_the_file(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  max_steps: 50\n  batch_size: 2\n")
+    cfg = load_config(recipe, ["train.max_steps=3"])
+    assert (cfg.train.max_steps, cfg.train.batch_size) == (3, 2)
+
+
+@pytest.mark.parametrize(
+    "override, nearest",
+    [("train.max_step=1", "train.max_steps"), ("loss.bta=1", "loss.beta"), ("data.resolutoin=64", "data.resolution")],
+)
+def test_unknown_key_names_the_nearest(override, nearest):
+    with pytest.raises(ConfigError, match=f"did you mean '{nearest}'"):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_a_file_names_the_file(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  learning_rat: 1.0e-4\n")
+    with pytest.raises(ConfigError, match=r"train\.learning_rat.*r\.yaml.*train\.learning_rate"):
+        load_config(recipe)
+
+
+def test_wrong_type_names_key_and_type():
+    with pytest.raises(ConfigError, match=r"train\.batch_size.*int"):
+        load_config(None, ["train.batch_size=lots"])
+
+
+def test_choices_are_checked():
+    with pytest.raises(ConfigError, match="adamw, adamw8bit, adafactor"):
+        load_config(None, ["train.optimizer=adam"])
+    for dotted, choices in CHOICES.items():  # every default is itself a valid choice
+        section, key = dotted.split(".")
+        assert getattr(getattr(Config(), section), key) in choices, dotted
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["train.max_steps"])
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_saved_config_reproduces_the_run(tmp_path):
+    cfg = load_config(None, ["train.max_steps=11", "loss.name=ipo", "reward.models.clip=0.5", "output.dir=x"])
+    path = save_config(cfg, tmp_path)
+    again = load_config(path)
+    assert again == cfg
+    assert to_yaml(again) == to_yaml(cfg)
+
+
+def test_loss_params_are_checked_against_the_loss():
+    check_loss(load_config(None, ["loss.name=smpo", "loss.params.gamma=5"]))  # valid: no error
+    with pytest.raises(ConfigError, match="gamma"):
+        check_loss(load_config(None, ["loss.name=smpo", "loss.params.gama=5"]))
+    with pytest.raises(ConfigError, match="dpo"):
+        check_loss(load_config(None, ["loss.name=dpoo"]))
+
+
+def test_there_are_recipes():
+    assert RECIPES, "configs/ holds no YAML recipes"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_loads(path):
+    cfg = load_config(path)
+    check_loss(cfg)
