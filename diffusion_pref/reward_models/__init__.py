@@ -1,0 +1,87 @@
+"""Reward models by name: a registry of scorers, imported only when one is used.
+
+Every scorer follows the protocol in `base.py`: `score(prompts, media) -> Tensor[n]` (float32, CPU, higher is
+better) and a human-readable `scale`. Each loads from a hub id (the official one by default) or a local
+folder/file in the official layout (`pretrained=`/`checkpoint=`).
+
+Example:
+
+    from diffusion_pref.reward_models import load_reward_model, load_reward
+    pick = load_reward_model("pickscore")                       # yuvalkirstain/PickScore_v1
+    hps = load_reward_model("hpsv21", pretrained="HPS_v2.1_compressed.pt")
+    both = load_reward({"pickscore": 1.0, "hpsv21": 10.0})
+    scores = both.score(prompts, images)                        # [n]
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+# name -> "module:Class"; resolved lazily so importing this package stays cheap.
+REWARD_MODELS = {
+    "pickscore": "diffusion_pref.reward_models.pickscore:PickScore",
+    "hpsv2": "diffusion_pref.reward_models.hps:HPSv2",
+    "hpsv21": "diffusion_pref.reward_models.hps:HPSv21",
+    "clip": "diffusion_pref.reward_models.clip_score:CLIPScore",
+    "aesthetic": "diffusion_pref.reward_models.aesthetic:LaionAesthetic",
+    "imagereward": "diffusion_pref.reward_models.image_reward:ImageReward",
+    "clap": "diffusion_pref.reward_models.clap:CLAPScore",
+    "toy-fidelity": "diffusion_pref.reward_models.toy:ToyFidelity",
+}
+
+
+def _unknown(name: str) -> ValueError:
+    near = difflib.get_close_matches(name, list(REWARD_MODELS), n=1, cutoff=0.4)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    return ValueError(f"unknown reward model {name!r}{hint} Choices: {', '.join(sorted(REWARD_MODELS))}")
+
+
+def reward_model_class(name: str) -> type:
+    if name not in REWARD_MODELS:
+        raise _unknown(name)
+    module_name, attr = REWARD_MODELS[name].split(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def load_reward_model(name: str, **kwargs: Any) -> Any:
+    """Build the scorer registered as `name`; kwargs go to its constructor (pretrained, device, batch_size, ...)."""
+    return reward_model_class(name)(**kwargs)
+
+
+def load_reward(spec: str | Mapping[str, Any], **shared_kwargs: Any):
+    """A `WeightedReward` from a name or a `{name: weight}` mapping.
+
+    A weight may also be a mapping `{"weight": w, **constructor_kwargs}`, e.g.
+    `{"hpsv21": {"weight": 1.0, "pretrained": "/ckpt/HPS_v2.1_compressed.pt"}}`. `shared_kwargs` (device,
+    batch_size) go to every component.
+    """
+    from .base import WeightedReward
+
+    if isinstance(spec, str):
+        spec = {spec: 1.0}
+    if not isinstance(spec, Mapping) or not spec:
+        raise ValueError(f"reward spec must be a model name or a non-empty {{name: weight}} mapping, got {spec!r}")
+    for name in spec:  # fail on a typo before loading any (large) model
+        if name not in REWARD_MODELS:
+            raise _unknown(name)
+    components = {}
+    for name, value in spec.items():
+        kwargs = dict(shared_kwargs)
+        if isinstance(value, Mapping):
+            value = dict(value)
+            weight = value.pop("weight", 1.0)
+            kwargs.update(value)
+        else:
+            weight = value
+        try:
+            weight = float(weight)
+        except (TypeError, ValueError):
+            raise ValueError(f"reward weight for {name!r} must be a number, got {weight!r}") from None
+        components[name] = (load_reward_model(name, **kwargs), weight)
+    return WeightedReward(components)
+
+
+__all__ = ["REWARD_MODELS", "load_reward", "load_reward_model", "reward_model_class"]

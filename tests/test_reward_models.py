@@ -1,0 +1,179 @@
+"""Reward models: tiny random-weight models in each scorer's real architecture, saved in the official checkpoint
+layout, loaded back through the public loader, and checked against independent computations."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusion_pref.reward_models import REWARD_MODELS, load_reward, load_reward_model
+from diffusion_pref.reward_models.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+torch.set_num_threads(1)
+
+MEAN = torch.tensor(OPENAI_CLIP_MEAN).view(3, 1, 1)
+STD = torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1)
+PROMPTS = ["a red cube", "two blue spheres on grass", "a red cube", "an astronaut riding a horse"]
+
+
+def _bytes_to_unicode():
+    # The byte-to-unicode table of byte-level BPE (GPT-2/CLIP), so every string is encodable with no merges.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def _write_clip_tokenizer(folder):
+    """A 514-token CLIP BPE tokenizer (bytes, bytes+</w>, bos, eos) saved in the transformers layout."""
+    from transformers import CLIPTokenizer
+
+    chars = _bytes_to_unicode()
+    vocab = {c: i for i, c in enumerate(chars)}
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")).save_pretrained(folder)
+    return len(vocab)
+
+
+def _tiny_clip_folder(folder, seed, projection_dim=16):
+    """A random 2-layer CLIPModel (224 px input, patch 32) with tokenizer and processor, in the HF folder layout."""
+    from transformers import CLIPConfig, CLIPModel
+
+    vocab = _write_clip_tokenizer(folder)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=77, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1,
+        ),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=224,
+            patch_size=32,
+        ),
+        projection_dim=projection_dim,
+    )
+    torch.manual_seed(seed)
+    model = CLIPModel(config)
+    with torch.no_grad():
+        model.logit_scale.fill_(np.log(50.0))  # not CLIP's init, so a hard-coded 100 would be caught
+    model.save_pretrained(folder)
+    # The official processor's settings: shortest side 224 bicubic, centre crop 224, OpenAI mean/std.
+    import transformers
+
+    processor_cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    processor_cls(
+        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, resample=3,
+        image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD),
+    ).save_pretrained(folder)
+    return folder
+
+
+def _random_images(n, seed, size=(48, 40)):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def _official_clip_pixels(images):
+    """Independent re-statement of the OpenAI/CLIP processor on PIL: shortest side -> 224 bicubic, centre crop."""
+    out = []
+    for im in images:
+        w, h = im.size
+        if w <= h:
+            nw, nh = 224, int(224 * h / w)
+        else:
+            nw, nh = int(224 * w / h), 224
+        r = im.resize((nw, nh), Image.BICUBIC)
+        left, top = (nw - 224) // 2, (nh - 224) // 2
+        r = r.crop((left, top, left + 224, top + 224))
+        x = torch.from_numpy(np.asarray(r, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        out.append((x - MEAN) / STD)
+    return torch.stack(out)
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    return _tiny_clip_folder(str(tmp_path_factory.mktemp("tiny_clip")), seed=0)
+
+
+# ---------------------------------------------------------------- registry and combination
+
+
+def test_unknown_name_lists_choices_and_nearest():
+    with pytest.raises(ValueError) as err:
+        load_reward_model("pickscor")
+    msg = str(err.value)
+    assert "'pickscore'" in msg and "did you mean" in msg
+    for name in REWARD_MODELS:
+        assert name in msg
+    with pytest.raises(ValueError, match="unknown reward model 'nope'"):
+        load_reward({"pickscore": 1.0, "nope": 2.0})
+
+
+def test_registry_entries_resolve_to_classes_with_protocol():
+    from diffusion_pref.reward_models import reward_model_class
+
+    for name in REWARD_MODELS:
+        if name.startswith("toy") and not os.path.exists(
+            os.path.join(os.path.dirname(__file__), "..", "diffusion_pref", "reward_models", "toy.py")
+        ):
+            continue
+        cls = reward_model_class(name)
+        assert isinstance(cls.name, str) and isinstance(cls.scale, str) and callable(cls.score)
+
+
+# ---------------------------------------------------------------- PickScore
+
+
+def test_pickscore_matches_direct_embedding_computation(clip_folder):
+    pick = load_reward_model("pickscore", pretrained=clip_folder, device="cpu", batch_size=3)
+    images = _random_images(4, seed=1, size=(60, 40))
+    scores = pick.score(PROMPTS, images)
+    assert scores.dtype == torch.float32 and scores.shape == (4,)
+
+    from transformers import CLIPModel, CLIPTokenizer
+
+    model = CLIPModel.from_pretrained(clip_folder).eval()
+    tok = CLIPTokenizer.from_pretrained(clip_folder)
+    pixels = _official_clip_pixels(images)
+    with torch.no_grad():
+        # Independent of the scorer's batching: one prompt at a time, no padding.
+        t = torch.cat([model.get_text_features(**tok([p], return_tensors="pt")).pooler_output for p in PROMPTS])
+        i = model.get_image_features(pixel_values=pixels).pooler_output
+    t = t / t.norm(dim=-1, keepdim=True)
+    i = i / i.norm(dim=-1, keepdim=True)
+    expected = 50.0 * (t * i).sum(-1)
+    torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-4)
+
+    one_batch = load_reward_model("pickscore", pretrained=clip_folder, device="cpu", batch_size=16).score(PROMPTS, images)
+    torch.testing.assert_close(one_batch, scores, atol=1e-5, rtol=1e-5)
+
+    probs = pick.probabilities("a red cube", images)
+    expected_probs = torch.softmax(pick.score(["a red cube"] * 4, images), 0)
+    torch.testing.assert_close(probs, expected_probs)
+    assert abs(float(probs.sum()) - 1) < 1e-6
+
+
+def test_pickscore_tensor_input_equals_pil_input(clip_folder):
+    pick = load_reward_model("pickscore", pretrained=clip_folder, device="cpu")
+    images = _random_images(2, seed=2)
+    tensor = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255 for im in images])
+    torch.testing.assert_close(pick.score(PROMPTS[:2], tensor), pick.score(PROMPTS[:2], images))
+    with pytest.raises(ValueError, match=r"\(x \+ 1\) / 2"):
+        pick.score(PROMPTS[:2], tensor * 2 - 1)
+    with pytest.raises(ValueError, match="one prompt per item"):
+        pick.score(PROMPTS[:1], images)
