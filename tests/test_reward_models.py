@@ -177,3 +177,99 @@ def test_pickscore_tensor_input_equals_pil_input(clip_folder):
         pick.score(PROMPTS[:2], tensor * 2 - 1)
     with pytest.raises(ValueError, match="one prompt per item"):
         pick.score(PROMPTS[:1], images)
+
+
+# ---------------------------------------------------------------- HPS v2 / v2.1
+
+TINY_OPEN_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 224, "layers": 2, "width": 32, "head_width": 16, "patch_size": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+def _independent_letterbox(image, antialias):
+    """[3, H, W] -> [3, 224, 224] with torch.nn.functional only (no torchvision), per the HPS description."""
+    _, h, w = image.shape
+    s = 224 / max(h, w)
+    nh, nw = round(h * s), round(w * s)
+    content = torch.nn.functional.interpolate(
+        image[None], size=(nh, nw), mode="bicubic", align_corners=False, antialias=antialias
+    )[0]
+    canvas = torch.zeros(3, 224, 224)
+    top, left = (224 - nh) // 2, (224 - nw) // 2
+    canvas[:, top : top + nh, left : left + nw] = content
+    return (canvas - MEAN) / STD
+
+
+def test_hps_letterbox_of_512x256_image():
+    from diffusion_pref.reward_models.hps import hps_letterbox
+
+    image = torch.rand(3, 256, 512)  # H=256, W=512 -> content 112 x 224, 56 padding rows above and below
+    out = hps_letterbox(image, antialias=False)
+    assert out.shape == (3, 224, 224)
+    pad_value = (-MEAN / STD).expand(3, 56, 224)
+    torch.testing.assert_close(out[:, :56], pad_value)
+    torch.testing.assert_close(out[:, 168:], pad_value)
+    content = torch.nn.functional.interpolate(image[None], size=(112, 224), mode="bicubic", align_corners=False)[0]
+    torch.testing.assert_close(out[:, 56:168], (content - MEAN) / STD, atol=1e-5, rtol=1e-5)
+    # antialias is pinned, not left to torchvision's default: the two settings differ when downsampling.
+    aa = hps_letterbox(image, antialias=True)
+    torch.testing.assert_close(aa, _independent_letterbox(image, antialias=True), atol=1e-5, rtol=1e-5)
+    assert (aa - out).abs().max() > 1e-2
+
+
+def test_hps_letterbox_odd_padding_and_untouched_224():
+    from diffusion_pref.reward_models.hps import hps_letterbox
+
+    image = torch.rand(3, 300, 200)  # W=200 -> round(200 * 224 / 300) = 149 columns; pad 75 = 37 left + 38 right
+    out = hps_letterbox(image)
+    torch.testing.assert_close(out, _independent_letterbox(image, antialias=False), atol=1e-5, rtol=1e-5)
+    assert torch.allclose(out[:, :, 36], -MEAN[:, 0] / STD[:, 0]) and not torch.allclose(out[:, :, 37], out[:, :, 36])
+    assert torch.allclose(out[:, :, 186], -MEAN[:, 0] / STD[:, 0]) and not torch.allclose(out[:, :, 185], out[:, :, 186])
+    square = torch.rand(3, 224, 224)
+    torch.testing.assert_close(hps_letterbox(square), (square - MEAN) / STD)
+
+
+@pytest.fixture(scope="module")
+def hps_checkpoint(tmp_path_factory):
+    """The official release layout: {'state_dict': fp16 tensors} in HPS_v2.1_compressed.pt."""
+    import open_clip
+
+    torch.manual_seed(3)
+    model = open_clip.CLIP(**TINY_OPEN_CLIP)
+    folder = tmp_path_factory.mktemp("hps")
+    state = {k: v.half() for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state}, folder / "HPS_v2.1_compressed.pt")
+    model.load_state_dict({k: v.float() for k, v in state.items()})  # what the scorer must end up with
+    return str(folder), model.eval()
+
+
+def test_hps_scores_equal_cosine_of_model_embeddings(hps_checkpoint):
+    import open_clip
+
+    folder, model = hps_checkpoint
+    hps = load_reward_model("hpsv21", pretrained=folder, architecture=TINY_OPEN_CLIP, device="cpu", batch_size=3)
+    images = [Image.fromarray(np.random.default_rng(4).integers(0, 256, (256, 512, 3), dtype=np.uint8))] + _random_images(
+        3, seed=5, size=(64, 96)
+    )
+    scores = hps.score(PROMPTS, images)
+    assert scores.shape == (4,) and scores.dtype == torch.float32
+
+    pixels = torch.stack(
+        [_independent_letterbox(torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255, False) for im in images]
+    )
+    with torch.no_grad():
+        i = model.encode_image(pixels)
+        t = model.encode_text(open_clip.tokenize(PROMPTS))
+    expected = torch.nn.functional.cosine_similarity(i, t, dim=-1)
+    torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-4)
+
+    single = load_reward_model(
+        "hpsv21", pretrained=os.path.join(folder, "HPS_v2.1_compressed.pt"), architecture=TINY_OPEN_CLIP,
+        device="cpu", batch_size=1,
+    )
+    torch.testing.assert_close(single.score(PROMPTS, images), scores, atol=1e-5, rtol=1e-5)
+    # v2.0 looks for its own file name in the folder.
+    with pytest.raises(FileNotFoundError, match="HPS_v2_compressed.pt"):
+        load_reward_model("hpsv2", pretrained=folder, architecture=TINY_OPEN_CLIP, device="cpu")
