@@ -191,10 +191,10 @@ def _check_range(loss: str, name: str, value, low: float, high: float, *, high_o
 
 
 def dpo(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None, label=None):
-    """DPO, the sigmoid loss: ``-log sigmoid(beta * h)``.
+    """DPO, the sigmoid loss: ``-log sigmoid(beta * h)``, ``h = (policy_w - ref_w) - (policy_l - ref_l)``.
 
     Rafailov et al., arXiv 2305.18290, Eq. 7; for diffusion, Wallace et al. (Diffusion-DPO), arXiv 2311.12908,
-    Eq. 14 with ``T * omega(lambda_t)`` folded into beta. ``h = (policy_w - ref_w) - (policy_l - ref_l)``.
+    their final objective (Eq. 14; number not re-checked) with ``T * omega(lambda_t)`` folded into beta.
     Diffusion: pushes the policy's denoising error on the winner down relative to the reference, and on the
     loser up. Sign convention: our beta = diffusers ``train_diffusion_dpo.py`` beta (2500) = half of the
     original Diffusion-DPO / SDXL-script beta (5000 there = 2500 here).
@@ -211,11 +211,12 @@ def dpo(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None,
 def smpo(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None, label=None, gamma=10.0):
     """SmPO (smoothed preference optimisation): ``-log sigmoid(gamma * (2p - 1) * beta * h)``, per pair.
 
-    Lu et al., arXiv 2506.02698 (ICML 2025): the geometric-mixture preference likelihood multiplies the DPO
-    logit by ``2*alpha - gamma = gamma * (2p - 1)`` with ``p = alpha / gamma`` = P(winner preferred), given here
-    per pair as ``soft_label`` (required; the SmPO code uses ``sigmoid(r'_w - r'_l)`` on min-max-normalised
-    PickScores and gamma = 10). Each pair uses its own p, never one pair's value for the batch. p = 1 gives DPO
-    with beta * gamma; p = 0.5 makes the logit 0, so the pair's loss is the constant log 2 with zero gradient.
+    Lu et al., arXiv 2506.02698 (ICML 2025; equation number not checked). The geometric-mixture preference
+    likelihood multiplies the DPO logit by ``2 alpha - gamma = gamma (2p - 1)``, with ``p = alpha / gamma`` =
+    P(winner preferred) given per pair as ``soft_label`` (required). The SmPO code uses
+    ``p = sigmoid(r'_w - r'_l)`` on min-max-normalised PickScores and gamma = 10. Each pair uses its own p,
+    never one pair's value for the batch. p = 1 gives dpo with beta * gamma; p = 0.5 makes the logit 0, so the
+    pair's loss is the constant log 2 with zero gradient.
     Diffusion: as dpo, with the push scaled by how confidently the reward model prefers the winner. The SmPO
     code's SD1.5 beta of 2000 is 1000 here (same halving as Diffusion-DPO). Sign convention: our beta =
     diffusers ``train_diffusion_dpo.py`` beta = half the original Diffusion-DPO / SDXL-script beta.
@@ -251,10 +252,10 @@ def ipo(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None,
 def hinge(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None, label=None):
     """Hinge (SLiC / RSO hinge-norm): ``max(0, 1 - beta * h)``; the margin is ``1/beta``.
 
-    Zhao et al. (SLiC-HF), arXiv 2305.10425, Eq. 2 calibration term; Liu et al. (RSO), arXiv 2309.06657, the
-    hinge-norm loss with gamma = beta. Diffusion: diffusers' ``--loss_type hinge``; pairs whose margin already
-    exceeds ``1/beta`` contribute nothing. Sign convention: our beta = diffusers ``train_diffusion_dpo.py`` beta
-    = half the original Diffusion-DPO beta.
+    Zhao et al. (SLiC-HF), arXiv 2305.10425, the rank-calibration hinge term; Liu et al. (RSO), arXiv 2309.06657,
+    the "hinge-norm" loss ``max(0, 1 - gamma h)`` with gamma = beta (equation numbers not checked). Diffusion:
+    diffusers' ``--loss_type hinge``; pairs whose margin already exceeds ``1/beta`` contribute nothing. Sign
+    convention: our beta = diffusers ``train_diffusion_dpo.py`` beta = half the original Diffusion-DPO beta.
     """
     import torch
 
@@ -268,10 +269,11 @@ def hinge(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=Non
 def robust(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None, label=None, flip_rate=0.1):
     """Robust DPO (rDPO): ``[(1-e) L(w,l) - e L(l,w)] / (1 - 2e)`` with ``L(w,l) = -log sigmoid(beta h)``.
 
-    Chowdhury et al., arXiv 2403.00409, Eq. 8 (the unbiased loss under label flips with known rate e =
-    ``flip_rate`` in [0, 0.5); paper default 0.1). flip_rate 0 is dpo. The per-pair value can be negative; that
-    is expected of an unbiased estimator. Diffusion: as dpo, de-biased for noisy human labels (Pick-a-Pic).
-    Sign convention: our beta = diffusers ``train_diffusion_dpo.py`` beta = half the original Diffusion-DPO beta.
+    Chowdhury et al., arXiv 2403.00409, the de-biased loss (equation number not checked): unbiased under label
+    flips with known rate e = ``flip_rate`` in [0, 0.5); the paper uses 0.1. Equals TRL ``robust``. flip_rate 0
+    is dpo. The per-pair value can be negative; that is expected of an unbiased estimator.
+    Diffusion: as dpo, de-biased for noisy human labels (Pick-a-Pic). Sign convention: our beta = diffusers
+    ``train_diffusion_dpo.py`` beta = half the original Diffusion-DPO beta.
     """
     import torch.nn.functional as F
 
@@ -287,11 +289,11 @@ def robust(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=No
 def cdpo(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None, label=None, label_smoothing=0.1):
     """Conservative DPO (label smoothing): ``-(1-e) log sigmoid(beta h) - e log sigmoid(-beta h)``.
 
-    Mitchell, "A note on DPO with noisy preferences" (2023, no arXiv id), cited by rDPO (arXiv 2403.00409,
-    Eq. 5) as cDPO; equals TRL <= 0.28 ``sigmoid`` with ``label_smoothing = e`` in [0, 0.5]. e = 0 is dpo.
-    Unlike dpo, the optimum margin is finite (``log((1-e)/e) / beta``). Diffusion: as dpo, but stops pushing once
-    the pair is separated by that margin. Sign convention: our beta = diffusers ``train_diffusion_dpo.py`` beta
-    = half the original Diffusion-DPO beta.
+    Mitchell, "A note on DPO with noisy preferences & relationship to IPO" (2023, no arXiv id):
+    cDPO = ``(1-e) L_DPO(w,l) + e L_DPO(l,w)``, as discussed in rDPO (arXiv 2403.00409); equals TRL <= 0.28
+    ``sigmoid`` with ``label_smoothing = e`` in [0, 0.5]. e = 0 is dpo. Unlike dpo, the optimum margin is finite
+    (``log((1-e)/e) / beta``). Diffusion: as dpo, but stops pushing once the pair is separated by that margin.
+    Sign convention: our beta = diffusers ``train_diffusion_dpo.py`` beta = half the original Diffusion-DPO beta.
     """
     import torch.nn.functional as F
 
@@ -305,14 +307,14 @@ def cdpo(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None
 
 
 def rpo(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None, label=None, alpha=1.0):
-    """RPO: dpo plus ``alpha`` times the negative log-likelihood of the winner, ``-log sigmoid(beta h) - alpha * policy_w``.
+    """RPO: dpo plus ``alpha`` times the winner's negative log-likelihood, ``-log sigmoid(beta h) - alpha policy_w``.
 
-    Pang et al. (iterative reasoning preference optimisation), arXiv 2404.19733, Eq. 1 (alpha = 1 there);
-    Liu et al., arXiv 2405.16436, use the same form with alpha 0.005 and beta 0.01. For LMs pass length-normalised
-    winner log-probs if the NLL should be per token (as TRL's ``sft`` term is). Diffusion: dpo plus the plain
-    denoising MSE on the winner (``-policy_w = mse_w``), which keeps the policy from drifting off the winners.
-    Not "Relative Preference Optimization" (Diffusion-RPO). Sign convention: our beta = diffusers
-    ``train_diffusion_dpo.py`` beta = half the original Diffusion-DPO beta.
+    Pang et al. (iterative reasoning preference optimisation), arXiv 2404.19733, the DPO + NLL loss with
+    alpha = 1 (equation number not checked); Liu et al., arXiv 2405.16436, use the same form with alpha 0.005
+    and beta 0.01. For LMs pass length-normalised winner log-probs if the NLL should be per token (as TRL's
+    ``sft`` term is). Diffusion: dpo plus the plain denoising MSE on the winner (``-policy_w = mse_w``), which
+    keeps the policy from drifting off the winners. Not "Relative Preference Optimization" (Diffusion-RPO).
+    Sign convention: our beta = diffusers ``train_diffusion_dpo.py`` beta = half the original Diffusion-DPO beta.
     """
     import torch.nn.functional as F
 
@@ -337,7 +339,9 @@ def sft(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None,
     beta = half the original Diffusion-DPO beta.
     """
     _reject_unused("sft", soft_label=soft_label, label=label)
-    policy_w, policy_l, ref_w, ref_l, beta = _prepare("sft", policy_w, policy_l, ref_w, ref_l, beta, ref_optional=True)
+    policy_w, policy_l, ref_w, ref_l, beta = _prepare(
+        "sft", policy_w, policy_l, ref_w, ref_l, beta, ref_optional=True
+    )
     loss = -policy_w
     return _apply_weight("sft", loss, weight), _pair_metrics(policy_w - ref_w, policy_l - ref_l, beta)
 
@@ -405,7 +409,7 @@ def kto(
 ):
     """KTO: ``lambda_D (1 - sigmoid(beta (l_w - z0))) + lambda_U (1 - sigmoid(beta (z0 - l_l)))`` per pair.
 
-    Ethayarajh et al., arXiv 2402.01306, Eq. 8 (value function) with loss ``lambda_y - v``; the constant
+    Ethayarajh et al., arXiv 2402.01306, Eq. 7 (per TRL's code comment) with loss ``lambda_y - v``; the constant
     ``lambda_y`` is dropped as in TRL. ``z0 = clamp(mean(policy - ref) over every item of the batch, min 0)``,
     detached: the batch KL estimate of Diffusion-KTO (Li et al., arXiv 2404.04465) instead of TRL's mismatched
     completions. z0 is this process's batch mean; under data parallelism it is not all-reduced.
@@ -496,12 +500,12 @@ def bco(
 ):
     """BCO: ``-log sigmoid(beta l_w - delta) - log sigmoid(-(beta l_l - delta))`` per pair.
 
-    Jung et al., arXiv 2404.04656 (binary classifier optimisation; the BCE on implicit rewards upper-bounds the
-    DPO loss, Theorem 1, and the shift delta tightens it). ``delta = reward_shift`` is the running mean of the
-    implicit rewards ``beta * l`` held by the trainer in a :class:`RunningMean`; this function reports the
-    current batch's mean reward over all items as ``metrics["reward_batch_mean"]`` for the update. Matches TRL
-    <= 0.28 ``bco_pair`` (TRL HEAD drops delta). The prompt-distribution matching (UDM) of the paper is not
-    implemented.
+    Jung et al., arXiv 2404.04656 (binary classifier optimisation: the BCE on implicit rewards upper-bounds the DPO
+    loss and the shift delta tightens the bound; equation numbers not checked). ``delta = reward_shift`` is the
+    running mean of the implicit rewards ``beta * l`` held by the trainer in a :class:`RunningMean`; this function
+    reports the current batch's mean reward over all items as ``metrics["reward_batch_mean"]`` for the update.
+    Matches TRL <= 0.28 ``bco_pair`` (TRL HEAD drops delta). The prompt-distribution matching (UDM) of the paper is
+    not implemented.
 
     Unpaired data (``label`` given): as in :func:`kto`, items in ``policy_w``/``ref_w``, ``policy_l=None``,
     ``ref_l=None``; desirable items get ``-log sigmoid(beta l - delta)``, undesirable ones
@@ -562,11 +566,11 @@ def sppo(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None
 def nca(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None, label=None):
     """NCA (pairwise): ``-log sigmoid(r_w) - 1/2 log sigmoid(-r_w) - 1/2 log sigmoid(-r_l)``, ``r = beta * l``.
 
-    Chen et al., arXiv 2402.05369 (noise contrastive alignment), the K = 2 pairwise NCA objective; equals TRL
-    ``nca_pair``. Unlike dpo it acts on each side's absolute reward, so it does not let both likelihoods fall.
-    Diffusion: raises the winner's implicit reward ``beta (ref_mse_w - mse_w)`` and keeps both rewards near 0
-    from above. Sign convention: our beta = diffusers ``train_diffusion_dpo.py`` beta = half the original
-    Diffusion-DPO beta.
+    Chen et al., arXiv 2402.05369 (noise contrastive alignment), the pairwise (K = 2) NCA objective (equation number
+    not checked); equals TRL ``nca_pair``. Unlike dpo it acts on each side's absolute reward, so it does not let
+    both likelihoods fall. Diffusion: raises the winner's implicit reward ``beta (ref_mse_w - mse_w)`` and keeps
+    both rewards near 0 from above. Sign convention: our beta = diffusers ``train_diffusion_dpo.py`` beta = half the
+    original Diffusion-DPO beta.
     """
     import torch.nn.functional as F
 
@@ -627,7 +631,8 @@ def asft(
 ):
     """ASFT (aligned SFT, reference-free): ``-(1 + lam) log pi_w - lam log(1 - pi_l)``, ``lam = odds_weight``.
 
-    Wang et al., arXiv 2409.10571: ``-log pi(y_w) - lam [log sigmoid(r_odds(y_w)) + log sigmoid(-r_odds(y_l))]``
+    Wang et al., arXiv 2409.10571 (equation number not checked):
+    ``-log pi(y_w) - lam [log sigmoid(r_odds(y_w)) + log sigmoid(-r_odds(y_l))]``
     with ``r_odds = log(pi / (1 - pi))``, which simplifies to the form above. ``log pi`` is the policy estimate
     and must be < 0 (pass length-normalised LM log-probs, as the paper does). The default lam = 0.1 follows ORPO
     and is not verified against the ASFT paper. ``ref_*`` may be None; beta only scales the reported rewards.
@@ -638,7 +643,9 @@ def asft(
     """
     _reject_unused("asft", soft_label=soft_label, label=label)
     lam = _check_range("asft", "odds_weight", odds_weight, 0.0, math.inf, high_open=True)
-    policy_w, policy_l, ref_w, ref_l, beta = _prepare("asft", policy_w, policy_l, ref_w, ref_l, beta, ref_optional=True)
+    policy_w, policy_l, ref_w, ref_l, beta = _prepare(
+        "asft", policy_w, policy_l, ref_w, ref_l, beta, ref_optional=True
+    )
     if bool((policy_w > 0).any() or (policy_l > 0).any()):
         raise ValueError(
             "asft: policy log-likelihoods must be <= 0 (log-probabilities); got a positive value. Pass "
@@ -664,16 +671,19 @@ def redi(
 ):
     """REDI (reference-free): ``-winner_coef * policy_w + loser_coef * policy_l``.
 
-    Xu et al., arXiv 2505.24850 (reinforcement distillation), the asymmetric REINFORCE-style objective with
-    length-normalised log-probs; its recipe uses 1.0 and 0.8. ``ref_*`` may be None; beta only scales the
-    reported rewards. Diffusion: ``mse_w - 0.8 * mse_l``; the loser term is unbounded, so run it briefly after
-    SFT (as the paper does) or with a small learning rate. Sign convention for rewards: our beta = diffusers
-    ``train_diffusion_dpo.py`` beta = half the original Diffusion-DPO beta.
+    Xu et al., arXiv 2505.24850 (reinforcement distillation), the asymmetric REINFORCE-style objective on
+    length-normalised log-probs (the authors' code, ``loss_type="reinforce"``; equation number not checked); its
+    recipe uses 1.0 and 0.8. ``ref_*`` may be None; beta only scales the reported rewards.
+    Diffusion: ``mse_w - 0.8 mse_l``; the loser term is unbounded, so run it briefly after SFT (as the paper does)
+    or with a small learning rate. Sign convention for rewards: our beta = diffusers ``train_diffusion_dpo.py``
+    beta = half the original Diffusion-DPO beta.
     """
     _reject_unused("redi", soft_label=soft_label, label=label)
     coef_w = _check_range("redi", "winner_coef", winner_coef, 0.0, math.inf, high_open=True)
     coef_l = _check_range("redi", "loser_coef", loser_coef, 0.0, math.inf, high_open=True)
-    policy_w, policy_l, ref_w, ref_l, beta = _prepare("redi", policy_w, policy_l, ref_w, ref_l, beta, ref_optional=True)
+    policy_w, policy_l, ref_w, ref_l, beta = _prepare(
+        "redi", policy_w, policy_l, ref_w, ref_l, beta, ref_optional=True
+    )
     loss = -coef_w * policy_w + coef_l * policy_l
     return _apply_weight("redi", loss, weight), _pair_metrics(policy_w - ref_w, policy_l - ref_l, beta)
 
@@ -777,7 +787,8 @@ _PARAM_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
     "cdpo": lambda p: _check_range("cdpo", "label_smoothing", p["label_smoothing"], 0.0, 0.5),
     "rpo": lambda p: _check_range("rpo", "alpha", p["alpha"], 0.0, math.inf, high_open=True),
     "kto": lambda p: [
-        _check_range("kto", k, p[k], 0.0, math.inf, high_open=True) for k in ("desirable_weight", "undesirable_weight")
+        _check_range("kto", k, p[k], 0.0, math.inf, high_open=True)
+        for k in ("desirable_weight", "undesirable_weight")
     ],
     "asft": lambda p: _check_range("asft", "odds_weight", p["odds_weight"], 0.0, math.inf, high_open=True),
     "redi": lambda p: [

@@ -51,7 +51,9 @@ def shared_noise_and_timesteps(latents_w: torch.Tensor, num_train_timesteps: int
     import torch
 
     if latents_w.ndim < 2:
-        raise ValueError(f"shared_noise_and_timesteps: latents_w must be [B, ...], got shape {tuple(latents_w.shape)}.")
+        raise ValueError(
+            f"shared_noise_and_timesteps: latents_w must be [B, ...], got shape {tuple(latents_w.shape)}."
+        )
     if int(num_train_timesteps) < 1:
         raise ValueError(f"shared_noise_and_timesteps: num_train_timesteps must be >= 1, got {num_train_timesteps}.")
     draw_device = generator.device if generator is not None else latents_w.device
@@ -76,7 +78,9 @@ def denoising_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.
     )
 
 
-def forward_trajectory(scheduler, latents_w: torch.Tensor, latents_l: torch.Tensor, generator=None) -> ForwardTrajectory:
+def forward_trajectory(
+    scheduler, latents_w: torch.Tensor, latents_l: torch.Tensor, generator=None
+) -> ForwardTrajectory:
     """Forward-noise winners and losers with shared noise and t: ``x_t = add_noise([x0_w; x0_l], noise, t)``."""
     import torch
 
