@@ -273,3 +273,111 @@ def test_hps_scores_equal_cosine_of_model_embeddings(hps_checkpoint):
     # v2.0 looks for its own file name in the folder.
     with pytest.raises(FileNotFoundError, match="HPS_v2_compressed.pt"):
         load_reward_model("hpsv2", pretrained=folder, architecture=TINY_OPEN_CLIP, device="cpu")
+
+
+# ---------------------------------------------------------------- CLIP score
+
+
+CLIP_PROMPTS = ["a photo of a dog", "a red cube", "qqqq wwww", "an astronaut riding a horse"]
+
+
+def test_clip_score_conventions(clip_folder):
+    # Prompts chosen so the tiny random model gives cosines of both signs, exercising the clamp.
+    images = _random_images(4, seed=6, size=(40, 64))
+    cos_model = load_reward_model("clip", pretrained=clip_folder, device="cpu", batch_size=3)
+    cos = cos_model.score(CLIP_PROMPTS, images)
+
+    from transformers import CLIPModel, CLIPTokenizer
+
+    model = CLIPModel.from_pretrained(clip_folder).eval()
+    tok = CLIPTokenizer.from_pretrained(clip_folder)
+    with torch.no_grad():
+        t = torch.cat([model.get_text_features(**tok([p], return_tensors="pt")).pooler_output for p in CLIP_PROMPTS])
+        i = model.get_image_features(pixel_values=_official_clip_pixels(images)).pooler_output
+    expected = torch.nn.functional.cosine_similarity(t, i, dim=-1)
+    torch.testing.assert_close(cos, expected, atol=1e-5, rtol=1e-4)
+    assert (expected < 0).any() and (expected > 0).any(), "random weights should give both signs, to test the clamp"
+
+    tm = load_reward_model("clip", pretrained=clip_folder, convention="torchmetrics", device="cpu", batch_size=16)
+    torch.testing.assert_close(tm.score(CLIP_PROMPTS, images), 100 * expected.clamp(min=0), atol=1e-3, rtol=1e-4)
+    assert "100" in tm.scale
+    cs = load_reward_model("clip", pretrained=clip_folder, convention="clip-s", device="cpu")
+    torch.testing.assert_close(cs.score(CLIP_PROMPTS, images), 2.5 * expected.clamp(min=0), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="torchmetrics"):
+        load_reward_model("clip", pretrained=clip_folder, convention="percent")
+
+
+def test_weighted_reward_is_weighted_sum_of_components(clip_folder):
+    images = _random_images(4, seed=7)
+    reward = load_reward(
+        {
+            "pickscore": {"weight": 2.0, "pretrained": clip_folder},
+            "clip": {"weight": -0.5, "pretrained": clip_folder, "convention": "torchmetrics"},
+        },
+        device="cpu",
+    )
+    parts = reward.score_components(PROMPTS, images)
+    pick = load_reward_model("pickscore", pretrained=clip_folder, device="cpu").score(PROMPTS, images)
+    clip = load_reward_model("clip", pretrained=clip_folder, convention="torchmetrics", device="cpu").score(
+        PROMPTS, images
+    )
+    torch.testing.assert_close(parts["pickscore"], pick)
+    torch.testing.assert_close(parts["clip"], clip)
+    torch.testing.assert_close(reward.score(PROMPTS, images), 2.0 * pick - 0.5 * clip)
+    assert "pickscore" in reward.name and "clip" in reward.name
+    single = load_reward("pickscore", pretrained=clip_folder, device="cpu")
+    assert single.name == "pickscore"
+    torch.testing.assert_close(single.score(PROMPTS, images), pick)
+    with pytest.raises(ValueError, match="must be a number"):
+        load_reward({"pickscore": "heavy"}, pretrained=clip_folder, device="cpu")
+
+
+# ---------------------------------------------------------------- LAION aesthetic v2
+
+
+def _torchvision_clip_pixels(images):
+    from torchvision import transforms as T
+
+    tf = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor()])
+    return torch.stack([(tf(im) - MEAN) / STD for im in images])
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_aesthetic_mlp_on_normalised_embedding(clip_folder, tmp_path, relu):
+    from torch import nn
+
+    torch.manual_seed(8)
+    d = 16  # the tiny CLIP's projection dim (768 for ViT-L/14)
+    if relu:  # ava+logos-l14-reluMSE layout: layers.{0,3,6,9,11}
+        layers = [nn.Linear(d, 64), nn.ReLU(), nn.Dropout(0.2), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.2),
+                  nn.Linear(32, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 1)]
+    else:  # sac+logos+ava1-l14-linearMSE layout: layers.{0,2,4,6,7}
+        layers = [nn.Linear(d, 64), nn.Dropout(0.2), nn.Linear(64, 32), nn.Dropout(0.2), nn.Linear(32, 16),
+                  nn.Dropout(0.1), nn.Linear(16, 8), nn.Linear(8, 1)]
+    mlp = nn.Sequential(*layers)
+    state = {f"layers.{k}": v for k, v in mlp.state_dict().items()}
+    path = tmp_path / "sac+logos+ava1-l14-linearMSE.pth"
+    torch.save(state, path)
+
+    aes = load_reward_model("aesthetic", checkpoint=str(tmp_path), pretrained=clip_folder, device="cpu", batch_size=2)
+    # 75x74 -> 227x224: a 3-pixel margin, which torchvision's crop rounds to 2 and the HF processor floors to 1.
+    images = _random_images(3, seed=9, size=(75, 74))
+    assert not torch.allclose(_torchvision_clip_pixels(images), _official_clip_pixels(images))
+    scores = aes.score(["ignored"] * 3, images)
+
+    from transformers import CLIPModel
+
+    model = CLIPModel.from_pretrained(clip_folder).eval()
+    with torch.no_grad():
+        emb = model.get_image_features(pixel_values=_torchvision_clip_pixels(images)).pooler_output
+        emb = emb / emb.norm(dim=-1, keepdim=True)
+        expected = mlp.eval()(emb)[:, 0]
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-4)
+    one_batch = load_reward_model("aesthetic", checkpoint=str(path), pretrained=clip_folder, device="cpu", batch_size=8)
+    torch.testing.assert_close(one_batch.score(["x"] * 3, images), scores, atol=1e-6, rtol=1e-5)
+
+
+def test_aesthetic_rejects_unknown_layout(clip_folder, tmp_path):
+    torch.save({"layers.0.weight": torch.zeros(4, 16), "layers.0.bias": torch.zeros(4)}, tmp_path / "m.pth")
+    with pytest.raises(ValueError, match="unrecognised MLP checkpoint layout"):
+        load_reward_model("aesthetic", checkpoint=str(tmp_path / "m.pth"), pretrained=clip_folder, device="cpu")

@@ -248,3 +248,26 @@ def clip_image_processor(path: str):
 
     cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
     return cls.from_pretrained(path)
+
+
+def openai_clip_pixels(images: Sequence["Image.Image"], size: int = 224) -> "torch.Tensor":
+    """OpenAI `clip` preprocessing, as the aesthetic predictor and ImageReward call it: torchvision
+    Resize(size, bicubic) on the PIL image, CenterCrop(size), ToTensor, OpenAI mean/std -> [n, 3, size, size].
+
+    Not the transformers processor: torchvision's centre crop rounds the offset (round((h - size) / 2)), the
+    processor floors it, a one-pixel shift for odd margins.
+    """
+    import torch
+    from torchvision import transforms as T
+
+    transform = T.Compose(
+        [
+            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(size),
+            T.ToTensor(),
+            T.Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+        ]
+    )
+    if not images:
+        return torch.zeros(0, 3, size, size)
+    return torch.stack([transform(im) for im in images])

@@ -1,0 +1,116 @@
+"""LAION aesthetic predictor v2 ("improved aesthetic predictor"): an MLP on the L2-normalised CLIP ViT-L/14
+image embedding, trained to predict AVA-style ratings (~1-10). The prompt is ignored.
+
+Matches `simple_inference.py` of christophschuhmann/improved-aesthetic-predictor: OpenAI `clip` preprocessing
+(torchvision Resize 224 bicubic, CenterCrop 224, OpenAI mean/std), `encode_image`, L2 normalisation (a zero
+norm is left unscaled), then the MLP in fp32. The CLIP is the transformers port `openai/clip-vit-large-patch14`
+in fp32, where the official script runs OpenAI's package (fp16 on CUDA), as DDPO's port does; expect
+differences in the 2nd-3rd decimal from that.
+
+Checkpoints (state_dict of the MLP, loaded with weights_only=True):
+- `sac+logos+ava1-l14-linearMSE.pth` (default, what everyone uses): keys `layers.{0,2,4,6,7}` = Linear
+  768->1024 -> Dropout -> 1024->128 -> Dropout -> 128->64 -> Dropout -> 64->16 -> 16->1, no activations.
+- `ava+logos-l14-reluMSE.pth`: keys `layers.{0,3,6,9,11}`, a ReLU after each of the first four Linears.
+The layout is recognised from the keys. The files live in the GitHub repo, not on the hub; the default is the
+raw GitHub URL, cached under torch.hub's directory.
+
+Example:
+
+    from diffusion_pref.reward_models import load_reward_model
+    aes = load_reward_model("aesthetic", checkpoint="/ckpt/sac+logos+ava1-l14-linearMSE.pth")
+    ratings = aes.score(prompts, images)  # [n], ~1-10
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .base import (
+    as_features,
+    batch_slices,
+    check_prompts,
+    default_device,
+    images_to_pil,
+    load_state_dict_file,
+    openai_clip_pixels,
+    resolve_file,
+)
+
+OFFICIAL_CHECKPOINT = (
+    "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac%2Blogos%2Bava1-l14-linearMSE.pth"
+)
+# Linear-layer positions in `layers` -> whether a ReLU follows each hidden Linear.
+_LAYOUTS = {(0, 2, 4, 6, 7): False, (0, 3, 6, 9, 11): True}
+
+
+def build_aesthetic_mlp(state: Mapping[str, "torch.Tensor"]) -> "torch.nn.Module":
+    """The official `MLP` module (attribute `layers`, same indices) for a linear or ReLU checkpoint."""
+    import torch
+    from torch import nn
+
+    linear_ids = tuple(sorted({int(k.split(".")[1]) for k in state if k.startswith("layers.") and k.endswith(".weight")}))
+    if linear_ids not in _LAYOUTS:
+        raise ValueError(
+            f"aesthetic: unrecognised MLP checkpoint layout, Linear layers at layers.{linear_ids}; expected "
+            "layers.(0,2,4,6,7) (linearMSE) or layers.(0,3,6,9,11) (reluMSE)"
+        )
+    relu = _LAYOUTS[linear_ids]
+    dropouts = [0.2, 0.2, 0.1]
+    modules: list[nn.Module] = []
+    for j, idx in enumerate(linear_ids):
+        out_dim, in_dim = state[f"layers.{idx}.weight"].shape
+        modules.append(nn.Linear(in_dim, out_dim))
+        if j < len(linear_ids) - 1:
+            if relu:
+                modules.append(nn.ReLU())
+            if j < len(dropouts):
+                modules.append(nn.Dropout(dropouts[j]))
+    mlp = nn.Module()
+    mlp.layers = nn.Sequential(*modules)
+    assert tuple(i for i, m in enumerate(mlp.layers) if isinstance(m, nn.Linear)) == linear_ids
+    mlp.load_state_dict(dict(state), strict=True)
+    return mlp.float().eval()
+
+
+class LaionAesthetic:
+    name = "aesthetic"
+    scale = "predicted AVA aesthetic rating, ~1-10 (typical photos 4-7); ignores the prompt"
+
+    def __init__(
+        self,
+        checkpoint: str = OFFICIAL_CHECKPOINT,
+        pretrained: str = "openai/clip-vit-large-patch14",
+        device: Any = None,
+        batch_size: int = 16,
+    ):
+        """`checkpoint`: the MLP .pth/.safetensors file (or a URL, or a folder holding the default file name).
+        `pretrained`: the CLIP ViT-L/14 as a transformers hub id or local folder."""
+        from transformers import CLIPModel
+
+        self.device = default_device(device)
+        self.batch_size = batch_size
+        path = resolve_file(checkpoint, "sac+logos+ava1-l14-linearMSE.pth", "aesthetic MLP checkpoint")
+        self.mlp = build_aesthetic_mlp(load_state_dict_file(path)).to(self.device)
+        self.model = CLIPModel.from_pretrained(pretrained).float().to(self.device).eval()
+        in_dim = self.mlp.layers[0].in_features
+        if self.model.config.projection_dim != in_dim:
+            raise ValueError(
+                f"aesthetic: MLP expects {in_dim}-d embeddings but {pretrained} projects to "
+                f"{self.model.config.projection_dim}; the official MLPs need CLIP ViT-L/14 (768)"
+            )
+
+    def score(self, prompts: Sequence[str], media: Any) -> "torch.Tensor":
+        import torch
+
+        images = images_to_pil(media, self.name)
+        check_prompts(prompts, len(images), self.name)
+        out = []
+        with torch.no_grad():
+            for sl in batch_slices(len(images), self.batch_size):
+                pixels = openai_clip_pixels(images[sl]).to(self.device)
+                emb = as_features(self.model.get_image_features(pixel_values=pixels)).float()  # [b, 768]
+                norm = emb.norm(dim=-1, keepdim=True)
+                emb = emb / torch.where(norm == 0, torch.ones_like(norm), norm)
+                out.append(self.mlp.layers(emb)[:, 0])
+        return torch.cat(out).float().cpu() if out else torch.zeros(0)
