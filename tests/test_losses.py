@@ -259,6 +259,21 @@ def test_each_pair_uses_only_its_own_values(name):
 
 
 @pytest.mark.parametrize("name", PAIRED_LOSSES)
+def test_gradient_step_from_zero_margin_prefers_the_winner(name):
+    # Catches sign errors: starting with policy == reference, one descent step must open a positive margin.
+    ref_w, ref_l = t([-0.5, -0.3]), t([-0.4, -0.6])
+    policy_w, policy_l = ref_w.clone().requires_grad_(True), ref_l.clone().requires_grad_(True)
+    loss, _ = run(name, policy_w, policy_l, ref_w, ref_l, beta=1.0)
+    loss.sum().backward()
+    grad_l = policy_l.grad if policy_l.grad is not None else torch.zeros(2)  # sft never reads the loser
+    with torch.no_grad():
+        step_w, step_l = policy_w - 0.01 * policy_w.grad, policy_l - 0.01 * grad_l
+    _, metrics = run(name, step_w, step_l, ref_w, ref_l, beta=1.0)
+    assert metrics["margin"].item() > 0
+    assert metrics["implicit_acc"].item() == 1.0
+
+
+@pytest.mark.parametrize("name", PAIRED_LOSSES)
 def test_finite_loss_and_gradients_in_bfloat16(name):
     # diffusion-scale inputs: -mse around 0.1 with differences around 1e-3, beta at its diffusion default
     pw = t([-0.101, -0.099, -0.5, -0.02], torch.bfloat16, grad=True)
