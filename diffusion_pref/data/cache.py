@@ -1,0 +1,189 @@
+"""``diffusion-pref cache`` (and ``data.cache=true`` in train): VAE latents and text embeddings, computed once.
+
+The pairs are decoded, augmented (the same deterministic paired augmentation as uncached training) and encoded
+once; training then reads latents and embeddings and never runs the VAE or the text encoder. One safetensors
+shard per streaming block (a parquet row group's kept rows), so the cached run sees its pairs in exactly the
+order, and with exactly the values, of the uncached run.
+
+The cache lives in ``<data.cache_dir or output.dir/cache>/<key>/`` where ``key`` hashes everything that changes
+its content: the data files (path, size, mtime), column mapping and row filter, the model (``model.pretrained``,
+revision, variant, VAE), the resolution and the augmentation settings and seed. Change any of them and a new
+cache is built beside the old one; ``manifest.json`` is written last, so a half-written cache is rebuilt.
+
+Run it::
+
+    diffusion-pref cache --config configs/sd15_dpo_lora.yaml data.source=/data/pickapic_v2 data.cache_dir=/fast/cache
+    diffusion-pref train --config configs/sd15_dpo_lora.yaml data.source=/data/pickapic_v2 data.cache_dir=/fast/cache data.cache=true
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+
+
+def model_identity(model_cfg) -> Dict[str, object]:
+    from diffusion_pref.pipelines import resolve_pretrained
+
+    location = resolve_pretrained(model_cfg.pretrained)
+    ident: Dict[str, object] = {"pretrained": location, "revision": model_cfg.revision, "variant": model_cfg.variant,
+                                "vae": model_cfg.vae, "family": model_cfg.family}
+    index = Path(location) / "model_index.json"
+    if index.is_file():  # a local folder: weights rewritten in place change the key too
+        ident["mtimes"] = sorted(int(p.stat().st_mtime) for p in Path(location).rglob("*.safetensors"))
+    return ident
+
+
+def cache_key(cfg, source) -> Dict[str, object]:
+    from diffusion_pref.data.augment import augmentation_identity
+
+    return {"version": CACHE_VERSION, "data": source.identity(), "model": model_identity(cfg.model),
+            "augmentation": augmentation_identity(cfg.data, cfg.train.seed),
+            "mixed_precision": cfg.train.mixed_precision}
+
+
+def cache_dir(cfg, key: Dict[str, object]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.output.dir) / "cache"
+    return root / digest
+
+
+class CachedPairs:
+    """Reads batches from the cache; items are the same (block, index) pairs as :class:`PairSource` uses."""
+
+    def __init__(self, directory: Path, num_blocks: int):
+        self.directory = directory
+        self.num_blocks = num_blocks
+        self._loaded: Tuple[int, Dict[str, object]] = (-1, {})
+
+    def _shard(self, block: int) -> Dict[str, object]:
+        from safetensors.torch import load_file
+
+        if self._loaded[0] != block:
+            self._loaded = (block, load_file(str(self.directory / f"shard-{block:06d}.safetensors")))
+        return self._loaded[1]
+
+    def read_batch(self, items: Sequence[Tuple[int, int]]) -> Dict[str, object]:
+        import torch
+
+        rows: Dict[str, List[object]] = {}
+        skipped = 0
+        for b, i in items:
+            shard = self._shard(b)
+            if not bool(shard["valid"][i]):
+                skipped += 1
+                continue
+            for key, value in shard.items():
+                if key not in ("valid", "target_size"):
+                    rows.setdefault(key, []).append(value[i])
+            target_size = int(shard["target_size"])
+        batch: Dict[str, object] = {"skipped": skipped, "size": len(rows.get("rows", [])), "captions": None}
+        if batch["size"]:
+            batch.update({k: torch.stack(v) for k, v in rows.items()})
+            batch["target_size"] = target_size
+        return batch
+
+
+def _encode_block(cfg, source, backbone, block_index: int, device, weight_dtype) -> Dict[str, object]:
+    import torch
+
+    from diffusion_pref.data.loader import collate_pixels
+
+    block = source.blocks[block_index]
+    items = [(block_index, i) for i in range(len(block.rows))]
+    chunk = 16  # pairs encoded at once: bounded memory whatever the row-group size
+    parts: Dict[str, List[object]] = {}
+    valid: List[bool] = []
+    for start in range(0, len(items), chunk):
+        sub = items[start:start + chunk]
+        batch = collate_pixels(source, cfg.data, sub, cfg.train.seed)
+        kept = set(batch["rows"].tolist()) if batch["size"] else set()
+        valid.extend(block.rows[i] in kept for _, i in sub)
+        if not batch["size"]:
+            continue
+        with torch.no_grad():
+            pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]]).to(device)
+            latents_w, latents_l = backbone.encode_media(pixels).to(weight_dtype).chunk(2)
+            text = backbone.encode_text(batch["captions"])
+        fields = {"latents_w": latents_w, "latents_l": latents_l, "soft_label": batch["soft_label"],
+                  "rows": batch["rows"], "original_size": batch["original_size"],
+                  "crop_top_left": batch["crop_top_left"], **{f"text.{k}": v for k, v in text.items()}}
+        if "score_w" in batch:
+            fields.update(score_w=batch["score_w"], score_l=batch["score_l"])
+        for key, value in fields.items():
+            parts.setdefault(key, []).append(value.detach().cpu())
+    n = len(items)
+    out: Dict[str, object] = {"valid": torch.tensor(valid, dtype=torch.bool),
+                              "target_size": torch.tensor(cfg.data.resolution)}
+    valid_idx = torch.tensor([k for k, ok in enumerate(valid) if ok], dtype=torch.long)
+    for key, chunks in parts.items():
+        stacked = torch.cat(chunks)
+        # Skipped rows keep their slot (zeros, valid=False) so shard index i is still block row i.
+        full = torch.zeros((n,) + tuple(stacked.shape[1:]), dtype=stacked.dtype)
+        full[valid_idx] = stacked
+        out[key] = full.contiguous()
+    return out
+
+
+def build_cache(cfg, source, backbone, accelerator=None) -> CachedPairs:
+    """Compute the missing cache for (cfg, source) and return a reader; reuses a complete cache with the same key."""
+    import torch
+    from safetensors.torch import save_file
+
+    key = cache_key(cfg, source)
+    directory = cache_dir(cfg, key)
+    manifest = directory / "manifest.json"
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    if manifest.is_file() and json.loads(manifest.read_text()).get("key") == json.loads(json.dumps(key, default=str)):
+        logger.info("cache: using %s", directory)
+        return CachedPairs(directory, len(source.blocks))
+    directory.mkdir(parents=True, exist_ok=True)
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.mixed_precision]
+    device = backbone.vae.device
+    logger.info("cache: encoding %d pairs into %s", len(source), directory)
+    skipped = 0
+    for b in range(rank, len(source.blocks), world):
+        shard = _encode_block(cfg, source, backbone, b, device, weight_dtype)
+        skipped += int((~shard["valid"]).sum())
+        tmp = directory / f".shard-{b:06d}.tmp"
+        save_file(shard, str(tmp))
+        tmp.replace(directory / f"shard-{b:06d}.safetensors")
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    if rank == 0:
+        manifest.write_text(json.dumps({"key": key, "blocks": len(source.blocks), "pairs": len(source)},
+                                       indent=2, default=str))
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    if skipped:
+        logger.info("cache: %d undecodable rows skipped (data.on_bad_row=skip)", skipped)
+    return CachedPairs(directory, len(source.blocks))
+
+
+def run(cfg) -> None:
+    """``diffusion-pref cache``: build the cache for this config (same key as ``train`` with ``data.cache=true``)."""
+    import torch
+    from accelerate import Accelerator
+
+    from diffusion_pref.data.pairs import PairSource
+    from diffusion_pref.pipelines import load_backbone
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    accelerator = Accelerator()
+    source = PairSource(cfg.data, seed=cfg.train.seed)
+    backbone = load_backbone(cfg.model)
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.mixed_precision]
+    vae_dtype = torch.float32 if getattr(backbone, "vae_keeps_fp32", False) else weight_dtype
+    backbone.vae.to(accelerator.device, vae_dtype)
+    for module in backbone.frozen_modules[1:]:
+        module.to(accelerator.device, weight_dtype)
+    cached = build_cache(cfg, source, backbone, accelerator)
+    if accelerator.is_main_process:
+        print(f"cache ready: {cached.directory} ({len(source)} pairs; {source.summary()})")
