@@ -6,7 +6,8 @@ locally from a small vocabulary written in code, so nothing touches the network.
 its standard hub layout with ``save_pretrained`` (safetensors), so the real loading code is exercised on the
 real layout.
 
-Builders (deterministic for a given ``seed``; they do not disturb the global torch RNG):
+Builders (deterministic for a given ``seed``; they do not disturb the global torch RNG; modules come in eval mode,
+as ``from_pretrained`` returns them):
 
 - ``tiny_clip_tokenizer(save_dir=None)`` -> ``CLIPTokenizer`` (byte-level BPE, every byte covered,
   ``model_max_length`` 16).
@@ -72,6 +73,13 @@ def _seeded(seed: int):
         yield
 
 
+def _eval(*modules):
+    # from_pretrained returns modules in eval mode; freshly constructed ones are in train mode, where T5's and
+    # GPT-2's dropout would make the in-memory model disagree with its saved copy.
+    for module in modules:
+        module.eval()
+
+
 def _byte_alphabet() -> list[str]:
     # The 256 printable stand-ins that byte-level BPE uses for raw bytes; covering all of them means no text
     # ever falls back to an unknown token.
@@ -102,13 +110,18 @@ def _bpe_vocab(base: list[str], merges: list[tuple[str, str]], specials: list[st
     return vocab
 
 
-def tiny_clip_tokenizer(save_dir: str | Path | None = None, model_max_length: int = CLIP_MAX_LENGTH):
+def tiny_clip_tokenizer(
+    save_dir: str | Path | None = None,
+    model_max_length: int = CLIP_MAX_LENGTH,
+    pad_token: str = "<|endoftext|>",
+):
     """A real ``CLIPTokenizer`` over a byte-level BPE vocabulary built here (about 600 tokens).
 
     The vocabulary holds every byte symbol, with and without CLIP's ``</w>`` end-of-word marker, plus merges
     for a few common caption words, plus ``<|startoftext|>`` / ``<|endoftext|>`` (also the pad token, as in
-    CLIP). If ``save_dir`` is given, ``vocab.json`` and ``merges.txt`` are written there and the tokenizer is
-    loaded from those files; otherwise it is built from the same vocabulary in memory.
+    CLIP; SDXL's second tokenizer pads with ``"!"``: pass ``pad_token="!"`` for that). If ``save_dir`` is
+    given, ``vocab.json`` and ``merges.txt`` are written there and the tokenizer is loaded from those files;
+    otherwise it is built from the same vocabulary in memory.
     """
     from transformers import CLIPTokenizer
 
@@ -118,12 +131,12 @@ def tiny_clip_tokenizer(save_dir: str | Path | None = None, model_max_length: in
     vocab = _bpe_vocab(alphabet + [a + "</w>" for a in alphabet], merges, ["<|startoftext|>", "<|endoftext|>"])
     merge_lines = [f"{a} {b}" for a, b in merges]
     if save_dir is None:
-        return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+        return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length, pad_token=pad_token)
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     (save_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (save_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merge_lines) + "\n")
-    return CLIPTokenizer.from_pretrained(str(save_dir), model_max_length=model_max_length)
+    return CLIPTokenizer.from_pretrained(str(save_dir), model_max_length=model_max_length, pad_token=pad_token)
 
 
 def _clip_text_config(tokenizer, hidden_size: int = 32, projection_dim: int = 32):
@@ -212,6 +225,7 @@ def tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
         )
         vae = _image_vae(scaling_factor=0.18215)
         text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
+    _eval(unet, vae, text_encoder)
     scheduler = DDIMScheduler(**_sd15_scheduler_config(prediction_type))
     pipe = StableDiffusionPipeline(
         vae=vae,
@@ -231,4 +245,285 @@ def save_tiny_sd(path: str | Path, **kwargs) -> Path:
     """Save ``tiny_sd_pipeline(**kwargs)`` as a diffusers pipeline folder (safetensors) and return the path."""
     path = Path(path)
     tiny_sd_pipeline(**kwargs).save_pretrained(str(path), safe_serialization=True)
+    return path
+
+
+def tiny_sdxl_pipeline(seed: int = 0):
+    """A ``StableDiffusionXLPipeline`` with SDXL structure and random weights.
+
+    Two text encoders (``CLIPTextModel`` and ``CLIPTextModelWithProjection``, width 32 each, so the UNet's
+    cross-attention width is their concatenation, 64), two tokenizers (the second pads with ``"!"`` as SDXL's
+    does), a UNet whose first block has no attention and whose second has two transformer layers, with
+    ``text_time`` micro-conditioning (6 size/crop numbers x 8 + the pooled 32-d text embedding = 80 inputs).
+    Latents ``[B, 4, 8, 8]``, images ``[B, 3, 32, 32]``, ``EulerDiscreteScheduler`` as in SDXL base.
+    """
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = tiny_clip_tokenizer()
+    tokenizer_2 = tiny_clip_tokenizer(pad_token="!")
+    text_width, pooled_width, time_embed_dim = 32, 32, 8
+    with _seeded(seed):
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            transformer_layers_per_block=(1, 2),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            cross_attention_dim=2 * text_width,
+            norm_num_groups=4,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_embed_dim,
+            projection_class_embeddings_input_dim=6 * time_embed_dim + pooled_width,
+        )
+        vae = _image_vae(scaling_factor=0.13025)
+        text_encoder = CLIPTextModel(_clip_text_config(tokenizer, hidden_size=text_width))
+        text_encoder_2 = CLIPTextModelWithProjection(
+            _clip_text_config(tokenizer_2, hidden_size=text_width, projection_dim=pooled_width)
+        )
+    _eval(unet, vae, text_encoder, text_encoder_2)
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_sdxl(path: str | Path, **kwargs) -> Path:
+    """Save ``tiny_sdxl_pipeline(**kwargs)`` as a diffusers pipeline folder (safetensors) and return the path."""
+    path = Path(path)
+    tiny_sdxl_pipeline(**kwargs).save_pretrained(str(path), safe_serialization=True)
+    return path
+
+
+# ---------------------------------------------------------------- Tango-structured text-to-audio
+
+T5_MAX_LENGTH = 32
+
+
+def tiny_t5_tokenizer(model_max_length: int = T5_MAX_LENGTH):
+    """A real ``T5Tokenizer`` (Unigram, SentencePiece-style ``▁`` word marks) over a vocabulary built here.
+
+    Ids 0/1/2 are ``<pad>``/``</s>``/``<unk>`` as in T5. The vocabulary has whole-word pieces for a few common
+    caption words and every printable ASCII and Latin-1 character, so English captions never hit ``<unk>``.
+    No sentinel ``<extra_id_*>`` tokens: only the encoder is used.
+    """
+    from transformers import T5Tokenizer
+
+    # Unigram picks the segmentation with the highest total log-probability: whole words beat characters.
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + word, -3.0) for word in dict.fromkeys(_COMMON_WORDS)]
+    characters = [chr(c) for c in range(33, 127)] + [chr(c) for c in range(161, 256)]
+    pieces += [("\u2581" + c, -4.0) for c in characters] + [(c, -5.0) for c in characters]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+
+
+@dataclass
+class TinyTango:
+    """The modules of a Tango-structured text-to-audio model (see ``tiny_tango_components``).
+
+    ``stft`` holds the mel front-end settings the vocoder and VAE were sized for (Tango's ``TacotronSTFT``
+    argument names); the vocoder turns ``[B, frames, n_mel_channels]`` log-mels into ``frames * hop_length``
+    samples at ``sampling_rate``.
+    """
+
+    text_encoder: Any  # transformers.T5EncoderModel
+    tokenizer: Any  # transformers.T5Tokenizer
+    unet: Any  # diffusers.UNet2DConditionModel, latents [B, 8, frames / 4, n_mels / 4]
+    vae: Any  # diffusers.AutoencoderKL, mels [B, 1, frames, n_mels]
+    vocoder: Any  # transformers.SpeechT5HifiGan
+    scheduler: Any  # diffusers.DDPMScheduler (v-prediction)
+    stft: dict[str, Any] = field(default_factory=dict)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write the AudioLDM-style subfolders and ``stft_config.json`` (layout in the module docstring)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        for name in ("text_encoder", "tokenizer", "unet", "vae", "vocoder", "scheduler"):
+            module = getattr(self, name)
+            if name == "scheduler" or name == "tokenizer":
+                module.save_pretrained(str(path / name))
+            else:
+                module.save_pretrained(str(path / name), safe_serialization=True)
+        (path / "stft_config.json").write_text(json.dumps(self.stft, indent=2) + "\n")
+        return path
+
+
+TINY_TANGO_STFT = {
+    "sampling_rate": 16000,
+    "filter_length": 1024,
+    "hop_length": 160,
+    "win_length": 1024,
+    "n_mel_channels": 16,  # Tango uses 64
+    "mel_fmin": 0,
+    "mel_fmax": 8000,
+}
+
+
+def tiny_tango_components(seed: int = 0) -> TinyTango:
+    """Tiny random-weight modules with the structure of Tango / Tango 2 (declare-lab).
+
+    - ``T5EncoderModel`` (FLAN-T5 style: gated-GELU, untied embeddings; 2 layers, width 32) + ``T5Tokenizer``.
+    - ``UNet2DConditionModel`` with 8 in/out latent channels, cross-attention to the T5 width, linear
+      projections and upcast attention, as Tango's UNet config.
+    - AudioLDM-style ``AutoencoderKL``: 1-channel mel in/out, 8 latent channels, x4 downsampling in time and
+      frequency. ``scaling_factor`` is 0.5 (not 1) so code that forgets it gives different numbers.
+    - ``SpeechT5HifiGan`` vocoder: ``n_mel_channels`` mels in, upsampling 5*4*2*2*2 = 160 = hop length, 16 kHz.
+    - ``DDPMScheduler`` with the SD2.1 schedule Tango uses: scaled-linear betas, ``v_prediction``.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig, T5Config, T5EncoderModel
+
+    tokenizer = tiny_t5_tokenizer()
+    stft = dict(TINY_TANGO_STFT)
+    n_mels, latent_channels, text_width = stft["n_mel_channels"], 8, 32
+    with _seeded(seed):
+        text_encoder = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer),
+                d_model=text_width,
+                d_kv=8,
+                d_ff=64,
+                num_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                relative_attention_max_distance=32,
+                feed_forward_proj="gated-gelu",
+                tie_word_embeddings=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                decoder_start_token_id=tokenizer.pad_token_id,
+            )
+        )
+        unet = UNet2DConditionModel(
+            sample_size=(16, n_mels // 4),  # 64 mel frames (0.64 s) -> 16 latent frames
+            in_channels=latent_channels,
+            out_channels=latent_channels,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            attention_head_dim=(2, 4),
+            cross_attention_dim=text_width,
+            use_linear_projection=True,
+            upcast_attention=True,
+            norm_num_groups=4,
+        )
+        vae = AutoencoderKL(
+            in_channels=1,
+            out_channels=1,
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(8, 16, 16),
+            layers_per_block=1,
+            latent_channels=latent_channels,
+            norm_num_groups=4,
+            sample_size=64,
+            scaling_factor=0.5,
+        )
+        vocoder = SpeechT5HifiGan(
+            SpeechT5HifiGanConfig(
+                model_in_dim=n_mels,
+                sampling_rate=stft["sampling_rate"],
+                upsample_initial_channel=32,
+                upsample_rates=[5, 4, 2, 2, 2],
+                # kernel - rate even, so each stage upsamples exactly by its rate
+                upsample_kernel_sizes=[11, 8, 4, 4, 4],
+                resblock_kernel_sizes=[3],
+                resblock_dilation_sizes=[[1, 3]],
+                normalize_before=False,  # Tango's converted HiFi-GAN does not normalise its input
+            )
+        )
+    _eval(text_encoder, unet, vae, vocoder)
+    # DDPM has no set_alpha_to_one; the rest is the SD2.1 scheduler config Tango loads.
+    schedule = _sd15_scheduler_config("v_prediction")
+    schedule.pop("set_alpha_to_one")
+    scheduler = DDPMScheduler(**schedule)
+    return TinyTango(
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        vae=vae,
+        vocoder=vocoder,
+        scheduler=scheduler,
+        stft=stft,
+    )
+
+
+def save_tiny_tango(path: str | Path, **kwargs) -> Path:
+    """Save ``tiny_tango_components(**kwargs)`` in the layout described in the module docstring."""
+    return tiny_tango_components(**kwargs).save_pretrained(path)
+
+
+# ---------------------------------------------------------------- GPT-2-style causal LM
+
+GPT2_MAX_POSITIONS = 64
+
+
+def tiny_gpt2_tokenizer():
+    """A real ``GPT2Tokenizer`` (byte-level BPE; spaces are the ``Ġ`` prefix of the next word) built here.
+
+    Every byte is in the vocabulary, plus merges for a few common words with and without a leading space,
+    plus ``<|endoftext|>``, which is also bos, eos and pad (GPT-2 has no pad token of its own).
+    """
+    from transformers import GPT2Tokenizer
+
+    # Words after a space first: their merges then win over the bare-word ones inside running text.
+    words = [["\u0120", *w] for w in _COMMON_WORDS] + [[*w] for w in _COMMON_WORDS if len(w) > 1]
+    merges = _word_merges(words)
+    vocab = _bpe_vocab(_byte_alphabet(), merges, ["<|endoftext|>"])
+    tokenizer = GPT2Tokenizer(vocab=vocab, merges=merges, model_max_length=GPT2_MAX_POSITIONS)
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tiny_causal_lm(seed: int = 0):
+    """``(GPT2LMHeadModel, GPT2Tokenizer)``: 2 layers, width 32, 64 positions, random weights."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = tiny_gpt2_tokenizer()
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=GPT2_MAX_POSITIONS,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with _seeded(seed):
+        model = GPT2LMHeadModel(config)
+    _eval(model)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def save_tiny_causal_lm(path: str | Path, **kwargs) -> Path:
+    """Save ``tiny_causal_lm(**kwargs)`` (model as safetensors + tokenizer) into one folder; return the path."""
+    path = Path(path)
+    model, tokenizer = tiny_causal_lm(**kwargs)
+    model.save_pretrained(str(path), safe_serialization=True)
+    tokenizer.save_pretrained(str(path))
     return path

@@ -37,3 +37,24 @@ def tiny_sd_vpred_dir(tmp_path_factory):
     from diffusion_pref.testing import save_tiny_sd
 
     return save_tiny_sd(tmp_path_factory.mktemp("tiny-sd-vpred"), prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    from diffusion_pref.testing import save_tiny_sdxl
+
+    return save_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tango_dir(tmp_path_factory):
+    from diffusion_pref.testing import save_tiny_tango
+
+    return save_tiny_tango(tmp_path_factory.mktemp("tiny-tango"))
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_lm_dir(tmp_path_factory):
+    from diffusion_pref.testing import save_tiny_causal_lm
+
+    return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny-causal-lm"))

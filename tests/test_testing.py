@@ -143,3 +143,130 @@ def test_lora_on_unet_changes_output_and_round_trips_through_load_lora_weights(t
     fresh = testing.tiny_sd_pipeline()
     fresh.load_lora_weights(tmp_path)
     torch.testing.assert_close(_unet_out(fresh.unet, inputs), with_lora, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- SDXL
+
+
+def test_sdxl_generates_32px_images_and_micro_conditioning_reaches_the_unet():
+    pipe = testing.tiny_sdxl_pipeline()
+    te_width = pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
+    assert pipe.unet.config.cross_attention_dim == te_width
+    assert pipe.tokenizer_2.pad_token == "!"
+    images = _image(pipe)
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+    # original_size is one of the six text_time numbers; changing it must change the image.
+    assert not torch.allclose(_image(pipe, original_size=(16, 16)), images, atol=1e-5)
+
+
+def test_saved_sdxl_loads_with_diffusers_and_matches(tiny_sdxl_dir):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = testing.tiny_sdxl_pipeline(seed=0)
+    loaded = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    loaded.set_progress_bar_config(disable=True)
+    assert (tiny_sdxl_dir / "text_encoder_2" / "model.safetensors").exists()
+    assert type(loaded.scheduler) is type(pipe.scheduler)
+    assert loaded.tokenizer_2("a cat", padding="max_length").input_ids == pipe.tokenizer_2(
+        "a cat", padding="max_length"
+    ).input_ids
+    torch.testing.assert_close(_image(loaded), _image(pipe), rtol=0, atol=1e-6)
+    assert not _state_dicts_equal(pipe.unet, testing.tiny_sdxl_pipeline(seed=1).unet)
+
+
+# ---------------------------------------------------------------- Tango
+
+
+def test_t5_tokenizer_round_trips_caption_without_unknowns():
+    tokenizer = testing.tiny_t5_tokenizer()
+    caption = "A dog barking in the rain, then 2 birds singing (loudly)!"
+    ids = tokenizer(caption).input_ids
+    assert ids[-1] == tokenizer.eos_token_id and tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids, skip_special_tokens=True) == caption
+    assert tokenizer.pad_token_id == 0 and tokenizer.eos_token_id == 1  # T5's ids
+
+
+def test_tango_modules_fit_together():
+    parts = testing.tiny_tango_components()
+    stft = parts.stft
+    batch = parts.tokenizer(["a dog barking", "rain"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        text = parts.text_encoder(**batch).last_hidden_state  # [B, L, 32]
+        frames = 64
+        mel = torch.randn(2, 1, frames, stft["n_mel_channels"])  # [B, 1, T, F]
+        latents = parts.vae.encode(mel).latent_dist.mode()
+        assert latents.shape == (2, parts.unet.config.in_channels, frames // 4, stft["n_mel_channels"] // 4)
+        noise_pred = parts.unet(
+            latents, torch.tensor([5, 900]), encoder_hidden_states=text, encoder_attention_mask=batch.attention_mask
+        ).sample
+        assert noise_pred.shape == latents.shape
+        decoded = parts.vae.decode(latents).sample
+        assert decoded.shape == mel.shape
+        waveform = parts.vocoder(decoded.squeeze(1))  # [B, T * hop]
+    assert waveform.shape == (2, frames * stft["hop_length"])
+    assert parts.vocoder.config.sampling_rate == stft["sampling_rate"]
+    assert parts.scheduler.config.prediction_type == "v_prediction"
+
+
+def test_saved_tango_subfolders_load_with_their_classes(tiny_tango_dir):
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, SpeechT5HifiGan, T5EncoderModel
+
+    parts = testing.tiny_tango_components(seed=0)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tango_dir / "tokenizer")
+    text_encoder = T5EncoderModel.from_pretrained(tiny_tango_dir / "text_encoder")
+    unet = UNet2DConditionModel.from_pretrained(tiny_tango_dir / "unet")
+    vae = AutoencoderKL.from_pretrained(tiny_tango_dir / "vae")
+    vocoder = SpeechT5HifiGan.from_pretrained(tiny_tango_dir / "vocoder")
+    scheduler = DDPMScheduler.from_pretrained(tiny_tango_dir / "scheduler")
+
+    caption = "birds singing while an engine is running"
+    assert tokenizer(caption).input_ids == parts.tokenizer(caption).input_ids
+    batch = parts.tokenizer([caption], return_tensors="pt")
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 8, 16, 4, generator=g)
+    mel = torch.randn(1, 32, parts.stft["n_mel_channels"], generator=g)  # [B, T, F], the vocoder's layout
+    with torch.no_grad():
+        text = parts.text_encoder(**batch).last_hidden_state
+        torch.testing.assert_close(text_encoder(**batch).last_hidden_state, text, rtol=0, atol=0)
+        t = torch.tensor([300])
+        torch.testing.assert_close(
+            unet(latents, t, encoder_hidden_states=text).sample, parts.unet(latents, t, encoder_hidden_states=text).sample
+        )
+        torch.testing.assert_close(vae.decode(latents).sample, parts.vae.decode(latents).sample)
+        torch.testing.assert_close(vocoder(mel), parts.vocoder(mel))
+    assert vae.config.scaling_factor == parts.vae.config.scaling_factor == 0.5
+    settings = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    assert settings(scheduler.config) == settings(parts.scheduler.config)
+    assert json.loads((tiny_tango_dir / "stft_config.json").read_text()) == testing.TINY_TANGO_STFT
+    assert not _state_dicts_equal(parts.unet, testing.tiny_tango_components(seed=1).unet)
+
+
+# ---------------------------------------------------------------- GPT-2
+
+
+def test_gpt2_tokenizer_round_trips_any_text_exactly():
+    _, tokenizer = testing.tiny_causal_lm()
+    text = "A photo of a cat, rewritten: 'naïve café' 🐱\n  done."
+    ids = tokenizer(text).input_ids
+    assert tokenizer.decode(ids) == text
+    assert len(tokenizer(" the cat").input_ids) == 2  # merges give whole words
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|endoftext|>"
+
+
+def test_saved_causal_lm_loads_with_auto_classes_and_matches(tiny_causal_lm_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer = testing.tiny_causal_lm(seed=0)
+    loaded = AutoModelForCausalLM.from_pretrained(tiny_causal_lm_dir)
+    loaded_tokenizer = AutoTokenizer.from_pretrained(tiny_causal_lm_dir)
+    assert (tiny_causal_lm_dir / "model.safetensors").exists()
+    texts = ["a red car in the city", "music"]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    assert loaded_tokenizer(texts, padding=True, return_tensors="pt").input_ids.tolist() == batch.input_ids.tolist()
+    assert loaded_tokenizer.pad_token_id == tokenizer.pad_token_id
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+    other, _ = testing.tiny_causal_lm(seed=1)
+    assert _state_dicts_equal(model, testing.tiny_causal_lm(seed=0)[0])
+    assert not _state_dicts_equal(model, other)
