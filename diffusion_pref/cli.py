@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 class Command:
     module: str
     help: str
-    issue: int  # the issue that builds it, named when it has not landed yet
+    issue: Optional[int]  # the issue that builds it, named when it has not landed yet (None: not filed yet)
     trains: bool = False  # loss settings are checked before the module (and any model) is loaded
 
 
@@ -37,7 +37,7 @@ COMMANDS = {
     "train": Command("diffusion_pref.training.trainer", "fine-tune on preference pairs (DPO, SmPO, IPO, KTO, ...)", 3, trains=True),
     "evaluate": Command("diffusion_pref.evaluate", "compare base and tuned models: reward scores, win rates, HTML report", 5),
     "invert": Command("diffusion_pref.invert", "DDIM / ReNoise inversion and reconstruction of an image", 6),
-    "prompt-opt": Command("diffusion_pref.prompt_opt.train", "train a prompt-rewriting language model with Sem-DPO", 8),
+    "prompt-opt": Command("diffusion_pref.prompt_opt.train", "train a prompt-rewriting language model with Sem-DPO", None),
     "quickstart": Command("diffusion_pref.quickstart", "the whole loop (generate, train, evaluate) on a built-in model", 7, trains=True),
 }
 
@@ -81,10 +81,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(to_yaml(cfg), end="")
             return 0
         if not _command_available(command):
-            print(
-                f"diffusion-pref {args.command}: not available yet; it lands with issue #{command.issue}.",
-                file=sys.stderr,
-            )
+            when = f"it lands with issue #{command.issue}" if command.issue else "no issue builds it yet"
+            print(f"diffusion-pref {args.command}: not available yet; {when}.", file=sys.stderr)
             return 3
         if command.trains:
             check_loss(cfg)
