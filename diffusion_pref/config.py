@@ -133,6 +133,18 @@ class GenerateConfig:
     min_gap: Optional[float] = None
     max_gap: Optional[float] = None
     shard_size: int = 256  # pairs per parquet shard
+    prompt_split: str = "train"  # split to read when generate.prompts is a hub dataset id
+    max_prompts: Optional[int] = None  # only the first N prompts (smoke runs); raising it later resumes the same run
+    # A diffusers scheduler class name (e.g. DPMSolverMultistepScheduler) built from the pipeline's scheduler
+    # config; None keeps the pipeline's own scheduler.
+    scheduler: Optional[str] = None
+    resolution: Optional[int] = None  # image height = width; None = the pipeline's default
+    dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16
+    image_format: str = "png"  # png (lossless: stored images score exactly as generated) | jpeg
+    # Statistical rejection sampling (RSO): None = off; otherwise each prompt's candidates are first thinned to
+    # rso_keep samples accepted with probability exp((r - r_max) / rso_beta), then paired by `strategy`.
+    rso_beta: Optional[float] = None
+    rso_keep: int = 2
 
 
 @dataclass
@@ -146,6 +158,17 @@ class EvalConfig:
     batch_size: int = 8
     bootstrap_samples: int = 1000
     no_cache: bool = False
+    prompt_column: Optional[str] = None  # the prompt column of a parquet / csv / hub prompt set
+    max_prompts: Optional[int] = None  # keep only the first N prompts (quick checks)
+    # Score images that already exist (HPDv2 benchmark layout <style>/{index:05d}.jpg, or <model>/<style>/...)
+    # instead of generating; each model folder is one variant.
+    images_dir: Optional[str] = None
+    baseline: Optional[str] = None  # the variant win rates are measured against; None = the "base" variant
+    resolution: Optional[int] = None  # None = the pipeline's default size
+    device: str = "auto"  # auto | cpu | cuda | cuda:N, for generation
+    dtype: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16; part of the sample cache key
+    bootstrap_seed: int = 0  # the interval resamples the same prompts on every run
+    report_prompts: int = 24  # rows (prompts) in the report's sample grid
 
 
 @dataclass
@@ -180,6 +203,9 @@ CHOICES: Dict[str, Sequence[str]] = {
     "train.attention": ("sdpa", "xformers"),
     "train.logger": ("tensorboard", "wandb", "none"),
     "generate.strategy": ("best_vs_worst", "all_pairs", "best_vs_each"),
+    "eval.dtype": ("auto", "fp32", "fp16", "bf16"),
+    "generate.dtype": ("auto", "fp32", "fp16", "bf16"),
+    "generate.image_format": ("png", "jpeg"),
 }
 
 
@@ -303,7 +329,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
 
 def check_loss(cfg: Config) -> None:
     """Check ``loss.name`` and ``loss.params`` against the loss library before any model is loaded."""
-    from diffusion_pref.losses import check_loss_params  # imports torch: only for commands that train
+    from diffusion_pref.losses import check_loss_params
 
     try:
         check_loss_params(cfg.loss.name, dict(cfg.loss.params))
