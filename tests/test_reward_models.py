@@ -128,12 +128,9 @@ def test_registry_entries_resolve_to_classes_with_protocol():
     from diffusion_pref.reward_models import reward_model_class
 
     for name in REWARD_MODELS:
-        if name.startswith("toy") and not os.path.exists(
-            os.path.join(os.path.dirname(__file__), "..", "diffusion_pref", "reward_models", "toy.py")
-        ):
-            continue
         cls = reward_model_class(name)
-        assert isinstance(cls.name, str) and isinstance(cls.scale, str) and callable(cls.score)
+        assert cls.name == name, f"{name}: class attribute name is {cls.name!r}"
+        assert isinstance(cls.scale, str) and callable(cls.score)
 
 
 # ---------------------------------------------------------------- PickScore
@@ -381,3 +378,85 @@ def test_aesthetic_rejects_unknown_layout(clip_folder, tmp_path):
     torch.save({"layers.0.weight": torch.zeros(4, 16), "layers.0.bias": torch.zeros(4)}, tmp_path / "m.pth")
     with pytest.raises(ValueError, match="unrecognised MLP checkpoint layout"):
         load_reward_model("aesthetic", checkpoint=str(tmp_path / "m.pth"), pretrained=clip_folder, device="cpu")
+
+
+# ---------------------------------------------------------------- CLAP (audio)
+
+
+@pytest.fixture(scope="module")
+def clap_folder(tmp_path_factory):
+    """A random ClapModel (HTSAT with 2 stages, 2-layer RoBERTa) + RoBERTa BPE tokenizer + feature extractor
+    configured like laion/clap-htsat-unfused (48 kHz, 10 s, rand_trunc, repeatpad, 50-14000 Hz)."""
+    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, RobertaTokenizer
+
+    folder = str(tmp_path_factory.mktemp("tiny_clap"))
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for c in _bytes_to_unicode():
+        vocab[c] = len(vocab)
+    vocab["<mask>"] = len(vocab)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    RobertaTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")).save_pretrained(folder)
+    config = ClapConfig(
+        text_config=dict(
+            vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=80, projection_dim=16,
+        ),
+        audio_config=dict(
+            depths=[1, 1], num_attention_heads=[2, 2], patch_embeds_hidden_size=16, hidden_size=32, projection_dim=16,
+        ),
+        projection_dim=16,
+    )
+    torch.manual_seed(10)
+    ClapModel(config).save_pretrained(folder)
+    ClapFeatureExtractor(
+        truncation="rand_trunc", padding="repeatpad", frequency_min=50, frequency_max=14000
+    ).save_pretrained(folder)
+    return folder
+
+
+def test_clap_scores_equal_cosine_of_model_embeddings(clap_folder):
+    from transformers import AutoTokenizer, ClapFeatureExtractor, ClapModel
+
+    rng = np.random.default_rng(11)
+    # 1 s, 11 s (longer than the 10 s window: must be cut, not randomly cropped), 0.5 s (repeat-padded)
+    audio = [(rng.standard_normal(n) * 0.4).astype(np.float32) for n in (48_000, 528_000, 24_000)]
+    audio[0][:10] = 1.7  # beyond [-1, 1]: clipped by the int16 round trip
+    prompts = ["a dog barks", "rain on a roof", "a car passes"]
+    clap = load_reward_model("clap", pretrained=clap_folder, device="cpu", batch_size=2)
+    scores = clap.score(prompts, audio, sample_rate=48_000)
+    assert scores.shape == (3,) and scores.dtype == torch.float32
+    torch.testing.assert_close(clap.score(prompts, audio, sample_rate=48_000), scores)  # deterministic
+
+    model = ClapModel.from_pretrained(clap_folder).eval()
+    extractor = ClapFeatureExtractor.from_pretrained(clap_folder)
+    tok = AutoTokenizer.from_pretrained(clap_folder)
+    expected = []
+    with torch.no_grad():
+        for a, p in zip(audio, prompts):
+            q = np.trunc(np.clip(a[:480_000], -1, 1) * 32767) / 32767  # laion_clap's int16 round trip
+            feats = extractor([q.astype(np.float32)], sampling_rate=48_000, return_tensors="pt")
+            ae = model.get_audio_features(input_features=feats["input_features"], is_longer=feats["is_longer"])
+            te = model.get_text_features(**tok([p], return_tensors="pt"))
+            expected.append(torch.nn.functional.cosine_similarity(ae.pooler_output, te.pooler_output, dim=-1))
+    torch.testing.assert_close(scores, torch.cat(expected), atol=1e-5, rtol=1e-4)
+
+    as_tensors = [torch.from_numpy(a) for a in audio]
+    one_batch = load_reward_model("clap", pretrained=clap_folder, device="cpu", batch_size=8)
+    torch.testing.assert_close(one_batch.score(prompts, as_tensors, sample_rate=48_000), scores, atol=1e-5, rtol=1e-5)
+
+
+def test_clap_rejects_bad_audio(clap_folder):
+    import importlib.util
+
+    clap = load_reward_model("clap", pretrained=clap_folder, device="cpu")
+    audio = [np.zeros(16_000, dtype=np.float32)]
+    if importlib.util.find_spec("soxr") is None and importlib.util.find_spec("scipy") is None:
+        with pytest.raises(ValueError, match="16000 Hz but the model expects 48000 Hz"):
+            clap.score(["x"], audio, sample_rate=16_000)
+    with pytest.raises(ValueError, match="sample_rate"):
+        clap.score(["x"], audio)
+    with pytest.raises(ValueError, match="1-D mono"):
+        clap.score(["x"], [np.zeros((2, 48_000), dtype=np.float32)], sample_rate=48_000)

@@ -30,6 +30,7 @@ REWARD_MODELS = {
     "imagereward": "diffusion_pref.reward_models.image_reward:ImageReward",
     "clap": "diffusion_pref.reward_models.clap:CLAPScore",
     "toy-fidelity": "diffusion_pref.reward_models.toy:ToyFidelity",
+    "toy-size": "diffusion_pref.reward_models.toy:ToySize",
 }
 
 
