@@ -230,11 +230,11 @@ def test_saved_tango_subfolders_load_with_their_classes(tiny_tango_dir):
         text = parts.text_encoder(**batch).last_hidden_state
         torch.testing.assert_close(text_encoder(**batch).last_hidden_state, text, rtol=0, atol=0)
         t = torch.tensor([300])
-        torch.testing.assert_close(
-            unet(latents, t, encoder_hidden_states=text).sample, parts.unet(latents, t, encoder_hidden_states=text).sample
-        )
-        torch.testing.assert_close(vae.decode(latents).sample, parts.vae.decode(latents).sample)
-        torch.testing.assert_close(vocoder(mel), parts.vocoder(mel))
+        loaded_pred = unet(latents, t, encoder_hidden_states=text).sample
+        memory_pred = parts.unet(latents, t, encoder_hidden_states=text).sample
+        torch.testing.assert_close(loaded_pred, memory_pred, rtol=0, atol=0)
+        torch.testing.assert_close(vae.decode(latents).sample, parts.vae.decode(latents).sample, rtol=0, atol=0)
+        torch.testing.assert_close(vocoder(mel), parts.vocoder(mel), rtol=0, atol=0)
     assert vae.config.scaling_factor == parts.vae.config.scaling_factor == 0.5
     settings = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
     assert settings(scheduler.config) == settings(parts.scheduler.config)
