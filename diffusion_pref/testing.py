@@ -199,7 +199,7 @@ def _check_prediction_type(prediction_type: str) -> None:
 
 
 def tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
-    """A ``StableDiffusionPipeline`` with SD1.x structure and random weights (about 0.2M parameters).
+    """A ``StableDiffusionPipeline`` with SD1.x structure and random weights (about 0.14M parameters).
 
     UNet: 2 blocks (8, 16), 1 layer each, cross-attention to a 2-layer ``CLIPTextModel`` of width 32,
     latents ``[B, 4, 8, 8]``. VAE: 3 blocks, images ``[B, 3, 32, 32]``. Scheduler: ``DDIMScheduler`` with the
