@@ -89,7 +89,26 @@ class LossConfig:
 @dataclass
 class TrajectoryConfig:
     kind: str = "forward"  # forward | ddim | renoise: where x_t and its target come from
-    steps: int = 50  # inversion grid size for ddim / renoise
+    steps: int = 50  # inversion grid size for ddim / renoise (DDIMInverseScheduler.set_timesteps(steps))
+    # How the sampled t meets the grid. exact: invert along the grid points below t, then one last step to t, so
+    # x_t really sits at the noise level the UNet is told. grid_below: stop at the last grid point below t and
+    # feed that latent as if it were at t (what the released SmPO code does; cheaper by one step).
+    t_mode: str = "exact"  # exact | grid_below
+    # ReNoise: K renoise iterations per inversion step (K + 1 noise predictions; 0 = plain DDIM inversion). The
+    # SmPO code and ReNoise's SD1.5/SDXL examples use 1; ReNoise's SDXL-Turbo default is 9.
+    renoise_iters: int = 1
+    # Half-open range [start, end) of prediction indices (0..K) averaged into the final step; SmPO averages both
+    # of its two predictions at every step. If the range holds none, the last prediction is used.
+    average_window: List[int] = field(default_factory=lambda: [0, 2])
+    # ReNoise's noise regularisation (patch-KL + auto-correlation); 0 = off. ReNoise's default when on is 4.
+    noise_reg_steps: int = 0
+    noise_reg_lambda_kl: float = 0.065  # ReNoise default
+    noise_reg_lambda_ac: float = 20.0  # ReNoise default
+    noise_reg_ac_rolls: int = 5  # ReNoise default
+    # `diffusion-pref invert` only: the image to invert and reconstruct (resized to data.resolution) and its
+    # prompt; the method is trajectory.kind (ddim | renoise), the grid trajectory.steps.
+    invert_image: Optional[str] = None
+    invert_prompt: str = ""
 
 
 @dataclass
@@ -198,6 +217,7 @@ CHOICES: Dict[str, Sequence[str]] = {
     "data.ties": ("drop", "soft"),
     "data.on_bad_row": ("error", "skip"),
     "trajectory.kind": ("forward", "ddim", "renoise"),
+    "trajectory.t_mode": ("exact", "grid_below"),
     "train.optimizer": ("adamw", "adamw8bit", "adafactor"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.attention": ("sdpa", "xformers"),
