@@ -460,3 +460,123 @@ def test_clap_rejects_bad_audio(clap_folder):
         clap.score(["x"], audio)
     with pytest.raises(ValueError, match="1-D mono"):
         clap.score(["x"], [np.zeros((2, 48_000), dtype=np.float32)], sample_rate=48_000)
+
+
+# ---------------------------------------------------------------- ImageReward
+
+
+def _official_imagereward_layout(vision_sd, text_sd, mlp_sd):
+    """transformers BLIP names -> the names in THUDM's ImageReward.pt (BLIP's timm-style ViT and med BERT)."""
+    out = {}
+    for k, v in vision_sd.items():
+        k2 = (
+            k.replace("embeddings.class_embedding", "cls_token")
+            .replace("embeddings.position_embedding", "pos_embed")
+            .replace("embeddings.patch_embedding.", "patch_embed.proj.")
+            .replace("post_layernorm.", "norm.")
+            .replace("encoder.layers.", "blocks.")
+            .replace("layer_norm1.", "norm1.")
+            .replace("layer_norm2.", "norm2.")
+            .replace("self_attn.qkv.", "attn.qkv.")
+            .replace("self_attn.projection.", "attn.proj.")
+        )
+        out["blip.visual_encoder." + k2] = v
+    for k, v in text_sd.items():
+        out["blip.text_encoder." + k] = v
+    out["blip.text_encoder.embeddings.position_ids"] = torch.arange(40)[None]
+    for k, v in mlp_sd.items():
+        out["mlp." + k] = v
+    out["blip.vision_proj.weight"] = torch.zeros(8, 32)  # present in the release, unused by the score
+    out["blip.text_proj.weight"] = torch.zeros(8, 32)
+    return out
+
+
+@pytest.fixture(scope="module")
+def imagereward_folder(tmp_path_factory):
+    from torch import nn
+    from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
+
+    folder = tmp_path_factory.mktemp("imagereward")
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "cube", "two", "blue", "on"]
+    (folder / "vocab.txt").write_text("\n".join(words + letters + ["##" + c for c in letters]) + "\n")
+    vocab_size = len(BertTokenizer(str(folder / "vocab.txt"))) + 2  # + BLIP's [DEC], [ENC]
+    med = {
+        "architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1, "hidden_size": 32, "initializer_range": 0.02, "intermediate_size": 64,
+        "layer_norm_eps": 1e-12, "max_position_embeddings": 40, "model_type": "bert", "num_attention_heads": 2,
+        "num_hidden_layers": 2, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": vocab_size,
+        "encoder_width": 768, "add_cross_attention": True,
+    }
+    (folder / "med_config.json").write_text(json.dumps(med))
+    torch.manual_seed(12)
+    vision = BlipVisionModel(
+        BlipVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+                         image_size=224, patch_size=32, layer_norm_eps=1e-6,
+                         initializer_range=0.02)  # BlipVisionConfig's default 1e-10 would make pixels irrelevant
+    ).eval()
+    text = BlipTextModel(
+        BlipTextConfig(vocab_size=vocab_size, hidden_size=32, encoder_hidden_size=48, intermediate_size=64,
+                       num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=40, is_decoder=True,
+                       layer_norm_eps=1e-12, pad_token_id=0),
+        add_pooling_layer=False,
+    ).eval()
+    mlp = nn.Sequential(nn.Linear(32, 64), nn.Dropout(0.2), nn.Linear(64, 16), nn.Dropout(0.2), nn.Linear(16, 8),
+                        nn.Dropout(0.1), nn.Linear(8, 4), nn.Linear(4, 1)).eval()
+    with torch.no_grad():
+        for name, p in list(vision.named_parameters()) + list(text.named_parameters()):
+            if "norm" in name.lower():  # random init leaves LayerNorms at identity; perturb so the mapping matters
+                p.add_(0.1 * torch.randn_like(p))
+        for layer in mlp:
+            if isinstance(layer, nn.Linear):  # gain > 1 per layer, else five default-init layers flatten the output
+                layer.weight.normal_(0, 2 / layer.in_features**0.5)
+    state = _official_imagereward_layout(
+        vision.state_dict(), text.state_dict(), {f"layers.{k}": v for k, v in mlp.state_dict().items()}
+    )
+    torch.save(state, folder / "ImageReward.pt")
+    return str(folder), vision, text, mlp
+
+
+def test_imagereward_matches_blip_forward_and_official_normalisation(imagereward_folder):
+    from transformers import BertTokenizer
+
+    folder, vision, text, mlp = imagereward_folder
+    ir = load_reward_model("imagereward", pretrained=folder, vision_heads=2, device="cpu", batch_size=3)
+    prompts = ["a red cube", "two blue cubes on a red cube", "cube", "blue"]
+    images = _random_images(4, seed=13, size=(75, 74))
+    scores = ir.score(prompts, images)
+    assert scores.shape == (4,) and scores.dtype == torch.float32
+
+    tok = BertTokenizer(os.path.join(folder, "vocab.txt"))
+    expected = []
+    with torch.no_grad():
+        for p, px in zip(prompts, _torchvision_clip_pixels(images)):
+            t = tok([p], padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+            assert t["input_ids"].shape == (1, 35) and t["input_ids"][0, 0] == tok.cls_token_id
+            emb = vision(pixel_values=px[None]).last_hidden_state
+            h = text(input_ids=t["input_ids"], attention_mask=t["attention_mask"], encoder_hidden_states=emb,
+                     is_decoder=False).last_hidden_state[:, 0]
+            expected.append((mlp(h)[:, 0] - 0.16717362830052426) / 1.0333394966054072)
+    torch.testing.assert_close(scores, torch.cat(expected), atol=1e-4, rtol=1e-4)
+    black_white = [Image.new("RGB", (64, 64), (0, 0, 0)), Image.new("RGB", (64, 64), (255, 255, 255))]
+    same_prompt = ir.score(["a red cube"] * 2, black_white)
+    assert abs(float(same_prompt[0] - same_prompt[1])) > 1e-4, "the text encoder must cross-attend to the image"
+
+    from_file = load_reward_model(
+        "imagereward", pretrained=os.path.join(folder, "ImageReward.pt"), tokenizer=folder, vision_heads=2,
+        device="cpu", batch_size=16,
+    )
+    torch.testing.assert_close(from_file.score(prompts, images), scores, atol=1e-5, rtol=1e-5)
+
+
+def test_imagereward_rejects_incomplete_checkpoint(imagereward_folder, tmp_path):
+    import shutil
+
+    folder = imagereward_folder[0]
+    state = torch.load(os.path.join(folder, "ImageReward.pt"), weights_only=True)
+    del state["blip.text_encoder.encoder.layer.0.crossattention.self.key.weight"]
+    torch.save(state, tmp_path / "ImageReward.pt")
+    for name in ("med_config.json", "vocab.txt"):
+        shutil.copy(os.path.join(folder, name), tmp_path / name)
+    with pytest.raises(RuntimeError, match="crossattention.self.key.weight"):
+        load_reward_model("imagereward", pretrained=str(tmp_path), vision_heads=2, device="cpu")

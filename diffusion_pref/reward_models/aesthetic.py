@@ -23,12 +23,13 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from .base import (
     as_features,
     batch_slices,
+    build_rating_mlp,
     check_prompts,
     default_device,
     images_to_pil,
@@ -40,39 +41,6 @@ from .base import (
 OFFICIAL_CHECKPOINT = (
     "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac%2Blogos%2Bava1-l14-linearMSE.pth"
 )
-# Linear-layer positions in `layers` -> whether a ReLU follows each hidden Linear.
-_LAYOUTS = {(0, 2, 4, 6, 7): False, (0, 3, 6, 9, 11): True}
-
-
-def build_aesthetic_mlp(state: Mapping[str, "torch.Tensor"]) -> "torch.nn.Module":
-    """The official `MLP` module (attribute `layers`, same indices) for a linear or ReLU checkpoint."""
-    import torch
-    from torch import nn
-
-    linear_ids = tuple(sorted({int(k.split(".")[1]) for k in state if k.startswith("layers.") and k.endswith(".weight")}))
-    if linear_ids not in _LAYOUTS:
-        raise ValueError(
-            f"aesthetic: unrecognised MLP checkpoint layout, Linear layers at layers.{linear_ids}; expected "
-            "layers.(0,2,4,6,7) (linearMSE) or layers.(0,3,6,9,11) (reluMSE)"
-        )
-    relu = _LAYOUTS[linear_ids]
-    dropouts = [0.2, 0.2, 0.1]
-    modules: list[nn.Module] = []
-    for j, idx in enumerate(linear_ids):
-        out_dim, in_dim = state[f"layers.{idx}.weight"].shape
-        modules.append(nn.Linear(in_dim, out_dim))
-        if j < len(linear_ids) - 1:
-            if relu:
-                modules.append(nn.ReLU())
-            if j < len(dropouts):
-                modules.append(nn.Dropout(dropouts[j]))
-    mlp = nn.Module()
-    mlp.layers = nn.Sequential(*modules)
-    assert tuple(i for i, m in enumerate(mlp.layers) if isinstance(m, nn.Linear)) == linear_ids
-    mlp.load_state_dict(dict(state), strict=True)
-    return mlp.float().eval()
-
-
 class LaionAesthetic:
     name = "aesthetic"
     scale = "predicted AVA aesthetic rating, ~1-10 (typical photos 4-7); ignores the prompt"
@@ -91,7 +59,7 @@ class LaionAesthetic:
         self.device = default_device(device)
         self.batch_size = batch_size
         path = resolve_file(checkpoint, "sac+logos+ava1-l14-linearMSE.pth", "aesthetic MLP checkpoint")
-        self.mlp = build_aesthetic_mlp(load_state_dict_file(path)).to(self.device)
+        self.mlp = build_rating_mlp(load_state_dict_file(path), self.name).to(self.device)
         self.model = CLIPModel.from_pretrained(pretrained).float().to(self.device).eval()
         in_dim = self.mlp.layers[0].in_features
         if self.model.config.projection_dim != in_dim:

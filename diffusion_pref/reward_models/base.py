@@ -271,3 +271,37 @@ def openai_clip_pixels(images: Sequence["Image.Image"], size: int = 224) -> "tor
     if not images:
         return torch.zeros(0, 3, size, size)
     return torch.stack([transform(im) for im in images])
+
+
+# Linear-layer positions in `layers` -> whether a ReLU follows each hidden Linear.
+_LAYOUTS = {(0, 2, 4, 6, 7): False, (0, 3, 6, 9, 11): True}
+
+
+def build_rating_mlp(state: Mapping[str, "torch.Tensor"], scorer: str) -> "torch.nn.Module":
+    """The `MLP` head of the LAION aesthetic predictor and ImageReward (attribute `layers`, same indices, so the
+    official state_dict loads strictly): Linear -> Dropout -> ... with no activations (keys layers.0,2,4,6,7),
+    or the aesthetic reluMSE variant with a ReLU after each hidden Linear (keys layers.0,3,6,9,11)."""
+    from torch import nn
+
+    linear_ids = tuple(sorted({int(k.split(".")[1]) for k in state if k.startswith("layers.") and k.endswith(".weight")}))
+    if linear_ids not in _LAYOUTS:
+        raise ValueError(
+            f"{scorer}: unrecognised MLP checkpoint layout, Linear layers at layers.{linear_ids}; expected "
+            "layers.(0,2,4,6,7) (linearMSE) or layers.(0,3,6,9,11) (reluMSE)"
+        )
+    relu = _LAYOUTS[linear_ids]
+    dropouts = [0.2, 0.2, 0.1]
+    modules: list[nn.Module] = []
+    for j, idx in enumerate(linear_ids):
+        out_dim, in_dim = state[f"layers.{idx}.weight"].shape
+        modules.append(nn.Linear(in_dim, out_dim))
+        if j < len(linear_ids) - 1:
+            if relu:
+                modules.append(nn.ReLU())
+            if j < len(dropouts):
+                modules.append(nn.Dropout(dropouts[j]))
+    mlp = nn.Module()
+    mlp.layers = nn.Sequential(*modules)
+    assert tuple(i for i, m in enumerate(mlp.layers) if isinstance(m, nn.Linear)) == linear_ids
+    mlp.load_state_dict(dict(state), strict=True)
+    return mlp.float().eval()
