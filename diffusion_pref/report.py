@@ -3,7 +3,8 @@
 It holds a summary table (mean, median and win rate with its 95% interval per variant and reward model), win-rate
 bars with interval whiskers and score histograms per reward model (both inline SVG, so no plotting library is
 needed), per-category means, and a grid of media (rows: prompts, columns: variants, one seed). Images are
-embedded as base64 JPEG thumbnails; audio files (``.wav``/``.flac``) are embedded as ``<audio>`` players.
+embedded as base64 PNG (JPEG thumbnails above 256 px); audio files (``.wav``/``.flac``) are embedded as
+``<audio>`` players.
 
 Example::
 
@@ -30,10 +31,10 @@ THUMBNAIL_SIZE = 256  # px, longest side: keeps a 24-row grid of 512 px images t
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 24px; color: #222; background: #fff; }
-h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 32px; border-bottom: 1px solid #ddd; }
+h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 32px; border-bottom: 1px solid #ddd; } h3 { font-size: 14px; }
 table { border-collapse: collapse; margin: 8px 0; font-size: 13px; }
 th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; vertical-align: top; }
-th { background: #f2f2f2; } td.name, th.name { text-align: left; }
+th { background: #f2f2f2; text-align: center; } td.name, th.name { text-align: left; }
 #grid td { text-align: center; } #grid td.prompt { text-align: left; max-width: 260px; }
 #grid img { display: block; max-width: 256px; image-rendering: auto; }
 .caption { font-size: 12px; color: #555; } .meta { font-size: 13px; color: #444; }
@@ -52,7 +53,10 @@ def _colour(i: int) -> str:
 
 
 def media_html(path: Path, alt: str = "") -> str:
-    """An embedded ``<img>`` (JPEG thumbnail) or ``<audio>`` player for the media file at ``path``."""
+    """An embedded ``<img>`` or ``<audio>`` player for the media file at ``path``.
+
+    Images up to ``THUMBNAIL_SIZE`` are embedded as PNG (exact pixels); larger ones as a JPEG thumbnail.
+    """
     suffix = path.suffix.lower()
     if suffix in AUDIO_MIME:
         data = base64.b64encode(path.read_bytes()).decode("ascii")
@@ -61,15 +65,17 @@ def media_html(path: Path, alt: str = "") -> str:
 
     with Image.open(path) as image:
         image = image.convert("RGB")
+        small = max(image.size) <= THUMBNAIL_SIZE
         image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
         buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=88)
+        image.save(buffer, format="PNG" if small else "JPEG", **({} if small else {"quality": 88}))
         width, height = image.size
+    mime = "image/png" if small else "image/jpeg"
     # Tiny images (toy model: 32 px) are shown at least 128 px wide so the grid stays legible.
     shown = max(width, 128)
     data = base64.b64encode(buffer.getvalue()).decode("ascii")
     return (f'<img alt="{html.escape(alt)}" width="{shown}" height="{round(height * shown / width)}" '
-            f'style="image-rendering: {"pixelated" if width < 128 else "auto"}" src="data:image/jpeg;base64,{data}">')
+            f'style="image-rendering: {"pixelated" if width < 128 else "auto"}" src="data:{mime};base64,{data}">')
 
 
 def win_rate_svg(win_rates: Dict[str, Dict[str, Any]], variants: Sequence[str], reward: str) -> str:

@@ -245,7 +245,7 @@ def test_rerun_reuses_samples_and_no_cache_regenerates(evaluated):
 def test_report_is_self_contained_with_table_grid_and_charts(evaluated):
     html = (evaluated["out"] / "report.html").read_text()
     assert 'id="summary"' in html and 'id="grid"' in html
-    assert html.count("data:image/jpeg;base64,") == 3 * len(PROMPTS)  # grid: prompts x variants, one seed
+    assert html.count("data:image/png;base64,") == 3 * len(PROMPTS)  # grid: prompts x variants, one seed
     assert html.count('class="winrate"') == 3 and html.count('class="histogram"') == 3  # one per reward column
     assert "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "") and "https://" not in html
     assert "animals" in html  # per-category table
@@ -294,7 +294,7 @@ def test_scores_a_folder_in_the_hpdv2_benchmark_layout(tmp_path):
     assert {(r.variant, r.prompt): r.red for r in table.itertuples()} == pytest.approx(expected)
     assert set(table["category"]) == {"anime", "photo"}
     assert metrics["win_rates"]["red"]["tuned"]["win_rate"] == 1.0
-    assert "data:image/jpeg;base64," in (tmp_path / "out" / "report.html").read_text()
+    assert (tmp_path / "out" / "report.html").read_text().count("data:image/png;base64,") == 3 * 2
 
     # One image missing: an error that names it, not a silently smaller evaluation.
     (images / "tuned" / "photo" / "00000.jpg").unlink()

@@ -1,0 +1,100 @@
+"""The evaluation report as a browser shows it: rendered by headless Chromium, screenshot and DOM checked.
+
+Needs Debian's ``chromium`` on PATH (``apt-get install -y chromium``); skipped with that reason otherwise. The
+report is built from a synthetic per-image table (coloured squares, known scores), so no model is involved.
+"""
+
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from diffusion_pref.eval_stats import compute_metrics
+from diffusion_pref.report import write_report
+
+CHROMIUM = shutil.which("chromium")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium is not on PATH; install it with `apt-get update && apt-get install -y chromium`"
+)
+
+VARIANTS = ["base", "dpo", "smpo"]
+PROMPTS = ["a red square", "a green square", "a blue square"]
+
+
+class _Elements(HTMLParser):
+    """Counts elements by tag inside the element with a given id (the DOM as Chromium serialised it)."""
+
+    def __init__(self, element_id):
+        super().__init__()
+        self.element_id, self.depth, self.found, self.counts = element_id, 0, False, {}
+
+    def handle_starttag(self, tag, attrs):
+        if self.depth:
+            self.counts[tag] = self.counts.get(tag, 0) + 1
+            if tag not in ("img", "br", "input", "source"):  # void elements never close
+                self.depth += 1
+        elif dict(attrs).get("id") == self.element_id:
+            self.found, self.depth = True, 1
+
+    def handle_endtag(self, tag):
+        if self.depth:
+            self.depth -= 1
+
+
+def _elements(dom: str, element_id: str) -> dict:
+    parser = _Elements(element_id)
+    parser.feed(dom)
+    assert parser.found, f"no element with id={element_id!r} in the rendered DOM"
+    return parser.counts
+
+
+def _report(tmp_path: Path) -> Path:
+    rows = []
+    rng = np.random.default_rng(0)
+    for v, variant in enumerate(VARIANTS):
+        for p, prompt in enumerate(PROMPTS):
+            for seed in (0, 1):
+                colour = [40, 40, 40]
+                colour[p] = 120 + 60 * v
+                path = tmp_path / "media" / variant / f"{p:05d}_s{seed}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (64, 64), tuple(colour)).save(path)
+                rows.append(dict(variant=variant, prompt_index=p, prompt=prompt, category="squares", seed=seed,
+                                 media=str(path.relative_to(tmp_path)), score=v + rng.normal()))
+    table = pd.DataFrame(rows)
+    metrics = compute_metrics(table, ["score"], "base", bootstrap_samples=100)
+    return write_report(tmp_path / "report.html", metrics, table, media_root=tmp_path, title="browser check")
+
+
+def test_report_renders_in_headless_chromium(tmp_path):
+    report = _report(tmp_path)
+    shot = tmp_path / "shot.png"
+    result = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1600", f"--screenshot={shot}", "--dump-dom",
+         report.as_uri()],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int16)  # [H, W, 3]
+    assert pixels.shape[:2] == (1600, 1200)
+    not_white = (pixels < 245).any(axis=-1).mean()
+    assert not_white > 0.02, f"screenshot is nearly blank ({not_white:.1%} non-white pixels)"
+    # The embedded squares: a pure colour of each variant/prompt must appear on screen.
+    colours = {tuple(c) for c in pixels.reshape(-1, 3)[::7].tolist()}
+    assert (40, 40, 120 + 60 * 2) in colours and (240, 40, 40) in colours
+
+    dom = result.stdout
+    summary = _elements(dom, "summary")
+    assert summary.get("tr", 0) == 2 + len(VARIANTS)  # two header rows, one row per variant
+    grid = _elements(dom, "grid")
+    assert grid.get("img", 0) == len(PROMPTS) * len(VARIANTS)
+    assert grid.get("tr", 0) == 1 + len(PROMPTS)
+    assert dom.count('class="winrate"') == 1 and dom.count('class="histogram"') == 1
