@@ -5,8 +5,9 @@ transformers port of LAION's non-fusion CLAP, the family Tango 2 and TangoFlux r
 
 How this differs from `laion_clap.CLAP_Module(enable_fusion=False).load_ckpt()` (which Tango 2 / TangoFlux use),
 so numbers are close but not identical:
-- The port's card does not say which laion checkpoint it was converted from; laion_clap's default is
-  `630k-audioset-best.pt`.
+- Weights: the model card does not say which laion checkpoint the port was converted from; a CLAP author says
+  it is `630k-audioset-best.pt` (LAION-AI/CLAP issue #123), laion_clap's non-fusion default, so the weights
+  should agree and only the code paths below differ (not checked numerically here).
 - Mel front-end: transformers' numpy `ClapFeatureExtractor` (64 mels, hop 480, n_fft 1024, 50-14000 Hz) vs
   laion_clap's torchlibrosa layers; small numeric differences.
 - Length: both repeat-pad clips shorter than 10 s. laion_clap randomly crops longer clips (`rand_trunc`); here
