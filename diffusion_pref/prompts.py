@@ -16,6 +16,8 @@ The layout is chosen from what ``source`` is:
   ``Prompt``, ``caption``, ``prompts``, ``text`` present); a ``category``/``Category`` column, if any, is kept.
 - A folder holding the HPDv2 benchmark (``anime.json`` ... ``photo.json``): the four styles, 800 prompts each,
   style as category.
+- ``toy`` / ``toy-train``: the shapes-world prompts (held-out evaluation prompts / pretraining captions), with the
+  shape as category.
 - Anything else that is not a local path is taken as a hub dataset id: ``datasets.load_dataset(source, split=split)``.
 
 Bad input (a missing or empty file, bytes that are not UTF-8, a missing column, a row without a prompt) raises
@@ -62,6 +64,8 @@ def read_prompts(source: str | Path, column: Optional[str] = None, split: str = 
         records = _read_folder(path, column)
     elif path.is_file():
         records = _read_file(path, column)
+    elif str(source) in _NAMED_SETS:
+        records = _NAMED_SETS[str(source)]()
     elif path.suffix.lower() in _READERS or str(source).startswith((".", "/", "~")):
         raise PromptFileError(f"prompt file {source} does not exist; set generate.prompts to an existing file")
     else:
@@ -238,6 +242,26 @@ def _no_column(path: Path, column: Optional[str]) -> None:
     if column is not None:
         raise PromptFileError(f"{path} is plain text with one prompt per line; it has no columns (unset generate.prompt_column)")
 
+
+def _toy_prompts(captions: Sequence[str]) -> List[PromptRecord]:
+    from diffusion_pref.toy.render import parse_caption
+
+    return [PromptRecord(text, parse_caption(text)[1]) for text in captions]
+
+
+def _toy_eval() -> List[PromptRecord]:
+    from diffusion_pref.toy.render import eval_prompts
+
+    return _toy_prompts(eval_prompts())
+
+
+def _toy_train() -> List[PromptRecord]:
+    from diffusion_pref.toy.render import train_captions
+
+    return _toy_prompts(train_captions())
+
+
+_NAMED_SETS = {"toy": _toy_eval, "toy-train": _toy_train}
 
 _READERS = {
     ".txt": _read_txt,

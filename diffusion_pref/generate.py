@@ -1,0 +1,596 @@
+"""Preference-dataset generation: sample a model, score the samples with reward models, write ranked pairs.
+
+For every prompt, ``generate.samples_per_prompt`` images are drawn with per-sample seeds derived from
+(``generate.seed``, prompt index, sample index), scored by ``reward.models``, and turned into (winner, loser) pairs
+by ``generate.strategy``:
+
+- ``best_vs_worst``: the highest- against the lowest-scored sample (one pair per prompt);
+- ``all_pairs``: every two samples, the higher-scored one as winner;
+- ``best_vs_each``: the highest-scored sample against each of the others.
+
+Pairs then pass the filters ``min_winner_score``, ``min_gap`` and ``max_gap`` (the Audio-alpaca construction).
+Pairs of equal scores are never written: they are counted as filtered ("tie"). Samples whose score is NaN are
+left out and counted. With ``rso_beta`` set, statistical rejection sampling (RSO) first thins the candidates.
+
+Output: parquet shards ``pairs-p<process>-<n>.parquet`` in ``output.dir`` with the Pick-a-Pic v2 columns
+``caption, jpg_0, jpg_1, label_0, label_1`` (images as PNG or JPEG bytes; ``label_0 = 1.0`` when ``jpg_0`` won)
+plus ``score_0, score_1, reward_model, seed_0, seed_1, model, prompt_index, category``, and ``summary.json``.
+Which side holds the winner is decided by a hash of the pair's seeds, so ``label_0`` is not constant.
+
+Resuming: every shard is written to a temporary name and renamed, and records in its parquet metadata which
+prompt indices it covers (prompts whose pairs were all filtered are covered by a small ``.empty.json`` file
+instead). A restarted run skips every covered prompt, so a run killed at any point and restarted ends with every
+prompt done exactly once. Restarting into a folder written with different settings is refused.
+
+Several processes (``accelerate launch``) split the prompts by index modulo the process count; each writes its
+own shards.
+
+Run::
+
+    diffusion-pref generate --config configs/datagen_sd15_pickscore.yaml generate.prompts=prompts.txt
+    accelerate launch -m diffusion_pref.cli generate --config configs/datagen_sd15_pickscore.yaml
+
+Example (Python)::
+
+    from diffusion_pref.config import load_config
+    from diffusion_pref.generate import run
+    run(load_config("configs/toy_generate.yaml", ["output.dir=/tmp/toy-pairs"]))
+    # datasets.load_dataset("parquet", data_files="/tmp/toy-pairs/*.parquet")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from diffusion_pref.config import Config, ConfigError, GenerateConfig
+
+# Why a candidate pair was not written, in the order the checks run (a pair counts under the first that fails).
+FILTER_REASONS = ("tie", "min_winner_score", "min_gap", "max_gap")
+METADATA_KEY = b"diffusion_pref"
+SUMMARY_FILE = "summary.json"
+_SHARD_RE = re.compile(r"^pairs-p(\d+)-(\d+)\.(parquet|empty\.json)$")
+# Settings that change which images or pairs a prompt gets; a restart must use the same ones.
+_FINGERPRINT_KEYS = (
+    "samples_per_prompt", "steps", "guidance_scale", "seed", "strategy", "min_winner_score", "min_gap",
+    "max_gap", "scheduler", "resolution", "image_format", "rso_beta", "rso_keep", "dtype",
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Seeds and pairs (pure functions)
+
+
+def sample_seed(base_seed: int, prompt_index: int, sample_index: int) -> int:
+    """The seed of one sample: a 32-bit hash of (base seed, prompt index, sample index).
+
+    Hashing (rather than e.g. ``base + prompt * N + sample``) keeps seeds unrelated across prompts and unchanged
+    when ``samples_per_prompt`` grows; 32 bits fit every RNG (torch, numpy, random).
+    """
+    digest = hashlib.blake2b(f"{base_seed}/{prompt_index}/{sample_index}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
+def winner_first(seed_w: int, seed_l: int) -> bool:
+    """Whether the winner goes into column ``jpg_0``: a fixed coin flip per pair, so no position always wins."""
+    return hashlib.blake2b(f"{seed_w}/{seed_l}".encode(), digest_size=1).digest()[0] % 2 == 0
+
+
+def rso_select(scores: Sequence[float], keep: int, beta: float, rng: random.Random) -> List[int]:
+    """Statistical rejection sampling (Liu et al. 2023, RSO): indices of up to ``keep`` accepted candidates.
+
+    Draws a remaining candidate uniformly and accepts it with probability ``exp((r - r_max) / beta)``, where
+    ``r_max`` is the best remaining score, until ``keep`` are accepted. This samples from the policy tilted by
+    ``exp(r / beta)``: small beta keeps the best samples, large beta is close to a uniform subset. The best
+    remaining candidate is always accepted when drawn, so the loop ends. Returns sorted indices.
+    """
+    if beta <= 0:
+        raise ValueError(f"rso_beta must be > 0, got {beta}")
+    remaining = list(range(len(scores)))
+    accepted: List[int] = []
+    while remaining and len(accepted) < keep:
+        best = max(scores[i] for i in remaining)
+        i = remaining[rng.randrange(len(remaining))]
+        if rng.random() < math.exp((scores[i] - best) / beta):
+            accepted.append(i)
+            remaining.remove(i)
+    return sorted(accepted)
+
+
+def form_pairs(
+    scores: Sequence[float],
+    strategy: str,
+    min_winner_score: Optional[float] = None,
+    min_gap: Optional[float] = None,
+    max_gap: Optional[float] = None,
+) -> Tuple[List[Tuple[int, int]], Counter]:
+    """(winner, loser) index pairs of one prompt's candidates, and counts of what was left out and why.
+
+    NaN scores are left out first (``nan_scores``). Among equal best (or worst) scores the lowest index is taken,
+    so the result does not depend on anything but the scores. Counter keys: ``pairs_considered``,
+    ``pairs_written``, ``nan_scores`` and one per :data:`FILTER_REASONS`.
+    """
+    stats: Counter = Counter()
+    valid = [i for i, s in enumerate(scores) if not math.isnan(s)]
+    stats["nan_scores"] = len(scores) - len(valid)
+    candidates: List[Tuple[int, int]] = []
+    if len(valid) >= 2:
+        best = max(valid, key=lambda i: (scores[i], -i))
+        if strategy == "best_vs_worst":
+            worst = min(valid, key=lambda i: (scores[i], i))
+            candidates = [(best, worst if worst != best else next(i for i in valid if i != best))]
+        elif strategy == "best_vs_each":
+            candidates = [(best, j) for j in valid if j != best]
+        elif strategy == "all_pairs":
+            candidates = [(i, j) if scores[i] >= scores[j] else (j, i) for a, i in enumerate(valid) for j in valid[a + 1:]]
+        else:
+            raise ValueError(f"unknown pairing strategy {strategy!r}; use best_vs_worst, all_pairs or best_vs_each")
+    pairs = []
+    for w, l in candidates:
+        gap = scores[w] - scores[l]
+        if gap == 0:
+            reason = "tie"
+        elif min_winner_score is not None and scores[w] < min_winner_score:
+            reason = "min_winner_score"
+        elif min_gap is not None and gap < min_gap:
+            reason = "min_gap"
+        elif max_gap is not None and gap > max_gap:
+            reason = "max_gap"
+        else:
+            pairs.append((w, l))
+            continue
+        stats[reason] += 1
+    stats["pairs_considered"] = len(candidates)
+    stats["pairs_written"] = len(pairs)
+    return pairs, stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model and reward loading (kept small: the backbone adapters of the training code can replace _load_pipeline)
+
+
+def resolve_pretrained(pretrained: str) -> str:
+    """A hub id or folder as given; ``toy`` -> the shapes-world weights shipped inside the package."""
+    if pretrained != "toy":
+        return pretrained
+    folder = Path(__file__).resolve().parent / "toy" / "weights"
+    if not (folder / "model_index.json").is_file():
+        raise ConfigError(
+            f"model.pretrained=toy needs the shipped toy weights at {folder}, which this install lacks; "
+            "pretrain them (diffusion_pref.toy) or set model.pretrained to a diffusers pipeline folder or hub id"
+        )
+    return str(folder)
+
+
+def _torch_dtype(name: str, device: Any):
+    import torch
+
+    if name == "auto":
+        return torch.float16 if getattr(device, "type", str(device)) == "cuda" else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def _load_pipeline(cfg: Config, device: Any):
+    import diffusers
+    from diffusers import AutoencoderKL, DiffusionPipeline
+
+    scheduler_class = None
+    if cfg.generate.scheduler:  # checked before loading: a large pipeline takes a while to load
+        scheduler_class = getattr(diffusers, cfg.generate.scheduler, None)
+        if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, diffusers.SchedulerMixin)):
+            raise ConfigError(
+                f"generate.scheduler={cfg.generate.scheduler!r} is not a diffusers scheduler class; use e.g. "
+                "DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler"
+            )
+    dtype = _torch_dtype(cfg.generate.dtype, device)
+    extra = {}
+    with warnings.catch_warnings():
+        # Newer diffusers renamed torch_dtype to dtype; the old name still works in every version we support.
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+        if cfg.model.vae:
+            extra["vae"] = AutoencoderKL.from_pretrained(cfg.model.vae, torch_dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(
+            resolve_pretrained(cfg.model.pretrained),
+            revision=cfg.model.revision,
+            variant=cfg.model.variant,
+            torch_dtype=dtype,
+            **extra,
+        )
+    if scheduler_class is not None:
+        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _sample_images(pipe: Any, prompts: List[str], seeds: List[int], gen: GenerateConfig) -> List[Any]:
+    """PIL images, one per (prompt, seed); each sample's noise comes only from its own seed.
+
+    The generators live on the CPU, so a seed gives the same starting noise on any device.
+    """
+    import torch
+
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    size = {"height": gen.resolution, "width": gen.resolution} if gen.resolution else {}
+    output = pipe(
+        prompt=prompts,
+        num_inference_steps=gen.steps,
+        guidance_scale=gen.guidance_scale,
+        generator=generators,
+        output_type="pil",
+        **size,
+    )
+    return list(output.images)
+
+
+def _load_reward(cfg: Config, device: Any):
+    from diffusion_pref.reward_models import load_reward
+
+    spec: Dict[str, Any] = {}
+    for name, weight in cfg.reward.models.items():
+        path = cfg.reward.pretrained.get(name)
+        spec[name] = {"weight": weight, "pretrained": path} if path else weight
+    reward_device = device if cfg.reward.device == "auto" else cfg.reward.device
+    return load_reward(spec, device=reward_device, batch_size=cfg.reward.batch_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shards: writing, and reading back what is already done
+
+
+def _encode_image(image: Any, image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    if image_format == "png":
+        image.save(buffer, format="PNG")
+    else:
+        image.convert("RGB").save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder and rename it: readers never see a partial file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _pair_schema():
+    import pyarrow as pa
+
+    return pa.schema([
+        ("caption", pa.string()),
+        ("jpg_0", pa.binary()),
+        ("jpg_1", pa.binary()),
+        ("label_0", pa.float64()),
+        ("label_1", pa.float64()),
+        ("score_0", pa.float64()),
+        ("score_1", pa.float64()),
+        ("reward_model", pa.string()),
+        ("seed_0", pa.int64()),
+        ("seed_1", pa.int64()),
+        ("model", pa.string()),
+        ("prompt_index", pa.int64()),
+        ("category", pa.string()),
+    ])
+
+
+def _write_shard(folder: Path, process: int, number: int, rows: List[dict], meta: dict) -> Path:
+    if rows:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = _pair_schema().with_metadata({METADATA_KEY: json.dumps(meta).encode()})
+        table = pa.Table.from_pylist(rows, schema=schema)
+        path = folder / f"pairs-p{process:03d}-{number:05d}.parquet"
+        _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    else:
+        path = folder / f"pairs-p{process:03d}-{number:05d}.empty.json"
+        _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(meta)))
+    return path
+
+
+def _shard_meta(path: Path) -> dict:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        metadata = pq.read_schema(path).metadata or {}
+        if METADATA_KEY not in metadata:
+            raise ValueError(f"{path} has no {METADATA_KEY.decode()} metadata: it was not written by generate")
+        meta = json.loads(metadata[METADATA_KEY])
+        meta["rows"] = pq.ParquetFile(path).metadata.num_rows
+        return meta
+    meta = json.loads(path.read_text())
+    meta["rows"] = 0
+    return meta
+
+
+def read_shards(folder: str | Path) -> Dict[Path, dict]:
+    """Metadata of every complete shard in ``folder`` (prompt indices covered, counts, settings)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    return {path: _shard_meta(path) for path in sorted(folder.iterdir()) if _SHARD_RE.match(path.name)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class _Candidate:
+    sample: int
+    seed: int
+    image: Any
+    score: float
+
+
+def _check_settings(gen: GenerateConfig) -> None:
+    if not gen.prompts:
+        raise ConfigError("generate.prompts is not set; give a prompt file, folder or hub dataset id")
+    if gen.samples_per_prompt < 2:
+        raise ConfigError(f"generate.samples_per_prompt={gen.samples_per_prompt}: a pair needs at least 2 samples per prompt")
+    for key in ("batch_size", "shard_size", "steps", "rso_keep"):
+        if getattr(gen, key) < 1:
+            raise ConfigError(f"generate.{key} must be >= 1, got {getattr(gen, key)}")
+    if gen.max_prompts is not None and gen.max_prompts < 1:
+        raise ConfigError(f"generate.max_prompts must be >= 1 or null, got {gen.max_prompts}")
+    if gen.min_gap is not None and gen.max_gap is not None and gen.min_gap > gen.max_gap:
+        raise ConfigError(f"generate.min_gap={gen.min_gap} is above generate.max_gap={gen.max_gap}: no pair could pass")
+    if gen.rso_beta is not None:
+        if gen.rso_beta <= 0:
+            raise ConfigError(f"generate.rso_beta must be > 0 (or null for no rejection sampling), got {gen.rso_beta}")
+        if gen.rso_keep < 2:
+            raise ConfigError(f"generate.rso_keep={gen.rso_keep}: pairs need at least 2 accepted samples")
+
+
+def _settings(cfg: Config, prompts_digest: str, reward_name: str) -> dict:
+    values = {key: getattr(cfg.generate, key) for key in _FINGERPRINT_KEYS}
+    values.update(model=cfg.model.pretrained, reward_model=reward_name, prompts=prompts_digest)
+    return values
+
+
+def _check_resume(done_meta: Dict[Path, dict], settings: dict, folder: Path) -> None:
+    for path, meta in done_meta.items():
+        old = meta.get("settings", {})
+        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if changed:
+            details = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+            raise ConfigError(
+                f"output.dir {folder} already holds pairs made with other settings ({path.name}: {details}); "
+                "resume with the same settings, or choose a new output.dir"
+            )
+
+
+def _prompt_groups(indices: List[int], gen: GenerateConfig) -> List[List[int]]:
+    """Prompts processed together: whole prompts per batch, fixed over the process's full prompt list.
+
+    Groups never change between a run and its restart, so a restarted run sees the same batches and produces
+    bit-identical images even where kernels are not batch-invariant.
+    """
+    per_group = max(1, gen.batch_size // gen.samples_per_prompt)
+    return [indices[i:i + per_group] for i in range(0, len(indices), per_group)]
+
+
+def _pairs_rows(
+    prompt_index: int, record: Any, candidates: List[_Candidate], gen: GenerateConfig, model: str, reward_name: str
+) -> Tuple[List[dict], Counter]:
+    scores = [c.score for c in candidates]
+    pool = list(range(len(candidates)))
+    stats: Counter = Counter()
+    if gen.rso_beta is not None:
+        nan_free = [i for i in pool if not math.isnan(scores[i])]
+        rng = random.Random(sample_seed(gen.seed, prompt_index, -1))
+        accepted = rso_select([scores[i] for i in nan_free], gen.rso_keep, gen.rso_beta, rng)
+        stats["rso_rejected"] = len(nan_free) - len(accepted)
+        stats["nan_scores"] += len(pool) - len(nan_free)
+        pool = [nan_free[i] for i in accepted]
+    pairs, pair_stats = form_pairs(
+        [scores[i] for i in pool], gen.strategy, gen.min_winner_score, gen.min_gap, gen.max_gap
+    )
+    stats.update(pair_stats)
+    encoded: Dict[int, bytes] = {}
+    rows = []
+    for w, l in pairs:
+        win, lose = candidates[pool[w]], candidates[pool[l]]
+        first, second = (win, lose) if winner_first(win.seed, lose.seed) else (lose, win)
+        for c in (first, second):
+            if c.sample not in encoded:
+                encoded[c.sample] = _encode_image(c.image, gen.image_format)
+        label_0 = 1.0 if first is win else 0.0
+        rows.append({
+            "caption": record.prompt,
+            "jpg_0": encoded[first.sample],
+            "jpg_1": encoded[second.sample],
+            "label_0": label_0,
+            "label_1": 1.0 - label_0,
+            "score_0": first.score,
+            "score_1": second.score,
+            "reward_model": reward_name,
+            "seed_0": first.seed,
+            "seed_1": second.seed,
+            "model": model,
+            "prompt_index": prompt_index,
+            "category": record.category,
+        })
+    stats["prompts"] = 1
+    stats["samples"] = len(candidates)
+    stats["prompts_without_pairs"] = int(not rows)
+    return rows, stats
+
+
+def summarize(folder: str | Path, total_prompts: Optional[int] = None) -> dict:
+    """Counts over every shard in ``folder`` (all runs and restarts together)."""
+    metas = read_shards(folder)
+    totals: Counter = Counter()
+    covered: set = set()
+    for meta in metas.values():
+        totals.update(meta.get("stats", {}))
+        covered.update(meta["prompt_indices"])
+    summary = {
+        "prompts_done": len(covered),
+        "pairs_written": sum(meta["rows"] for meta in metas.values()),
+        "pairs_considered": totals["pairs_considered"],
+        "pairs_filtered": {reason: totals[reason] for reason in FILTER_REASONS},
+        "samples": totals["samples"],
+        "samples_with_nan_score": totals["nan_scores"],
+        "samples_rejected_by_rso": totals["rso_rejected"],
+        "prompts_without_pairs": totals["prompts_without_pairs"],
+        "shards": sum(1 for path in metas if path.suffix == ".parquet"),
+    }
+    if total_prompts is not None:
+        summary["prompts_total"] = total_prompts
+        summary["prompts_missing"] = total_prompts - len(covered)
+    return summary
+
+
+def _format_summary(summary: dict) -> str:
+    filtered = ", ".join(f"{k} {v}" for k, v in summary["pairs_filtered"].items())
+    lines = [
+        f"prompts done: {summary['prompts_done']} of {summary.get('prompts_total', '?')}",
+        f"pairs written: {summary['pairs_written']} of {summary['pairs_considered']} considered "
+        f"in {summary['shards']} shards",
+        f"pairs filtered: {filtered}",
+        f"samples with NaN score (left out): {summary['samples_with_nan_score']}",
+        f"prompts without any pair: {summary['prompts_without_pairs']}",
+    ]
+    if summary["samples_rejected_by_rso"]:
+        lines.append(f"samples rejected by RSO: {summary['samples_rejected_by_rso']}")
+    return "\n".join(lines)
+
+
+def generate(
+    cfg: Config,
+    *,
+    pipeline: Any = None,
+    reward: Any = None,
+    process_index: Optional[int] = None,
+    num_processes: Optional[int] = None,
+) -> Optional[dict]:
+    """Run generation; returns the summary on the main process (None elsewhere).
+
+    ``pipeline`` and ``reward`` replace the configured model and reward model (tests, notebooks);
+    ``process_index`` / ``num_processes`` replace accelerate's, to run one share of a multi-process job by hand.
+    """
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    from diffusion_pref.prompts import read_prompts
+
+    gen = cfg.generate
+    _check_settings(gen)
+    records = read_prompts(gen.prompts, gen.prompt_column, gen.prompt_split)
+    prompts_digest = hashlib.sha256(json.dumps([[r.prompt, r.category] for r in records]).encode()).hexdigest()[:16]
+    if gen.max_prompts is not None:
+        records = records[: gen.max_prompts]
+
+    state = PartialState()
+    process = state.process_index if process_index is None else process_index
+    processes = state.num_processes if num_processes is None else num_processes
+    if not 0 <= process < processes:
+        raise ValueError(f"process_index {process} is outside 0..{processes - 1}")
+    is_main = process == 0
+    folder = Path(cfg.output.dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(f".pairs-p{process:03d}-*.tmp"):  # left by a run killed mid-write
+        stale.unlink()
+
+    if reward is None:
+        reward = _load_reward(cfg, state.device)
+    reward_name = getattr(reward, "name", type(reward).__name__)
+    settings = _settings(cfg, prompts_digest, reward_name)
+    done_meta = read_shards(folder)
+    _check_resume(done_meta, settings, folder)
+    done = {i for meta in done_meta.values() for i in meta["prompt_indices"]}
+    numbers = [int(m.group(2)) for path in done_meta if (m := _SHARD_RE.match(path.name)) and int(m.group(1)) == process]
+    next_number = max(numbers, default=-1) + 1
+
+    mine = list(range(process, len(records), processes))
+    # A group is done whole or not at all, unless batch_size changed since the interrupted run; then the rest of
+    # a partly done group still runs, only without the bit-identical-batches guarantee.
+    groups = [[i for i in g if i not in done] for g in _prompt_groups(mine, gen)]
+    groups = [g for g in groups if g]
+    todo = sum(len(g) for g in groups)
+
+    if groups and pipeline is None:
+        pipeline = _load_pipeline(cfg, state.device)
+    model_name = cfg.model.pretrained
+
+    pending_rows: List[dict] = []
+    pending_prompts: List[int] = []
+    pending_stats: Counter = Counter()
+
+    def flush() -> None:
+        nonlocal next_number
+        meta = {"prompt_indices": pending_prompts, "stats": dict(pending_stats), "settings": settings}
+        _write_shard(folder, process, next_number, pending_rows, meta)
+        next_number += 1
+        pending_rows.clear()
+        pending_prompts.clear()
+        pending_stats.clear()
+
+    progress = tqdm(total=todo, unit="prompt", desc="generate", disable=not is_main, dynamic_ncols=True)
+    n = gen.samples_per_prompt
+    for group in groups:
+        jobs = [(p, s) for p in group for s in range(n)]
+        candidates: Dict[int, List[_Candidate]] = {p: [] for p in group}
+        for start in range(0, len(jobs), gen.batch_size):
+            batch = jobs[start:start + gen.batch_size]
+            prompts = [records[p].prompt for p, _ in batch]
+            seeds = [sample_seed(gen.seed, p, s) for p, s in batch]
+            images = _sample_images(pipeline, prompts, seeds, gen)
+            scores = _as_floats(reward.score(prompts, images), len(batch), reward_name)
+            for (p, s), seed, image, score in zip(batch, seeds, images, scores):
+                candidates[p].append(_Candidate(s, seed, image, score))
+        for p in group:
+            rows, stats = _pairs_rows(p, records[p], candidates[p], gen, model_name, reward_name)
+            pending_rows.extend(rows)
+            pending_prompts.append(p)
+            pending_stats.update(stats)
+        progress.update(len(group))
+        if len(pending_rows) >= gen.shard_size:
+            flush()
+    if pending_prompts:
+        flush()
+    progress.close()
+
+    state.wait_for_everyone()
+    if not is_main:
+        return None
+    summary = summarize(folder, total_prompts=len(records))
+    _atomic_write(folder / SUMMARY_FILE, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+    print(_format_summary(summary))
+    if summary["prompts_missing"]:
+        print(f"{summary['prompts_missing']} prompts are not done yet (another process still running or stopped); "
+              "run the same command again to finish them")
+    return summary
+
+
+def _as_floats(scores: Any, expected: int, reward_name: str) -> List[float]:
+    # float64: never round the scores a reward model returns (some return float64).
+    values = scores.detach().cpu().double().tolist() if hasattr(scores, "detach") else [float(s) for s in scores]
+    if len(values) != expected:
+        raise RuntimeError(f"reward model {reward_name} returned {len(values)} scores for {expected} images")
+    return values
+
+
+def run(cfg: Config) -> None:
+    """Entry point of ``diffusion-pref generate``."""
+    generate(cfg)
+
+
+__all__ = ["FILTER_REASONS", "form_pairs", "generate", "read_shards", "rso_select", "run", "sample_seed", "summarize"]

@@ -1,0 +1,323 @@
+"""Preference-dataset generation: pairing rules, the parquet output, resuming after SIGKILL, process sharding."""
+
+import io
+import json
+import math
+import random
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import diffusion_pref.generate as generate_module
+from diffusion_pref.config import ConfigError, load_config
+from diffusion_pref.prompts import read_prompts
+from diffusion_pref.generate import FILTER_REASONS, form_pairs, generate, read_shards, rso_select, sample_seed
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["a red cat", "a blue dog", "a green tree", "a small house", "a white bird"]
+SAMPLES = 3
+
+
+class MeanPixel:
+    """Score = mean pixel value in [0, 1]: known from the image alone, so every stored score can be recomputed."""
+
+    name = "mean-pixel"
+    scale = "[0, 1]"
+
+    def score(self, prompts, images):
+        return torch.tensor([np.asarray(im, dtype=np.float64).mean() / 255 for im in images], dtype=torch.float64)
+
+
+class TableScorer:
+    """Scores from a fixed table: the k-th image scored for a prompt gets table[prompt][k] (samples in order)."""
+
+    name = "table"
+    scale = "table"
+
+    def __init__(self, table):
+        self.table = table
+        self.calls = Counter()
+
+    def score(self, prompts, images):
+        out = []
+        for prompt in prompts:
+            out.append(self.table[prompt][self.calls[prompt]])
+            self.calls[prompt] += 1
+        return torch.tensor(out, dtype=torch.float64)
+
+
+class SeedColourPipeline:
+    """Stands in for a diffusion pipeline where the images don't matter: a flat grey image whose value is the
+    low byte of its generator's seed. Same call signature and output as a diffusers pipeline."""
+
+    def __call__(self, prompt, num_inference_steps, guidance_scale, generator, output_type, **kwargs):
+        from types import SimpleNamespace
+
+        from PIL import Image
+
+        assert len(prompt) == len(generator) and output_type == "pil"
+        return SimpleNamespace(images=[Image.new("RGB", (8, 8), (g.initial_seed() % 256,) * 3) for g in generator])
+
+
+def _config(tmp_path, model_dir, out="out", prompts=PROMPTS, **generate):
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("\n".join(prompts) + "\n")
+    settings = dict(prompts=str(prompt_file), steps=2, samples_per_prompt=SAMPLES, batch_size=6, shard_size=2)
+    settings.update(generate)
+    overrides = [f"model.pretrained={model_dir}", f"output.dir={tmp_path / out}"]
+    overrides += [f"generate.{k}={'null' if v is None else v}" for k, v in settings.items()]
+    return load_config(None, overrides)
+
+
+def _rows(folder):
+    import datasets
+
+    files = sorted(str(p) for p in Path(folder).glob("*.parquet"))
+    if not files:
+        return []
+    dataset = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(Path(folder) / ".hf"))
+    return sorted(dataset.to_list(), key=lambda r: (r["prompt_index"], r["seed_0"], r["seed_1"]))
+
+
+def _pixels(png):
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sd_dir):
+    from diffusers import DiffusionPipeline
+
+    pipeline = DiffusionPipeline.from_pretrained(str(tiny_sd_dir))
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@pytest.fixture(scope="module")
+def reference_rows(tmp_path_factory, tiny_sd_dir):
+    """One uninterrupted single-process run (pipeline loaded from the folder by generate itself)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    summary = generate(_config(tmp, tiny_sd_dir, strategy="all_pairs"), reward=MeanPixel())
+    return _rows(tmp / "out"), summary, tmp / "out", str(tiny_sd_dir)
+
+
+# ------------------------------------------------------------------------------------------------ pairing rules
+
+
+def test_strategies_on_a_score_table():
+    scores = [0.1, 0.5, 0.3, 0.5]  # two equal best scores: the first (index 1) is the best
+    pairs, stats = form_pairs(scores, "best_vs_worst")
+    assert pairs == [(1, 0)] and stats["tie"] == 0
+    pairs, stats = form_pairs(scores, "best_vs_each")
+    assert pairs == [(1, 0), (1, 2)] and stats["tie"] == 1 and stats["pairs_considered"] == 3
+    pairs, stats = form_pairs(scores, "all_pairs")
+    assert sorted(pairs) == sorted([(1, 0), (2, 0), (3, 0), (1, 2), (3, 2)])
+    assert stats["tie"] == 1 and stats["pairs_considered"] == 6 and stats["pairs_written"] == 5
+
+
+def test_filters_count_each_pair_under_the_first_reason():
+    scores = [0.0, 0.2, 0.25, 0.9]
+    pairs, stats = form_pairs(scores, "all_pairs", min_winner_score=0.21)
+    assert sorted(pairs) == [(2, 0), (2, 1), (3, 0), (3, 1), (3, 2)] and stats["min_winner_score"] == 1
+    pairs, stats = form_pairs(scores, "all_pairs", min_gap=0.1, max_gap=0.7)
+    # gaps: (1,0) .2, (2,0) .25, (3,0) .9 > max, (2,1) .05 < min, (3,1) .7, (3,2) .65
+    assert sorted(pairs) == [(1, 0), (2, 0), (3, 1), (3, 2)]
+    assert stats["min_gap"] == 1 and stats["max_gap"] == 1 and stats["pairs_written"] == 4
+
+
+def test_ties_and_nan_scores_never_become_pairs():
+    pairs, stats = form_pairs([0.4, 0.4, 0.4], "best_vs_worst")
+    assert pairs == [] and stats["tie"] == 1 and stats["pairs_considered"] == 1
+    pairs, stats = form_pairs([float("nan"), 0.2, 0.7], "all_pairs")
+    assert pairs == [(2, 1)] and stats["nan_scores"] == 1
+    pairs, stats = form_pairs([float("nan"), 0.2], "best_vs_worst")
+    assert pairs == [] and stats["nan_scores"] == 1 and stats["pairs_considered"] == 0
+
+
+def test_rso_samples_from_the_reward_tilted_distribution():
+    rng = random.Random(0)
+    # One accepted out of two: P(i) is proportional to exp(r_i / beta), here e / (1 + e) for the better one.
+    draws = [rso_select([0.0, 1.0], keep=1, beta=1.0, rng=rng)[0] for _ in range(4000)]
+    assert abs(np.mean(draws) - math.e / (1 + math.e)) < 0.03
+    # A tiny beta keeps the best ones; keep >= len keeps all.
+    assert rso_select([0.3, 0.9, 0.1, 0.8], keep=2, beta=1e-6, rng=rng) == [1, 3]
+    assert rso_select([0.3, 0.9, 0.1], keep=5, beta=0.5, rng=rng) == [0, 1, 2]
+
+
+def test_sample_seeds_are_fixed_and_distinct():
+    seeds = {sample_seed(0, p, s) for p in range(50) for s in range(8)}
+    assert len(seeds) == 400 and all(0 <= s < 2**32 for s in seeds)
+    assert sample_seed(0, 3, 1) == sample_seed(0, 3, 1) != sample_seed(1, 3, 1)
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+def test_output_loads_and_every_row_is_reproducible(reference_rows, pipe):
+    rows, summary, out, model = reference_rows
+    assert len(rows) == summary["pairs_written"] == len(PROMPTS) * 3  # all_pairs of 3 samples: 3 pairs per prompt
+    assert summary["prompts_done"] == summary["prompts_total"] == len(PROMPTS) and summary["prompts_missing"] == 0
+    assert json.loads((out / "summary.json").read_text()) == summary
+    regenerated = set()
+    for row in rows:
+        index = row["prompt_index"]
+        assert row["caption"] == PROMPTS[index] and row["model"] == model
+        assert row["reward_model"] == "mean-pixel" and row["label_1"] == 1 - row["label_0"]
+        expected_seeds = {sample_seed(0, index, s) for s in range(SAMPLES)}
+        assert {row["seed_0"], row["seed_1"]} <= expected_seeds
+        for side in (0, 1):
+            pixels = _pixels(row[f"jpg_{side}"])  # PNG bytes
+            assert row[f"score_{side}"] == pytest.approx(pixels.mean() / 255, abs=1e-12)
+            # The recorded seed alone regenerates the stored image (checked on the first prompt's samples).
+            if index == 0 and row[f"seed_{side}"] not in regenerated:
+                alone = pipe(PROMPTS[index], num_inference_steps=2, output_type="np",
+                             generator=torch.Generator().manual_seed(row[f"seed_{side}"])).images[0]
+                regenerated.add(row[f"seed_{side}"])
+                assert np.abs((alone * 255).round() - pixels).max() <= 1
+        winner = 0 if row["label_0"] == 1.0 else 1
+        assert row[f"score_{winner}"] > row[f"score_{1 - winner}"]
+    assert {row["label_0"] for row in rows} == {0.0, 1.0}  # the winner's position is not constant
+
+
+def test_strategies_and_filters_end_to_end(tmp_path):
+    nan = float("nan")
+    table = {"p0": [1.0, 1.0, 0.5], "p1": [nan, 0.2, 0.9], "p2": [0.3, 0.3, 0.3], "p3": [0.1, 0.2, 0.95]}
+    prompts = list(table)
+    expected = {
+        # strategy -> {prompt index: [(winner sample, loser sample)]}
+        "best_vs_worst": {0: [(0, 2)], 1: [(2, 1)], 3: [(2, 0)]},
+        "best_vs_each": {0: [(0, 2)], 1: [(2, 1)], 3: [(2, 0), (2, 1)]},
+        "all_pairs": {0: [(0, 2), (1, 2)], 1: [(2, 1)], 3: [(1, 0), (2, 0), (2, 1)]},
+    }
+    for strategy, pairs in expected.items():
+        cfg = _config(tmp_path, "unused", out=strategy, prompts=prompts, strategy=strategy)
+        summary = generate(cfg, pipeline=SeedColourPipeline(), reward=TableScorer(table))
+        got = {}
+        for row in _rows(tmp_path / strategy):
+            w, l = (0, 1) if row["label_0"] == 1.0 else (1, 0)
+            sample = {sample_seed(0, row["prompt_index"], s): s for s in range(SAMPLES)}
+            got.setdefault(row["prompt_index"], []).append((sample[row[f"seed_{w}"]], sample[row[f"seed_{l}"]]))
+            assert row[f"score_{w}"] == table[prompts[row["prompt_index"]]][sample[row[f"seed_{w}"]]]
+        assert {k: sorted(v) for k, v in got.items()} == pairs, strategy
+        assert summary["samples_with_nan_score"] == 1 and summary["prompts_without_pairs"] == 1  # p2: all tied
+        assert summary["pairs_filtered"]["tie"] == {"best_vs_worst": 1, "best_vs_each": 3, "all_pairs": 4}[strategy]
+
+    cfg = _config(tmp_path, "unused", out="filtered", prompts=prompts, strategy="all_pairs",
+                  min_winner_score=0.5, min_gap=0.6, max_gap=0.8)
+    summary = generate(cfg, pipeline=SeedColourPipeline(), reward=TableScorer(table))
+    # Left: p1 (2,1) gap .7; p3 (2,0) gap .85 > max, (2,1) gap .75, (1,0) winner .2 < min winner.
+    assert sorted((r["prompt_index"], max(r["score_0"], r["score_1"])) for r in _rows(tmp_path / "filtered")) == [
+        (1, 0.9), (3, 0.95)]
+    assert summary["pairs_filtered"] == {"tie": 4, "min_winner_score": 1, "min_gap": 2, "max_gap": 1}
+
+
+_KILLED_RUN = """
+import os, signal, sys
+import numpy as np, torch
+sys.path.insert(0, {repo!r})
+sys.path.insert(0, {tests!r})
+import diffusion_pref.generate as generate_module
+from diffusion_pref.config import load_config
+from test_generate import MeanPixel
+
+replace, calls = os.replace, [0]
+def killing_replace(src, dst):
+    calls[0] += 1
+    if calls[0] == {kill_at}:  # SIGKILL between writing a shard's temporary file and renaming it
+        os.kill(os.getpid(), signal.SIGKILL)
+    replace(src, dst)
+generate_module.os.replace = killing_replace
+generate_module.generate(load_config(None, {overrides!r}), reward=MeanPixel())
+"""
+
+
+def test_sigkill_mid_write_then_restart_gives_exactly_the_expected_rows(tmp_path, tiny_sd_dir, reference_rows, pipe, monkeypatch):
+    cfg = _config(tmp_path, tiny_sd_dir, strategy="all_pairs")
+    overrides = [f"model.pretrained={tiny_sd_dir}", f"output.dir={cfg.output.dir}", f"generate.prompts={cfg.generate.prompts}",
+                 "generate.steps=2", f"generate.samples_per_prompt={SAMPLES}", "generate.batch_size=6",
+                 "generate.shard_size=2", "generate.strategy=all_pairs"]
+    script = tmp_path / "killed_run.py"
+    script.write_text(_KILLED_RUN.format(repo=str(REPO), tests=str(REPO / "tests"), kill_at=2, overrides=overrides))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == -9, result.stderr[-2000:]
+    out = Path(cfg.output.dir)
+    assert len(read_shards(out)) == 1 and list(out.glob(".pairs-p000-*.tmp"))  # one shard done, one half-written
+
+    summary = generate(cfg, pipeline=pipe, reward=MeanPixel())
+    rows = reference_rows[0]
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+    assert summary["pairs_written"] == len(rows) and summary["prompts_missing"] == 0
+    restarted = _rows(out)
+    keys = [(r["prompt_index"], r["seed_0"], r["seed_1"]) for r in restarted]
+    assert len(keys) == len(set(keys))  # no duplicates
+    assert restarted == rows  # none lost, bit-identical images and scores
+    # A further restart has nothing left to do and changes nothing (no pipeline is even loaded).
+    monkeypatch.setattr(generate_module, "_load_pipeline", None)
+    generate(cfg, reward=MeanPixel())
+    assert _rows(out) == rows
+
+
+def test_two_processes_give_the_same_rows_as_one(tmp_path, pipe):
+    # batch_size = samples_per_prompt: one prompt per batch, so both layouts see identical batches.
+    single = _config(tmp_path, "unused", out="single", batch_size=SAMPLES, strategy="best_vs_each")
+    generate(single, pipeline=pipe, reward=MeanPixel())
+    split = _config(tmp_path, "unused", out="split", batch_size=SAMPLES, strategy="best_vs_each")
+    assert generate(split, pipeline=pipe, reward=MeanPixel(), process_index=1, num_processes=2) is None
+    summary = generate(split, pipeline=pipe, reward=MeanPixel(), process_index=0, num_processes=2)
+    by_process = {"pairs-p000": set(), "pairs-p001": set()}
+    for path, meta in read_shards(tmp_path / "split").items():
+        by_process[path.name[:10]] |= set(meta["prompt_indices"])
+    assert by_process == {"pairs-p000": {0, 2, 4}, "pairs-p001": {1, 3}}
+    assert _rows(tmp_path / "split") == _rows(tmp_path / "single") and len(_rows(tmp_path / "single")) == 10
+    assert summary["prompts_missing"] == 0 and summary["pairs_written"] == 10
+
+
+def test_prompts_without_pairs_are_recorded_and_not_redone(tmp_path):
+    cfg = _config(tmp_path, "unused", prompts=PROMPTS[:2], min_gap=10.0)  # no gap of mean pixels reaches 10
+    summary = generate(cfg, pipeline=SeedColourPipeline(), reward=MeanPixel())
+    assert summary["pairs_written"] == 0 and summary["pairs_filtered"]["min_gap"] == 2
+    assert summary["prompts_done"] == 2 and summary["prompts_without_pairs"] == 2
+    assert [p.name for p in read_shards(tmp_path / "out")] == ["pairs-p000-00000.empty.json"]
+    again = generate(cfg, pipeline=None, reward=MeanPixel())  # nothing to do: no pipeline needed
+    assert again == summary
+
+
+def test_restart_with_other_settings_is_refused(tmp_path):
+    cfg = _config(tmp_path, "unused", prompts=PROMPTS[:1])
+    generate(cfg, pipeline=SeedColourPipeline(), reward=MeanPixel())
+    with pytest.raises(ConfigError, match=r"already holds pairs made with other settings .*seed: 0 -> 5"):
+        generate(_config(tmp_path, "unused", prompts=PROMPTS[:1], seed=5), pipeline=SeedColourPipeline(), reward=MeanPixel())
+    with pytest.raises(ConfigError, match=r"prompts: '\w+' -> '\w+'"):
+        generate(_config(tmp_path, "unused", prompts=["another prompt"]), pipeline=SeedColourPipeline(), reward=MeanPixel())
+
+
+def test_bad_settings_and_prompt_files_fail_before_any_model_loads(tmp_path):
+    with pytest.raises(ConfigError, match="samples_per_prompt=1: a pair needs at least 2"):
+        generate(_config(tmp_path, "unused", samples_per_prompt=1), reward=MeanPixel())
+    with pytest.raises(ConfigError, match="min_gap=0.5 is above generate.max_gap=0.1"):
+        generate(_config(tmp_path, "unused", min_gap=0.5, max_gap=0.1), reward=MeanPixel())
+    with pytest.raises(ConfigError, match="generate.prompts is not set"):
+        generate(load_config(None, [f"output.dir={tmp_path}"]), reward=MeanPixel())
+    cfg = _config(tmp_path, "unused")
+    cfg.generate.prompts = str(tmp_path / "empty.txt")
+    Path(cfg.generate.prompts).write_text("\n")
+    with pytest.raises(ValueError, match="empty.txt holds no prompts"):
+        generate(cfg, reward=MeanPixel())
+
+
+def test_recipes_load(tmp_path):
+    toy = load_config(REPO / "configs" / "toy_generate.yaml")
+    # ["toy-fidelity"] rather than the whole dict: YAML reward.models is merged into the default {pickscore: 1.0}
+    # by config.py at the time of writing (reported to the lead).
+    assert toy.model.pretrained == "toy" and toy.reward.models["toy-fidelity"] == 1.0
+    assert len(read_prompts(toy.generate.prompts)) > 10
+    sd = load_config(REPO / "configs" / "datagen_sd15_pickscore.yaml")
+    assert sd.reward.models == {"pickscore": 1.0} and sd.generate.scheduler == "DPMSolverMultistepScheduler"
+    assert set(FILTER_REASONS) == {"tie", "min_winner_score", "min_gap", "max_gap"}
