@@ -356,7 +356,7 @@ def test_aesthetic_mlp_on_normalised_embedding(clip_folder, tmp_path, relu):
     path = tmp_path / "sac+logos+ava1-l14-linearMSE.pth"
     torch.save(state, path)
 
-    aes = load_reward_model("aesthetic", checkpoint=str(tmp_path), pretrained=clip_folder, device="cpu", batch_size=2)
+    aes = load_reward_model("aesthetic", pretrained=str(tmp_path), clip_model=clip_folder, device="cpu", batch_size=2)
     # 75x74 -> 227x224: a 3-pixel margin, which torchvision's crop rounds to 2 and the HF processor floors to 1.
     images = _random_images(3, seed=9, size=(75, 74))
     assert not torch.allclose(_torchvision_clip_pixels(images), _official_clip_pixels(images))
@@ -370,14 +370,14 @@ def test_aesthetic_mlp_on_normalised_embedding(clip_folder, tmp_path, relu):
         emb = emb / emb.norm(dim=-1, keepdim=True)
         expected = mlp.eval()(emb)[:, 0]
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-4)
-    one_batch = load_reward_model("aesthetic", checkpoint=str(path), pretrained=clip_folder, device="cpu", batch_size=8)
+    one_batch = load_reward_model("aesthetic", pretrained=str(path), clip_model=clip_folder, device="cpu", batch_size=8)
     torch.testing.assert_close(one_batch.score(["x"] * 3, images), scores, atol=1e-6, rtol=1e-5)
 
 
 def test_aesthetic_rejects_unknown_layout(clip_folder, tmp_path):
     torch.save({"layers.0.weight": torch.zeros(4, 16), "layers.0.bias": torch.zeros(4)}, tmp_path / "m.pth")
     with pytest.raises(ValueError, match="unrecognised MLP checkpoint layout"):
-        load_reward_model("aesthetic", checkpoint=str(tmp_path / "m.pth"), pretrained=clip_folder, device="cpu")
+        load_reward_model("aesthetic", pretrained=str(tmp_path / "m.pth"), clip_model=clip_folder, device="cpu")
 
 
 # ---------------------------------------------------------------- CLAP (audio)

@@ -17,7 +17,7 @@ raw GitHub URL, cached under torch.hub's directory.
 Example:
 
     from diffusion_pref.reward_models import load_reward_model
-    aes = load_reward_model("aesthetic", checkpoint="/ckpt/sac+logos+ava1-l14-linearMSE.pth")
+    aes = load_reward_model("aesthetic", pretrained="/ckpt/sac+logos+ava1-l14-linearMSE.pth")
     ratings = aes.score(prompts, images)  # [n], ~1-10
 """
 
@@ -47,24 +47,24 @@ class LaionAesthetic:
 
     def __init__(
         self,
-        checkpoint: str = OFFICIAL_CHECKPOINT,
-        pretrained: str = "openai/clip-vit-large-patch14",
+        pretrained: str = OFFICIAL_CHECKPOINT,
+        clip_model: str = "openai/clip-vit-large-patch14",
         device: Any = None,
         batch_size: int = 16,
     ):
-        """`checkpoint`: the MLP .pth/.safetensors file (or a URL, or a folder holding the default file name).
-        `pretrained`: the CLIP ViT-L/14 as a transformers hub id or local folder."""
+        """`pretrained`: the predictor's own weights, the MLP .pth/.safetensors file (or a URL, or a folder holding
+        the default file name). `clip_model`: the CLIP ViT-L/14 as a transformers hub id or local folder."""
         from transformers import CLIPModel
 
         self.device = default_device(device)
         self.batch_size = batch_size
-        path = resolve_file(checkpoint, "sac+logos+ava1-l14-linearMSE.pth", "aesthetic MLP checkpoint")
+        path = resolve_file(pretrained, "sac+logos+ava1-l14-linearMSE.pth", "aesthetic MLP checkpoint")
         self.mlp = build_rating_mlp(load_state_dict_file(path), self.name).to(self.device)
-        self.model = CLIPModel.from_pretrained(pretrained).float().to(self.device).eval()
+        self.model = CLIPModel.from_pretrained(clip_model).float().to(self.device).eval()
         in_dim = self.mlp.layers[0].in_features
         if self.model.config.projection_dim != in_dim:
             raise ValueError(
-                f"aesthetic: MLP expects {in_dim}-d embeddings but {pretrained} projects to "
+                f"aesthetic: MLP expects {in_dim}-d embeddings but {clip_model} projects to "
                 f"{self.model.config.projection_dim}; the official MLPs need CLIP ViT-L/14 (768)"
             )
 
