@@ -580,3 +580,22 @@ def test_imagereward_rejects_incomplete_checkpoint(imagereward_folder, tmp_path)
         shutil.copy(os.path.join(folder, name), tmp_path / name)
     with pytest.raises(RuntimeError, match="crossattention.self.key.weight"):
         load_reward_model("imagereward", pretrained=str(tmp_path), vision_heads=2, device="cpu")
+
+
+def test_clap_resamples_with_an_installed_resampler(clap_folder, monkeypatch):
+    import sys
+    import types
+
+    calls = []
+
+    def fake_resample(audio, orig, target):  # stands in for soxr: nearest-sample upsampling by an integer factor
+        calls.append((orig, target))
+        return np.repeat(audio, target // orig)
+
+    monkeypatch.setitem(sys.modules, "soxr", types.SimpleNamespace(resample=fake_resample))
+    clap = load_reward_model("clap", pretrained=clap_folder, device="cpu")
+    audio = (np.random.default_rng(14).standard_normal(24_000) * 0.3).astype(np.float32)
+    with pytest.warns(UserWarning, match="resampling audio from 24000 Hz to 48000 Hz with soxr"):
+        at_24k = clap.score(["rain"], [audio], sample_rate=24_000)
+    assert calls == [(24_000, 48_000)]
+    torch.testing.assert_close(at_24k, clap.score(["rain"], [np.repeat(audio, 2)], sample_rate=48_000))

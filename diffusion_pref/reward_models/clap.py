@@ -49,11 +49,15 @@ def _to_numpy_mono(audio: Any, index: int) -> "np.ndarray":
 
 
 def _resample(audio: "np.ndarray", orig: int, target: int) -> "np.ndarray":
+    import warnings
+
     import numpy as np
 
+    note = f"clap: resampling audio from {orig} Hz to {target} Hz with %s; scores differ slightly from laion_clap's librosa"
     try:
         import soxr
 
+        warnings.warn(note % "soxr", stacklevel=3)
         return np.asarray(soxr.resample(audio, orig, target), dtype=np.float32)
     except ImportError:
         pass
@@ -62,6 +66,7 @@ def _resample(audio: "np.ndarray", orig: int, target: int) -> "np.ndarray":
 
         from scipy.signal import resample_poly
 
+        warnings.warn(note % "scipy.signal.resample_poly", stacklevel=3)
         g = gcd(orig, target)
         return np.asarray(resample_poly(audio, target // g, orig // g), dtype=np.float32)
     except ImportError:
