@@ -6,7 +6,6 @@ import math
 import random
 import subprocess
 import sys
-import textwrap
 from collections import Counter
 from pathlib import Path
 
@@ -16,8 +15,8 @@ import torch
 
 import diffusion_pref.generate as generate_module
 from diffusion_pref.config import ConfigError, load_config
-from diffusion_pref.prompts import read_prompts
 from diffusion_pref.generate import FILTER_REASONS, form_pairs, generate, read_shards, rso_select, sample_seed
+from diffusion_pref.prompts import read_prompts
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red cat", "a blue dog", "a green tree", "a small house", "a white bird"]
@@ -186,6 +185,18 @@ def test_output_loads_and_every_row_is_reproducible(reference_rows, pipe):
     assert {row["label_0"] for row in rows} == {0.0, 1.0}  # the winner's position is not constant
 
 
+def test_training_data_reader_takes_the_output_winner_first(reference_rows):
+    from diffusion_pref.data.pairs import PairSource
+
+    rows, _, out, _ = reference_rows
+    source = PairSource(load_config(None, [f"data.source={out}"]).data)
+    pairs = source.read(list(source.order(epoch=0)))[0]
+    assert len(pairs) == len(rows)
+    for pair in pairs:
+        assert pair.score_w > pair.score_l
+        assert np.asarray(pair.image_w).mean() / 255 == pytest.approx(pair.score_w, abs=1e-12)
+
+
 def test_strategies_and_filters_end_to_end(tmp_path):
     nan = float("nan")
     table = {"p0": [1.0, 1.0, 0.5], "p1": [nan, 0.2, 0.9], "p2": [0.3, 0.3, 0.3], "p3": [0.1, 0.2, 0.95]}
@@ -216,6 +227,16 @@ def test_strategies_and_filters_end_to_end(tmp_path):
     assert sorted((r["prompt_index"], max(r["score_0"], r["score_1"])) for r in _rows(tmp_path / "filtered")) == [
         (1, 0.9), (3, 0.95)]
     assert summary["pairs_filtered"] == {"tie": 4, "min_winner_score": 1, "min_gap": 2, "max_gap": 1}
+
+
+def test_rso_thins_candidates_before_pairing(tmp_path):
+    table = {"p": [0.0, 0.1, 0.2, 5.0, 5.1]}
+    cfg = _config(tmp_path, "unused", prompts=["p"], samples_per_prompt=5, strategy="all_pairs",
+                  rso_beta=0.01, rso_keep=2)
+    summary = generate(cfg, pipeline=SeedColourPipeline(), reward=TableScorer(table))
+    # A small beta accepts the two best samples only: one pair, 5.1 over 5.0.
+    (row,) = _rows(tmp_path / "out")
+    assert sorted([row["score_0"], row["score_1"]]) == [5.0, 5.1] and summary["samples_rejected_by_rso"] == 3
 
 
 _KILLED_RUN = """

@@ -138,3 +138,12 @@ def test_unreachable_hub_dataset_says_what_was_tried(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(PromptFileError, match=r"'nobody/no-such-prompts' is not a local file or folder.*split 'test'"):
         read_prompts("nobody/no-such-prompts", split="test")
+
+
+def test_named_toy_sets_have_the_shape_as_category():
+    from diffusion_pref.toy.render import eval_prompts, train_captions
+
+    held_out, train = read_prompts("toy"), read_prompts("toy-train")
+    assert [r.prompt for r in held_out] == eval_prompts() and [r.prompt for r in train] == train_captions()
+    assert not {r.prompt for r in held_out} & {r.prompt for r in train}
+    assert all(r.category in r.prompt.split() and r.category in ("circle", "square", "triangle") for r in held_out + train)
