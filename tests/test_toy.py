@@ -1,0 +1,245 @@
+"""The shapes world: renderer, tokenizer, programmatic rewards, pretraining helpers, shipped weights."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusion_pref.reward_models.toy import ToyFidelity, ToySize
+from diffusion_pref.toy import render as R
+
+WEIGHTS = Path(R.__file__).parent / "weights"
+
+
+def _swap_colours(prompt: str) -> str:
+    fg, shape, bg = R.parse_caption(prompt)
+    return R.CAPTION_TEMPLATE.format(fg=bg, shape=shape, bg=fg)
+
+
+def _other_colour(*taken: str) -> str:
+    return next(c for c in R.COLOURS if c not in taken)
+
+
+def _blur(images: torch.Tensor) -> torch.Tensor:
+    """3x3 binomial blur with edge replication: what a small VAE does to a flat-colour image."""
+    kernel = torch.tensor([1.0, 2.0, 1.0])
+    kernel = (kernel[:, None] * kernel[None, :]) / 16  # [3, 3]
+    weight = kernel.expand(3, 1, 3, 3).contiguous()
+    padded = torch.nn.functional.pad(images, (1, 1, 1, 1), mode="replicate")
+    return torch.nn.functional.conv2d(padded, weight, groups=3)
+
+
+# --- renderer -------------------------------------------------------------------------------------------
+
+
+def test_render_same_seed_same_pixels_different_seed_differs():
+    prompt = "a red circle on a blue background"
+    a = np.asarray(R.render(R.Scene.from_caption(prompt, seed=7)))
+    b = np.asarray(R.render(R.Scene.from_caption(prompt, seed=7)))
+    c = np.asarray(R.render(R.Scene.from_caption(prompt, seed=8)))
+    assert a.shape == (32, 32, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+    # Determinism must not depend on global RNG state.
+    random.seed(123)
+    d = np.asarray(R.render(R.Scene.from_caption(prompt, seed=7)))
+    assert np.array_equal(a, d)
+
+
+def test_render_colours_and_border():
+    image = np.asarray(R.render(R.Scene.from_caption("a yellow square on a black background", seed=3)))
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    assert (border == R.PALETTE["black"]).all()  # shapes never touch the border
+    # The exact shape colour is present in the interior.
+    assert (image.reshape(-1, 3) == R.PALETTE["yellow"]).all(axis=1).sum() > 20
+
+
+def test_caption_parse_round_trip_and_errors():
+    scene = R.Scene.from_caption("a green triangle on a white background", seed=1)
+    assert (scene.fg, scene.shape, scene.bg) == ("green", "triangle", "white")
+    assert R.caption(scene) == "a green triangle on a white background"
+    with pytest.raises(ValueError, match="cannot parse"):
+        R.parse_caption("a purple circle on a blue background")
+    with pytest.raises(ValueError, match="fg == bg"):
+        R.Scene("red", "circle", "red", 0.5, 0.5, 0.2)
+
+
+def test_prompt_sets_are_disjoint_and_cover_the_world():
+    train, held = set(R.train_captions()), set(R.eval_prompts())
+    assert train.isdisjoint(held)
+    assert len(train) + len(held) == len(R.all_triples()) == 6 * 5 * 3
+    assert len(held) >= 10
+    # Every held-out colour pair appears in training with another shape: only the combination is new.
+    train_pairs = {(fg, bg) for fg, _, bg in R.train_triples()}
+    assert all((fg, bg) in train_pairs for fg, _, bg in R.eval_triples())
+
+
+def test_render_batch_matches_render():
+    prompts = R.eval_prompts()[:3]
+    batch = R.render_batch(prompts, [0, 1, 2])  # [3, 3, 32, 32]
+    assert batch.shape == (3, 3, 32, 32) and 0 <= batch.min() and batch.max() <= 1
+    single = np.asarray(R.render(R.Scene.from_caption(prompts[1], 1)))
+    assert np.array_equal((batch[1].permute(1, 2, 0) * 255).round().byte().numpy(), single)
+
+
+# --- rewards --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ground_truth():
+    prompts = R.train_captions() + R.eval_prompts()
+    seeds = list(range(100, 100 + len(prompts)))
+    return prompts, R.render_batch(prompts, seeds)
+
+
+def test_fidelity_high_on_ground_truth_low_on_mismatch(ground_truth):
+    prompts, images = ground_truth
+    fidelity = ToyFidelity()
+    right = fidelity.score(prompts, images)
+    assert right.dtype == torch.float32 and right.shape == (len(prompts),)
+    assert right.mean() > 0.97 and right.min() > 0.9
+    swapped = fidelity.score([_swap_colours(p) for p in prompts], images)
+    assert swapped.mean() < 0.03
+    # One colour wrong is worth half.
+    one_wrong = []
+    for p in prompts:
+        fg, shape, bg = R.parse_caption(p)
+        one_wrong.append(R.CAPTION_TEMPLATE.format(fg=_other_colour(fg, bg), shape=shape, bg=bg))
+    half = fidelity.score(one_wrong, images)
+    assert 0.45 < half.mean() < 0.55
+
+
+def test_fidelity_robust_to_blur_and_noise(ground_truth):
+    prompts, images = ground_truth
+    generator = torch.Generator().manual_seed(0)
+    degraded = (_blur(images) + 0.05 * torch.randn(images.shape, generator=generator)).clamp(0, 1)
+    assert ToyFidelity().score(prompts, degraded).mean() > 0.9
+
+
+def test_fidelity_on_hand_built_image_and_pil_input():
+    # Independent of the renderer: a blue square drawn directly into a red image.
+    array = np.empty((32, 32, 3), dtype=np.uint8)
+    array[:] = R.PALETTE["red"]
+    array[10:20, 12:22] = R.PALETTE["blue"]
+    image = Image.fromarray(array)
+    fidelity = ToyFidelity()
+    scores = fidelity.score(
+        ["a blue square on a red background", "a green square on a red background", "a red circle on a blue background"],
+        [image, image, image],
+    )
+    assert torch.allclose(scores, torch.tensor([1.0, 0.5, 0.0]), atol=1e-3)
+    as_tensor = torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255
+    assert torch.allclose(fidelity.score(["a blue square on a red background"], as_tensor), scores[:1])
+    # No shape at all: the shape colour cannot be right.
+    empty = torch.full((1, 3, 32, 32), 0.0) + torch.tensor(R.PALETTE["red"])[None, :, None, None] / 255
+    assert torch.allclose(fidelity.score(["a blue square on a red background"], empty), torch.tensor([0.5]), atol=1e-3)
+
+
+def test_fidelity_rejects_unparseable_prompt_and_wrong_count(ground_truth):
+    _, images = ground_truth
+    with pytest.raises(ValueError, match="cannot find the colours"):
+        ToyFidelity().score(["a photo of a cat"], images[:1])
+    with pytest.raises(ValueError, match="2 prompts for 1"):
+        ToyFidelity().score(["a red circle on a blue background"] * 2, images[:1])
+
+
+def test_size_scores_pixel_fraction_and_ranks_bigger_higher():
+    array = np.zeros((32, 32, 3), dtype=np.uint8)
+    array[:] = R.PALETTE["white"]
+    array[0:8, 0:16] = R.PALETTE["green"]  # touches the border but the border median stays white
+    image = torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255
+    assert torch.allclose(ToySize().score(["x"], image), torch.tensor([128 / 1024]))
+
+    small = R.Scene("red", "circle", "blue", 0.5, 0.5, R.MIN_HALF_SIZE / 32)
+    large = R.Scene("red", "circle", "blue", 0.5, 0.5, R.MAX_HALF_SIZE / 32)
+    images = torch.stack([torch.from_numpy(np.array(R.render(s))).permute(2, 0, 1) for s in (small, large)]) / 255
+    size = ToySize().score(["a red circle on a blue background"] * 2, images)
+    assert size[1] > 3 * size[0]
+    # Close to the analytic circle area.
+    assert abs(float(size[1]) - np.pi * R.MAX_HALF_SIZE**2 / 1024) < 0.03
+    # The two rewards disagree by design: fidelity is indifferent to size.
+    fidelity = ToyFidelity().score(["a red circle on a blue background"] * 2, images)
+    assert torch.allclose(fidelity, torch.ones(2), atol=1e-3)
+
+
+def test_scorers_declare_protocol_attributes():
+    for scorer, name in ((ToyFidelity(), "toy-fidelity"), (ToySize(device="cpu", batch_size=4), "toy-size")):
+        assert scorer.name == name and isinstance(scorer.scale, str) and scorer.scale
+
+
+# --- tokenizer ------------------------------------------------------------------------------------------
+
+
+def _check_tokenizer(tokenizer):
+    words = {w for p in R.train_captions() + R.eval_prompts() for w in p.split()}
+    for word in words:
+        pieces = tokenizer.tokenize(word)
+        assert pieces == [word + "</w>"], (word, pieces)
+    ids = tokenizer("a red circle on a blue background", padding="max_length", max_length=tokenizer.model_max_length).input_ids
+    assert ids[0] == tokenizer.bos_token_id and len(ids) == tokenizer.model_max_length
+    assert tokenizer.unk_token_id not in ids[1:8]
+    assert tokenizer.decode(ids, skip_special_tokens=True).strip() == "a red circle on a blue background"
+
+
+def test_tokenizer_saves_and_loads_with_clip_tokenizer(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from diffusion_pref.toy.tokenizer import save_tokenizer
+
+    save_tokenizer(tmp_path / "tok")
+    assert (tmp_path / "tok" / "vocab.json").exists() and (tmp_path / "tok" / "merges.txt").exists()
+    _check_tokenizer(CLIPTokenizer.from_pretrained(tmp_path / "tok"))
+
+
+# --- pretraining helpers --------------------------------------------------------------------------------
+
+
+def test_corrupt_caption_changes_exactly_one_colour_and_stays_in_training_set():
+    from diffusion_pref.toy.pretrain import corrupt_caption
+
+    allowed = set(R.train_triples())
+    rng = random.Random(0)
+    changed_roles = set()
+    for fg, shape, bg in R.train_triples():
+        new_fg, new_shape, new_bg = R.parse_caption(corrupt_caption(fg, shape, bg, rng, allowed))
+        assert (new_fg, new_shape, new_bg) in allowed and new_shape == shape
+        assert (new_fg != fg) + (new_bg != bg) == 1
+        changed_roles.add("fg" if new_fg != fg else "bg")
+    assert changed_roles == {"fg", "bg"}
+
+
+def test_lr_schedule_warms_up_then_decays_to_floor():
+    from diffusion_pref.toy.pretrain import lr_factor
+
+    assert lr_factor(0, 100, warmup=10) == pytest.approx(0.1)
+    assert lr_factor(9, 100, warmup=10) == pytest.approx(1.0)
+    assert lr_factor(55, 100, warmup=10) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(100, 100, warmup=10) == pytest.approx(0.1)
+
+
+# --- shipped weights ------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not (WEIGHTS / "model_index.json").exists(), reason="shipped toy weights not committed yet")
+def test_shipped_pipeline_loads_offline_and_generates_32px():
+    from diffusers import StableDiffusionPipeline
+
+    total = sum(f.stat().st_size for f in WEIGHTS.rglob("*") if f.is_file())
+    assert total < 20 * 2**20
+    pipe = StableDiffusionPipeline.from_pretrained(WEIGHTS, local_files_only=True)
+    assert pipe.safety_checker is None
+    _check_tokenizer(pipe.tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        ["a red circle on a blue background"],
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images  # [1, 3, 32, 32]
+    assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
