@@ -21,7 +21,7 @@ PROMPTS = ["a red cube", "two blue spheres on grass", "a red cube", "an astronau
 
 def _bytes_to_unicode():
     # The byte-to-unicode table of byte-level BPE (GPT-2/CLIP), so every string is encodable with no merges.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -156,7 +156,8 @@ def test_pickscore_matches_direct_embedding_computation(clip_folder):
     expected = 50.0 * (t * i).sum(-1)
     torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-4)
 
-    one_batch = load_reward_model("pickscore", pretrained=clip_folder, device="cpu", batch_size=16).score(PROMPTS, images)
+    one_batch = load_reward_model("pickscore", pretrained=clip_folder, device="cpu", batch_size=16)
+    one_batch = one_batch.score(PROMPTS, images)
     torch.testing.assert_close(one_batch, scores, atol=1e-5, rtol=1e-5)
 
     probs = pick.probabilities("a red cube", images)
@@ -222,8 +223,9 @@ def test_hps_letterbox_odd_padding_and_untouched_224():
     image = torch.rand(3, 300, 200)  # W=200 -> round(200 * 224 / 300) = 149 columns; pad 75 = 37 left + 38 right
     out = hps_letterbox(image)
     torch.testing.assert_close(out, _independent_letterbox(image, antialias=False), atol=1e-5, rtol=1e-5)
-    assert torch.allclose(out[:, :, 36], -MEAN[:, 0] / STD[:, 0]) and not torch.allclose(out[:, :, 37], out[:, :, 36])
-    assert torch.allclose(out[:, :, 186], -MEAN[:, 0] / STD[:, 0]) and not torch.allclose(out[:, :, 185], out[:, :, 186])
+    pad = -MEAN[:, 0] / STD[:, 0]
+    assert torch.allclose(out[:, :, 36], pad) and not torch.allclose(out[:, :, 37], out[:, :, 36])
+    assert torch.allclose(out[:, :, 186], pad) and not torch.allclose(out[:, :, 185], out[:, :, 186])
     square = torch.rand(3, 224, 224)
     torch.testing.assert_close(hps_letterbox(square), (square - MEAN) / STD)
 
@@ -247,9 +249,7 @@ def test_hps_scores_equal_cosine_of_model_embeddings(hps_checkpoint):
 
     folder, model = hps_checkpoint
     hps = load_reward_model("hpsv21", pretrained=folder, architecture=TINY_OPEN_CLIP, device="cpu", batch_size=3)
-    images = [Image.fromarray(np.random.default_rng(4).integers(0, 256, (256, 512, 3), dtype=np.uint8))] + _random_images(
-        3, seed=5, size=(64, 96)
-    )
+    images = _random_images(1, seed=4, size=(512, 256)) + _random_images(3, seed=5, size=(64, 96))
     scores = hps.score(PROMPTS, images)
     assert scores.shape == (4,) and scores.dtype == torch.float32
 

@@ -82,6 +82,7 @@ def _check_image_tensor(media: "torch.Tensor", scorer: str) -> None:
 
 
 def num_media(media: Any) -> int:
+    """Number of items in `media` (a list, or a tensor's first dimension)."""
     return len(media)
 
 
@@ -283,7 +284,8 @@ def build_rating_mlp(state: Mapping[str, "torch.Tensor"], scorer: str) -> "torch
     or the aesthetic reluMSE variant with a ReLU after each hidden Linear (keys layers.0,3,6,9,11)."""
     from torch import nn
 
-    linear_ids = tuple(sorted({int(k.split(".")[1]) for k in state if k.startswith("layers.") and k.endswith(".weight")}))
+    weights = [k for k in state if k.startswith("layers.") and k.endswith(".weight")]
+    linear_ids = tuple(sorted({int(k.split(".")[1]) for k in weights}))
     if linear_ids not in _LAYOUTS:
         raise ValueError(
             f"{scorer}: unrecognised MLP checkpoint layout, Linear layers at layers.{linear_ids}; expected "

@@ -53,7 +53,8 @@ def _resample(audio: "np.ndarray", orig: int, target: int) -> "np.ndarray":
 
     import numpy as np
 
-    note = f"clap: resampling audio from {orig} Hz to {target} Hz with %s; scores differ slightly from laion_clap's librosa"
+    note = f"clap: resampling audio from {orig} Hz to {target} Hz with %s; "
+    note += "scores differ slightly from laion_clap's librosa resampling"
     try:
         import soxr
 

@@ -102,8 +102,9 @@ class HPSv2:
         state = load_state_dict_file(path)
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if missing or unexpected:
+            arch = architecture if isinstance(architecture, str) else "custom config"
             raise RuntimeError(
-                f"{self.name}: checkpoint {path} does not match open_clip {architecture if isinstance(architecture, str) else 'custom config'}:"
+                f"{self.name}: checkpoint {path} does not match open_clip {arch}:"
                 f" missing {list(missing)[:5]}..., unexpected {list(unexpected)[:5]}..."
             )
         self.model = self.model.float().to(self.device).eval()

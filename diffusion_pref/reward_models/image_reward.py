@@ -16,7 +16,7 @@ Checkpoint `THUDM/ImageReward`: `ImageReward.pt` (a plain state dict, loaded wit
     blip.visual_encoder.pos_embed                -> vision.embeddings.position_embedding
     blip.visual_encoder.patch_embed.proj.*       -> vision.embeddings.patch_embedding.*
     blip.visual_encoder.blocks.{i}.norm1.*       -> vision.encoder.layers.{i}.layer_norm1.*
-    blip.visual_encoder.blocks.{i}.attn.qkv.*    -> vision.encoder.layers.{i}.self_attn.qkv.*   (same q|k|v, head-major layout)
+    blip.visual_encoder.blocks.{i}.attn.qkv.*    -> vision.encoder.layers.{i}.self_attn.qkv.*  (same [q; k; v] layout)
     blip.visual_encoder.blocks.{i}.attn.proj.*   -> vision.encoder.layers.{i}.self_attn.projection.*
     blip.visual_encoder.blocks.{i}.norm2.*       -> vision.encoder.layers.{i}.layer_norm2.*
     blip.visual_encoder.blocks.{i}.mlp.fc{1,2}.* -> vision.encoder.layers.{i}.mlp.fc{1,2}.*
@@ -179,7 +179,8 @@ class ImageReward:
 
         vision_sd, text_sd, mlp_sd, unknown = split_imagereward_state(load_state_dict_file(ckpt_path))
         if unknown:
-            raise RuntimeError(f"imagereward: unexpected keys in {ckpt_path}: {unknown[:5]} (+{max(0, len(unknown) - 5)})")
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            raise RuntimeError(f"imagereward: unexpected keys in {ckpt_path}: {unknown[:5]}{more}")
         if "embeddings.class_embedding" not in vision_sd:
             raise RuntimeError(f"imagereward: {ckpt_path} has no blip.visual_encoder weights; is it ImageReward.pt?")
         vision_config = _vision_config(vision_sd, vision_heads)
