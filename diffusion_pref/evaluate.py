@@ -163,9 +163,35 @@ def model_fingerprint(cfg: Config, variant: Variant) -> Dict[str, Any]:
     return {"base": base}
 
 
-def sampling_settings(cfg: Config) -> Dict[str, Any]:
-    return {"steps": cfg.eval.steps, "guidance_scale": cfg.eval.guidance_scale, "resolution": cfg.eval.resolution,
-            "dtype": cfg.eval.dtype}
+SAMPLING_KEYS = {"steps": int, "guidance_scale": float, "resolution": int}
+
+
+def sampling_settings(cfg: Config, variant: Optional[str] = None) -> Dict[str, Any]:
+    """The sampling settings of ``variant``: ``eval.steps`` etc., with its ``eval.variant_sampling`` entry on top."""
+    import difflib
+
+    settings: Dict[str, Any] = {"steps": cfg.eval.steps, "guidance_scale": cfg.eval.guidance_scale,
+                                "resolution": cfg.eval.resolution, "dtype": cfg.eval.dtype}
+    overrides = (cfg.eval.variant_sampling.get(variant) or {}) if variant is not None else {}
+    for key, value in overrides.items():
+        if key not in SAMPLING_KEYS:
+            near = difflib.get_close_matches(key, list(SAMPLING_KEYS), n=1, cutoff=0.0)
+            raise ConfigError(f"eval.variant_sampling.{variant}.{key}: not a sampling setting; did you mean "
+                              f"'{near[0]}'? Choices: {', '.join(SAMPLING_KEYS)}")
+        try:
+            settings[key] = None if value is None else SAMPLING_KEYS[key](value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"eval.variant_sampling.{variant}.{key}={value!r} is not a "
+                              f"{SAMPLING_KEYS[key].__name__}") from None
+    return settings
+
+
+def check_variant_sampling(cfg: Config, variant_names: Sequence[str]) -> None:
+    """Every ``eval.variant_sampling`` entry names a variant and only known settings (checked before generating)."""
+    for name in cfg.eval.variant_sampling:
+        if name not in variant_names:
+            raise ConfigError(f"eval.variant_sampling.{name}: no variant of that name; variants: {list(variant_names)}")
+        sampling_settings(cfg, name)
 
 
 def sample_key(fingerprint: Mapping[str, Any], prompt: str, seed: int, settings: Mapping[str, Any]) -> str:
@@ -252,11 +278,11 @@ def generate_samples(cfg: Config, variants: Sequence[Variant], records: Sequence
 
     media_dir = out_dir / "media"
     cached = {} if cfg.eval.no_cache else _cached_media(media_dir)
-    settings = sampling_settings(cfg)
     samples: List[Sample] = []
     todo: Dict[str, List[tuple]] = {}
     for variant in variants:
         fingerprint = model_fingerprint(cfg, variant)
+        settings = sampling_settings(cfg, variant.name)
         for index, record in enumerate(records):
             for seed in cfg.eval.seeds:
                 key = sample_key(fingerprint, record.prompt, seed, settings)
@@ -273,11 +299,12 @@ def generate_samples(cfg: Config, variants: Sequence[Variant], records: Sequence
             if not jobs:
                 continue
             backbone = load_variant(cfg, variant)
+            settings = sampling_settings(cfg, variant.name)
             for start in range(0, len(jobs), cfg.eval.batch_size):
                 batch = jobs[start: start + cfg.eval.batch_size]
                 media = backbone.generate([s.prompt for s, _ in batch], [s.seed for s, _ in batch],
-                                          steps=cfg.eval.steps, guidance_scale=cfg.eval.guidance_scale,
-                                          resolution=cfg.eval.resolution)
+                                          steps=settings["steps"], guidance_scale=settings["guidance_scale"],
+                                          resolution=settings["resolution"])
                 for (sample, key), item in zip(batch, media):
                     stem = media_dir / variant.name / f"{sample.prompt_index:05d}_s{sample.seed}_{key}"
                     path = save_media(item, stem, getattr(backbone, "sample_rate", None))
@@ -491,6 +518,7 @@ def run(cfg: Config, scorers: Optional[Mapping[str, Any]] = None) -> Dict[str, A
         specs = {v.name: v.spec for v in variants}
         variant_names = [v.name for v in variants]
         baseline = _pick_baseline(cfg, variant_names, specs)  # before generating: a typo should cost nothing
+        check_variant_sampling(cfg, variant_names)
         samples, n_generated, n_reused = generate_samples(cfg, variants, records, out_dir)
 
     if scorers is None:
@@ -510,7 +538,7 @@ def run(cfg: Config, scorers: Optional[Mapping[str, Any]] = None) -> Dict[str, A
         "images_dir": cfg.eval.images_dir,
         "variant_specs": specs,
         "reward_weights": weights,
-        "settings": sampling_settings(cfg),
+        "settings": {name: sampling_settings(cfg, name) for name in variant_names} if cfg.eval.images_dir is None else None,
         "n_samples": len(samples),
         "n_generated": n_generated,
         "n_reused": n_reused,
@@ -520,6 +548,8 @@ def run(cfg: Config, scorers: Optional[Mapping[str, Any]] = None) -> Dict[str, A
     details.update({f"variant {k}": v for k, v in specs.items()})
     if cfg.eval.images_dir is None:
         details["sampling"] = f"{cfg.eval.steps} steps, guidance {cfg.eval.guidance_scale}, seeds {list(cfg.eval.seeds)}"
+        for name, overrides in cfg.eval.variant_sampling.items():
+            details[f"sampling {name}"] = ", ".join(f"{k} {v}" for k, v in overrides.items())
     details["reward models"] = ", ".join(f"{k} (weight {w:g})" for k, w in weights.items())
     write_report(out_dir / "report.html", metrics, table, media_root=out_dir, details=details,
                  title=f"Evaluation: {', '.join(variant_names)}", grid_prompts=cfg.eval.report_prompts)

@@ -6,6 +6,7 @@ saved pixels (mean of one colour channel), so every score in the table can be ch
 """
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -232,14 +233,53 @@ def test_rerun_reuses_samples_and_no_cache_regenerates(evaluated):
     assert again["run"]["n_generated"] == 0 and again["run"]["n_reused"] == len(before)
     assert {p: p.stat().st_mtime_ns for p in (out / "media").rglob("*.png")} == before
     assert again["win_rates"] == evaluated["metrics"]["win_rates"]
-    # eval.no_cache regenerates; other sampling settings are another key; both sets then sit in the cache.
-    base_only = _overrides(evaluated["cfg"].model.pretrained, evaluated["prompts"], evaluated["tmp"] / "base_only")
-    n_base = len(PROMPTS) * 2
-    for extra, expected in (([], n_base), (["eval.no_cache=true"], n_base), (["eval.steps=3"], n_base), ([], 0)):
+    # eval.no_cache regenerates everything, even with every sample on disk.
+    base_only = _overrides(evaluated["cfg"].model.pretrained, evaluated["prompts"], evaluated["tmp"] / "base_only",
+                           **{"eval.max_prompts": 2})
+    for extra, expected in (([], 4), (["eval.no_cache=true"], 4)):
         result = run(load_config(None, base_only + extra), scorers=_scorers())
         assert result["run"]["n_generated"] == expected, extra
-    assert len(list((evaluated["tmp"] / "base_only" / "media").rglob("*.png"))) == 2 * n_base
-    assert result["scores"]["red"]["base"] == evaluated["metrics"]["scores"]["red"]["base"]
+    assert len(list((evaluated["tmp"] / "base_only" / "media").rglob("*.png"))) == 4
+
+
+def test_cache_key_changes_with_settings_and_weights(evaluated):
+    from diffusion_pref.evaluate import model_fingerprint, resolve_variants, sample_key, sampling_settings
+
+    cfg = evaluated["cfg"]
+    variants = {v.name: v for v in resolve_variants(cfg)}
+    settings = sampling_settings(cfg)
+    keys = {name: sample_key(model_fingerprint(cfg, v), "a red cat", 0, settings) for name, v in variants.items()}
+    assert len(set(keys.values())) == 3  # base, its full copy and the LoRA are three models
+    lora = variants["lora"]
+    assert sample_key(model_fingerprint(cfg, lora), "a red cat", 0, settings) == keys["lora"]  # deterministic
+    for changed in (dict(settings, steps=3), dict(settings, guidance_scale=1.0), dict(settings, dtype="bf16")):
+        assert sample_key(model_fingerprint(cfg, lora), "a red cat", 0, changed) != keys["lora"]
+    assert sample_key(model_fingerprint(cfg, lora), "a red cat", 1, settings) != keys["lora"]
+    assert sample_key(model_fingerprint(cfg, lora), "a red dog", 0, settings) != keys["lora"]
+    # Retraining into the same folder rewrites the weights file: the old samples must not be reused.
+    weights = lora.path / "pytorch_lora_weights.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    try:
+        assert sample_key(model_fingerprint(cfg, lora), "a red cat", 0, settings) != keys["lora"]
+    finally:
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_base_with_other_sampling_settings_is_a_variant(tiny_sd_dir, tmp_path):
+    out = tmp_path / "out"
+    overrides = _overrides(tiny_sd_dir, _prompt_file(tmp_path), out, **{
+        "eval.variants": "{base: base, base_g1: base}", "eval.variant_sampling.base_g1.guidance_scale": 1.0,
+        "eval.max_prompts": 2, "eval.seeds": "[0]"})
+    metrics = run(load_config(None, overrides), scorers=_scorers())
+    assert metrics["run"]["settings"]["base_g1"]["guidance_scale"] == 1.0
+    assert metrics["run"]["settings"]["base"]["guidance_scale"] == 7.5
+    table = pd.read_parquet(out / "per_image.parquet").sort_values(["variant", "prompt_index"])
+    g1, base = table[table.variant == "base_g1"], table[table.variant == "base"]
+    assert not any(np.array_equal(np.asarray(Image.open(out / a)), np.asarray(Image.open(out / b)))
+                   for a, b in zip(g1["media"], base["media"]))
+    with pytest.raises(ConfigError, match=r"eval.variant_sampling.base_g1.guidance: not a sampling setting; did you mean 'guidance_scale'"):
+        run(load_config(None, overrides + ["eval.variant_sampling.base_g1.guidance=2"]), scorers=_scorers())
 
 
 def test_report_is_self_contained_with_table_grid_and_charts(evaluated):
