@@ -188,6 +188,9 @@ class EvalConfig:
     dtype: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16; part of the sample cache key
     bootstrap_seed: int = 0  # the interval resamples the same prompts on every run
     report_prompts: int = 24  # rows (prompts) in the report's sample grid
+    # Variant name -> sampling settings that differ from the ones above (steps, guidance_scale, resolution), e.g.
+    # {base_cfg3: {guidance_scale: 3.0}} with eval.variants.base_cfg3=base compares the base at another guidance.
+    variant_sampling: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
