@@ -155,6 +155,7 @@ def test_pickscore_matches_direct_embedding_computation(clip_folder):
     i = i / i.norm(dim=-1, keepdim=True)
     expected = 50.0 * (t * i).sum(-1)
     torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-4)
+    assert abs(float(scores[0] - scores[2])) > 1e-3, "same prompt, different images: the image must matter"
 
     one_batch = load_reward_model("pickscore", pretrained=clip_folder, device="cpu", batch_size=16)
     one_batch = one_batch.score(PROMPTS, images)
@@ -261,6 +262,7 @@ def test_hps_scores_equal_cosine_of_model_embeddings(hps_checkpoint):
         t = model.encode_text(open_clip.tokenize(PROMPTS))
     expected = torch.nn.functional.cosine_similarity(i, t, dim=-1)
     torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-4)
+    assert abs(float(scores[0] - scores[2])) > 1e-3, "same prompt, different images: the image must matter"
 
     single = load_reward_model(
         "hpsv21", pretrained=os.path.join(folder, "HPS_v2.1_compressed.pt"), architecture=TINY_OPEN_CLIP,
