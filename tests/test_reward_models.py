@@ -582,6 +582,11 @@ def test_imagereward_rejects_incomplete_checkpoint(imagereward_folder, tmp_path)
         shutil.copy(os.path.join(folder, name), tmp_path / name)
     with pytest.raises(RuntimeError, match="crossattention.self.key.weight"):
         load_reward_model("imagereward", pretrained=str(tmp_path), vision_heads=2, device="cpu")
+    state = torch.load(os.path.join(folder, "ImageReward.pt"), weights_only=True)
+    state["blip.visual_encoder.blocks.0.ls1.gamma"] = torch.ones(48)  # a ViT variant the mapping does not know
+    torch.save(state, tmp_path / "ImageReward.pt")
+    with pytest.raises(RuntimeError, match="unmapped ViT keys.*ls1.gamma"):
+        load_reward_model("imagereward", pretrained=str(tmp_path), vision_heads=2, device="cpu")
 
 
 def test_clap_resamples_with_an_installed_resampler(clap_folder, monkeypatch):

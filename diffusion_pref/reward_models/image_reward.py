@@ -26,7 +26,7 @@ Checkpoint `THUDM/ImageReward`: `ImageReward.pt` (a plain state dict, loaded wit
     blip.vision_proj.*, blip.text_proj.*, blip.text_encoder.embeddings.position_ids: unused, dropped
 
 The official loader uses `strict=False` and ignores missing keys; here every parameter the score needs must be
-present. The ViT's LayerNorm eps is 1e-6 (BLIP's `vit.py`); the ViT size is read from the checkpoint's shapes,
+present (other, unused keys are ignored with a warning). The ViT's LayerNorm eps is 1e-6 (BLIP's `vit.py`); the ViT size is read from the checkpoint's shapes,
 its head count is `vision_heads` (16 for ViT-L).
 
 Example:
@@ -178,9 +178,13 @@ class ImageReward:
             med = json.load(f)
 
         vision_sd, text_sd, mlp_sd, unknown = split_imagereward_state(load_state_dict_file(ckpt_path))
-        if unknown:
-            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
-            raise RuntimeError(f"imagereward: unexpected keys in {ckpt_path}: {unknown[:5]}{more}")
+        unmapped_vit = [k for k in unknown if k.startswith("blip.visual_encoder.")]
+        if unmapped_vit:  # a ViT variant this mapping does not know: scores would be wrong, so stop
+            raise RuntimeError(f"imagereward: unmapped ViT keys in {ckpt_path}: {unmapped_vit[:5]}")
+        if unknown:  # the official loader is strict=False; modules the score does not use are harmless
+            import warnings
+
+            warnings.warn(f"imagereward: ignoring {len(unknown)} unused keys in {ckpt_path}, e.g. {unknown[:3]}")
         if "embeddings.class_embedding" not in vision_sd:
             raise RuntimeError(f"imagereward: {ckpt_path} has no blip.visual_encoder weights; is it ImageReward.pt?")
         vision_config = _vision_config(vision_sd, vision_heads)
