@@ -269,6 +269,9 @@ def test_hps_scores_equal_cosine_of_model_embeddings(hps_checkpoint):
         device="cpu", batch_size=1,
     )
     torch.testing.assert_close(single.score(PROMPTS, images), scores, atol=1e-5, rtol=1e-5)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA device"):
+            load_reward_model("hpsv21", pretrained=folder, architecture=TINY_OPEN_CLIP, amp=True, device="cpu")
     # v2.0 looks for its own file name in the folder.
     with pytest.raises(FileNotFoundError, match="HPS_v2_compressed.pt"):
         load_reward_model("hpsv2", pretrained=folder, architecture=TINY_OPEN_CLIP, device="cpu")

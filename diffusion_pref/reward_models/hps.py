@@ -14,7 +14,8 @@ Antialiasing: torchvision's tensor resize antialiased only from 0.17 on; HPS dat
 pinned explicitly so results do not depend on the installed torchvision. Pass `antialias=True` to match
 hpsv2 run on torchvision >= 0.17. Two deliberate deviations: the official transform skips padding when the
 longest side is already 224 (then a non-square image crashes the model); here such images are padded. And the
-forward pass runs in fp32 (the official `score()` uses CUDA autocast fp16, which changes the 3rd-4th decimal).
+forward pass runs in fp32 by default; the official `score()` runs under CUDA autocast fp16 (`amp=True` does the
+same on a CUDA device), which moves the 3rd-4th decimal.
 
 Example:
 
@@ -75,6 +76,7 @@ class HPSv2:
         pretrained: str = OFFICIAL_REPO,
         architecture: str | Mapping[str, Any] = "ViT-H-14",
         antialias: bool = False,
+        amp: bool = False,
         device: Any = None,
         batch_size: int = 16,
     ):
@@ -87,6 +89,9 @@ class HPSv2:
         import open_clip
 
         self.device = default_device(device)
+        if amp and self.device.type != "cuda":
+            raise ValueError(f"{self.name}: amp=True reproduces the official CUDA fp16 autocast; it needs a CUDA device")
+        self.amp = amp
         self.batch_size = batch_size
         self.antialias = antialias
         if isinstance(architecture, Mapping):
@@ -129,7 +134,7 @@ class HPSv2:
         images = images_to_tensors(media, self.name)
         prompts = check_prompts(prompts, len(images), self.name)
         out = []
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
             for sl in batch_slices(len(images), self.batch_size):
                 pixels = torch.stack([hps_letterbox(im, self.image_size, self.antialias) for im in images[sl]])
                 tokens = self.tokenizer(prompts[sl])  # [b, 77]
