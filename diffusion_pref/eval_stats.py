@@ -146,10 +146,10 @@ def win_rate(
         "n_prompts": int(len(per_prompt)),
         "mean_difference": float((paired["score"] - paired["ref_score"]).mean()),
     }
-    cats = paired["category"].dropna()
-    if len(cats):
+    with_category = paired.dropna(subset=["category"])
+    if len(with_category):
         result["by_category"] = {
-            str(cat): float(group["outcome"].mean()) for cat, group in paired.dropna(subset=["category"]).groupby("category")
+            str(cat): float(group["outcome"].mean()) for cat, group in with_category.groupby("category")
         }
     return result
 

@@ -245,7 +245,8 @@ def load_variant(cfg: Config, variant: Variant):
             backbone.pipe.load_lora_weights(str(variant.path))
         except Exception as err:
             raise ValueError(f"eval.variants.{variant.name}={variant.spec}: could not load the LoRA onto "
-                             f"{cfg.model.pretrained} ({type(err).__name__}: {err}); was it trained on this base model?") from None
+                             f"{cfg.model.pretrained} ({type(err).__name__}: {err}); "
+                             "was it trained on this base model?") from None
     device, dtype = _torch_device_and_dtype(cfg)
     if hasattr(backbone, "pipe"):
         # Cast only when needed: diffusers warns about casting after loading, and fp32 on CPU needs none.
@@ -437,7 +438,9 @@ def _load_media(paths: Sequence[Path]) -> tuple:
     return images, {}
 
 
-def score_samples(samples: Sequence[Sample], scorers: Mapping[str, Any], out_dir: Path, batch_size: int) -> Dict[str, List[float]]:
+def score_samples(
+    samples: Sequence[Sample], scorers: Mapping[str, Any], out_dir: Path, batch_size: int
+) -> Dict[str, List[float]]:
     """Each reward model's score of every sample, in sample order."""
     from tqdm.auto import tqdm
 
@@ -454,13 +457,16 @@ def score_samples(samples: Sequence[Sample], scorers: Mapping[str, Any], out_dir
                     raise ValueError(f"reward model {name} returned {len(values)} scores for {len(batch)} samples")
                 bad = [v for v in values if not math.isfinite(v)]
                 if bad:
-                    raise ValueError(f"reward model {name} returned non-finite scores {bad[:3]} (e.g. for {batch[0].media})")
+                    raise ValueError(f"reward model {name} returned non-finite scores {bad[:3]} "
+                                     f"(in the batch starting at {batch[0].media})")
                 scores[name].extend(values)
                 bar.update(len(batch))
     return scores
 
 
-def build_table(samples: Sequence[Sample], scores: Mapping[str, List[float]], weights: Mapping[str, float]) -> "pd.DataFrame":
+def build_table(
+    samples: Sequence[Sample], scores: Mapping[str, List[float]], weights: Mapping[str, float]
+) -> "pd.DataFrame":
     import pandas as pd
 
     table = pd.DataFrame([dataclasses.asdict(s) for s in samples])
@@ -507,7 +513,8 @@ def run(cfg: Config, scorers: Optional[Mapping[str, Any]] = None) -> Dict[str, A
 
     if cfg.eval.images_dir is not None:
         if cfg.eval.variants:
-            raise ConfigError("set either eval.images_dir (score existing images) or eval.variants (generate), not both")
+            raise ConfigError("set either eval.images_dir (score existing images) or eval.variants (generate), "
+                              "not both")
         samples = benchmark_samples(cfg.eval.images_dir, records)
         specs = {s.variant: f"images: {Path(s.media).parents[1 if s.category else 0]}" for s in samples}
         n_generated, n_reused = 0, 0
@@ -538,7 +545,7 @@ def run(cfg: Config, scorers: Optional[Mapping[str, Any]] = None) -> Dict[str, A
         "images_dir": cfg.eval.images_dir,
         "variant_specs": specs,
         "reward_weights": weights,
-        "settings": {name: sampling_settings(cfg, name) for name in variant_names} if cfg.eval.images_dir is None else None,
+        "settings": None if cfg.eval.images_dir else {name: sampling_settings(cfg, name) for name in variant_names},
         "n_samples": len(samples),
         "n_generated": n_generated,
         "n_reused": n_reused,
@@ -547,7 +554,8 @@ def run(cfg: Config, scorers: Optional[Mapping[str, Any]] = None) -> Dict[str, A
     details = {"model": cfg.model.pretrained, "prompts": f"{cfg.eval.prompts} ({len(records)} prompts)"}
     details.update({f"variant {k}": v for k, v in specs.items()})
     if cfg.eval.images_dir is None:
-        details["sampling"] = f"{cfg.eval.steps} steps, guidance {cfg.eval.guidance_scale}, seeds {list(cfg.eval.seeds)}"
+        details["sampling"] = (f"{cfg.eval.steps} steps, guidance {cfg.eval.guidance_scale}, "
+                               f"seeds {list(cfg.eval.seeds)}")
         for name, overrides in cfg.eval.variant_sampling.items():
             details[f"sampling {name}"] = ", ".join(f"{k} {v}" for k, v in overrides.items())
     details["reward models"] = ", ".join(f"{k} (weight {w:g})" for k, w in weights.items())

@@ -86,7 +86,8 @@ def win_rate_svg(win_rates: Dict[str, Dict[str, Any]], variants: Sequence[str], 
     x = lambda value: left + width * min(max(value, 0.0), 1.0)  # noqa: E731
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="winrate" width="{left + width + 70}" height="{height}" '
              f'role="img" aria-label="win rates, {html.escape(reward)}">',
-             f'<text x="{left}" y="16" font-size="13" font-weight="bold">{html.escape(reward)}: win rate vs baseline</text>']
+             f'<text x="{left}" y="16" font-size="13" font-weight="bold">'
+             f'{html.escape(reward)}: win rate vs baseline</text>']
     for i, name in enumerate(names):
         stats = win_rates[name]
         y = 30 + i * row
@@ -96,9 +97,10 @@ def win_rate_svg(win_rates: Dict[str, Dict[str, Any]], variants: Sequence[str], 
         low, high = stats.get("ci_low"), stats.get("ci_high")
         if low is not None and not math.isnan(low):
             mid = y + row / 2 - 1
-            parts.append(f'<line x1="{x(low):.1f}" x2="{x(high):.1f}" y1="{mid}" y2="{mid}" stroke="#000" stroke-width="1.5"/>')
+            stroke = 'stroke="#000" stroke-width="1.5"'
+            parts.append(f'<line x1="{x(low):.1f}" x2="{x(high):.1f}" y1="{mid}" y2="{mid}" {stroke}/>')
             for end in (low, high):
-                parts.append(f'<line x1="{x(end):.1f}" x2="{x(end):.1f}" y1="{mid - 5}" y2="{mid + 5}" stroke="#000" stroke-width="1.5"/>')
+                parts.append(f'<line x1="{x(end):.1f}" x2="{x(end):.1f}" y1="{mid - 5}" y2="{mid + 5}" {stroke}/>')
         parts.append(f'<text x="{left + width + 6}" y="{y + 15}" font-size="12">{stats["win_rate"]:.3f}</text>')
     axis_y = 30 + row * len(names)
     parts.append(f'<line x1="{left}" x2="{left + width}" y1="{axis_y}" y2="{axis_y}" stroke="#444"/>')
@@ -109,7 +111,9 @@ def win_rate_svg(win_rates: Dict[str, Dict[str, Any]], variants: Sequence[str], 
     return "".join(parts)
 
 
-def histogram_svg(values_by_variant: Dict[str, List[float]], variants: Sequence[str], reward: str, bins: int = 20) -> str:
+def histogram_svg(
+    values_by_variant: Dict[str, List[float]], variants: Sequence[str], reward: str, bins: int = 20
+) -> str:
     """Overlaid step histograms (shared bins) of each variant's scores on one reward model."""
     from diffusion_pref.eval_stats import histogram
 
@@ -127,14 +131,17 @@ def histogram_svg(values_by_variant: Dict[str, List[float]], variants: Sequence[
             points += [f"{sx(edges[i]):.1f},{sy(count):.1f}", f"{sx(edges[i + 1]):.1f},{sy(count):.1f}"]
         points.append(f"{sx(edges[-1]):.1f},{sy(0):.1f}")
         colour = _colour(variants.index(name))
-        parts.append(f'<polyline points="{" ".join(points)}" fill="{colour}" fill-opacity="0.25" stroke="{colour}" stroke-width="1.5"/>')
+        parts.append(f'<polyline points="{" ".join(points)}" fill="{colour}" fill-opacity="0.25" '
+                     f'stroke="{colour}" stroke-width="1.5"/>')
     parts.append(f'<line x1="{left}" x2="{left + width}" y1="{top + height}" y2="{top + height}" stroke="#444"/>')
     for value in (edges[0], (edges[0] + edges[-1]) / 2, edges[-1]):
-        parts.append(f'<text x="{sx(value):.1f}" y="{top + height + 16}" font-size="11" text-anchor="middle">{_fmt(value, 3)}</text>')
+        parts.append(f'<text x="{sx(value):.1f}" y="{top + height + 16}" font-size="11" text-anchor="middle">'
+                     f'{_fmt(value, 3)}</text>')
     parts.append(f'<text x="{left - 4}" y="{top + 10}" font-size="11" text-anchor="end">{peak}</text>')
     for i, name in enumerate(counts):
         y = top + 12 + 18 * i
-        parts.append(f'<rect x="{left + width + 12}" y="{y - 9}" width="10" height="10" fill="{_colour(variants.index(name))}"/>')
+        parts.append(f'<rect x="{left + width + 12}" y="{y - 9}" width="10" height="10" '
+                     f'fill="{_colour(variants.index(name))}"/>')
         parts.append(f'<text x="{left + width + 26}" y="{y}" font-size="12">{html.escape(name)}</text>')
     parts.append("</svg>")
     return "".join(parts)
@@ -167,7 +174,8 @@ def _category_tables(metrics: Dict[str, Any]) -> str:
         head = '<th class="name">category</th>' + "".join(f"<th>{html.escape(v)}</th>" for v in metrics["variants"])
         rows = []
         for cat in categories:
-            cells = "".join(f"<td>{_fmt(per_variant[v].get('by_category', {}).get(cat))}</td>" for v in metrics["variants"])
+            cells = "".join(f"<td>{_fmt(per_variant[v].get('by_category', {}).get(cat))}</td>"
+                            for v in metrics["variants"])
             rows.append(f'<tr><td class="name">{html.escape(cat)}</td>{cells}</tr>')
         out.append(f"<h3>{html.escape(reward)}: mean per category</h3>"
                    f'<table class="categories"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
@@ -225,8 +233,9 @@ def render_report(
         f"<h1>{html.escape(title)}</h1>",
         f'<table class="details">{detail_rows}</table>' if detail_rows else "",
         "<h2>Summary</h2>",
-        f'<p class="meta">{metrics["n_prompts"]} prompts × seeds {metrics["seeds"]}. Win rate: share of (prompt, seed) '
-        f'on which a variant scores higher than the baseline <b>{html.escape(metrics["baseline"])}</b>, ties count half; '
+        f'<p class="meta">{metrics["n_prompts"]} prompts × seeds {metrics["seeds"]}. Win rate: share of '
+        f'(prompt, seed) on which a variant scores higher than the baseline '
+        f'<b>{html.escape(metrics["baseline"])}</b>, ties count half; '
         f'{int(boot["level"] * 100)}% interval: {boot["method"]} bootstrap over {boot["resample"]}, '
         f'{boot["samples"]} samples, seed {boot["seed"]}.</p>',
         _summary_table(metrics),
