@@ -374,6 +374,18 @@ def test_missing_lora_folder_is_a_clear_error(tiny_sd_dir, tmp_path):
     assert not (tmp_path / "out" / "media").exists()  # failed before generating anything
 
 
+def test_cli_reports_a_missing_lora_folder_without_a_traceback(tiny_sd_dir, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "diffusion_pref.cli", "evaluate", f"model.pretrained={tiny_sd_dir}",
+         f"eval.prompts={_prompt_file(tmp_path)}", f"eval.variants.dpo={tmp_path / 'missing_lora'}",
+         "eval.variants.base=base", f"output.dir={tmp_path / 'out'}"],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )
+    assert result.returncode != 0
+    assert "eval.variants.dpo=" in result.stderr and "no such folder" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_folder_that_is_neither_lora_nor_pipeline_is_a_clear_error(tiny_sd_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     cfg = load_config(None, _overrides(tiny_sd_dir, _prompt_file(tmp_path), tmp_path / "out",
