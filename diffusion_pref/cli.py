@@ -20,6 +20,7 @@ import importlib.util
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 
@@ -29,6 +30,7 @@ class Command:
     help: str
     issue: Optional[int]  # the issue that builds it, named when it has not landed yet (None: not filed yet)
     trains: bool = False  # loss settings are checked before the module (and any model) is loaded
+    defaults: Optional[str] = None  # a recipe inside the package, applied before --config (path from the package)
 
 
 COMMANDS = {
@@ -38,7 +40,10 @@ COMMANDS = {
     "evaluate": Command("diffusion_pref.evaluate", "compare base and tuned models: reward scores, win rates, HTML report", 5),
     "invert": Command("diffusion_pref.invert", "DDIM / ReNoise inversion and reconstruction of an image", 6),
     "prompt-opt": Command("diffusion_pref.prompt_opt.train", "train a prompt-rewriting language model with Sem-DPO", None),
-    "quickstart": Command("diffusion_pref.quickstart", "the whole loop (generate, train, evaluate) on a built-in model", 7, trains=True),
+    "quickstart": Command(
+        "diffusion_pref.quickstart", "the whole loop (generate, train, evaluate) on a built-in model", 7,
+        trains=True, defaults="quickstart.yaml",
+    ),
 }
 
 
@@ -76,7 +81,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from diffusion_pref.config import ConfigError, check_loss, load_config, save_config, to_yaml
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        defaults = Path(__file__).parent / command.defaults if command.defaults else None
+        cfg = load_config(args.config, args.overrides, defaults=defaults)
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0

@@ -322,23 +322,17 @@ def parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
         raise ConfigError(f"could not parse overrides {list(overrides)}: {err}") from None
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults, then the YAML file at ``path``, then the dotted ``overrides``; returns a checked :class:`Config`."""
+def load_config(
+    path: Optional[str | Path] = None, overrides: Sequence[str] = (), defaults: Optional[str | Path] = None
+) -> Config:
+    """Defaults, then the YAML file at ``path``, then the dotted ``overrides``; returns a checked :class:`Config`.
+
+    ``defaults`` is a command's own recipe (the quickstart ships one inside the package), applied before ``path``.
+    """
     merged = OmegaConf.structured(Config)
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; recipes live in configs/ (e.g. configs/toy_train_dpo.yaml)")
-        try:
-            loaded = OmegaConf.to_container(OmegaConf.load(path))
-        except Exception as err:  # YAML syntax errors come from several libraries
-            raise ConfigError(f"could not read {path} as YAML: {err}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections (model:, data:, train:, ...)")
-        _check_keys(loaded, where=str(path))
-        merged = _merge(merged, loaded, where=str(path))
+    for layer in (defaults, path):
+        if layer is not None:
+            merged = _merge_file(merged, Path(layer))
     dotted = parse_overrides(overrides)
     _check_keys(dotted, where="command line")
     merged = _merge(merged, dotted, where="command line")
@@ -348,6 +342,21 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         raise ConfigError(f"config is incomplete: {str(err).splitlines()[0]}") from None
     _check_choices(cfg)
     return cfg
+
+
+def _merge_file(merged: DictConfig, path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; recipes live in configs/ (e.g. configs/toy_generate.yaml)")
+    try:
+        loaded = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as err:  # YAML syntax errors come from several libraries
+        raise ConfigError(f"could not read {path} as YAML: {err}") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (model:, data:, train:, ...)")
+    _check_keys(loaded, where=str(path))
+    return _merge(merged, loaded, where=str(path))
 
 
 def check_loss(cfg: Config) -> None:
