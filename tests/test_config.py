@@ -6,8 +6,10 @@ import pytest
 
 from diffusion_pref.config import CHOICES, Config, ConfigError, check_loss, load_config, save_config, to_yaml
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("**/*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("**/*.yaml"))
 RECIPES = [p for p in CONFIGS if "accelerate" not in p.parts]  # accelerate's own files are not our recipes
+PACKAGED = [ROOT / "diffusion_pref" / "quickstart.yaml"]  # recipes shipped inside the package
 
 
 def test_defaults_and_overrides_are_typed():
@@ -85,7 +87,7 @@ def test_there_are_recipes():
     assert RECIPES, "configs/ holds no YAML recipes"
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", RECIPES + PACKAGED, ids=lambda p: p.name)
 def test_every_recipe_loads(path):
     cfg = load_config(path)
     check_loss(cfg)
