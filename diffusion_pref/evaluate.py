@@ -75,32 +75,20 @@ class Sample:
 # -- prompts -------------------------------------------------------------------------------------------------
 
 
-def toy_prompt_records() -> list:
-    """The shapes world's held-out prompts (never seen in pretraining), with the shape as category."""
-    from diffusion_pref.prompts import PromptRecord
-    from diffusion_pref.toy.render import eval_prompts, parse_caption
-
-    return [PromptRecord(p, parse_caption(p)[1]) for p in eval_prompts()]
-
-
 def load_prompt_records(cfg: Config) -> list:
-    """The prompt set as ``PromptRecord``s; ``eval.max_prompts`` keeps the first N.
-
-    ``eval.prompts=toy`` names the shapes-world evaluation set; anything else goes to
-    ``diffusion_pref.prompts.read_prompts`` (files, the HPDv2 benchmark folder, hub datasets).
-    """
+    """The prompt set as ``PromptRecord``s (``diffusion_pref.prompts.read_prompts``: files, the HPDv2 benchmark
+    folder, hub datasets, ``toy`` for the shapes-world held-out prompts); ``eval.max_prompts`` keeps the first N."""
     from diffusion_pref.prompts import read_prompts
 
     if not cfg.eval.prompts:
         raise ConfigError("eval.prompts is not set; give a prompt file (txt, json, PartiPrompts tsv, parquet), "
                           "the HPDv2 benchmark folder, a hub dataset id, or 'toy'")
     try:
-        if cfg.eval.prompts == "toy" and not Path("toy").exists():
-            records = toy_prompt_records()
-        else:
-            records = read_prompts(cfg.eval.prompts, column=cfg.eval.prompt_column)
+        records = read_prompts(cfg.eval.prompts, column=cfg.eval.prompt_column)
     except ValueError as err:  # PromptFileError is a ValueError; say which key the file came from
-        raise ConfigError(f"eval.prompts={cfg.eval.prompts}: {err}") from None
+        # The reader's hints name the generate.* keys; eval has the same keys under eval.*.
+        message = str(err).replace("generate.prompt", "eval.prompt")
+        raise ConfigError(f"eval.prompts={cfg.eval.prompts}: {message}") from None
     if cfg.eval.max_prompts is not None:
         records = records[: cfg.eval.max_prompts]
     if not records:
