@@ -9,7 +9,8 @@ pipeline (``OUT/step_NNNNN``) with its held-out fidelity logged, and the last on
 
 Run::
 
-    python -m diffusion_pref.toy.pretrain --out runs/toy_pretrain --steps 3000 --max-minutes 45
+    python -m diffusion_pref.toy.pretrain --out runs/toy_pretrain --steps 2500 --max-minutes 45
+    python -m diffusion_pref.toy.pretrain --eval-only diffusion_pref/toy/weights --eval-seeds 10   # fidelity
 
 Load::
 
@@ -39,7 +40,9 @@ from diffusion_pref.toy.render import (
 
 
 def build_models(vocab_size: int, bos_id: int, eos_id: int, pad_id: int, max_length: int):
-    """Fresh VAE, text encoder, UNet: the smallest SD-shaped stack that still learns colours and shapes."""
+    """Fresh VAE, text encoder, UNet: the smallest SD-shaped stack that still learns colours and shapes.
+
+    Sized for a shared 2-core CPU: wider (32, 64) blocks ran 3-4x slower per sample there."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -48,10 +51,10 @@ def build_models(vocab_size: int, bos_id: int, eos_id: int, pad_id: int, max_len
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64),
+        block_out_channels=(16, 32),
         layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=16,
+        norm_num_groups=8,
         sample_size=RESOLUTION,
         mid_block_add_attention=False,  # flat-colour scenes need no global attention; it is CPU time
     )
@@ -75,7 +78,7 @@ def build_models(vocab_size: int, bos_id: int, eos_id: int, pad_id: int, max_len
         sample_size=RESOLUTION // 2,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64),
+        block_out_channels=(16, 32),
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
@@ -197,31 +200,44 @@ def evaluate_fidelity(pipe, prompts, seeds_per_prompt: int, steps: int, guidance
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="output folder (checkpoints, log.jsonl, final/)")
+    parser.add_argument("--out", help="output folder (checkpoints, log.jsonl, final/)")
+    parser.add_argument("--eval-only", metavar="PIPELINE_DIR",
+                        help="only measure a saved pipeline's fidelity on the held-out prompts, then exit")
+    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance for evaluation")
+    parser.add_argument("--eval-steps", type=int, default=20, help="DDIM steps for evaluation")
     parser.add_argument("--steps", type=int, default=3000, help="UNet/text-encoder steps (sets the LR schedule)")
-    parser.add_argument("--vae-steps", type=int, default=200)
+    parser.add_argument("--vae-steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--vae-lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--ema", type=float, default=0.995, help="EMA decay of the saved weights")
     parser.add_argument("--corrupt", type=float, default=0.25, help="fraction of captions with a wrong colour")
     parser.add_argument("--drop", type=float, default=0.1, help="fraction of captions dropped to '' (CFG)")
     parser.add_argument("--min-snr", type=float, default=5.0, help="min-SNR-gamma loss weighting (0 = off)")
-    parser.add_argument("--dataset-size", type=int, default=6000, help="rendered scenes cached as latents")
+    parser.add_argument("--dataset-size", type=int, default=4000, help="rendered scenes cached as latents")
     parser.add_argument("--save-every", type=int, default=400)
     parser.add_argument("--eval-seeds", type=int, default=4, help="seeds per held-out prompt at each save")
     parser.add_argument("--max-minutes", type=float, default=0.0, help="stop UNet training after this (0 = off)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if not args.out and not args.eval_only:
+        parser.error("give --out DIR to pretrain, or --eval-only PIPELINE_DIR to measure a saved model")
 
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from diffusion_pref.toy.tokenizer import save_tokenizer
+    from diffusion_pref.toy.tokenizer import save_tokenizer, write_vocab_files
 
     torch.set_num_threads(args.threads)
+    if args.eval_only:
+        pipe = StableDiffusionPipeline.from_pretrained(args.eval_only, local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+        start = time.time()
+        metrics = evaluate_fidelity(pipe, eval_prompts(), args.eval_seeds, args.eval_steps, args.guidance)
+        print(json.dumps({"pipeline": args.eval_only, **metrics, "seconds": round(time.time() - start, 1)}))
+        return
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     out = Path(args.out)
@@ -287,7 +303,8 @@ def main(argv=None):
             unet.eval()
             text_encoder.eval()
             pipe.save_pretrained(out / tag, safe_serialization=True)
-            metrics = evaluate_fidelity(pipe, eval_prompts(), args.eval_seeds, steps=20, guidance=5.0)
+            write_vocab_files(out / tag / "tokenizer")  # save_pretrained writes only tokenizer.json
+            metrics = evaluate_fidelity(pipe, eval_prompts(), args.eval_seeds, args.eval_steps, args.guidance)
             unet.train()
             text_encoder.train()
         log({"phase": "save", "tag": tag, "step": step, **metrics})

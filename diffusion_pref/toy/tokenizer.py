@@ -74,12 +74,21 @@ def build_vocab_and_merges(words=WORDS) -> tuple[dict[str, int], list[tuple[str,
     return {token: index for index, token in enumerate(tokens)}, merges
 
 
+def write_vocab_files(folder: str | Path) -> None:
+    """Write ``vocab.json`` and ``merges.txt`` (what older, pure-Python ``CLIPTokenizer`` versions read)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = build_vocab_and_merges()
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=0), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+
+
 def save_tokenizer(folder: str | Path):
-    """Write ``vocab.json``, ``merges.txt`` and the tokenizer config; return the loaded ``CLIPTokenizer``."""
+    """Write the tokenizer (``vocab.json``, ``merges.txt``, ``tokenizer.json``, config) to ``folder`` and
+    return it loaded back with ``CLIPTokenizer.from_pretrained``."""
     from transformers import CLIPTokenizer
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     vocab, merges = build_vocab_and_merges()
     tokenizer = CLIPTokenizer(
         vocab=vocab,
@@ -91,9 +100,5 @@ def save_tokenizer(folder: str | Path):
         pad_token=EOS,  # as in Stable Diffusion 1.x
     )
     tokenizer.save_pretrained(folder)
-    # Write the slow-tokenizer files last so they are exactly ours whatever save_pretrained emits.
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=0), encoding="utf-8")
-    (folder / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
-    )
+    write_vocab_files(folder)
     return CLIPTokenizer.from_pretrained(folder)
