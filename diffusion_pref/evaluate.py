@@ -159,7 +159,7 @@ def sampling_settings(cfg: Config, variant: Optional[str] = None) -> Dict[str, A
     import difflib
 
     settings: Dict[str, Any] = {"steps": cfg.eval.steps, "guidance_scale": cfg.eval.guidance_scale,
-                                "resolution": cfg.eval.resolution, "dtype": cfg.eval.dtype}
+                                "resolution": cfg.eval.resolution, "dtype": _dtype_name(cfg)}
     overrides = (cfg.eval.variant_sampling.get(variant) or {}) if variant is not None else {}
     for key, value in overrides.items():
         if key not in SAMPLING_KEYS:
@@ -208,16 +208,26 @@ def _resolved_pretrained(pretrained: str) -> str:
 # -- generation ----------------------------------------------------------------------------------------------
 
 
+def _device_name(cfg: Config) -> str:
+    if cfg.eval.device != "auto":
+        return cfg.eval.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _dtype_name(cfg: Config) -> str:
+    """The dtype samples are generated in; "auto" resolved, so fp16 and fp32 samples never share a cache key."""
+    if cfg.eval.dtype != "auto":
+        return cfg.eval.dtype
+    return "fp16" if _device_name(cfg).startswith("cuda") else "fp32"
+
+
 def _torch_device_and_dtype(cfg: Config):
     import torch
 
-    device = cfg.eval.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = cfg.eval.dtype
-    if dtype == "auto":
-        dtype = "fp16" if device.startswith("cuda") else "fp32"
-    return torch.device(device), {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    return torch.device(_device_name(cfg)), dtypes[_dtype_name(cfg)]
 
 
 def load_variant(cfg: Config, variant: Variant):

@@ -250,6 +250,7 @@ def test_cache_key_changes_with_settings_and_weights(evaluated):
     cfg = evaluated["cfg"]
     variants = {v.name: v for v in resolve_variants(cfg)}
     settings = sampling_settings(cfg)
+    assert settings["dtype"] == ("fp16" if torch.cuda.is_available() else "fp32")  # "auto" resolved
     keys = {name: sample_key(model_fingerprint(cfg, v), "a red cat", 0, settings) for name, v in variants.items()}
     assert len(set(keys.values())) == 3  # base, its full copy and the LoRA are three models
     lora = variants["lora"]
