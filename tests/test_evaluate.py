@@ -345,6 +345,38 @@ def test_scores_a_folder_in_the_hpdv2_benchmark_layout(tmp_path):
         run(cfg, scorers={"red": ChannelMean(0)})
 
 
+def test_registered_reward_models_score_each_column(tmp_path):
+    """The real registry path (load_scorers): shapes-world renders, right vs wrong colours, scored by toy rewards."""
+    from diffusion_pref.prompts import read_prompts
+    from diffusion_pref.reward_models.toy import ToyFidelity, ToySize
+    from diffusion_pref.toy.render import COLOURS, Scene, place, render
+
+    records = read_prompts("toy")[:4]
+    images, positions = tmp_path / "imgs", {}
+    for model in ("right", "wrong"):
+        for record in records:
+            index = positions.setdefault((model, record.category), [0])
+            scene = Scene.from_caption(record.prompt, 0)
+            if model == "wrong":  # another foreground colour: fidelity drops
+                fg = next(c for c in COLOURS if c not in (scene.fg, scene.bg))
+                scene = place(fg, scene.shape, scene.bg, 0)
+            path = images / model / record.category / f"{index[0]:05d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            render(scene).save(path)
+            index[0] += 1
+    cfg = load_config(None, ["eval.prompts=toy", "eval.max_prompts=4", f"eval.images_dir={images}",
+                             "eval.baseline=wrong", f"output.dir={tmp_path / 'out'}", "eval.bootstrap_samples=20"])
+    cfg.reward.models = {"toy-fidelity": 1.0, "toy-size": 2.0}  # set whole: a recipe's dict merges with the default
+    metrics = run(cfg)
+    table = pd.read_parquet(tmp_path / "out" / "per_image.parquet")
+    assert metrics["rewards"] == ["toy-fidelity", "toy-size", WEIGHTED_SUM]
+    pixels = [Image.open(p).convert("RGB") for p in table["media"]]
+    assert table["toy-fidelity"].to_numpy() == pytest.approx(ToyFidelity().score(list(table["prompt"]), pixels).numpy())
+    assert table[WEIGHTED_SUM].to_numpy() == pytest.approx((table["toy-fidelity"] + 2 * table["toy-size"]).to_numpy())
+    assert metrics["win_rates"]["toy-fidelity"]["right"]["win_rate"] == 1.0
+    assert table["toy-size"].to_numpy() == pytest.approx(ToySize().score(list(table["prompt"]), pixels).numpy())
+
+
 # -- audio hook -----------------------------------------------------------------------------------------------
 
 
