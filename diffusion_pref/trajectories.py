@@ -2,19 +2,46 @@
 
 Layout: every tensor built here is ``[w; l]``, the B winners followed by the B losers (``[2B, ...]``), so the
 trainer runs one UNet forward over the pair batch and splits with ``.chunk(2)``. The two sides of a pair share
-their noise and their timestep: Diffusion-DPO compares the denoising errors of winner and loser, and sharing
-removes the noise and timestep variance from that difference (both reference codebases do this).
+their timestep (and, for ``forward``, their noise): Diffusion-DPO compares the denoising errors of winner and
+loser, and sharing removes the noise and timestep variance from that difference (both reference codebases do this).
 
-Kinds:
+Kinds (one entry point, :func:`make_trajectory`):
 
-- ``forward`` (here): x_t from the forward process, ``scheduler.add_noise(x0, noise, t)``, as in Diffusion-DPO.
-- ``ddim`` / ``renoise`` (SmPO's inversion of x0 with the current model): a later issue.
+- ``forward``: x_t from the forward process, ``scheduler.add_noise(x0, noise, t)``, as in Diffusion-DPO.
+- ``ddim``: x_t from deterministic DDIM inversion of x0 under a model (SmPO's "numerical upper bound": the
+  trajectory the model itself would take, instead of random noise).
+- ``renoise``: ReNoise inversion (Garibi et al., arXiv 2403.14602): each inversion step re-evaluates the model at
+  its own output K times (a fixed-point iteration towards the exact DDIM inverse) and averages a window of
+  those noise predictions; optional noise regularisation (patch-KL and auto-correlation). K = 1 with both
+  predictions averaged is what the SmPO code runs.
+
+For the inversion kinds the target is the image-dependent "noise" of the inverted latent,
+``tau_t = (x~_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)`` (or the v built from it for v-prediction models), so
+``noise`` differs between winner and loser; t is still shared within a pair.
+
+Inversion grid and the sampled t (a deliberate choice, see ``trajectory.t_mode``): t ~ U{0..T-1} is drawn exactly
+as for ``forward``; the grid is ``DDIMInverseScheduler.set_timesteps(steps)`` of the model's scheduler config
+(SD1.5, steps=5: [1, 201, 401, 601, 801]). ``exact`` (default) inverts along the grid points below t and then
+takes one more step to t itself, so x~_t sits at the noise level the UNet is told. ``grid_below`` stops at the
+last grid point below t and feeds that latent as if it were at t: the released SmPO code, one step cheaper, but
+for small t the "noise" target is then mostly a scaled x0. x0 is the clean latent (abar = 1); diffusers' SD
+configs put it at abar_0 = 0.99915 instead, a difference far below the inversion error.
+
+The model is called as ``predict_fn(x, t, cond)`` on the whole ``[2B]`` batch (x ``[2B, C, H, W]``, t ``[2B]``);
+pairs that need fewer steps than the longest one are carried along unchanged. Inversion runs under no_grad and
+in float32 arithmetic whatever the latent dtype. v-prediction outputs are turned into noise with the input
+latent and the timestep the model was given, so a converged ReNoise step is the exact inverse of a DDIM
+sampling step (diffusers' DDIMInverseScheduler uses the source latent's abar instead; both agree for epsilon).
+Not implemented: ReNoise's noise correction (only for stochastic samplers) and its "first steps" special case
+(with K = 1 and the default window it changes nothing).
 
 Example::
 
     from diffusers import DDPMScheduler
-    from diffusion_pref.trajectories import forward_trajectory
-    traj = forward_trajectory(DDPMScheduler(), latents_w, latents_l, generator=torch.Generator().manual_seed(0))
+    from diffusion_pref.trajectories import make_trajectory
+    traj = make_trajectory("renoise", DDPMScheduler(), latents_w, latents_l, steps=5, renoise_iters=1,
+                           predict_fn=lambda x, t, c: unet(x, t, **c).sample, cond=cond,
+                           generator=torch.Generator().manual_seed(0))
     pred = unet(traj.x_t, traj.t, cond).sample          # [2B, C, H, W]
     policy_w, policy_l = denoising_log_likelihood(pred, traj.target).chunk(2)
 """
@@ -22,24 +49,40 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ForwardTrajectory", "denoising_target", "forward_trajectory", "shared_noise_and_timesteps"]
+__all__ = [
+    "ForwardTrajectory",
+    "Trajectory",
+    "ddim_sample",
+    "denoising_target",
+    "forward_trajectory",
+    "inversion_grid",
+    "invert_latents",
+    "make_trajectory",
+    "shared_noise_and_timesteps",
+    "trajectory_options",
+]
 
 SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")
+KINDS = ("forward", "ddim", "renoise")
+T_MODES = ("exact", "grid_below")
 
 
 @dataclass
 class ForwardTrajectory:
-    """One forward-noised pair batch in the ``[w; l]`` layout."""
+    """One pair batch in the ``[w; l]`` layout (every kind returns this)."""
 
     x_t: torch.Tensor  # [2B, C, H, W] noisy latents fed to the UNet
     t: torch.Tensor  # [2B] integer timesteps, t[i] == t[i + B]
     target: torch.Tensor  # [2B, C, H, W] epsilon or v, per the scheduler's prediction_type
-    noise: torch.Tensor  # [2B, C, H, W] the shared noise, noise[i] == noise[i + B]
+    noise: torch.Tensor  # [2B, C, H, W] forward: the shared noise; ddim/renoise: tau_t of each inverted latent
+
+
+Trajectory = ForwardTrajectory  # the same record for every kind
 
 
 def shared_noise_and_timesteps(latents_w: torch.Tensor, num_train_timesteps: int, generator=None):
@@ -94,3 +137,292 @@ def forward_trajectory(
     x_t = scheduler.add_noise(x0, noise, t)
     target = denoising_target(scheduler, x0, noise, t)
     return ForwardTrajectory(x_t=x_t, t=t, target=target, noise=noise)
+
+
+# ------------------------------------------------------------------------------------------------ inversion
+
+
+def inversion_grid(scheduler, steps: int) -> list[int]:
+    """Ascending inversion timesteps: ``DDIMInverseScheduler.set_timesteps(steps)`` on ``scheduler``'s config.
+
+    Using diffusers' own spacing (``leading`` + ``steps_offset`` for SD) keeps the grid identical to what the
+    SmPO code and diffusers' inversion pipelines use (SD1.5, 5 steps: [1, 201, 401, 601, 801]).
+    """
+    from diffusers import DDIMInverseScheduler
+
+    total = int(scheduler.config.num_train_timesteps)
+    if not 1 <= int(steps) <= total:
+        raise ValueError(f"trajectory.steps={steps} must be between 1 and the scheduler's {total} training timesteps.")
+    inverse = DDIMInverseScheduler.from_config(scheduler.config)
+    inverse.set_timesteps(int(steps))
+    return sorted({min(max(int(g), 0), total - 1) for g in inverse.timesteps.tolist()})
+
+
+def _alpha_bar(scheduler, t: torch.Tensor) -> torch.Tensor:
+    """abar_t as float32 ``[N, 1, 1, 1]``; t = -1 stands for the clean latent (abar = 1)."""
+    import torch
+
+    table = scheduler.alphas_cumprod.to(device=t.device, dtype=torch.float32)
+    abar = torch.where(t < 0, torch.ones((), device=t.device), table[t.clamp(min=0)])
+    return abar.reshape(-1, 1, 1, 1)
+
+
+def _ddim_move(z_from, eps, abar_from, abar_to):
+    """The deterministic DDIM move between noise levels given a noise estimate (DDIM Eq. 12 with sigma = 0).
+
+    The same formula serves inversion (abar_to < abar_from) and sampling: x0_hat from the source latent, then
+    re-noised to the target level with the same eps.
+    """
+    x0_hat = (z_from - (1 - abar_from).sqrt() * eps) / abar_from.sqrt()
+    return abar_to.sqrt() * x0_hat + (1 - abar_to).sqrt() * eps
+
+
+def _as_eps(output, x_in, abar_in, prediction_type: str):
+    """A model output -> its noise estimate; v is read relative to the model's own input and timestep."""
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "v_prediction":
+        return abar_in.sqrt() * output + (1 - abar_in).sqrt() * x_in
+    raise ValueError(
+        f"Unsupported scheduler prediction_type {prediction_type!r} for inversion; supported: "
+        f"{', '.join(SUPPORTED_PREDICTION_TYPES)}."
+    )
+
+
+def _patch_stats(x, patch: int = 4):
+    # [N, C, H, W] -> per-patch mean and variance [N, C, P]
+    patches = x.unfold(2, patch, patch).unfold(3, patch, patch).flatten(4).flatten(2, 3)  # [N, C, P, patch^2]
+    return patches.mean(-1), patches.var(-1)
+
+
+def _patch_kl(eps, ref_eps):
+    """ReNoise's patch-KL term: per 4x4 patch and channel, |log(v1/v0) + (v0 + (m0 - m1)^2) / v1 - 1|, summed."""
+    m0, v0 = _patch_stats(eps)
+    m1, v1 = _patch_stats(ref_eps)
+    return (v1.log() - v0.log() + (v0 + (m0 - m1) ** 2) / v1 - 1).abs().sum()
+
+
+def _auto_correlation(eps, generator):
+    """pix2pix-zero / ReNoise auto-correlation term over a pyramid, per sample and channel, one random shift."""
+    import torch
+    import torch.nn.functional as F
+
+    loss = eps.new_zeros(())
+    noise = eps
+    while True:
+        size = noise.shape[2]
+        shift = int(torch.randint(0, max(size // 2, 1), (1,), generator=generator).item())
+        loss = loss + (noise * noise.roll(shift, dims=2)).mean(dim=(2, 3)).pow(2).sum()
+        loss = loss + (noise * noise.roll(shift, dims=3)).mean(dim=(2, 3)).pow(2).sum()
+        if size <= 8 or min(noise.shape[2:]) < 2:
+            return loss
+        noise = F.avg_pool2d(noise, kernel_size=2)
+
+
+def _regularise(eps, ref_eps, reg: dict, generator):
+    """ReNoise's editability regularisation of a noise estimate: gradient steps on the two terms above."""
+    import torch
+
+    with torch.enable_grad():
+        for _ in range(reg["steps"]):
+            if reg["lambda_ac"] > 0:
+                for _ in range(reg["ac_rolls"]):
+                    var = eps.detach().clone().requires_grad_(True)
+                    (grad,) = torch.autograd.grad(_auto_correlation(var, generator), var)
+                    eps = eps - reg["lambda_ac"] * grad / reg["ac_rolls"]
+            if reg["lambda_kl"] > 0 and ref_eps is not None:
+                var = eps.detach().clone().requires_grad_(True)
+                (grad,) = torch.autograd.grad(_patch_kl(var, ref_eps), var)
+                eps = eps - reg["lambda_kl"] * grad.clamp(-100, 100)
+    return eps.detach()
+
+
+def _renoise_step(predict, z_s, abar_s, g, abar_g, iters: int, window: Sequence[int], prediction_type: str,
+                  reg: Optional[dict], ref_eps, generator):
+    """One inversion step z_s -> z_g with K = ``iters`` renoise iterations (K = 0: plain DDIM inversion).
+
+    Prediction k is made at the current estimate z_g^(k) (z_g^(0) = z_s) and the next estimate is always a DDIM
+    move from z_s: z_g^(k+1) = move(z_s, eps(z_g^(k), g)), a fixed-point iteration for the implicit equation a
+    DDIM sampling step would have to satisfy. The predictions with index in ``window`` are averaged for the
+    final move.
+    """
+    start, end = int(window[0]), int(window[1])
+    z_k, total, count, eps = z_s, None, 0, None
+    for k in range(iters + 1):
+        eps = _as_eps(predict(z_k, g), z_k, abar_g, prediction_type)
+        if start <= k < end:
+            total = eps if total is None else total + eps
+            count += 1
+        if reg is not None and k >= start:
+            eps = _regularise(eps, ref_eps, reg, generator)
+        z_k = _ddim_move(z_s, eps, abar_s, abar_g)
+    if count == 0:
+        return z_k  # the window holds no prediction: the last iterate
+    eps_mean = total / count
+    if reg is not None:
+        eps_mean = _regularise(eps_mean, ref_eps, reg, generator)
+    return _ddim_move(z_s, eps_mean, abar_s, abar_g)
+
+
+def _paths(grid: Sequence[int], t: torch.Tensor, t_mode: str):
+    """Per-sample ascending target timesteps ``[N, L]`` (padded with the last entry) and their lengths ``[N]``."""
+    import torch
+
+    if t_mode not in T_MODES:
+        raise ValueError(f"trajectory.t_mode={t_mode!r} is not one of {', '.join(T_MODES)}.")
+    rows = []
+    for ti in t.tolist():
+        path = [g for g in grid if g < ti]
+        if t_mode == "exact":
+            path.append(int(ti))
+        rows.append(path)
+    length = max(1, max(len(r) for r in rows))
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    padded = [(r + [r[-1] if r else 0] * (length - len(r))) for r in rows]
+    return torch.tensor(padded, dtype=torch.long, device=t.device), lengths.to(t.device)
+
+
+def _invert(scheduler, predict_fn, x0, cond, paths, lengths, *, renoise_iters=0, average_window=(0, 1),
+            noise_reg=None, generator=None):
+    """Invert ``x0`` ``[N, ...]`` along per-sample paths; float32 result at each sample's last path entry."""
+    import torch
+
+    prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
+    dtype = x0.dtype
+    z = x0.float()
+    source = torch.full_like(lengths, -1)  # -1: the clean latent
+    for j in range(paths.shape[1]):
+        active = lengths > j  # [N]
+        if not bool(active.any()):
+            break
+        g = paths[:, j]
+        abar_s, abar_g = _alpha_bar(scheduler, source), _alpha_bar(scheduler, g)
+
+        def predict(x, timesteps):
+            return predict_fn(x.to(dtype), timesteps, cond).float()
+
+        ref_eps = None
+        if noise_reg is not None and noise_reg["lambda_kl"] > 0:
+            # ReNoise's KL reference: the model's prediction on a forward-noised x0 at the same level.
+            noise = torch.randn(x0.shape, generator=generator, device=generator.device if generator else x0.device)
+            x_fwd = abar_g.sqrt() * x0.float() + (1 - abar_g).sqrt() * noise.to(x0.device)
+            ref_eps = _as_eps(predict(x_fwd, g), x_fwd, abar_g, prediction_type)
+        z_new = _renoise_step(predict, z, abar_s, g, abar_g, renoise_iters, average_window, prediction_type,
+                              noise_reg, ref_eps, generator)
+        mask = active.reshape(-1, *([1] * (z.ndim - 1)))
+        z = torch.where(mask, z_new, z)
+        source = torch.where(active, g, source)
+    return z
+
+
+def _check_options(renoise_iters, average_window, noise_reg_steps, noise_reg_ac_rolls):
+    if int(renoise_iters) < 0:
+        raise ValueError(f"trajectory.renoise_iters={renoise_iters} must be >= 0 (0 = plain DDIM inversion).")
+    if len(average_window) != 2 or int(average_window[0]) < 0 or int(average_window[1]) < int(average_window[0]):
+        raise ValueError(f"trajectory.average_window={list(average_window)} must be [start, end] with 0 <= start <= end "
+                         "(prediction indices 0..renoise_iters, end exclusive), e.g. [0, 2].")
+    if int(noise_reg_steps) < 0 or int(noise_reg_ac_rolls) < 1:
+        raise ValueError("trajectory.noise_reg_steps must be >= 0 and trajectory.noise_reg_ac_rolls >= 1.")
+
+
+def invert_latents(scheduler, predict_fn: Callable, x0: torch.Tensor, cond, timesteps: Sequence[int], *,
+                   renoise_iters: int = 0, average_window: Sequence[int] = (0, 2), noise_reg_steps: int = 0,
+                   noise_reg_lambda_kl: float = 0.065, noise_reg_lambda_ac: float = 20.0, noise_reg_ac_rolls: int = 5,
+                   generator=None) -> torch.Tensor:
+    """Invert clean latents ``x0`` ``[N, C, H, W]`` along ascending ``timesteps``; returns z at the last one (float32).
+
+    ``renoise_iters=0`` is plain DDIM inversion. Reconstruct with :func:`ddim_sample` on the same timesteps.
+    """
+    import torch
+
+    _check_options(renoise_iters, average_window, noise_reg_steps, noise_reg_ac_rolls)
+    if not timesteps or list(timesteps) != sorted(set(int(g) for g in timesteps)):
+        raise ValueError(f"invert_latents: timesteps must be a non-empty ascending list, got {list(timesteps)}.")
+    paths = torch.tensor([list(timesteps)] * x0.shape[0], dtype=torch.long, device=x0.device)
+    lengths = torch.full((x0.shape[0],), len(timesteps), dtype=torch.long, device=x0.device)
+    reg = _reg_options(noise_reg_steps, noise_reg_lambda_kl, noise_reg_lambda_ac, noise_reg_ac_rolls)
+    with torch.no_grad():
+        return _invert(scheduler, predict_fn, x0, cond, paths, lengths, renoise_iters=int(renoise_iters),
+                       average_window=average_window, noise_reg=reg, generator=generator)
+
+
+def _reg_options(steps, lambda_kl, lambda_ac, ac_rolls):
+    if int(steps) <= 0:
+        return None
+    return {"steps": int(steps), "lambda_kl": float(lambda_kl), "lambda_ac": float(lambda_ac),
+            "ac_rolls": int(ac_rolls)}
+
+
+def ddim_sample(scheduler, predict_fn: Callable, z: torch.Tensor, cond, timesteps: Sequence[int]) -> torch.Tensor:
+    """Deterministic DDIM sampling from ``z`` at ``timesteps[-1]`` down the same grid to the clean latent (float32)."""
+    import torch
+
+    prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
+    n = z.shape[0]
+    steps = [int(g) for g in timesteps]
+    with torch.no_grad():
+        z = z.float()
+        for j in reversed(range(len(steps))):
+            g = torch.full((n,), steps[j], dtype=torch.long, device=z.device)
+            s = torch.full((n,), steps[j - 1] if j > 0 else -1, dtype=torch.long, device=z.device)
+            abar_g, abar_s = _alpha_bar(scheduler, g), _alpha_bar(scheduler, s)
+            eps = _as_eps(predict_fn(z, g, cond).float(), z, abar_g, prediction_type)
+            z = _ddim_move(z, eps, abar_g, abar_s)
+    return z
+
+
+def trajectory_options(traj_cfg) -> dict:
+    """``cfg.trajectory`` -> the keyword options of :func:`make_trajectory` (everything but ``kind``)."""
+    return {
+        "steps": traj_cfg.steps,
+        "t_mode": traj_cfg.t_mode,
+        "renoise_iters": traj_cfg.renoise_iters,
+        "average_window": list(traj_cfg.average_window),
+        "noise_reg_steps": traj_cfg.noise_reg_steps,
+        "noise_reg_lambda_kl": traj_cfg.noise_reg_lambda_kl,
+        "noise_reg_lambda_ac": traj_cfg.noise_reg_lambda_ac,
+        "noise_reg_ac_rolls": traj_cfg.noise_reg_ac_rolls,
+    }
+
+
+def make_trajectory(kind: str, scheduler, latents_w: torch.Tensor, latents_l: torch.Tensor, *,
+                    predict_fn: Optional[Callable] = None, cond=None, generator=None, steps: int = 50,
+                    t_mode: str = "exact", renoise_iters: int = 1, average_window: Sequence[int] = (0, 2),
+                    noise_reg_steps: int = 0, noise_reg_lambda_kl: float = 0.065, noise_reg_lambda_ac: float = 20.0,
+                    noise_reg_ac_rolls: int = 5) -> Trajectory:
+    """x_t, t, target and noise for B pairs (``[w; l]``), from the forward process or by inverting x0.
+
+    ``predict_fn(x [2B, C, H, W], t [2B], cond) -> model output`` is needed for ``ddim`` / ``renoise``; ``cond`` is
+    passed through unchanged (already repeated for ``[w; l]``). t is drawn exactly as for ``forward`` (the same
+    generator gives the same t). ``ddim`` ignores the ReNoise options.
+    """
+    import torch
+
+    if kind not in KINDS:
+        raise ValueError(f"trajectory.kind={kind!r} is not one of {', '.join(KINDS)}.")
+    if kind == "forward":
+        return forward_trajectory(scheduler, latents_w, latents_l, generator=generator)
+    if predict_fn is None:
+        raise ValueError(f"trajectory.kind={kind} inverts x0 with the model: pass predict_fn(x_t, t, cond).")
+    if latents_w.shape != latents_l.shape:
+        raise ValueError(
+            f"make_trajectory: latents_w has shape {tuple(latents_w.shape)} but latents_l has "
+            f"{tuple(latents_l.shape)}; the two sides of each pair must have the same latent shape."
+        )
+    _check_options(renoise_iters, average_window, noise_reg_steps, noise_reg_ac_rolls)
+    grid = inversion_grid(scheduler, steps)
+    x0 = torch.cat([latents_w, latents_l])  # [2B, C, H, W]
+    _, t = shared_noise_and_timesteps(latents_w, scheduler.config.num_train_timesteps, generator)
+    paths, lengths = _paths(grid, t, t_mode)
+    if kind == "ddim":
+        iters, window, reg = 0, (0, 1), None
+    else:
+        iters, window = int(renoise_iters), average_window
+        reg = _reg_options(noise_reg_steps, noise_reg_lambda_kl, noise_reg_lambda_ac, noise_reg_ac_rolls)
+    with torch.no_grad():
+        x_t = _invert(scheduler, predict_fn, x0, cond, paths, lengths, renoise_iters=iters, average_window=window,
+                      noise_reg=reg, generator=generator)  # [2B, C, H, W] float32
+        abar_t = _alpha_bar(scheduler, t)
+        tau = (x_t - abar_t.sqrt() * x0.float()) / (1 - abar_t).sqrt()
+        target = denoising_target(scheduler, x0.float(), tau, t)
+    return Trajectory(x_t=x_t.to(x0.dtype), t=t, target=target.to(x0.dtype), noise=tau.to(x0.dtype))

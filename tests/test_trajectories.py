@@ -1,4 +1,4 @@
-"""Tests for diffusion_pref.trajectories (forward kind): shared noise/t, x_t and targets against the closed forms."""
+"""Tests for diffusion_pref.trajectories: forward noising, DDIM / ReNoise inversion, targets against closed forms."""
 
 from __future__ import annotations
 
@@ -8,9 +8,17 @@ from diffusers import DDPMScheduler
 
 from diffusion_pref.losses import denoising_log_likelihood
 from diffusion_pref.trajectories import (
+    _auto_correlation,
+    _patch_kl,
+    _regularise,
+    ddim_sample,
     denoising_target,
     forward_trajectory,
+    inversion_grid,
+    invert_latents,
+    make_trajectory,
     shared_noise_and_timesteps,
+    trajectory_options,
 )
 
 B, SHAPE = 3, (4, 2, 2)
@@ -84,3 +92,261 @@ def test_unsupported_prediction_type_and_shape_mismatch_raise():
         denoising_target(scheduler, x0, torch.randn_like(x0), torch.zeros(B, dtype=torch.long))
     with pytest.raises(ValueError, match="latents_l"):
         forward_trajectory(DDPMScheduler(num_train_timesteps=10), x0, x0[:1])
+
+
+
+# --------------------------------------------------------------------------------------------- inversion kinds
+# Independent references: diffusers' DDIMInverseScheduler / DDIMScheduler steps, scheduler.add_noise, and
+# closed-form inverses of a linear denoiser.
+
+
+def sd_scheduler(**kw):
+    # SD1.5's scheduler config: scaled_linear betas, leading spacing, steps_offset 1
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                         clip_sample=False, set_alpha_to_one=False, **kw)
+
+
+def test_inversion_grid_matches_the_smpo_sd15_and_sdxl_grids():
+    assert inversion_grid(sd_scheduler(), 5) == [1, 201, 401, 601, 801]
+    assert inversion_grid(sd_scheduler(), 10) == [1 + 100 * i for i in range(10)]
+    with pytest.raises(ValueError, match="trajectory.steps"):
+        inversion_grid(sd_scheduler(), 0)
+
+
+def test_one_ddim_inversion_step_equals_diffusers_inverse_scheduler_step():
+    from diffusers import DDIMInverseScheduler
+
+    sched = sd_scheduler()
+    inverse = DDIMInverseScheduler.from_config(sched.config)
+    inverse.set_timesteps(5)
+    eps_fixed = torch.randn(1, *SHAPE, generator=torch.Generator().manual_seed(2))
+    x0 = torch.randn(1, *SHAPE, generator=torch.Generator().manual_seed(3))
+
+    def predict(x, t, c):  # a model that ignores its input
+        return eps_fixed.expand_as(x)
+
+    z201 = invert_latents(sched, predict, x0, None, [201])
+    abar201 = sched.alphas_cumprod[201]
+    # the first step leaves the clean latent (abar = 1), so its x0_hat is x0 itself
+    torch.testing.assert_close(z201, abar201.sqrt() * x0 + (1 - abar201).sqrt() * eps_fixed, rtol=1e-5, atol=1e-5)
+    z401 = invert_latents(sched, predict, x0, None, [201, 401])
+    torch.testing.assert_close(z401, inverse.step(eps_fixed, 401, z201).prev_sample, rtol=1e-5, atol=1e-5)
+
+
+def test_ddim_sample_step_equals_diffusers_ddim_scheduler_step():
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=True, steps_offset=1)
+    sched.set_timesteps(5)  # 801, 601, ..., 1; the last step goes to abar = 1, like our clean latent
+    eps = torch.randn(1, *SHAPE, generator=torch.Generator().manual_seed(4))
+    z = torch.randn(1, *SHAPE, generator=torch.Generator().manual_seed(5))
+    ours = ddim_sample(sched, lambda x, t, c: eps.expand_as(x), z, None, [1, 201, 401, 601, 801])
+    want = z
+    for step_t in sched.timesteps:
+        want = sched.step(eps, step_t, want).prev_sample
+    torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-4)
+
+
+def _constant_noise_predictor(noise):
+    # a "perfect" denoiser for images that were noised with `noise`: DDIM inversion then reproduces add_noise
+    return lambda x, t, c: noise
+
+
+@pytest.mark.parametrize("t_mode", ["exact", "grid_below"])
+def test_ddim_with_a_perfect_denoiser_reproduces_forward_noising_and_its_noise(t_mode):
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                          beta_end=0.012, steps_offset=1)
+    x0_w, x0_l = latents(0), latents(1)
+    noise = torch.randn(2 * B, *SHAPE, generator=torch.Generator().manual_seed(9))
+    calls = []
+
+    def predict(x, t, c):
+        calls.append(t.clone())
+        return noise
+
+    gen = torch.Generator().manual_seed(11)
+    traj = make_trajectory("ddim", sched, x0_w, x0_l, predict_fn=predict, generator=gen, steps=5, t_mode=t_mode)
+    fwd = forward_trajectory(sched, x0_w, x0_l, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(traj.t, fwd.t) and torch.equal(traj.t[:B], traj.t[B:])  # t drawn exactly as for forward
+    x0 = torch.cat([x0_w, x0_l])
+    grid = [1, 201, 401, 601, 801]
+    if t_mode == "exact":
+        reached = traj.t
+        torch.testing.assert_close(traj.noise, noise, rtol=1e-4, atol=1e-4)  # tau_t is the noise itself
+        torch.testing.assert_close(traj.target, noise, rtol=1e-4, atol=1e-4)
+    else:
+        # the latent stops at the last grid point below t (x0 itself when none is), but is labelled t
+        reached = torch.tensor([max([g for g in grid if g < ti] or [-1]) for ti in traj.t.tolist()])
+    for i, r in enumerate(reached.tolist()):
+        want = x0[i] if r < 0 else sched.add_noise(x0[i:i + 1], noise[i:i + 1], torch.tensor([r]))[0]
+        torch.testing.assert_close(traj.x_t[i], want, rtol=1e-4, atol=1e-4)
+    abar = _abar(sched, traj.t)
+    tau = (traj.x_t.double() - abar.sqrt() * x0.double()) / (1 - abar).sqrt()
+    torch.testing.assert_close(traj.noise.double(), tau, rtol=1e-4, atol=1e-4)
+    # the model saw each grid point below t, in order (and t itself last, in exact mode)
+    steps_needed = [len([g for g in grid if g < ti]) + (t_mode == "exact") for ti in traj.t.tolist()]
+    assert len(calls) == max(steps_needed)
+    if t_mode == "exact":
+        last = [calls[n - 1][i].item() for i, n in enumerate(steps_needed)]
+        assert last == traj.t.tolist()
+
+
+def test_inversion_v_prediction_target_is_the_velocity_of_tau():
+    sched = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    x0_w, x0_l = latents(0), latents(1)
+    noise = torch.randn(2 * B, *SHAPE, generator=torch.Generator().manual_seed(9))
+
+    def predict_v(x, t, c):  # the v that corresponds to eps = noise for this input at this t
+        abar = _abar(sched, t).float()
+        return (abar.sqrt() * noise - (1 - abar).sqrt() * ((x - (1 - abar).sqrt() * noise) / abar.sqrt()))
+
+    traj = make_trajectory("ddim", sched, x0_w, x0_l, predict_fn=predict_v, steps=5,
+                           generator=torch.Generator().manual_seed(1))
+    x0 = torch.cat([x0_w, x0_l]).double()
+    abar = _abar(sched, traj.t)
+    torch.testing.assert_close(traj.noise, noise, rtol=1e-3, atol=1e-3)
+    want = abar.sqrt() * traj.noise.double() - (1 - abar).sqrt() * x0
+    torch.testing.assert_close(traj.target.double(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_renoise_fixed_point_converges_to_the_exact_inverse_of_a_linear_denoiser(prediction_type):
+    # eps(z, t) = c_t * z. The exact inverse step s -> g solves z_g = A z_s + Bc z_g (the DDIM sampling step from
+    # z_g lands on z_s), so z_g = A z_s / (1 - B c); the renoise iteration is the fixed-point map of that equation.
+    sched = sd_scheduler(prediction_type=prediction_type)
+    grid = [1, 101, 201, 301]
+    c = {1: 0.3, 101: -0.4, 201: 0.5, 301: 0.2}
+
+    def eps_of(z, t):
+        return torch.tensor([c[int(ti)] for ti in t]).reshape(-1, 1, 1, 1) * z
+
+    def predict(x, t, cond):
+        eps = eps_of(x, t)
+        if prediction_type == "epsilon":
+            return eps
+        abar = sched.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+        return (eps - (1 - abar).sqrt() * x) / abar.sqrt()  # the v whose noise estimate is eps
+
+    x0 = latents(3).double().float()
+    want = x0.double()
+    abar_s = torch.tensor(1.0, dtype=torch.float64)
+    for g in grid:
+        abar_g = sched.alphas_cumprod[g].double()
+        a = abar_g.sqrt() / abar_s.sqrt()
+        b = (1 - abar_g).sqrt() - abar_g.sqrt() * (1 - abar_s).sqrt() / abar_s.sqrt()
+        want = a * want / (1 - b * c[g])
+        abar_s = abar_g
+    exact = invert_latents(sched, predict, x0, None, grid, renoise_iters=30, average_window=[30, 31])
+    torch.testing.assert_close(exact.double(), want, rtol=1e-5, atol=1e-5)
+    plain = invert_latents(sched, predict, x0, None, grid, renoise_iters=0)
+    assert float((plain.double() - want).abs().max()) > 1e-2  # plain DDIM inversion is only approximate
+    # and DDIM sampling from the exact inverse lands back on x0
+    torch.testing.assert_close(ddim_sample(sched, predict, exact, None, grid), x0, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd():
+    from diffusion_pref.testing import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline(seed=0)
+    ids = pipe.tokenizer(["a red cat"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = pipe.text_encoder(ids)[0]
+
+    def predict(x, t, cond):
+        return pipe.unet(x, t, encoder_hidden_states=cond.expand(x.shape[0], -1, -1)).sample
+
+    return pipe, predict, hidden
+
+
+# A partial inversion (to t = 151 on a 20-step grid): a random-weight UNet is a poor denoiser, so inverting to
+# t ~ 1000, where x0_hat divides by sqrt(abar) ~ 0.07, amplifies its errors; on this range the errors measured
+# (latent RMSE, x0 ~ N(0, 1), seeds 0-2): DDIM 0.008-0.013, ReNoise K=1 averaged (SmPO) about half of that,
+# ReNoise K=4 2e-7 to 6e-7.
+TINY_GRID = [1, 51, 101, 151]
+DDIM_TOLERANCE = 0.03
+
+
+def _rmse(a, b):
+    return float(((a.float() - b.float()) ** 2).mean().sqrt())
+
+
+def test_ddim_inversion_then_sampling_reconstructs_x0_on_a_tiny_sd(tiny_sd):
+    pipe, predict, hidden = tiny_sd
+    assert inversion_grid(pipe.scheduler, 20)[:4] == TINY_GRID
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    z = invert_latents(pipe.scheduler, predict, x0, hidden, TINY_GRID)
+    assert _rmse(z, x0) > 0.1  # it did move away from x0
+    ddim_error = _rmse(ddim_sample(pipe.scheduler, predict, z, hidden, TINY_GRID), x0)
+    assert ddim_error < DDIM_TOLERANCE
+    # ReNoise at the same number of inversion steps: the SmPO setting (K = 1, both predictions averaged) and
+    # a converged one (K = 4, last prediction) both reconstruct better than plain DDIM inversion
+    errors = {}
+    for iters, window in ((1, [0, 2]), (4, [4, 5])):
+        z_re = invert_latents(pipe.scheduler, predict, x0, hidden, TINY_GRID, renoise_iters=iters,
+                              average_window=window)
+        errors[iters] = _rmse(ddim_sample(pipe.scheduler, predict, z_re, hidden, TINY_GRID), x0)
+    assert errors[1] < 0.6 * ddim_error
+    assert errors[4] < 1e-3 * ddim_error
+
+
+def test_renoise_trajectory_on_tiny_sd_has_pair_layout_and_consistent_target(tiny_sd):
+    pipe, predict, hidden = tiny_sd
+    from diffusers import DDPMScheduler as Ddpm
+
+    sched = Ddpm.from_config(pipe.scheduler.config)
+    x0_w, x0_l = torch.randn(2, 1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    traj = make_trajectory("renoise", sched, x0_w, x0_l, predict_fn=predict, cond=hidden, steps=5,
+                           generator=torch.Generator().manual_seed(0))
+    assert traj.x_t.shape == (2, 4, 8, 8) and torch.equal(traj.t[:1], traj.t[1:])
+    assert not torch.equal(traj.noise[0], traj.noise[1])  # tau depends on the image, unlike forward noise
+    abar = _abar(sched, traj.t).float()
+    torch.testing.assert_close(traj.x_t, abar.sqrt() * torch.cat([x0_w, x0_l]) + (1 - abar).sqrt() * traj.noise,
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(traj.target, traj.noise)
+
+
+def test_noise_regularisation_lowers_both_terms():
+    gen = torch.Generator().manual_seed(0)
+    smooth = torch.randn(2, 4, 16, 16, generator=gen).cumsum(-1) / 4  # strongly auto-correlated "noise"
+    ref = torch.randn(2, 4, 16, 16, generator=gen)
+    reg = {"steps": 4, "lambda_kl": 0.065, "lambda_ac": 20.0, "ac_rolls": 5}
+    out = _regularise(smooth, ref, reg, torch.Generator().manual_seed(1))
+    assert out.shape == smooth.shape and not out.requires_grad
+    assert float(_patch_kl(out, ref)) < float(_patch_kl(smooth, ref))
+    ac_before = _auto_correlation(smooth, torch.Generator().manual_seed(2))
+    ac_after = _auto_correlation(out, torch.Generator().manual_seed(2))
+    assert float(ac_after) < float(ac_before)
+
+
+def test_renoise_with_regularisation_runs_through_make_trajectory():
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    x = torch.randn(2, 1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    traj = make_trajectory("renoise", sched, x[0], x[1], predict_fn=lambda z, t, c: 0.5 * z, steps=5,
+                           noise_reg_steps=1, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(traj.x_t).all() and torch.isfinite(traj.target).all()
+
+
+def test_trajectory_options_from_config_and_bad_options_raise():
+    from diffusion_pref.config import load_config
+
+    cfg = load_config(None, ["trajectory.kind=renoise", "trajectory.renoise_iters=3",
+                             "trajectory.average_window=[2,4]", "trajectory.t_mode=grid_below"])
+    opts = trajectory_options(cfg.trajectory)
+    assert opts["renoise_iters"] == 3 and opts["average_window"] == [2, 4] and opts["t_mode"] == "grid_below"
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    x = latents(0)
+    with pytest.raises(ValueError, match="predict_fn"):
+        make_trajectory("ddim", sched, x, x)
+    with pytest.raises(ValueError, match="average_window"):
+        make_trajectory("renoise", sched, x, x, predict_fn=lambda z, t, c: z, average_window=[3, 1])
+    with pytest.raises(ValueError, match="one of"):
+        make_trajectory("backward", sched, x, x)
+    # forward through the single entry point is forward_trajectory itself
+    a = make_trajectory("forward", sched, x, latents(1), generator=torch.Generator().manual_seed(0))
+    b = forward_trajectory(sched, x, latents(1), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a.x_t, b.x_t) and torch.equal(a.t, b.t)
