@@ -1,0 +1,82 @@
+"""Backbone adapters: one thin class per model family over its diffusers pipeline.
+
+``load_backbone(model_cfg)`` reads ``model.pretrained`` ("toy", a hub id, or a local diffusers folder), decides
+the family (``model.family``, or ``auto`` from ``model_index.json``) and returns the adapter.
+
+Example::
+
+    from diffusion_pref.pipelines import load_backbone
+    backbone = load_backbone(cfg.model)   # StableDiffusionBackbone or SDXLBackbone
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+TOY_WEIGHTS = Path(__file__).resolve().parent.parent / "toy" / "weights"
+
+
+def resolve_pretrained(pretrained: str) -> str:
+    """"toy" -> the shipped shapes-world weights; an existing folder -> its path; anything else is a hub id."""
+    from diffusion_pref.pipelines.stable_diffusion import ModelLoadError
+
+    if pretrained == "toy":
+        if not (TOY_WEIGHTS / "model_index.json").is_file():
+            raise ModelLoadError(f"model.pretrained=toy: the shipped toy weights are missing at {TOY_WEIGHTS}; "
+                                 "build them with `python -m diffusion_pref.toy.pretrain` or set model.pretrained")
+        return str(TOY_WEIGHTS)
+    path = Path(pretrained).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(f"model.pretrained={pretrained}: the folder has no model_index.json; give a diffusers "
+                                 "pipeline folder (pipe.save_pretrained(...) writes one)")
+        return str(path)
+    if pretrained.startswith((".", "/", "~")) or pretrained.count("/") > 1:
+        raise ModelLoadError(f"model.pretrained={pretrained}: no such folder; give a diffusers pipeline folder, a hub id or 'toy'")
+    return pretrained
+
+
+def detect_family(model_cfg) -> str:
+    if model_cfg.family != "auto":
+        return model_cfg.family
+    if (Path(model_cfg.pretrained).expanduser() / "stft_config.json").is_file():  # Tango has no model_index.json
+        return "tango"
+    location = resolve_pretrained(model_cfg.pretrained)
+    index = Path(location) / "model_index.json"
+    if index.is_file():
+        class_name = json.loads(index.read_text()).get("_class_name", "")
+    else:
+        from diffusers import DiffusionPipeline
+
+        from diffusion_pref.pipelines.stable_diffusion import ModelLoadError
+
+        try:
+            class_name = DiffusionPipeline.load_config(location, revision=model_cfg.revision).get("_class_name", "")
+        except Exception as err:
+            raise ModelLoadError(f"could not read model_index.json of model.pretrained={model_cfg.pretrained!r} "
+                                 f"({type(err).__name__}); check the id and your network, or set model.family") from None
+    if "XL" in class_name:
+        return "sdxl"
+    if "Tango" in class_name or "AudioLDM" in class_name:
+        return "tango"
+    return "sd"
+
+
+def load_backbone(model_cfg):
+    family = detect_family(model_cfg)
+    if family == "sd":
+        from diffusion_pref.pipelines.stable_diffusion import StableDiffusionBackbone
+
+        return StableDiffusionBackbone.load(model_cfg)
+    if family == "sdxl":
+        from diffusion_pref.pipelines.sdxl import SDXLBackbone
+
+        return SDXLBackbone.load(model_cfg)
+    import importlib
+
+    try:
+        module = importlib.import_module(f"diffusion_pref.pipelines.{family}")
+    except ImportError:
+        raise ValueError(f"model.family={family}: no backbone adapter for it in this version") from None
+    return module.load_backbone(model_cfg)

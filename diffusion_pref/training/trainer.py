@@ -1,0 +1,447 @@
+"""``diffusion-pref train``: fine-tune a diffusion model on preference pairs with any loss of the registry.
+
+One accelerate loop for every loss. Per micro-step: encode the pair batch (or read it from the cache), noise
+winner and loser with shared noise and timestep, run the policy once over ``[w; l]``, the reference once under
+``no_grad`` (the same UNet with its LoRA adapter switched off, a frozen copy, or nothing for reference-free
+losses), turn both into log-likelihood estimates and hand them to ``LOSSES[loss.name]``.
+
+Run it::
+
+    diffusion-pref train --config configs/sd15_dpo_lora.yaml model.pretrained=runwayml/stable-diffusion-v1-5 \\
+        data.source=/data/pickapic_v2 train.max_steps=2000
+    accelerate launch -m diffusion_pref.cli train --config configs/sdxl_dpo_lora.yaml
+
+Writes into ``output.dir``: ``config.yaml`` (by the CLI), ``metrics.jsonl`` (one line per logged step),
+TensorBoard logs under ``logs/``, ``checkpoints/step-N``, ``train_summary.json``, and the result: a LoRA in the
+diffusers format (``pipe.load_lora_weights(output.dir)``) or, for ``model.finetune=full``, a pipeline folder
+(``StableDiffusionPipeline.from_pretrained(output.dir)``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------- loss introspection
+
+
+def loss_inputs(name: str, params: Dict[str, object]):
+    """(needs a reference, takes a per-pair soft label) for loss ``name``, found by probing it on one fake pair.
+
+    Probing asks the loss itself rather than keeping a second list here that could drift from the registry.
+    """
+    import torch
+
+    from diffusion_pref.losses import LOSSES
+
+    fn = LOSSES[name]
+    one = torch.tensor([-1.0])
+    try:
+        fn(one, one - 1, one, one, beta=1.0, soft_label=torch.tensor([0.9]), **params)
+        takes_soft = True
+    except ValueError:
+        takes_soft = False
+    try:
+        fn(one, one - 1, None, None, beta=1.0, soft_label=torch.tensor([0.9]) if takes_soft else None, **params)
+        needs_ref = False
+    except (ValueError, TypeError, AttributeError):
+        needs_ref = True
+    return needs_ref, takes_soft
+
+
+def resolve_reference(model_cfg, needs_ref: bool) -> str:
+    """auto -> adapter (LoRA) / copy (full) / none (reference-free loss); reject combinations that cannot work."""
+    from diffusion_pref.config import ConfigError
+
+    mode = model_cfg.reference
+    if mode == "auto":
+        if not needs_ref:
+            return "none"
+        return "adapter" if model_cfg.finetune == "lora" else "copy"
+    if mode == "adapter" and model_cfg.finetune != "lora":
+        raise ConfigError("model.reference=adapter needs model.finetune=lora (full fine-tuning has no adapter to switch "
+                          "off); use model.reference=copy or copy_cpu")
+    if mode == "none" and needs_ref:
+        raise ConfigError("model.reference=none but this loss compares against a reference; use model.reference=auto")
+    return mode
+
+
+# ---------------------------------------------------------------------------------------------- model pieces
+
+
+def _optimizer(cfg, params):
+    import torch
+
+    from diffusion_pref.config import ConfigError
+
+    t = cfg.train
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                                 weight_decay=t.weight_decay)
+    if t.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("train.optimizer=adamw8bit needs bitsandbytes: pip install bitsandbytes (CUDA only), "
+                              "or use train.optimizer=adamw") from None
+        return bnb.optim.AdamW8bit(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                                   weight_decay=t.weight_decay)
+    from transformers.optimization import Adafactor
+
+    # Fixed learning rate, no update scaling: the settings the Diffusion-DPO SDXL run used.
+    return Adafactor(params, lr=t.learning_rate, scale_parameter=False, relative_step=False, warmup_init=False,
+                     clip_threshold=1.0, weight_decay=t.weight_decay)
+
+
+def _lr_scheduler(cfg, optimizer, num_processes: int):
+    from diffusers.optimization import get_scheduler
+
+    from diffusion_pref.config import ConfigError
+
+    t = cfg.train
+    try:
+        # accelerate steps a prepared scheduler once per process per optimizer step, hence the scaling.
+        return get_scheduler(t.lr_scheduler, optimizer=optimizer, num_warmup_steps=t.warmup_steps * num_processes,
+                             num_training_steps=t.max_steps * num_processes)
+    except (ValueError, KeyError) as err:
+        raise ConfigError(f"train.lr_scheduler={t.lr_scheduler!r}: {err}; use e.g. constant, constant_with_warmup, "
+                          "linear, cosine") from None
+
+
+def _set_attention(cfg, unet) -> None:
+    from diffusion_pref.config import ConfigError
+
+    if cfg.train.attention == "xformers":
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            raise ConfigError("train.attention=xformers but xformers is not installed; pip install xformers or use "
+                              "train.attention=sdpa (the default, as fast on recent PyTorch)") from None
+        unet.enable_xformers_memory_efficient_attention()
+    # sdpa: diffusers' default attention processor already calls torch's scaled_dot_product_attention.
+
+
+def setup_policy(cfg, backbone, weight_dtype, reference: str, device):
+    """Freeze what is frozen, add the LoRA adapter or unfreeze the UNet, build the reference copy if any.
+
+    Returns (trainable parameters, reference UNet or None).
+    """
+    import copy
+
+    import torch
+
+    unet = backbone.unet
+    for module in backbone.frozen_modules:
+        module.requires_grad_(False)
+        module.eval()
+    vae_dtype = torch.float32 if getattr(backbone, "vae_keeps_fp32", False) else weight_dtype
+    backbone.vae.to(device=device, dtype=vae_dtype)
+    for module in backbone.frozen_modules[1:]:
+        module.to(device=device, dtype=weight_dtype)
+
+    ref_unet = None
+    if reference in ("copy", "copy_cpu"):
+        ref_unet = copy.deepcopy(unet).requires_grad_(False).eval()
+        ref_unet.to(device="cpu" if reference == "copy_cpu" else device,
+                    dtype=torch.float32 if reference == "copy_cpu" else weight_dtype)
+    if cfg.model.finetune == "lora":
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.to(device=device, dtype=weight_dtype)
+        alpha = cfg.model.lora_alpha if cfg.model.lora_alpha is not None else cfg.model.lora_rank
+        # Gaussian A and zero B: the adapted UNet starts exactly at the base, so step 0 is the reference.
+        try:
+            unet.add_adapter(LoraConfig(r=cfg.model.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                        target_modules=list(cfg.model.lora_targets)))
+        except ValueError as err:  # peft's "target modules not found" (a ValueError subclass)
+            from diffusion_pref.config import ConfigError
+
+            raise ConfigError(f"model.lora_targets={list(cfg.model.lora_targets)} matched no UNet module ({err}); use "
+                              "names like to_q, to_k, to_v, to_out.0") from None
+        for p in unet.parameters():
+            if p.requires_grad:  # optimizer state and updates in fp32; frozen weights stay in weight_dtype
+                p.data = p.data.float()
+    else:
+        unet.requires_grad_(True)
+        unet.to(device=device, dtype=torch.float32)  # fp32 master weights; autocast runs the forward in half
+    unet.train()
+    if cfg.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    _set_attention(cfg, unet)
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    if not trainable:
+        from diffusion_pref.config import ConfigError
+
+        raise ConfigError(f"model.lora_targets={list(cfg.model.lora_targets)} matched no UNet module; use names like "
+                          "to_q, to_k, to_v, to_out.0")
+    return trainable, ref_unet
+
+
+# ------------------------------------------------------------------------------------------------- the loop
+
+
+def _flat_hparams(cfg) -> Dict[str, object]:
+    import dataclasses
+
+    flat = {}
+    for section in dataclasses.fields(cfg):
+        for key, value in dataclasses.asdict(getattr(cfg, section.name)).items():
+            flat[f"{section.name}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def _step_seed(seed: int, rank: int, micro: int) -> int:
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, rank, micro]).generate_state(1)[0])
+
+
+class PairEncoder:
+    """Batch -> (latents_w, latents_l, text encodings), from pixels and captions or from the cache."""
+
+    def __init__(self, backbone, device, weight_dtype):
+        self.backbone, self.device, self.weight_dtype = backbone, device, weight_dtype
+
+    def __call__(self, batch):
+        import torch
+
+        if "latents_w" in batch:
+            latents_w = batch["latents_w"].to(self.device, self.weight_dtype)
+            latents_l = batch["latents_l"].to(self.device, self.weight_dtype)
+            text = {k[len("text."):]: v.to(self.device) for k, v in batch.items() if k.startswith("text.")}
+            return latents_w, latents_l, text
+        pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]])  # [2B, 3, R, R]
+        latents = self.backbone.encode_media(pixels).to(self.weight_dtype)
+        latents_w, latents_l = latents.chunk(2)
+        return latents_w, latents_l, self.backbone.encode_text(batch["captions"])
+
+
+class Trainer:
+    """The training run for one config: ``Trainer(cfg).train()``; tests reach into its parts between the two.
+
+    Construction checks the config and data, loads the model, adds the adapter, builds the reference and the
+    optimizer, and restores a checkpoint when ``train.resume`` asks; ``train()`` runs to ``train.max_steps`` and
+    writes the outputs.
+    """
+
+    def __init__(self, cfg):
+        import torch
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, set_seed
+
+        from diffusion_pref.config import ConfigError, check_loss
+        from diffusion_pref.data.loader import collate_pixels
+        from diffusion_pref.data.pairs import PairSource
+        from diffusion_pref.losses import LOSSES, RunningMean, check_loss_params
+        from diffusion_pref.pipelines import load_backbone
+        from diffusion_pref.training.checkpoint import Checkpointer
+
+        self.cfg = cfg
+        check_loss(cfg)
+        if cfg.trajectory.kind != "forward":
+            raise ConfigError(f"trajectory.kind={cfg.trajectory.kind} is not wired into the trainer yet; use forward")
+        t = cfg.train
+        if t.batch_size < 1 or t.grad_accum < 1 or t.max_steps < 1:
+            raise ConfigError("train.batch_size, train.grad_accum and train.max_steps must be at least 1")
+        self.out = out = Path(cfg.output.dir)
+        self.accelerator = accelerator = Accelerator(
+            gradient_accumulation_steps=t.grad_accum,
+            mixed_precision=t.mixed_precision,
+            log_with=None if t.logger == "none" else t.logger,
+            project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        )
+        logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                            format="%(asctime)s %(name)s: %(message)s")
+        set_seed(t.seed)
+        self.loss_params = check_loss_params(cfg.loss.name, dict(cfg.loss.params))
+        self.loss_params.pop("reward_shift", None)
+        self.loss_fn = LOSSES[cfg.loss.name]
+        needs_ref, self.takes_soft = loss_inputs(cfg.loss.name, self.loss_params)
+        self.reference = resolve_reference(cfg.model, needs_ref)
+
+        # Data first: a bad dataset fails in seconds, before any model is loaded.
+        self.source = source = PairSource(cfg.data, seed=t.seed)
+        self.backbone = backbone = load_backbone(cfg.model)
+        self.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[t.mixed_precision]
+        self.device = accelerator.device
+        self.trainable, self.ref_unet = setup_policy(cfg, backbone, self.weight_dtype, self.reference, self.device)
+        self.encode = PairEncoder(backbone, self.device, self.weight_dtype)
+        if cfg.data.cache:
+            from diffusion_pref.data.cache import build_cache
+
+            cached = build_cache(cfg, source, backbone, accelerator=accelerator)
+            self.make_batch = cached.read_batch
+            self.num_workers = 0  # reading a shard is cheaper than forking workers
+            for module in backbone.frozen_modules:  # cached training never runs them again
+                module.to("cpu")
+        else:
+            def make_batch(items):
+                batch = collate_pixels(source, cfg.data, items, t.seed)
+                batch["target_size"] = cfg.data.resolution
+                return batch
+
+            self.make_batch = make_batch
+            self.num_workers = cfg.data.num_workers
+
+        optimizer = _optimizer(cfg, self.trainable)
+        lr_scheduler = _lr_scheduler(cfg, optimizer, accelerator.num_processes)
+        self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(backbone.unet, optimizer, lr_scheduler)
+        self.checkpointer = Checkpointer(accelerator, out, keep=t.keep_checkpoints)
+        if cfg.model.finetune == "lora":
+            self.checkpointer.register_trainable_only(self.unet)
+        self.bco_shift = RunningMean() if cfg.loss.name == "bco" else None
+
+        self.step, self.epoch, self.next_index, self.skipped_total = 0, 0, 0, 0
+        resume_from = self.checkpointer.find(t.resume)
+        if resume_from is not None:
+            state = self.checkpointer.load(resume_from)
+            self.step, self.epoch, self.next_index = int(state["step"]), int(state["epoch"]), int(state["next_index"])
+            self.skipped_total = int(state.get("skipped_rows", 0))
+            if self.bco_shift is not None and state.get("bco_shift"):
+                self.bco_shift.load_state_dict(state["bco_shift"])
+            logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, self.step, self.epoch,
+                        self.next_index)
+        elif t.resume == "latest":
+            logger.info("train.resume=latest: no checkpoint under %s yet, starting from scratch", self.checkpointer.root)
+
+    def train(self) -> Dict[str, object]:
+        """Run to ``train.max_steps``; returns the summary also written to ``train_summary.json``."""
+        import torch
+        from tqdm.auto import tqdm
+
+        from diffusion_pref.data.loader import PairBatches, make_loader
+        from diffusion_pref.losses import denoising_log_likelihood
+        from diffusion_pref.pipelines.stable_diffusion import repeat_pair
+        from diffusion_pref.trajectories import forward_trajectory
+
+        cfg, t, out = self.cfg, self.cfg.train, self.out
+        accelerator, backbone, device = self.accelerator, self.backbone, self.device
+        unet, optimizer, lr_scheduler = self.unet, self.optimizer, self.lr_scheduler
+        reference, ref_unet, trainable = self.reference, self.ref_unet, self.trainable
+        step, epoch, next_index, skipped_total = self.step, self.epoch, self.next_index, self.skipped_total
+        bco_shift = self.bco_shift
+
+        batches = PairBatches(self.source, self.make_batch, t.batch_size, rank=accelerator.process_index,
+                              world=accelerator.num_processes, start_epoch=epoch, start_index=next_index)
+        data_iter = iter(make_loader(batches, self.num_workers))
+        if accelerator.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            accelerator.init_trackers("train", config=_flat_hparams(cfg) if t.logger == "tensorboard" else None)
+            logger.info("data: %s; reference: %s; trainable parameters: %d", self.source.summary(), reference,
+                        sum(p.numel() for p in trainable))
+        metrics_file = out / "metrics.jsonl"
+        unwrapped = accelerator.unwrap_model(unet)
+
+        progress = tqdm(total=t.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
+        sums: Dict[str, float] = {}
+        micro_in_step = 0
+        pairs_in_step = 0
+        last_time = time.perf_counter()
+        while step < t.max_steps:
+            batch = next(data_iter)
+            skipped_total += int(batch["skipped"])
+            if batch["size"] == 0:  # every row of this batch was undecodable and skipped
+                epoch, next_index = batch["epoch"], batch["next_index"]
+                continue
+            micro = step * t.grad_accum + micro_in_step
+            generator = torch.Generator().manual_seed(_step_seed(t.seed, accelerator.process_index, micro))
+            with accelerator.accumulate(unet):
+                latents_w, latents_l, text = self.encode(batch)
+                traj = forward_trajectory(backbone.scheduler, latents_w, latents_l, generator=generator)
+                cond = repeat_pair(backbone.conditioning(text, batch))
+                with accelerator.autocast():
+                    ref_w = ref_l = None
+                    if reference != "none":
+                        with torch.no_grad():
+                            if reference == "adapter":
+                                unwrapped.disable_adapters()
+                                ref_pred = backbone.predict(traj.x_t, traj.t, cond, unet=unwrapped)
+                                unwrapped.enable_adapters()
+                            else:
+                                ref_device = next(ref_unet.parameters()).device
+                                ref_cond = {k: v.to(ref_device) for k, v in cond.items()}
+                                ref_pred = backbone.predict(traj.x_t.to(ref_device, next(ref_unet.parameters()).dtype),
+                                                            traj.t.to(ref_device), ref_cond, unet=ref_unet).to(device)
+                            ref_w, ref_l = denoising_log_likelihood(ref_pred, traj.target).chunk(2)
+                    pred = backbone.predict(traj.x_t, traj.t, cond, unet=unet)  # [2B, C, H, W], one pass over [w; l]
+                policy_w, policy_l = denoising_log_likelihood(pred, traj.target).chunk(2)  # [B] each
+                extra = {}
+                if self.takes_soft:
+                    extra["soft_label"] = batch["soft_label"].to(device)
+                if bco_shift is not None:
+                    extra["reward_shift"] = bco_shift.mean
+                loss_per_pair, metrics = self.loss_fn(policy_w, policy_l, ref_w, ref_l, beta=cfg.loss.beta,
+                                                       **self.loss_params, **extra)
+                loss = loss_per_pair.mean()
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower train.learning_rate or loss.beta, "
+                                             "or use train.mixed_precision=bf16 instead of fp16")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and t.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(trainable, t.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            values = {"loss": loss.detach(), "mse_w": -policy_w.detach().mean(), "mse_l": -policy_l.detach().mean()}
+            if ref_w is not None:
+                values.update(ref_mse_w=-ref_w.mean(), ref_mse_l=-ref_l.mean())
+            values.update({k: v for k, v in metrics.items() if v.ndim == 0})
+            for key, value in values.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+            micro_in_step += 1
+            pairs_in_step += int(batch["size"])
+            epoch, next_index = batch["epoch"], batch["next_index"]
+            if not accelerator.sync_gradients:
+                continue
+
+            step += 1
+            means = {k: v / micro_in_step for k, v in sums.items()}
+            reduced = accelerator.reduce(torch.tensor(list(means.values()) + [float(pairs_in_step)], device=device), "sum")
+            logs = {k: float(v) / accelerator.num_processes for k, v in zip(means, reduced[:-1].tolist())}
+            if bco_shift is not None:
+                bco_shift.update(logs["reward_batch_mean"], count=2 * int(reduced[-1].item()))
+            now = time.perf_counter()
+            logs.update(lr=lr_scheduler.get_last_lr()[0], pairs_per_s=float(reduced[-1]) / max(now - last_time, 1e-9),
+                        skipped_rows=skipped_total, epoch=epoch)
+            last_time = now
+            sums, micro_in_step, pairs_in_step = {}, 0, 0
+            if accelerator.is_main_process and (step % t.log_every == 0 or step == t.max_steps):
+                accelerator.log(logs, step=step)
+                with open(metrics_file, "a") as f:
+                    f.write(json.dumps({"step": step, **logs}) + "\n")
+            progress.update(1)
+            progress.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs.get('implicit_acc', math.nan):.2f}",
+                                 lr=f"{logs['lr']:.2e}")
+            if t.checkpoint_every > 0 and step % t.checkpoint_every == 0 and step < t.max_steps:
+                self.checkpointer.save(step, {"epoch": epoch, "next_index": next_index, "skipped_rows": skipped_total,
+                                         "bco_shift": bco_shift.state_dict() if bco_shift is not None else None})
+        progress.close()
+
+        accelerator.wait_for_everyone()
+        summary = {"steps": step, "data": self.source.summary(), "skipped_rows": skipped_total, "reference": reference,
+                   "output": "lora" if cfg.model.finetune == "lora" else "pipeline"}
+        if accelerator.is_main_process:
+            final_unet = accelerator.unwrap_model(unet)
+            if cfg.model.finetune == "lora":
+                backbone.save_lora(out, final_unet)
+            else:
+                backbone.save_full(out, final_unet)
+            (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+            logger.info("done: %s written to %s", summary["output"], out)
+        accelerator.end_training()
+        self.step, self.epoch, self.next_index, self.skipped_total = step, epoch, next_index, skipped_total
+        return summary
+
+
+def run(cfg) -> None:
+    """``diffusion-pref train``: see the module docstring."""
+    Trainer(cfg).train()
