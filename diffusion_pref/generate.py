@@ -199,13 +199,19 @@ def _load_pipeline(cfg: Config, device: Any):
         warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
         if cfg.model.vae:
             extra["vae"] = AutoencoderKL.from_pretrained(cfg.model.vae, torch_dtype=dtype)
-        pipe = DiffusionPipeline.from_pretrained(
-            resolve_pretrained(cfg.model.pretrained),
-            revision=cfg.model.revision,
-            variant=cfg.model.variant,
-            torch_dtype=dtype,
-            **extra,
-        )
+        try:
+            pipe = DiffusionPipeline.from_pretrained(
+                resolve_pretrained(cfg.model.pretrained),
+                revision=cfg.model.revision,
+                variant=cfg.model.variant,
+                torch_dtype=dtype,
+                **extra,
+            )
+        except OSError as err:  # not a folder, not reachable on the hub, files missing
+            raise ConfigError(
+                f"could not load model.pretrained={cfg.model.pretrained!r} as a diffusers pipeline ({err}); "
+                "give a hub id or a folder with model_index.json"
+            ) from err
     if scheduler_class is not None:
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -240,7 +246,13 @@ def _load_reward(cfg: Config, device: Any):
         path = cfg.reward.pretrained.get(name)
         spec[name] = {"weight": weight, "pretrained": path} if path else weight
     reward_device = device if cfg.reward.device == "auto" else cfg.reward.device
-    return load_reward(spec, device=reward_device, batch_size=cfg.reward.batch_size)
+    try:
+        return load_reward(spec, device=reward_device, batch_size=cfg.reward.batch_size)
+    except OSError as err:  # missing files, no network: the user fixes the config, not the code
+        raise ConfigError(
+            f"could not load reward.models={dict(cfg.reward.models)} ({err}); "
+            "set reward.pretrained.<name> to a local folder or file in the official layout"
+        ) from err
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -486,7 +498,6 @@ def generate(
     ``pipeline`` and ``reward`` replace the configured model and reward model (tests, notebooks);
     ``process_index`` / ``num_processes`` replace accelerate's, to run one share of a multi-process job by hand.
     """
-    from accelerate import PartialState
     from tqdm.auto import tqdm
 
     from diffusion_pref.prompts import read_prompts
@@ -498,7 +509,7 @@ def generate(
     if gen.max_prompts is not None:
         records = records[: gen.max_prompts]
 
-    state = PartialState()
+    state = _process_state()
     process = state.process_index if process_index is None else process_index
     processes = state.num_processes if num_processes is None else num_processes
     if not 0 <= process < processes:
@@ -506,67 +517,68 @@ def generate(
     is_main = process == 0
     folder = Path(cfg.output.dir)
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(f".pairs-p{process:03d}-*.tmp"):  # left by a run killed mid-write
-        stale.unlink()
+    with _lock_process_share(folder, process):  # released on any exit, also by an exception
+        for stale in folder.glob(f".pairs-p{process:03d}-*.tmp"):  # left by a run killed mid-write
+            stale.unlink()
 
-    if reward is None:
-        reward = _load_reward(cfg, state.device)
-    reward_name = getattr(reward, "name", type(reward).__name__)
-    settings = _settings(cfg, prompts_digest, reward_name)
-    done_meta = read_shards(folder)
-    _check_resume(done_meta, settings, folder)
-    done = {i for meta in done_meta.values() for i in meta["prompt_indices"]}
-    numbers = [int(m.group(2)) for path in done_meta if (m := _SHARD_RE.match(path.name)) and int(m.group(1)) == process]
-    next_number = max(numbers, default=-1) + 1
+        if reward is None:
+            reward = _load_reward(cfg, state.device)
+        reward_name = getattr(reward, "name", type(reward).__name__)
+        settings = _settings(cfg, prompts_digest, reward_name)
+        done_meta = read_shards(folder)
+        _check_resume(done_meta, settings, folder)
+        done = {i for meta in done_meta.values() for i in meta["prompt_indices"]}
+        numbers = [int(m.group(2)) for path in done_meta if (m := _SHARD_RE.match(path.name)) and int(m.group(1)) == process]
+        next_number = max(numbers, default=-1) + 1
 
-    mine = list(range(process, len(records), processes))
-    # A group is done whole or not at all, unless batch_size changed since the interrupted run; then the rest of
-    # a partly done group still runs, only without the bit-identical-batches guarantee.
-    groups = [[i for i in g if i not in done] for g in _prompt_groups(mine, gen)]
-    groups = [g for g in groups if g]
-    todo = sum(len(g) for g in groups)
+        mine = list(range(process, len(records), processes))
+        # A group is done whole or not at all, unless batch_size changed since the interrupted run; then the rest of
+        # a partly done group still runs, only without the bit-identical-batches guarantee.
+        groups = [[i for i in g if i not in done] for g in _prompt_groups(mine, gen)]
+        groups = [g for g in groups if g]
+        todo = sum(len(g) for g in groups)
 
-    if groups and pipeline is None:
-        pipeline = _load_pipeline(cfg, state.device)
-    model_name = cfg.model.pretrained
+        if groups and pipeline is None:
+            pipeline = _load_pipeline(cfg, state.device)
+        model_name = cfg.model.pretrained
 
-    pending_rows: List[dict] = []
-    pending_prompts: List[int] = []
-    pending_stats: Counter = Counter()
+        pending_rows: List[dict] = []
+        pending_prompts: List[int] = []
+        pending_stats: Counter = Counter()
 
-    def flush() -> None:
-        nonlocal next_number
-        meta = {"prompt_indices": pending_prompts, "stats": dict(pending_stats), "settings": settings}
-        _write_shard(folder, process, next_number, pending_rows, meta)
-        next_number += 1
-        pending_rows.clear()
-        pending_prompts.clear()
-        pending_stats.clear()
+        def flush() -> None:
+            nonlocal next_number
+            meta = {"prompt_indices": pending_prompts, "stats": dict(pending_stats), "settings": settings}
+            _write_shard(folder, process, next_number, pending_rows, meta)
+            next_number += 1
+            pending_rows.clear()
+            pending_prompts.clear()
+            pending_stats.clear()
 
-    progress = tqdm(total=todo, unit="prompt", desc="generate", disable=not is_main, dynamic_ncols=True)
-    n = gen.samples_per_prompt
-    for group in groups:
-        jobs = [(p, s) for p in group for s in range(n)]
-        candidates: Dict[int, List[_Candidate]] = {p: [] for p in group}
-        for start in range(0, len(jobs), gen.batch_size):
-            batch = jobs[start:start + gen.batch_size]
-            prompts = [records[p].prompt for p, _ in batch]
-            seeds = [sample_seed(gen.seed, p, s) for p, s in batch]
-            images = _sample_images(pipeline, prompts, seeds, gen)
-            scores = _as_floats(reward.score(prompts, images), len(batch), reward_name)
-            for (p, s), seed, image, score in zip(batch, seeds, images, scores):
-                candidates[p].append(_Candidate(s, seed, image, score))
-        for p in group:
-            rows, stats = _pairs_rows(p, records[p], candidates[p], gen, model_name, reward_name)
-            pending_rows.extend(rows)
-            pending_prompts.append(p)
-            pending_stats.update(stats)
-        progress.update(len(group))
-        if len(pending_rows) >= gen.shard_size:
+        progress = tqdm(total=todo, unit="prompt", desc="generate", disable=not is_main, dynamic_ncols=True)
+        n = gen.samples_per_prompt
+        for group in groups:
+            jobs = [(p, s) for p in group for s in range(n)]
+            candidates: Dict[int, List[_Candidate]] = {p: [] for p in group}
+            for start in range(0, len(jobs), gen.batch_size):
+                batch = jobs[start:start + gen.batch_size]
+                prompts = [records[p].prompt for p, _ in batch]
+                seeds = [sample_seed(gen.seed, p, s) for p, s in batch]
+                images = _sample_images(pipeline, prompts, seeds, gen)
+                scores = _as_floats(reward.score(prompts, images), len(batch), reward_name)
+                for (p, s), seed, image, score in zip(batch, seeds, images, scores):
+                    candidates[p].append(_Candidate(s, seed, image, score))
+            for p in group:
+                rows, stats = _pairs_rows(p, records[p], candidates[p], gen, model_name, reward_name)
+                pending_rows.extend(rows)
+                pending_prompts.append(p)
+                pending_stats.update(stats)
+            progress.update(len(group))
+            if len(pending_rows) >= gen.shard_size:
+                flush()
+        if pending_prompts:
             flush()
-    if pending_prompts:
-        flush()
-    progress.close()
+        progress.close()
 
     state.wait_for_everyone()
     if not is_main:
@@ -578,6 +590,40 @@ def generate(
         print(f"{summary['prompts_missing']} prompts are not done yet (another process still running or stopped); "
               "run the same command again to finish them")
     return summary
+
+
+def _lock_process_share(folder: Path, process: int):
+    """Hold an exclusive lock on this process's share of ``folder`` for the run.
+
+    Two runs writing the same process's shards (the same command started twice) would reuse shard numbers; the
+    second one stops here instead. The OS drops the lock when its process dies, so a killed run leaves none.
+    """
+    handle = open(folder / f".lock-p{process:03d}", "a")
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; runs are not guarded there
+        return handle
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise RuntimeError(
+            f"another generate run is writing the shards of process {process} in {folder}; wait for it to finish "
+            "or stop it, or choose another output.dir"
+        ) from None
+    return handle
+
+
+def _process_state():
+    """accelerate's view of the processes of this launch (one process when not launched by accelerate/torchrun)."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # PartialState joins several CPU processes (gloo) only when told it runs on the CPU: `accelerate launch --cpu`
+    # says so through ACCELERATE_USE_CPU, while torchrun on a machine without a GPU says nothing.
+    no_accelerator = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or no_accelerator)
 
 
 def _as_floats(scores: Any, expected: int, reward_name: str) -> List[float]:

@@ -249,11 +249,12 @@ from diffusion_pref.config import load_config
 from test_generate import MeanPixel
 
 replace, calls = os.replace, [0]
-def killing_replace(src, dst):
-    calls[0] += 1
-    if calls[0] == {kill_at}:  # SIGKILL between writing a shard's temporary file and renaming it
-        os.kill(os.getpid(), signal.SIGKILL)
-    replace(src, dst)
+def killing_replace(src, dst, **kwargs):
+    if os.path.basename(dst).startswith("pairs-p"):  # os.replace is global: count only shard renames
+        calls[0] += 1
+        if calls[0] == {kill_at}:  # SIGKILL between writing a shard's temporary file and renaming it
+            os.kill(os.getpid(), signal.SIGKILL)
+    replace(src, dst, **kwargs)
 generate_module.os.replace = killing_replace
 generate_module.generate(load_config(None, {overrides!r}), reward=MeanPixel())
 """
@@ -266,10 +267,11 @@ def test_sigkill_mid_write_then_restart_gives_exactly_the_expected_rows(tmp_path
                  "generate.shard_size=2", "generate.strategy=all_pairs"]
     script = tmp_path / "killed_run.py"
     script.write_text(_KILLED_RUN.format(repo=str(REPO), tests=str(REPO / "tests"), kill_at=2, overrides=overrides))
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert result.returncode == -9, result.stderr[-2000:]
     out = Path(cfg.output.dir)
-    assert len(read_shards(out)) == 1 and list(out.glob(".pairs-p000-*.tmp"))  # one shard done, one half-written
+    # One shard done, the next one half-written.
+    assert len(read_shards(out)) == 1 and list(out.glob(".pairs-p000-*.tmp")), (sorted(out.iterdir()), result.stderr[-2000:])
 
     summary = generate(cfg, pipeline=pipe, reward=MeanPixel())
     rows = reference_rows[0]
@@ -308,6 +310,18 @@ def test_prompts_without_pairs_are_recorded_and_not_redone(tmp_path):
     assert [p.name for p in read_shards(tmp_path / "out")] == ["pairs-p000-00000.empty.json"]
     again = generate(cfg, pipeline=None, reward=MeanPixel())  # nothing to do: no pipeline needed
     assert again == summary
+
+
+def test_a_second_run_into_the_same_share_is_refused_while_the_first_runs(tmp_path):
+    import fcntl
+
+    cfg = _config(tmp_path, "unused", prompts=PROMPTS[:1])
+    (tmp_path / "out").mkdir()
+    with open(tmp_path / "out" / ".lock-p000", "a") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # as a running generate holds it
+        with pytest.raises(RuntimeError, match="another generate run is writing the shards of process 0"):
+            generate(cfg, pipeline=SeedColourPipeline(), reward=MeanPixel())
+    assert generate(cfg, pipeline=SeedColourPipeline(), reward=MeanPixel())["prompts_missing"] == 0
 
 
 def test_restart_with_other_settings_is_refused(tmp_path):
