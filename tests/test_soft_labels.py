@@ -194,3 +194,43 @@ def test_smpo_is_unchanged_by_swapping_the_sides_with_p_to_one_minus_p():
     a, _ = LOSSES["smpo"](policy_w, policy_l, ref_w, ref_l, beta=30.0, soft_label=p)
     b, _ = LOSSES["smpo"](policy_l, policy_w, ref_l, ref_w, beta=30.0, soft_label=1 - p)
     torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------------------------------------ the recipes
+
+REPO_CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("recipe, beta, steps, grid_top, optimizer", [
+    ("sd15_smpo.yaml", 1000.0, 5, 801, "adamw"),  # SmPO --beta_dpo 2000 (halved here)
+    ("sdxl_smpo.yaml", 2500.0, 10, 901, "adafactor"),  # SmPO --beta_dpo 5000 (halved here)
+])
+def test_smpo_recipes_carry_the_papers_settings_with_their_source(recipe, beta, steps, grid_top, optimizer):
+    from diffusers import DDPMScheduler
+
+    from diffusion_pref.config import load_config
+    from diffusion_pref.trajectories import inversion_grid
+
+    path = REPO_CONFIGS / recipe
+    cfg = load_config(path)
+    assert cfg.loss.name == "smpo" and cfg.loss.beta == beta and cfg.loss.params == {"gamma": 10.0}
+    assert cfg.trajectory.kind == "renoise" and cfg.trajectory.steps == steps
+    assert cfg.trajectory.renoise_iters == 1 and cfg.trajectory.average_window == [0, 2]
+    # 8 GPUs x 1 x 128 = 1024 pairs per step, lr 1e-8 x 1024, 200 steps, warmup 100
+    assert cfg.train.batch_size * cfg.train.grad_accum * 8 == 1024
+    assert cfg.train.learning_rate == pytest.approx(1.024e-5) and cfg.train.max_steps == 200
+    assert cfg.train.warmup_steps == 100 and cfg.train.optimizer == optimizer
+    assert cfg.data.caption_dropout == 0.2 and cfg.data.ties == "drop"
+    # the grid of the SD scheduler config (scaled_linear, leading, steps_offset 1)
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
+    assert inversion_grid(sched, cfg.trajectory.steps)[-1] == grid_top
+    text = path.read_text()
+    assert "JaydenLyh/SmPO" in text and "2506.02698" in text  # the source is cited
+
+
+def test_toy_smpo_recipe_loads():
+    from diffusion_pref.config import load_config
+
+    cfg = load_config(REPO_CONFIGS / "toy_train_smpo.yaml")
+    assert cfg.model.pretrained == "toy" and cfg.data.source == "outputs/toy_generate"
+    assert cfg.loss.name == "smpo" and cfg.trajectory.kind == "renoise" and cfg.trajectory.steps == 5
