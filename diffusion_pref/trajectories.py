@@ -27,8 +27,10 @@ last grid point below t and feeds that latent as if it were at t: the released S
 for small t the "noise" target is then mostly a scaled x0. x0 is the clean latent (abar = 1); diffusers' SD
 configs put it at abar_0 = 0.99915 instead, a difference far below the inversion error.
 
-The model is called as ``predict_fn(x, t, cond)`` on the whole ``[2B]`` batch (x ``[2B, C, H, W]``, t ``[2B]``);
-pairs that need fewer steps than the longest one are carried along unchanged. Inversion runs under no_grad and
+The model is called as ``predict_fn(x, t, cond)`` with x ``[n, C, H, W]``, t ``[n]``: at each step only the n <= 2B
+samples whose inversion path is not finished yet, with the matching rows of ``cond`` (tensors, and dicts of
+tensors, whose first dim is 2B are indexed; anything else is passed through), so a batch of pairs with different
+t costs the mean number of steps, not the maximum. Inversion runs under no_grad and
 in float32 arithmetic whatever the latent dtype. v-prediction outputs are turned into noise with the input
 latent and the timestep the model was given, so a converged ReNoise step is the exact inverse of a DDIM
 sampling step (diffusers' DDIMInverseScheduler uses the source latent's abar instead; both agree for epsilon).
@@ -282,36 +284,63 @@ def _paths(grid: Sequence[int], t: torch.Tensor, t_mode: str):
     return torch.tensor(padded, dtype=torch.long, device=t.device), lengths.to(t.device)
 
 
+def _rows(value, index, n: int):
+    """``value`` restricted to the samples in ``index``: tensors (also inside dicts) whose first dim is ``n``."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value[index] if value.ndim > 0 and value.shape[0] == n else value
+    if isinstance(value, dict):
+        return {k: _rows(v, index, n) for k, v in value.items()}
+    return value
+
+
 def _invert(scheduler, predict_fn, x0, cond, paths, lengths, *, renoise_iters=0, average_window=(0, 1),
             noise_reg=None, generator=None):
-    """Invert ``x0`` ``[N, ...]`` along per-sample paths; float32 result at each sample's last path entry."""
+    """Invert ``x0`` ``[N, ...]`` along per-sample paths; float32 result at each sample's last path entry.
+
+    Each step runs the model only on the samples whose path is not finished yet (their rows of ``cond`` too, for
+    tensors and dicts of tensors with first dim N), so a batch costs the mean path length, not the longest.
+    """
     import torch
 
     prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
     dtype = x0.dtype
+    n = x0.shape[0]
     z = x0.float()
     source = torch.full_like(lengths, -1)  # -1: the clean latent
     for j in range(paths.shape[1]):
         active = lengths > j  # [N]
         if not bool(active.any()):
             break
-        g = paths[:, j]
-        abar_s, abar_g = _alpha_bar(scheduler, source), _alpha_bar(scheduler, g)
+        noise = None
+        if noise_reg is not None and noise_reg["lambda_kl"] > 0:
+            # drawn for the whole batch every step, so the numbers do not depend on which samples are active
+            draw_device = generator.device if generator is not None else x0.device
+            noise = torch.randn(x0.shape, generator=generator, device=draw_device).to(x0.device)
+        index = active.nonzero().squeeze(1)
+        every = index.numel() == n
+        sub = (lambda v: v) if every else (lambda v: v[index])
+        step_cond = cond if every else _rows(cond, index, n)
+        g, z_s, x0_s = sub(paths[:, j]), sub(z), sub(x0.float())
+        abar_s, abar_g = _alpha_bar(scheduler, sub(source)), _alpha_bar(scheduler, g)
 
         def predict(x, timesteps):
-            return predict_fn(x.to(dtype), timesteps, cond).float()
+            return predict_fn(x.to(dtype), timesteps, step_cond).float()
 
         ref_eps = None
-        if noise_reg is not None and noise_reg["lambda_kl"] > 0:
+        if noise is not None:
             # ReNoise's KL reference: the model's prediction on a forward-noised x0 at the same level.
-            noise = torch.randn(x0.shape, generator=generator, device=generator.device if generator else x0.device)
-            x_fwd = abar_g.sqrt() * x0.float() + (1 - abar_g).sqrt() * noise.to(x0.device)
+            x_fwd = abar_g.sqrt() * x0_s + (1 - abar_g).sqrt() * sub(noise)
             ref_eps = _as_eps(predict(x_fwd, g), x_fwd, abar_g, prediction_type)
-        z_new = _renoise_step(predict, z, abar_s, g, abar_g, renoise_iters, average_window, prediction_type,
+        z_new = _renoise_step(predict, z_s, abar_s, g, abar_g, renoise_iters, average_window, prediction_type,
                               noise_reg, ref_eps, generator)
-        mask = active.reshape(-1, *([1] * (z.ndim - 1)))
-        z = torch.where(mask, z_new, z)
-        source = torch.where(active, g, source)
+        if every:
+            z = z_new
+        else:
+            z = z.clone()
+            z[index] = z_new
+        source = torch.where(active, paths[:, j], source)
     return z
 
 
@@ -392,8 +421,8 @@ def make_trajectory(kind: str, scheduler, latents_w: torch.Tensor, latents_l: to
                     noise_reg_ac_rolls: int = 5) -> Trajectory:
     """x_t, t, target and noise for B pairs (``[w; l]``), from the forward process or by inverting x0.
 
-    ``predict_fn(x [2B, C, H, W], t [2B], cond) -> model output`` is needed for ``ddim`` / ``renoise``; ``cond`` is
-    passed through unchanged (already repeated for ``[w; l]``). t is drawn exactly as for ``forward`` (the same
+    ``predict_fn(x [n, C, H, W], t [n], cond) -> model output`` is needed for ``ddim`` / ``renoise``; ``cond`` is
+    the ``[w; l]``-repeated conditioning, cut to the n samples still being inverted (see the module docstring). t is drawn exactly as for ``forward`` (the same
     generator gives the same t). ``ddim`` ignores the ReNoise options.
     """
     import torch

@@ -163,12 +163,15 @@ def test_ddim_with_a_perfect_denoiser_reproduces_forward_noising_and_its_noise(t
     noise = torch.randn(2 * B, *SHAPE, generator=torch.Generator().manual_seed(9))
     calls = []
 
-    def predict(x, t, c):
-        calls.append(t.clone())
-        return noise
+    def predict(x, t, c):  # c["ids"]: which samples of the [w; l] batch these rows are
+        assert x.shape[0] == t.shape[0] == c["ids"].shape[0]
+        calls.append((t.clone(), c["ids"].clone()))
+        return noise[c["ids"]]
 
     gen = torch.Generator().manual_seed(11)
-    traj = make_trajectory("ddim", sched, x0_w, x0_l, predict_fn=predict, generator=gen, steps=5, t_mode=t_mode)
+    cond = {"ids": torch.arange(2 * B), "unbatched": torch.zeros(3)}
+    traj = make_trajectory("ddim", sched, x0_w, x0_l, predict_fn=predict, cond=cond, generator=gen, steps=5,
+                           t_mode=t_mode)
     fwd = forward_trajectory(sched, x0_w, x0_l, generator=torch.Generator().manual_seed(11))
     assert torch.equal(traj.t, fwd.t) and torch.equal(traj.t[:B], traj.t[B:])  # t drawn exactly as for forward
     x0 = torch.cat([x0_w, x0_l])
@@ -186,12 +189,11 @@ def test_ddim_with_a_perfect_denoiser_reproduces_forward_noising_and_its_noise(t
     abar = _abar(sched, traj.t)
     tau = (traj.x_t.double() - abar.sqrt() * x0.double()) / (1 - abar).sqrt()
     torch.testing.assert_close(traj.noise.double(), tau, rtol=1e-4, atol=1e-4)
-    # the model saw each grid point below t, in order (and t itself last, in exact mode)
-    steps_needed = [len([g for g in grid if g < ti]) + (t_mode == "exact") for ti in traj.t.tolist()]
-    assert len(calls) == max(steps_needed)
-    if t_mode == "exact":
-        last = [calls[n - 1][i].item() for i, n in enumerate(steps_needed)]
-        assert last == traj.t.tolist()
+    # each sample was run at each grid point below its t, in order (and at t itself last, in exact mode), and
+    # only while it still needed a step
+    for i, ti in enumerate(traj.t.tolist()):
+        seen = [t[(ids == i).nonzero()].item() for t, ids in calls if bool((ids == i).any())]
+        assert seen == [g for g in grid if g < ti] + ([ti] if t_mode == "exact" else [])
 
 
 def test_inversion_v_prediction_target_is_the_velocity_of_tau():
@@ -200,10 +202,10 @@ def test_inversion_v_prediction_target_is_the_velocity_of_tau():
     noise = torch.randn(2 * B, *SHAPE, generator=torch.Generator().manual_seed(9))
 
     def predict_v(x, t, c):  # the v that corresponds to eps = noise for this input at this t
-        abar = _abar(sched, t).float()
-        return (abar.sqrt() * noise - (1 - abar).sqrt() * ((x - (1 - abar).sqrt() * noise) / abar.sqrt()))
+        abar, eps = _abar(sched, t).float(), noise[c]
+        return (abar.sqrt() * eps - (1 - abar).sqrt() * ((x - (1 - abar).sqrt() * eps) / abar.sqrt()))
 
-    traj = make_trajectory("ddim", sched, x0_w, x0_l, predict_fn=predict_v, steps=5,
+    traj = make_trajectory("ddim", sched, x0_w, x0_l, predict_fn=predict_v, cond=torch.arange(2 * B), steps=5,
                            generator=torch.Generator().manual_seed(1))
     x0 = torch.cat([x0_w, x0_l]).double()
     abar = _abar(sched, traj.t)
