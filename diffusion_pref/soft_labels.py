@@ -21,7 +21,7 @@ run over every kept pair before training (``scores="reward_model"``, any spec ``
 (row, score_w, score_l, p) plus ``soft_labels.json`` (range, settings, data identity) in the run folder and
 read back on resume, so an expensive reward pass runs once per run.
 
-Example::
+Example (the trainer calls ``soft_labels_for_run(cfg, source)``, which reads these settings from the config)::
 
     from diffusion_pref.data.pairs import PairSource
     from diffusion_pref.soft_labels import prepare_soft_labels
@@ -178,8 +178,9 @@ def compute_soft_labels(source, *, winner: str = "reward", scores: str = "auto",
                         score_range: Optional[Sequence[float]] = None, batch_size: int = 16) -> SoftLabels:
     """Soft labels for every kept pair of ``source`` (a :class:`~diffusion_pref.data.pairs.PairSource`).
 
-    ``reward``: an object with ``score(prompts, images)``, or a spec for ``load_reward`` (name or ``{name:
-    weight}``); needed when ``scores`` is ``reward_model`` (or ``auto`` without score columns).
+    ``reward``: an object with ``score(prompts, images)``, a spec for ``load_reward`` (name or ``{name:
+    weight}``), or a zero-argument function returning a scorer (so nothing loads when the columns suffice);
+    needed when ``scores`` is ``reward_model`` (or ``auto`` without score columns).
     ``score_range``: fixed ``[low, high]`` instead of the dataset's min/max (the SmPO code's PickScore range).
     """
     import numpy as np
@@ -199,7 +200,9 @@ def compute_soft_labels(source, *, winner: str = "reward", scores: str = "auto",
         if reward is None:
             raise ValueError("soft labels: the dataset has no score columns and no reward model was given; set the "
                              "reward models (reward.models) or add score_0/score_1 columns.")
-        if not hasattr(reward, "score"):
+        if callable(reward) and not hasattr(reward, "score"):
+            reward = reward()
+        elif not hasattr(reward, "score"):
             from diffusion_pref.reward_models import load_reward
 
             reward = load_reward(reward)
@@ -214,13 +217,18 @@ def compute_soft_labels(source, *, winner: str = "reward", scores: str = "auto",
 
 
 def prepare_soft_labels(source, out_dir, *, winner: str = "reward", scores: str = "auto", reward=None,
-                        score_range: Optional[Sequence[float]] = None, batch_size: int = 16) -> SoftLabels:
-    """Load the run's stored soft labels if they match these settings and data, else compute and store them."""
+                        score_range: Optional[Sequence[float]] = None, batch_size: int = 16,
+                        reward_id: Any = None) -> SoftLabels:
+    """Load the run's stored soft labels if they match these settings and data, else compute and store them.
+
+    ``reward_id`` names the reward model in the stored settings (default: the spec, or the scorer's ``name``).
+    """
     out = Path(out_dir)
+    if reward_id is None:
+        reward_id = reward if isinstance(reward, (str, dict)) else getattr(reward, "name", None)
     settings = {"winner": winner, "scores_requested": scores,
                 "score_range": list(score_range) if score_range is not None else None,
-                "reward": reward if isinstance(reward, (str, dict)) else getattr(reward, "name", None),
-                "data": source.identity()}
+                "reward": reward_id, "data": source.identity()}
     settings = json.loads(json.dumps(settings, default=str))  # what the JSON file will hold, for comparison
     if (out / META_FILE).is_file() and (out / TABLE_FILE).is_file():
         stored = json.loads((out / META_FILE).read_text())
@@ -234,4 +242,33 @@ def prepare_soft_labels(source, out_dir, *, winner: str = "reward", scores: str 
     return labels
 
 
-__all__ = ["SoftLabels", "compute_soft_labels", "minmax_range", "prepare_soft_labels", "soft_label_probs"]
+def soft_labels_for_run(cfg, source, device: Any = "cpu") -> SoftLabels:
+    """The trainer's one call: soft labels for ``source`` stored in ``cfg.output.dir``, settings from ``cfg``.
+
+    Reads ``loss.soft_label_winner`` (reward | human, default reward), ``loss.soft_label_scores`` (auto |
+    dataset | reward_model, default auto) and ``loss.soft_label_range`` ([low, high] or None = the dataset's
+    min/max) where the config has them, and ``reward.models`` / ``reward.pretrained`` / ``reward.batch_size``
+    / ``reward.device``; the reward model is loaded only if the scores must be computed.
+    """
+    loss = cfg.loss
+    spec: Dict[str, Any] = {}
+    for name, weight in dict(cfg.reward.models).items():
+        path = dict(cfg.reward.pretrained).get(name)
+        spec[name] = {"weight": weight, "pretrained": path} if path else weight
+    reward_device = device if cfg.reward.device == "auto" else cfg.reward.device
+
+    def load():
+        from diffusion_pref.reward_models import load_reward
+
+        return load_reward(spec, device=reward_device, batch_size=cfg.reward.batch_size)
+
+    score_range = getattr(loss, "soft_label_range", None)
+    return prepare_soft_labels(
+        source, cfg.output.dir, winner=getattr(loss, "soft_label_winner", "reward"),
+        scores=getattr(loss, "soft_label_scores", "auto"), reward=load,
+        score_range=list(score_range) if score_range is not None else None,
+        batch_size=cfg.reward.batch_size, reward_id=spec,
+    )
+
+
+__all__ = ["SoftLabels", "soft_labels_for_run", "compute_soft_labels", "minmax_range", "prepare_soft_labels", "soft_label_probs"]

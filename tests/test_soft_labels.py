@@ -234,3 +234,17 @@ def test_toy_smpo_recipe_loads():
     cfg = load_config(REPO_CONFIGS / "toy_train_smpo.yaml")
     assert cfg.model.pretrained == "toy" and cfg.data.source == "outputs/toy_generate"
     assert cfg.loss.name == "smpo" and cfg.trajectory.kind == "renoise" and cfg.trajectory.steps == 5
+
+
+def test_soft_labels_for_run_uses_the_columns_without_loading_a_reward_model(pairs_file, tmp_path):
+    from diffusion_pref.config import load_config
+    from diffusion_pref.soft_labels import soft_labels_for_run
+
+    # reward.models names a model whose weights are not here: it must not be loaded, the columns suffice
+    cfg = load_config(None, [f"data.source={pairs_file}", f"output.dir={tmp_path / 'run'}",
+                             "reward.models={pickscore: 1.0}"])
+    labels = soft_labels_for_run(cfg, _source(pairs_file))
+    assert labels.scores == "dataset" and len(labels) == 3
+    assert (tmp_path / "run" / "soft_labels.parquet").is_file()
+    stored = json.loads((tmp_path / "run" / "soft_labels.json").read_text())
+    assert stored["settings"]["reward"] == {"pickscore": 1.0} and stored["winner"] == "reward"
