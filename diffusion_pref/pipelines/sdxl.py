@@ -71,6 +71,9 @@ class SDXLBackbone(StableDiffusionBackbone):
         return unet(x_t, t, encoder_hidden_states=cond["encoder_hidden_states"],
                     added_cond_kwargs={"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}).sample
 
-    def save_full(self, directory, unet) -> None:
+    def save_full(self, directory, unet, state_dict=None) -> None:
+        if state_dict is not None:
+            unet = type(unet).from_config(unet.config)
+            unet.load_state_dict(state_dict)
         pipe = load_pipeline(self._pipeline_class(), self.model_cfg, unet=unet)
         pipe.save_pretrained(str(directory), safe_serialization=True)

@@ -147,8 +147,14 @@ class StableDiffusionBackbone:
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
         self._pipeline_class().save_lora_weights(str(directory), unet_lora_layers=layers, safe_serialization=True)
 
-    def save_full(self, directory, unet) -> None:
-        """A full pipeline folder with the trained UNet; the frozen parts are reloaded at their original precision."""
+    def save_full(self, directory, unet, state_dict=None) -> None:
+        """A full pipeline folder with the trained UNet; the frozen parts are reloaded at their original precision.
+
+        ``state_dict``: the gathered UNet weights when the live module is sharded (FSDP, ZeRO-3).
+        """
+        if state_dict is not None:
+            unet = type(unet).from_config(unet.config)
+            unet.load_state_dict(state_dict)
         pipe = load_pipeline(self._pipeline_class(), self.model_cfg, unet=unet,
                              **({"safety_checker": None, "requires_safety_checker": False} if self.family == "sd" else {}))
         pipe.save_pretrained(str(directory), safe_serialization=True)

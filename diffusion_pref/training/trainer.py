@@ -246,8 +246,6 @@ class Trainer:
 
         self.cfg = cfg
         check_loss(cfg)
-        if cfg.trajectory.kind != "forward":
-            raise ConfigError(f"trajectory.kind={cfg.trajectory.kind} is not wired into the trainer yet; use forward")
         t = cfg.train
         if t.batch_size < 1 or t.grad_accum < 1 or t.max_steps < 1:
             raise ConfigError("train.batch_size, train.grad_accum and train.max_steps must be at least 1")
@@ -269,6 +267,17 @@ class Trainer:
 
         # Data first: a bad dataset fails in seconds, before any model is loaded.
         self.source = source = PairSource(cfg.data, seed=t.seed)
+        self.soft_labels = None
+        if self.takes_soft:
+            mode = cfg.data.soft_labels
+            if mode == "auto":
+                mode = "reward" if source.has_scores else "label"
+            if mode != "label":
+                from diffusion_pref.soft_labels import prepare_soft_labels
+
+                # Scored once before training and stored in output.dir, so a resumed run reads them back.
+                self.soft_labels = prepare_soft_labels(source, out, winner=mode, scores="auto",
+                                                       reward=dict(cfg.reward.models))
         self.backbone = backbone = load_backbone(cfg.model)
         self.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[t.mixed_precision]
         self.device = accelerator.device
@@ -312,15 +321,18 @@ class Trainer:
         elif t.resume == "latest":
             logger.info("train.resume=latest: no checkpoint under %s yet, starting from scratch", self.checkpointer.root)
 
-    def train(self) -> Dict[str, object]:
-        """Run to ``train.max_steps``; returns the summary also written to ``train_summary.json``."""
+    def train(self, save_outputs: bool = True) -> Dict[str, object]:
+        """Run to ``train.max_steps``; returns the summary also written to ``train_summary.json``.
+
+        ``save_outputs=False`` skips writing the final LoRA / pipeline (benchmarks time the steps only).
+        """
         import torch
         from tqdm.auto import tqdm
 
         from diffusion_pref.data.loader import PairBatches, make_loader
         from diffusion_pref.losses import denoising_log_likelihood
         from diffusion_pref.pipelines.stable_diffusion import repeat_pair
-        from diffusion_pref.trajectories import forward_trajectory
+        from diffusion_pref.trajectories import make_trajectory, trajectory_options
 
         cfg, t, out = self.cfg, self.cfg.train, self.out
         accelerator, backbone, device = self.accelerator, self.backbone, self.device
@@ -355,9 +367,12 @@ class Trainer:
             generator = torch.Generator().manual_seed(_step_seed(t.seed, accelerator.process_index, micro))
             with accelerator.accumulate(unet):
                 latents_w, latents_l, text = self.encode(batch)
-                traj = forward_trajectory(backbone.scheduler, latents_w, latents_l, generator=generator)
                 cond = repeat_pair(backbone.conditioning(text, batch))
                 with accelerator.autocast():
+                    # ddim / renoise invert x0 with the current model (SmPO), under no_grad inside make_trajectory.
+                    traj = make_trajectory(cfg.trajectory.kind, backbone.scheduler, latents_w, latents_l,
+                                           predict_fn=lambda x, tt, c: backbone.predict(x, tt, c, unet=unwrapped),
+                                           cond=cond, generator=generator, **trajectory_options(cfg.trajectory))
                     ref_w = ref_l = None
                     if reference != "none":
                         with torch.no_grad():
@@ -374,7 +389,9 @@ class Trainer:
                     pred = backbone.predict(traj.x_t, traj.t, cond, unet=unet)  # [2B, C, H, W], one pass over [w; l]
                 policy_w, policy_l = denoising_log_likelihood(pred, traj.target).chunk(2)  # [B] each
                 extra = {}
-                if self.takes_soft:
+                if self.soft_labels is not None:
+                    extra["soft_label"] = self.soft_labels.lookup(batch["rows"]).to(device)
+                elif self.takes_soft:
                     extra["soft_label"] = batch["soft_label"].to(device)
                 if bco_shift is not None:
                     extra["reward_shift"] = bco_shift.mean
@@ -429,12 +446,14 @@ class Trainer:
         accelerator.wait_for_everyone()
         summary = {"steps": step, "data": self.source.summary(), "skipped_rows": skipped_total, "reference": reference,
                    "output": "lora" if cfg.model.finetune == "lora" else "pipeline"}
-        if accelerator.is_main_process:
+        # Full weights are gathered on every process (FSDP / ZeRO-3 shard them); LoRA weights are never sharded.
+        full_state = accelerator.get_state_dict(unet) if save_outputs and cfg.model.finetune == "full" else None
+        if accelerator.is_main_process and save_outputs:
             final_unet = accelerator.unwrap_model(unet)
             if cfg.model.finetune == "lora":
                 backbone.save_lora(out, final_unet)
             else:
-                backbone.save_full(out, final_unet)
+                backbone.save_full(out, final_unet, full_state)
             (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
             logger.info("done: %s written to %s", summary["output"], out)
         accelerator.end_training()

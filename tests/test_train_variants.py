@@ -1,0 +1,90 @@
+"""Trainer variants: SDXL (two text encoders, size/crop micro-conditioning), SmPO soft labels from score
+columns, and inversion trajectories (ddim) wired into the loop."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusion_pref.config import load_config
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_data import write_pairs  # noqa: E402
+
+
+def cfg_for(model_dir, data, out, *overrides):
+    return load_config(None, [
+        f"model.pretrained={model_dir}", f"data.source={data}", "data.resolution=32", "train.batch_size=2",
+        "train.max_steps=2", "train.learning_rate=1e-2", "train.weight_decay=0", "train.logger=none",
+        "train.checkpoint_every=0", "model.lora_rank=2", f"output.dir={out}", *overrides,
+    ])
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sdxl_lora_trains_with_micro_conditioning_and_loads_into_the_sdxl_pipeline(tiny_sdxl_dir, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from diffusion_pref.pipelines.sdxl import SDXLBackbone
+    from diffusion_pref.training.trainer import Trainer
+
+    data = write_pairs(tmp_path / "p.parquet", n=4, size=(48, 40))
+    trainer = Trainer(cfg_for(tiny_sdxl_dir, data, tmp_path / "out", "data.random_crop=true"))
+    assert isinstance(trainer.backbone, SDXLBackbone)
+    seen = []
+    predict = trainer.backbone.predict
+
+    def spy(x_t, t, cond, unet=None):
+        seen.append(cond["time_ids"].clone())
+        return predict(x_t, t, cond, unet=unet)
+
+    trainer.backbone.predict = spy
+    trainer.train()
+    assert metrics(tmp_path / "out")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    time_ids = seen[0]  # [2B, 6]: (orig_h, orig_w, crop_y, crop_x, target_h, target_w), shared within a pair
+    b = time_ids.shape[0] // 2
+    assert torch.equal(time_ids[:b], time_ids[b:])
+    assert time_ids[0, :2].tolist() == [40, 48] and time_ids[0, 4:].tolist() == [32, 32]
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    pipe.set_progress_bar_config(disable=True)
+    run = lambda: pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0),  # noqa: E731
+                       output_type="pt").images
+    base = run()
+    pipe.load_lora_weights(str(tmp_path / "out"))
+    assert not torch.allclose(base, run())
+
+
+def test_smpo_reads_soft_labels_from_score_columns(tiny_sd_dir, tmp_path):
+    from diffusion_pref.training.trainer import Trainer
+
+    scores = [(0.9, 0.1), (0.2, 0.6), (0.5, 0.4), (0.3, 0.8)]
+    data = write_pairs(tmp_path / "p.parquet", n=4, scores=scores)
+    trainer = Trainer(cfg_for(tiny_sd_dir, data, tmp_path / "out", "loss.name=smpo", "train.max_steps=1"))
+    assert trainer.soft_labels is not None and (tmp_path / "out" / "soft_labels.json").is_file()
+    # Labels alternate 1, 0: the stored winner's score gap is 0.8, 0.4, 0.1, 0.5 over the range [0.1, 0.9].
+    p = trainer.soft_labels.lookup(torch.tensor([0, 1, 2, 3]))
+    expected = torch.sigmoid(torch.tensor([0.8, 0.4, 0.1, 0.5]) / 0.8)
+    assert torch.allclose(p, expected, atol=1e-6)
+    trainer.train()
+    assert math.isfinite(metrics(tmp_path / "out")[0]["loss"])
+
+    label_only = Trainer(cfg_for(tiny_sd_dir, data, tmp_path / "out2", "loss.name=smpo", "data.soft_labels=label"))
+    assert label_only.soft_labels is None
+
+
+def test_ddim_inversion_trajectory_trains(tiny_sd_dir, tmp_path):
+    from diffusion_pref.training.trainer import run
+
+    data = write_pairs(tmp_path / "p.parquet", n=4)
+    run(cfg_for(tiny_sd_dir, data, tmp_path / "out", "trajectory.kind=ddim", "trajectory.steps=3"))
+    rows = metrics(tmp_path / "out")
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert all(math.isfinite(r["loss"]) for r in rows) and rows[1]["loss"] != rows[0]["loss"]
