@@ -64,10 +64,10 @@ class DataConfig:
     shuffle: bool = True
     num_workers: int = 0
     # Where a loss that takes P(winner preferred) (smpo, sppo) gets it. label: from label_0 (1.0 for hard labels,
-    # 0.5 for ties kept with ties=soft). reward / human: SmPO's sigmoid of the min-max-normalised score gap, from
-    # the score_0/score_1 columns or else reward.models (reward: the scores pick the winner; human: label_0 picks
-    # it, the gap sets the confidence). auto: reward when the dataset has score columns, else label.
-    soft_labels: str = "auto"  # auto | label | reward | human
+    # 0.5 for ties kept with ties=soft). scores: SmPO's sigmoid of the min-max-normalised score gap, from the
+    # score_0/score_1 columns or reward.models (diffusion_pref.soft_labels; its settings are loss.soft_label_*).
+    # auto: scores when the dataset has score columns, else label.
+    soft_labels: str = "auto"  # auto | label | scores
 
 
 @dataclass
@@ -224,7 +224,7 @@ CHOICES: Dict[str, Sequence[str]] = {
     "model.reference": ("auto", "adapter", "copy", "copy_cpu", "none"),
     "data.ties": ("drop", "soft"),
     "data.on_bad_row": ("error", "skip"),
-    "data.soft_labels": ("auto", "label", "reward", "human"),
+    "data.soft_labels": ("auto", "label", "scores"),
     "trajectory.kind": ("forward", "ddim", "renoise"),
     "trajectory.t_mode": ("exact", "grid_below"),
     "train.optimizer": ("adamw", "adamw8bit", "adafactor"),

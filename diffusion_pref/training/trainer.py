@@ -271,13 +271,12 @@ class Trainer:
         if self.takes_soft:
             mode = cfg.data.soft_labels
             if mode == "auto":
-                mode = "reward" if source.has_scores else "label"
-            if mode != "label":
-                from diffusion_pref.soft_labels import prepare_soft_labels
+                mode = "scores" if source.has_scores else "label"
+            if mode == "scores":
+                from diffusion_pref.soft_labels import soft_labels_for_run
 
                 # Scored once before training and stored in output.dir, so a resumed run reads them back.
-                self.soft_labels = prepare_soft_labels(source, out, winner=mode, scores="auto",
-                                                       reward=dict(cfg.reward.models))
+                self.soft_labels = soft_labels_for_run(cfg, source, device=accelerator.device)
         self.backbone = backbone = load_backbone(cfg.model)
         self.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[t.mixed_precision]
         self.device = accelerator.device
