@@ -470,18 +470,21 @@ def summarize(folder: str | Path, total_prompts: Optional[int] = None) -> dict:
     return summary
 
 
-def _format_summary(summary: dict) -> str:
+def _format_summary(summary: dict, folder: Path) -> str:
     filtered = ", ".join(f"{k} {v}" for k, v in summary["pairs_filtered"].items())
     lines = [
         f"prompts done: {summary['prompts_done']} of {summary.get('prompts_total', '?')}",
         f"pairs written: {summary['pairs_written']} of {summary['pairs_considered']} considered "
-        f"in {summary['shards']} shards",
+        f"in {summary['shards']} shards in {folder}",
         f"pairs filtered: {filtered}",
         f"samples with NaN score (left out): {summary['samples_with_nan_score']}",
         f"prompts without any pair: {summary['prompts_without_pairs']}",
     ]
     if summary["samples_rejected_by_rso"]:
         lines.append(f"samples rejected by RSO: {summary['samples_rejected_by_rso']}")
+    if summary.get("prompts_missing"):
+        lines.append(f"{summary['prompts_missing']} prompts are not done yet (a process stopped early, or is still "
+                     "running); run the same command again to finish them")
     return "\n".join(lines)
 
 
@@ -498,13 +501,12 @@ def generate(
     ``pipeline`` and ``reward`` replace the configured model and reward model (tests, notebooks);
     ``process_index`` / ``num_processes`` replace accelerate's, to run one share of a multi-process job by hand.
     """
-    from tqdm.auto import tqdm
-
     from diffusion_pref.prompts import read_prompts
 
     gen = cfg.generate
     _check_settings(gen)
     records = read_prompts(gen.prompts, gen.prompt_column, gen.prompt_split)
+    # Of the whole file, so that raising max_prompts later resumes the same run.
     prompts_digest = hashlib.sha256(json.dumps([[r.prompt, r.category] for r in records]).encode()).hexdigest()[:16]
     if gen.max_prompts is not None:
         records = records[: gen.max_prompts]
@@ -514,13 +516,11 @@ def generate(
     processes = state.num_processes if num_processes is None else num_processes
     if not 0 <= process < processes:
         raise ValueError(f"process_index {process} is outside 0..{processes - 1}")
-    is_main = process == 0
     folder = Path(cfg.output.dir)
     folder.mkdir(parents=True, exist_ok=True)
     with _lock_process_share(folder, process):  # released on any exit, also by an exception
         for stale in folder.glob(f".pairs-p{process:03d}-*.tmp"):  # left by a run killed mid-write
             stale.unlink()
-
         if reward is None:
             reward = _load_reward(cfg, state.device)
         reward_name = getattr(reward, "name", type(reward).__name__)
@@ -528,68 +528,78 @@ def generate(
         done_meta = read_shards(folder)
         _check_resume(done_meta, settings, folder)
         done = {i for meta in done_meta.values() for i in meta["prompt_indices"]}
-        numbers = [int(m.group(2)) for path in done_meta if (m := _SHARD_RE.match(path.name)) and int(m.group(1)) == process]
-        next_number = max(numbers, default=-1) + 1
+        numbers = [int(m[2]) for path in done_meta if (m := _SHARD_RE.match(path.name)) and int(m[1]) == process]
 
         mine = list(range(process, len(records), processes))
-        # A group is done whole or not at all, unless batch_size changed since the interrupted run; then the rest of
-        # a partly done group still runs, only without the bit-identical-batches guarantee.
+        # A group is done whole or not at all, unless batch_size changed since the interrupted run; then the rest
+        # of a partly done group still runs, only without the bit-identical-batches guarantee.
         groups = [[i for i in g if i not in done] for g in _prompt_groups(mine, gen)]
         groups = [g for g in groups if g]
-        todo = sum(len(g) for g in groups)
-
         if groups and pipeline is None:
             pipeline = _load_pipeline(cfg, state.device)
-        model_name = cfg.model.pretrained
-
-        pending_rows: List[dict] = []
-        pending_prompts: List[int] = []
-        pending_stats: Counter = Counter()
-
-        def flush() -> None:
-            nonlocal next_number
-            meta = {"prompt_indices": pending_prompts, "stats": dict(pending_stats), "settings": settings}
-            _write_shard(folder, process, next_number, pending_rows, meta)
-            next_number += 1
-            pending_rows.clear()
-            pending_prompts.clear()
-            pending_stats.clear()
-
-        progress = tqdm(total=todo, unit="prompt", desc="generate", disable=not is_main, dynamic_ncols=True)
-        n = gen.samples_per_prompt
-        for group in groups:
-            jobs = [(p, s) for p in group for s in range(n)]
-            candidates: Dict[int, List[_Candidate]] = {p: [] for p in group}
-            for start in range(0, len(jobs), gen.batch_size):
-                batch = jobs[start:start + gen.batch_size]
-                prompts = [records[p].prompt for p, _ in batch]
-                seeds = [sample_seed(gen.seed, p, s) for p, s in batch]
-                images = _sample_images(pipeline, prompts, seeds, gen)
-                scores = _as_floats(reward.score(prompts, images), len(batch), reward_name)
-                for (p, s), seed, image, score in zip(batch, seeds, images, scores):
-                    candidates[p].append(_Candidate(s, seed, image, score))
-            for p in group:
-                rows, stats = _pairs_rows(p, records[p], candidates[p], gen, model_name, reward_name)
-                pending_rows.extend(rows)
-                pending_prompts.append(p)
-                pending_stats.update(stats)
-            progress.update(len(group))
-            if len(pending_rows) >= gen.shard_size:
-                flush()
-        if pending_prompts:
-            flush()
-        progress.close()
+        writer = _ShardWriter(folder, process, max(numbers, default=-1) + 1, settings)
+        _generate_groups(groups, records, cfg, pipeline, reward, reward_name, writer, show_progress=process == 0)
 
     state.wait_for_everyone()
-    if not is_main:
+    if process != 0:
         return None
     summary = summarize(folder, total_prompts=len(records))
     _atomic_write(folder / SUMMARY_FILE, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
-    print(_format_summary(summary))
-    if summary["prompts_missing"]:
-        print(f"{summary['prompts_missing']} prompts are not done yet (another process still running or stopped); "
-              "run the same command again to finish them")
+    print(_format_summary(summary, folder))
     return summary
+
+
+class _ShardWriter:
+    """Collects finished prompts and writes them as one shard once ``shard_size`` pairs are pending."""
+
+    def __init__(self, folder: Path, process: int, next_number: int, settings: dict):
+        self.folder, self.process, self.number, self.settings = folder, process, next_number, settings
+        self.rows: List[dict] = []
+        self.prompts: List[int] = []
+        self.stats: Counter = Counter()
+
+    def add(self, prompt_index: int, rows: List[dict], stats: Counter) -> None:
+        self.rows.extend(rows)
+        self.prompts.append(prompt_index)
+        self.stats.update(stats)
+
+    def flush(self) -> None:
+        if not self.prompts:
+            return
+        meta = {"prompt_indices": self.prompts, "stats": dict(self.stats), "settings": self.settings}
+        _write_shard(self.folder, self.process, self.number, self.rows, meta)
+        self.number += 1
+        self.rows, self.prompts, self.stats = [], [], Counter()
+
+
+def _generate_groups(
+    groups: List[List[int]], records: List[Any], cfg: Config, pipeline: Any, reward: Any, reward_name: str,
+    writer: _ShardWriter, show_progress: bool,
+) -> None:
+    """Sample, score and pair every prompt of ``groups``; a shard is only ever written between groups."""
+    from tqdm.auto import tqdm
+
+    gen = cfg.generate
+    progress = tqdm(total=sum(map(len, groups)), unit="prompt", desc="generate", disable=not show_progress,
+                    dynamic_ncols=True)
+    for group in groups:
+        jobs = [(p, s) for p in group for s in range(gen.samples_per_prompt)]
+        candidates: Dict[int, List[_Candidate]] = {p: [] for p in group}
+        for start in range(0, len(jobs), gen.batch_size):
+            batch = jobs[start:start + gen.batch_size]
+            prompts = [records[p].prompt for p, _ in batch]
+            seeds = [sample_seed(gen.seed, p, s) for p, s in batch]
+            images = _sample_images(pipeline, prompts, seeds, gen)
+            scores = _as_floats(reward.score(prompts, images), len(batch), reward_name)
+            for (p, s), seed, image, score in zip(batch, seeds, images, scores):
+                candidates[p].append(_Candidate(s, seed, image, score))
+        for p in group:
+            writer.add(p, *_pairs_rows(p, records[p], candidates[p], gen, cfg.model.pretrained, reward_name))
+        progress.update(len(group))
+        if len(writer.rows) >= gen.shard_size:
+            writer.flush()
+    writer.flush()
+    progress.close()
 
 
 def _lock_process_share(folder: Path, process: int):

@@ -64,14 +64,17 @@ class SeedColourPipeline:
         return SimpleNamespace(images=[Image.new("RGB", (8, 8), (g.initial_seed() % 256,) * 3) for g in generator])
 
 
-def _config(tmp_path, model_dir, out="out", prompts=PROMPTS, **generate):
+def _overrides(tmp_path, model_dir, out="out", prompts=PROMPTS, **generate):
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("\n".join(prompts) + "\n")
     settings = dict(prompts=str(prompt_file), steps=2, samples_per_prompt=SAMPLES, batch_size=6, shard_size=2)
     settings.update(generate)
     overrides = [f"model.pretrained={model_dir}", f"output.dir={tmp_path / out}"]
-    overrides += [f"generate.{k}={'null' if v is None else v}" for k, v in settings.items()]
-    return load_config(None, overrides)
+    return overrides + [f"generate.{k}={'null' if v is None else v}" for k, v in settings.items()]
+
+
+def _config(tmp_path, model_dir, **kwargs):
+    return load_config(None, _overrides(tmp_path, model_dir, **kwargs))
 
 
 def _rows(folder):
@@ -241,41 +244,60 @@ def test_rso_thins_candidates_before_pairing(tmp_path):
 
 _KILLED_RUN = """
 import os, signal, sys
-import numpy as np, torch
 sys.path.insert(0, {repo!r})
 sys.path.insert(0, {tests!r})
 import diffusion_pref.generate as generate_module
 from diffusion_pref.config import load_config
 from test_generate import MeanPixel
 
-replace, calls = os.replace, [0]
+kill_on, kill_at, calls = {kill_on!r}, {kill_at}, [0]
+
+def count_and_maybe_die():
+    calls[0] += 1
+    if calls[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+replace = os.replace
 def killing_replace(src, dst, **kwargs):
-    if os.path.basename(dst).startswith("pairs-p"):  # os.replace is global: count only shard renames
-        calls[0] += 1
-        if calls[0] == {kill_at}:  # SIGKILL between writing a shard's temporary file and renaming it
-            os.kill(os.getpid(), signal.SIGKILL)
+    if kill_on == "rename" and os.path.basename(dst).startswith("pairs-p"):  # os.replace is global: shards only
+        count_and_maybe_die()  # between writing a shard's temporary file and renaming it
     replace(src, dst, **kwargs)
 generate_module.os.replace = killing_replace
-generate_module.generate(load_config(None, {overrides!r}), reward=MeanPixel())
+
+class KillingMeanPixel(MeanPixel):
+    def score(self, prompts, images):
+        if kill_on == "score":
+            count_and_maybe_die()  # in the middle of a prompt group: images sampled, nothing written
+        return super().score(prompts, images)
+
+generate_module.generate(load_config(None, {overrides!r}), reward=KillingMeanPixel())
 """
 
 
-def test_sigkill_mid_write_then_restart_gives_exactly_the_expected_rows(tmp_path, tiny_sd_dir, reference_rows, pipe, monkeypatch):
-    cfg = _config(tmp_path, tiny_sd_dir, strategy="all_pairs")
-    overrides = [f"model.pretrained={tiny_sd_dir}", f"output.dir={cfg.output.dir}", f"generate.prompts={cfg.generate.prompts}",
-                 "generate.steps=2", f"generate.samples_per_prompt={SAMPLES}", "generate.batch_size=6",
-                 "generate.shard_size=2", "generate.strategy=all_pairs"]
-    script = tmp_path / "killed_run.py"
-    script.write_text(_KILLED_RUN.format(repo=str(REPO), tests=str(REPO / "tests"), kill_at=2, overrides=overrides))
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == -9, result.stderr[-2000:]
+def test_sigkill_twice_then_restart_gives_exactly_the_expected_rows(tmp_path, tiny_sd_dir, reference_rows, pipe, monkeypatch):
+    # Groups of 2 prompts (batch 6 = 2 prompts x 3 samples), a shard after each group: [0, 1], [2, 3], [4].
+    overrides = _overrides(tmp_path, tiny_sd_dir, strategy="all_pairs")
+    cfg = load_config(None, overrides)
     out = Path(cfg.output.dir)
-    # One shard done, the next one half-written.
-    assert len(read_shards(out)) == 1 and list(out.glob(".pairs-p000-*.tmp")), (sorted(out.iterdir()), result.stderr[-2000:])
+
+    def killed_run(kill_on, kill_at):
+        script = tmp_path / "killed_run.py"
+        script.write_text(_KILLED_RUN.format(repo=str(REPO), tests=str(REPO / "tests"), kill_on=kill_on,
+                                             kill_at=kill_at, overrides=overrides))
+        result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+        assert result.returncode == -9, result.stderr[-2000:]
+        return sorted(p.name for p in out.iterdir() if not p.name.startswith(".lock"))
+
+    # Killed while renaming the second shard: shard 0 complete, shard 1 half-written.
+    files = killed_run("rename", 2)
+    assert [f for f in files if f.endswith(".parquet")] == ["pairs-p000-00000.parquet"] and any(f.endswith(".tmp") for f in files), files
+    # The restart is killed while scoring its second group: it wrote shard 1 ([2, 3]) and died on [4].
+    files = killed_run("score", 2)
+    assert [f for f in files if f.endswith(".tmp")] == [] and "pairs-p000-00001.parquet" in files, files
+    assert sorted(i for m in read_shards(out).values() for i in m["prompt_indices"]) == [0, 1, 2, 3]
 
     summary = generate(cfg, pipeline=pipe, reward=MeanPixel())
     rows = reference_rows[0]
-    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
     assert summary["pairs_written"] == len(rows) and summary["prompts_missing"] == 0
     restarted = _rows(out)
     keys = [(r["prompt_index"], r["seed_0"], r["seed_1"]) for r in restarted]
