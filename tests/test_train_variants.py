@@ -88,3 +88,20 @@ def test_ddim_inversion_trajectory_trains(tiny_sd_dir, tmp_path):
     rows = metrics(tmp_path / "out")
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert all(math.isfinite(r["loss"]) for r in rows) and rows[1]["loss"] != rows[0]["loss"]
+
+
+def test_validation_images_with_and_without_the_adapter(tiny_sd_dir, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from diffusion_pref.training.trainer import run
+
+    data = write_pairs(tmp_path / "p.parquet", n=4)
+    run(cfg_for(tiny_sd_dir, data, tmp_path / "out", "train.max_steps=1", "train.validate_every=1",
+                "train.validation_prompts=[a red cat, a blue dog]", "generate.steps=2", "train.logger=tensorboard"))
+    events = list((tmp_path / "out" / "logs").rglob("events.out.tfevents.*"))
+    assert events and sum(e.stat().st_size for e in events) > 1000  # scalars and images reached TensorBoard
+    folder = tmp_path / "out" / "validation" / "step-00000001"
+    assert sorted(p.name for p in folder.iterdir()) == ["00_base.png", "00_tuned.png", "01_base.png", "01_tuned.png"]
+    base, tuned = (np.asarray(Image.open(folder / f"00_{k}.png"), dtype=np.int16) for k in ("base", "tuned"))
+    assert base.shape == (32, 32, 3) and np.abs(base - tuned).max() > 0

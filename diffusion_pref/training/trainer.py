@@ -288,8 +288,9 @@ class Trainer:
             cached = build_cache(cfg, source, backbone, accelerator=accelerator)
             self.make_batch = cached.read_batch
             self.num_workers = 0  # reading a shard is cheaper than forking workers
-            for module in backbone.frozen_modules:  # cached training never runs them again
-                module.to("cpu")
+            if not (t.validate_every and t.validation_prompts):  # validation images still need the VAE
+                for module in backbone.frozen_modules:  # cached training never runs them again
+                    module.to("cpu")
         else:
             def make_batch(items):
                 batch = collate_pixels(source, cfg.data, items, t.seed)
@@ -437,6 +438,8 @@ class Trainer:
             progress.update(1)
             progress.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs.get('implicit_acc', math.nan):.2f}",
                                  lr=f"{logs['lr']:.2e}")
+            if t.validate_every > 0 and t.validation_prompts and step % t.validate_every == 0:
+                self.validate(step)
             if t.checkpoint_every > 0 and step % t.checkpoint_every == 0 and step < t.max_steps:
                 self.checkpointer.save(step, {"epoch": epoch, "next_index": next_index, "skipped_rows": skipped_total,
                                          "bco_shift": bco_shift.state_dict() if bco_shift is not None else None})
@@ -458,6 +461,45 @@ class Trainer:
         accelerator.end_training()
         self.step, self.epoch, self.next_index, self.skipped_total = step, epoch, next_index, skipped_total
         return summary
+
+
+    def validate(self, step: int) -> Path:
+        """Images for ``train.validation_prompts`` (seed i for prompt i), with and without the adapter.
+
+        Written as PNGs to ``output.dir/validation/step-N/`` and logged to TensorBoard. Runs on the main
+        process only; the fixed seeds make the images of different steps comparable.
+        """
+        import numpy as np
+        import torch
+
+        accelerator, cfg = self.accelerator, self.cfg
+        folder = self.out / "validation" / f"step-{step:08d}"
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(self.unet)
+            prompts = list(cfg.train.validation_prompts)
+            seeds = list(range(len(prompts)))
+            kwargs = dict(steps=cfg.generate.steps, guidance_scale=cfg.generate.guidance_scale,
+                          resolution=cfg.data.resolution)
+            unwrapped.eval()
+            panels = {}
+            with torch.no_grad(), accelerator.autocast():
+                panels["tuned"] = self.backbone.generate(prompts, seeds, **kwargs)
+                if cfg.model.finetune == "lora":
+                    unwrapped.disable_adapters()
+                    panels["base"] = self.backbone.generate(prompts, seeds, **kwargs)
+                    unwrapped.enable_adapters()
+            unwrapped.train()
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, images in panels.items():
+                for i, image in enumerate(images):
+                    image.save(folder / f"{i:02d}_{name}.png")
+            if cfg.train.logger == "tensorboard":
+                writer = accelerator.get_tracker("tensorboard", unwrap=True)
+                for name, images in panels.items():
+                    writer.add_images(f"validation/{name}", np.stack([np.asarray(im) for im in images]), step,
+                                      dataformats="NHWC")
+        accelerator.wait_for_everyone()
+        return folder
 
 
 def run(cfg) -> None:
