@@ -222,3 +222,19 @@ def test_loader_resumes_at_the_same_batch_and_splits_processes(tmp_path):
     a, b = iter(r0), iter(r1)
     seen = [x for _ in range(3) for x in next(a)["rows"] + next(b)["rows"]]
     assert sorted(seen) == list(range(12))  # the two processes split an epoch without overlap
+
+
+def test_loader_workers_return_the_same_batches_in_order(tmp_path):
+    from diffusion_pref.data.loader import PairBatches, collate_pixels, make_loader
+    from diffusion_pref.data.pairs import PairSource
+
+    path = write_pairs(tmp_path / "p.parquet", n=8, row_group_size=4)
+    cfg = data_cfg(path, "data.resolution=16")
+    src = PairSource(cfg, seed=0)
+
+    def rows_of(num_workers):
+        batches = PairBatches(src, lambda items: collate_pixels(src, cfg, items, 0), batch_size=2)
+        it = iter(make_loader(batches, num_workers))
+        return [next(it)["rows"].tolist() for _ in range(6)]
+
+    assert rows_of(2) == rows_of(0)

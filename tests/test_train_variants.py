@@ -105,3 +105,22 @@ def test_validation_images_with_and_without_the_adapter(tiny_sd_dir, tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["00_base.png", "00_tuned.png", "01_base.png", "01_tuned.png"]
     base, tuned = (np.asarray(Image.open(folder / f"00_{k}.png"), dtype=np.int16) for k in ("base", "tuned"))
     assert base.shape == (32, 32, 3) and np.abs(base - tuned).max() > 0
+
+
+def test_bf16_grad_accum_checkpointing_adafactor_and_warmup_schedule(tiny_sd_dir, tmp_path):
+    from diffusion_pref.training.trainer import Trainer
+
+    data = write_pairs(tmp_path / "p.parquet", n=8)
+    trainer = Trainer(cfg_for(tiny_sd_dir, data, tmp_path / "out", "train.mixed_precision=bf16", "train.grad_accum=2",
+                              "train.gradient_checkpointing=true", "train.optimizer=adafactor",
+                              "train.lr_scheduler=linear", "train.warmup_steps=1", "train.max_steps=2"))
+    unet = trainer.accelerator.unwrap_model(trainer.unet)
+    assert unet.is_gradient_checkpointing
+    assert {p.dtype for p in unet.parameters() if p.requires_grad} == {torch.float32}  # fp32 adapter
+    assert {p.dtype for p in unet.parameters() if not p.requires_grad} == {torch.bfloat16}  # half frozen base
+    trainer.train()
+    rows = metrics(tmp_path / "out")
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    # linear warmup over 1 step then decay to 0 at step 2: lr after step 1 is the peak, after step 2 zero.
+    assert rows[0]["lr"] == pytest.approx(1e-2) and rows[1]["lr"] == pytest.approx(0.0)
+    assert rows[0]["epoch"] == 0 and trainer.next_index == 4  # 2 steps x 2 micro-batches of 2 pairs
