@@ -51,7 +51,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from diffusion_pref.config import Config, ConfigError, GenerateConfig
 
@@ -132,7 +132,9 @@ def form_pairs(
         elif strategy == "best_vs_each":
             candidates = [(best, j) for j in valid if j != best]
         elif strategy == "all_pairs":
-            candidates = [(i, j) if scores[i] >= scores[j] else (j, i) for a, i in enumerate(valid) for j in valid[a + 1:]]
+            candidates = [
+                (i, j) if scores[i] >= scores[j] else (j, i) for a, i in enumerate(valid) for j in valid[a + 1:]
+            ]
         else:
             raise ValueError(f"unknown pairing strategy {strategy!r}; use best_vs_worst, all_pairs or best_vs_each")
     pairs = []
@@ -355,7 +357,9 @@ def _check_settings(gen: GenerateConfig) -> None:
     if not gen.prompts:
         raise ConfigError("generate.prompts is not set; give a prompt file, folder or hub dataset id")
     if gen.samples_per_prompt < 2:
-        raise ConfigError(f"generate.samples_per_prompt={gen.samples_per_prompt}: a pair needs at least 2 samples per prompt")
+        raise ConfigError(
+            f"generate.samples_per_prompt={gen.samples_per_prompt}: a pair needs at least 2 samples per prompt"
+        )
     for key in ("batch_size", "shard_size", "steps", "rso_keep"):
         if getattr(gen, key) < 1:
             raise ConfigError(f"generate.{key} must be >= 1, got {getattr(gen, key)}")
@@ -372,7 +376,10 @@ def _check_settings(gen: GenerateConfig) -> None:
 
 def _settings(cfg: Config, prompts_digest: str, reward_name: str) -> dict:
     values = {key: getattr(cfg.generate, key) for key in _FINGERPRINT_KEYS}
-    values.update(model=cfg.model.pretrained, reward_model=reward_name, prompts=prompts_digest)
+    values.update(
+        model=cfg.model.pretrained, model_revision=cfg.model.revision, model_variant=cfg.model.variant,
+        model_vae=cfg.model.vae, reward_model=reward_name, prompts=prompts_digest,
+    )
     return values
 
 

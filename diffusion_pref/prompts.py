@@ -183,7 +183,8 @@ def _read_parquet(path: Path, column: Optional[str]) -> List[PromptRecord]:
     key = _pick_column(schema.names, column, path)
     category_key = next((k for k in _CATEGORY_COLUMNS if k in schema.names), None)
     table = pq.read_table(path, columns=[key] + ([category_key] if category_key else []))
-    return _records_from_columns(table.column(key).to_pylist(), table.column(category_key).to_pylist() if category_key else None, path)
+    categories = table.column(category_key).to_pylist() if category_key else None
+    return _records_from_columns(table.column(key).to_pylist(), categories, path)
 
 
 def _read_hub_dataset(source: str, column: Optional[str], split: str) -> List[PromptRecord]:
@@ -203,7 +204,9 @@ def _read_hub_dataset(source: str, column: Optional[str], split: str) -> List[Pr
     return _records_from_columns(dataset[key], categories, source)
 
 
-def _records_from_columns(prompts: Sequence[Any], categories: Optional[Sequence[Any]], where: Any) -> List[PromptRecord]:
+def _records_from_columns(
+    prompts: Sequence[Any], categories: Optional[Sequence[Any]], where: Any
+) -> List[PromptRecord]:
     return [
         PromptRecord(
             _check_prompt(prompt, where, f"row {i}"),
@@ -232,7 +235,9 @@ def _pick_column(names: Iterable[str], column: Optional[str], where: Any) -> str
 
 def _check_prompt(value: Any, where: Any, position: str) -> str:
     if not isinstance(value, str):
-        raise PromptFileError(f"{where} {position}: the prompt is {type(value).__name__}, not text; fix or remove that row")
+        raise PromptFileError(
+            f"{where} {position}: the prompt is {type(value).__name__}, not text; fix or remove that row"
+        )
     if not value.strip():
         raise PromptFileError(f"{where} {position}: the prompt is empty; fix or remove that row")
     return value
@@ -240,7 +245,9 @@ def _check_prompt(value: Any, where: Any, position: str) -> str:
 
 def _no_column(path: Path, column: Optional[str]) -> None:
     if column is not None:
-        raise PromptFileError(f"{path} is plain text with one prompt per line; it has no columns (unset generate.prompt_column)")
+        raise PromptFileError(
+            f"{path} is plain text with one prompt per line; it has no columns (unset generate.prompt_column)"
+        )
 
 
 def _toy_prompts(captions: Sequence[str]) -> List[PromptRecord]:
