@@ -124,3 +124,21 @@ def test_bf16_grad_accum_checkpointing_adafactor_and_warmup_schedule(tiny_sd_dir
     # linear warmup over 1 step then decay to 0 at step 2: lr after step 1 is the peak, after step 2 zero.
     assert rows[0]["lr"] == pytest.approx(1e-2) and rows[1]["lr"] == pytest.approx(0.0)
     assert rows[0]["epoch"] == 0 and trainer.next_index == 4  # 2 steps x 2 micro-batches of 2 pairs
+
+
+def test_cache_command_then_cached_training_reuses_it(tiny_sd_dir, tmp_path):
+    from diffusion_pref.data import cache
+    from diffusion_pref.training.trainer import Trainer
+
+    data = write_pairs(tmp_path / "p.parquet", n=4)
+    overrides = ("data.cache=true", f"data.cache_dir={tmp_path / 'cache'}")
+    cache.run(cfg_for(tiny_sd_dir, data, tmp_path / "out", *overrides))
+    [built] = list((tmp_path / "cache").iterdir())
+    manifest = json.loads((built / "manifest.json").read_text())
+    assert manifest["pairs"] == 4 and manifest["key"]["augmentation"]["resolution"] == 32
+    stamp = (built / "manifest.json").stat().st_mtime_ns
+    trainer = Trainer(cfg_for(tiny_sd_dir, data, tmp_path / "out", *overrides, "train.max_steps=1"))
+    # Cached training must run neither the VAE nor the text encoder.
+    trainer.backbone.vae.forward = trainer.backbone.vae.encode = trainer.backbone.text_encoder.forward = None
+    trainer.train()
+    assert (built / "manifest.json").stat().st_mtime_ns == stamp and len(list((tmp_path / "cache").iterdir())) == 1
