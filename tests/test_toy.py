@@ -243,3 +243,29 @@ def test_shipped_pipeline_loads_offline_and_generates_32px():
         output_type="pt",
     ).images  # [1, 3, 32, 32]
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
+
+
+def test_v_prediction_schedule_has_zero_terminal_snr_and_samples_from_t999():
+    from diffusion_pref.toy.pretrain import make_schedulers
+
+    train, sample = make_schedulers("v_prediction")
+    assert train.config.prediction_type == sample.config.prediction_type == "v_prediction"
+    assert float(train.alphas_cumprod[-1]) < 1e-6 < float(train.alphas_cumprod[-2])
+    sample.set_timesteps(10)
+    assert int(sample.timesteps[0]) == 999
+    eps_train, _ = make_schedulers("epsilon")
+    assert float(eps_train.alphas_cumprod[-1]) > 1e-3  # SD 1.x schedule kept for epsilon
+    with pytest.raises(ValueError, match="prediction_type"):
+        make_schedulers("sample")
+
+
+def test_loss_weight_caps_the_x0_factor():
+    from diffusion_pref.toy.pretrain import loss_weight
+
+    snr = torch.tensor([0.0, 1.0, 4.0, 100.0])
+    # v: v-MSE = (snr + 1) x0-MSE; the factor is capped at gamma + 1 = 6.
+    expected_v = torch.tensor([1.0, 1.0, 1.0, 6.0 / 101.0])
+    assert torch.allclose(loss_weight(snr, "v_prediction", 5.0), expected_v)
+    # epsilon: eps-MSE = snr x0-MSE; the factor is capped at gamma = 5.
+    assert torch.allclose(loss_weight(snr[1:], "epsilon", 5.0), torch.tensor([1.0, 1.0, 0.05]))
+    assert torch.equal(loss_weight(snr, "v_prediction", 0.0), torch.ones(4))

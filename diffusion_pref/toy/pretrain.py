@@ -39,7 +39,8 @@ from diffusion_pref.toy.render import (
 )
 
 
-def build_models(vocab_size: int, bos_id: int, eos_id: int, pad_id: int, max_length: int):
+def build_models(vocab_size: int, bos_id: int, eos_id: int, pad_id: int, max_length: int,
+                 vae_channels=(16, 32), unet_channels=(16, 32)):
     """Fresh VAE, text encoder, UNet: the smallest SD-shaped stack that still learns colours and shapes.
 
     Sized for a shared 2-core CPU: wider (32, 64) blocks ran 3-4x slower per sample there."""
@@ -51,7 +52,7 @@ def build_models(vocab_size: int, bos_id: int, eos_id: int, pad_id: int, max_len
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
+        block_out_channels=tuple(vae_channels),
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=8,
@@ -78,7 +79,7 @@ def build_models(vocab_size: int, bos_id: int, eos_id: int, pad_id: int, max_len
         sample_size=RESOLUTION // 2,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(16, 32),
+        block_out_channels=tuple(unet_channels),
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
@@ -91,14 +92,43 @@ def build_models(vocab_size: int, bos_id: int, eos_id: int, pad_id: int, max_len
     return vae, text_encoder, unet
 
 
-def make_schedulers():
+def make_schedulers(prediction_type: str = "v_prediction"):
+    """Training (DDPM) and sampling (DDIM) schedulers with SD 1.x betas.
+
+    With ``v_prediction`` the betas are rescaled to zero terminal SNR (Lin et al. 2024). Why it matters here:
+    a flat-colour image is almost all "mean colour", and SD's schedule leaves ~7% of the signal at t=999, so a
+    model trained with it reads the colour off the leaked mean and, at sampling time, off the random starting
+    noise instead of the caption. Zero terminal SNR forces the colour to come from the text.
+    """
     from diffusers import DDIMScheduler, DDPMScheduler
 
-    common = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    train = DDPMScheduler(**common, prediction_type="epsilon")
-    # Same settings as Stable Diffusion 1.x's shipped DDIM config.
-    sample = DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+    if prediction_type not in ("v_prediction", "epsilon"):
+        raise ValueError(f"prediction_type={prediction_type!r}; use 'v_prediction' or 'epsilon'")
+    zero_snr = prediction_type == "v_prediction"  # epsilon cannot be predicted at SNR 0
+    common = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                  prediction_type=prediction_type, rescale_betas_zero_snr=zero_snr)
+    train = DDPMScheduler(**common)
+    if zero_snr:
+        # "trailing" spacing makes the first sampling step start at t=999, where the SNR is zero.
+        sample = DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing")
+    else:
+        # Stable Diffusion 1.x's shipped DDIM config.
+        sample = DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     return train, sample
+
+
+def loss_weight(snr, prediction_type: str, gamma: float):
+    """Per-timestep weight that caps the emphasis on nearly clean timesteps (min-SNR-gamma, Hang et al. 2023).
+
+    Expressed on the x0 error, epsilon-MSE = snr * x0-MSE and v-MSE = (snr + 1) * x0-MSE; we cap that factor
+    at gamma (epsilon) or gamma + 1 (v). For v this keeps full weight at the noisiest timesteps, where the
+    colours are decided, unlike the min(snr, gamma) / (snr + 1) form that sends them to zero.
+    """
+    if gamma <= 0:
+        return snr * 0 + 1
+    if prediction_type == "epsilon":
+        return snr.clamp(max=gamma) / snr
+    return (snr + 1).clamp(max=gamma + 1) / (snr + 1)
 
 
 def render_tensor(scenes):
@@ -198,6 +228,16 @@ def evaluate_fidelity(pipe, prompts, seeds_per_prompt: int, steps: int, guidance
     }
 
 
+def _widths(text: str, flag: str) -> tuple[int, int]:
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        widths = ()
+    if len(widths) != 2 or any(w <= 0 or w % 8 for w in widths):
+        raise SystemExit(f"{flag}={text!r}: give two comma-separated widths that are multiples of 8, e.g. 16,32")
+    return widths
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="output folder (checkpoints, log.jsonl, final/)")
@@ -206,6 +246,8 @@ def main(argv=None):
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance for evaluation")
     parser.add_argument("--eval-steps", type=int, default=20, help="DDIM steps for evaluation")
     parser.add_argument("--steps", type=int, default=3000, help="UNet/text-encoder steps (sets the LR schedule)")
+    parser.add_argument("--vae-channels", default="16,32", help="AutoencoderKL block widths (two blocks)")
+    parser.add_argument("--unet-channels", default="16,32", help="UNet block widths (two blocks)")
     parser.add_argument("--vae-steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1.5e-3)
@@ -215,11 +257,13 @@ def main(argv=None):
     parser.add_argument("--corrupt", type=float, default=0.25, help="fraction of captions with a wrong colour")
     parser.add_argument("--drop", type=float, default=0.1, help="fraction of captions dropped to '' (CFG)")
     parser.add_argument("--min-snr", type=float, default=5.0, help="min-SNR-gamma loss weighting (0 = off)")
+    parser.add_argument("--prediction", default="v_prediction", choices=["v_prediction", "epsilon"],
+                        help="UNet target; v_prediction also rescales the schedule to zero terminal SNR")
     parser.add_argument("--dataset-size", type=int, default=4000, help="rendered scenes cached as latents")
     parser.add_argument("--save-every", type=int, default=400)
     parser.add_argument("--eval-seeds", type=int, default=4, help="seeds per held-out prompt at each save")
     parser.add_argument("--max-minutes", type=float, default=0.0, help="stop UNet training after this (0 = off)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads; on a shared CPU 1 beat 2 by 6x")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not args.out and not args.eval_only:
@@ -254,9 +298,10 @@ def main(argv=None):
     log({"args": vars(args)})
     tokenizer = save_tokenizer(out / "tokenizer_src")
     vae, text_encoder, unet = build_models(
-        len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.model_max_length
+        len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.model_max_length,
+        vae_channels=_widths(args.vae_channels, "--vae-channels"), unet_channels=_widths(args.unet_channels, "--unet-channels"),
     )
-    train_sched, sample_sched = make_schedulers()
+    train_sched, sample_sched = make_schedulers(args.prediction)
     log({"params": {"vae": sum(p.numel() for p in vae.parameters()),
                     "text_encoder": sum(p.numel() for p in text_encoder.parameters()),
                     "unet": sum(p.numel() for p in unet.parameters())}})
@@ -334,11 +379,9 @@ def main(argv=None):
         t = torch.randint(0, train_sched.config.num_train_timesteps, (args.batch_size,))
         noisy = train_sched.add_noise(latents, noise, t)
         pred = unet(noisy, t, encoder_hidden_states=cond).sample
-        per_sample = ((pred - noise) ** 2).mean(dim=(1, 2, 3))  # [B]
-        if args.min_snr > 0:
-            weight = torch.clamp(snr[t], max=args.min_snr) / snr[t]
-            per_sample = per_sample * weight
-        loss = per_sample.mean()
+        target = noise if args.prediction == "epsilon" else train_sched.get_velocity(latents, noise, t)
+        per_sample = ((pred - target) ** 2).mean(dim=(1, 2, 3))  # [B]
+        loss = (per_sample * loss_weight(snr[t], args.prediction, args.min_snr)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
