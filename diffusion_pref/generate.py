@@ -158,20 +158,7 @@ def form_pairs(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Model and reward loading (kept small: the backbone adapters of the training code can replace _load_pipeline)
-
-
-def resolve_pretrained(pretrained: str) -> str:
-    """A hub id or folder as given; ``toy`` -> the shapes-world weights shipped inside the package."""
-    if pretrained != "toy":
-        return pretrained
-    folder = Path(__file__).resolve().parent / "toy" / "weights"
-    if not (folder / "model_index.json").is_file():
-        raise ConfigError(
-            f"model.pretrained=toy needs the shipped toy weights at {folder}, which this install lacks; "
-            "pretrain them (diffusion_pref.toy) or set model.pretrained to a diffusers pipeline folder or hub id"
-        )
-    return str(folder)
+# Model and reward loading (kept small: the backbone adapters' generate() can replace _load_pipeline/_sample_images)
 
 
 def _torch_dtype(name: str, device: Any):
@@ -185,6 +172,8 @@ def _torch_dtype(name: str, device: Any):
 def _load_pipeline(cfg: Config, device: Any):
     import diffusers
     from diffusers import AutoencoderKL, DiffusionPipeline
+
+    from diffusion_pref.pipelines import resolve_pretrained  # "toy" -> the shipped weights; clear errors
 
     scheduler_class = None
     if cfg.generate.scheduler:  # checked before loading: a large pipeline takes a while to load

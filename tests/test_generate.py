@@ -363,11 +363,23 @@ def test_bad_settings_and_prompt_files_fail_before_any_model_loads(tmp_path):
         generate(_config(tmp_path, "unused", min_gap=0.5, max_gap=0.1), reward=MeanPixel())
     with pytest.raises(ConfigError, match="generate.prompts is not set"):
         generate(load_config(None, [f"output.dir={tmp_path}"]), reward=MeanPixel())
+    with pytest.raises(ValueError, match="model.pretrained=/nonexistent/sd: no such folder"):
+        generate(_config(tmp_path, "/nonexistent/sd", out="bad-model"), reward=MeanPixel())
+    with pytest.raises(ConfigError, match="generate.scheduler='NoSuchScheduler' is not a diffusers scheduler"):
+        generate(_config(tmp_path, "/nonexistent/sd", out="bad-scheduler", scheduler="NoSuchScheduler"), reward=MeanPixel())
     cfg = _config(tmp_path, "unused")
     cfg.generate.prompts = str(tmp_path / "empty.txt")
     Path(cfg.generate.prompts).write_text("\n")
     with pytest.raises(ValueError, match="empty.txt holds no prompts"):
         generate(cfg, reward=MeanPixel())
+
+
+def test_scheduler_and_dtype_are_applied_on_load(tmp_path, tiny_sd_dir):
+    cfg = _config(tmp_path, tiny_sd_dir, scheduler="EulerDiscreteScheduler", dtype="bf16")
+    loaded = generate_module._load_pipeline(cfg, "cpu")
+    assert type(loaded.scheduler).__name__ == "EulerDiscreteScheduler"
+    assert loaded.scheduler.config.beta_schedule == "scaled_linear"  # built from the pipeline's own config
+    assert loaded.unet.dtype == torch.bfloat16
 
 
 def test_recipes_load(tmp_path):
