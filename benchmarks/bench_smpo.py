@@ -1,0 +1,160 @@
+"""Training-step time of SmPO (ReNoise-inverted trajectories) relative to Diffusion-DPO (not a test).
+
+One optimizer step on a batch of pairs, same UNet, same batch, same timesteps (the same generator seeds):
+
+- ``dpo``: forward trajectory; reference UNet forward (no_grad) and policy forward + backward over ``[w; l]``;
+- ``smpo-exact`` / ``smpo-grid_below``: the same step plus ReNoise inversion of x0 with the policy under no_grad
+  (K = 1, both predictions averaged, the 5-point grid [1, 201, 401, 601, 801] of SD1.5), with
+  ``trajectory.t_mode`` exact (one more step to t) or grid_below (the released SmPO code).
+
+The step is written out here (policy, frozen reference copy, AdamW) instead of running the trainer, so the
+ratio measures the trajectory and nothing else. Models: ``tiny`` (the tiny random-weight SD UNet of
+``diffusion_pref.testing``, 8x8 latents; per-call overhead dominates), ``small`` (the SD1.5 layout at a quarter
+of the width, 32x32 latents, FLOP-bound on a CPU) and ``sd15`` (a UNet with the SD1.5 architecture, random weights, 768-wide
+text states; meant for a GPU). Prints a markdown table and writes JSON.
+
+Run::
+
+    python benchmarks/bench_smpo.py --models tiny --steps 5                     # CPU smoke run
+    python benchmarks/bench_smpo.py --models sd15 --latent 64 --batch-size 4 --dtype bf16 --steps 10 --out bench_smpo.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def build_unet(name: str):
+    """-> (UNet2DConditionModel, cross-attention width, latent size default)."""
+    from diffusers import UNet2DConditionModel
+
+    if name == "tiny":
+        from diffusion_pref.testing import tiny_sd_pipeline
+
+        pipe = tiny_sd_pipeline(seed=0)
+        return pipe.unet, pipe.unet.config.cross_attention_dim, 8
+    if name == "sd15":
+        unet = UNet2DConditionModel(  # the SD1.5 UNet architecture (860M parameters), random weights
+            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        )
+        return unet, 768, 64
+    if name == "small":  # the SD1.5 layout at a quarter of the width: FLOP-bound on a CPU, unlike tiny
+        unet = UNet2DConditionModel(
+            sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(64, 128, 256, 256), cross_attention_dim=768, attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        )
+        return unet, 768, 32
+    raise SystemExit(f"unknown model {name!r}; choose tiny, small or sd15")
+
+
+def bench(model: str, method: str, steps: int, batch_size: int, latent: int, dtype_name: str, device: str) -> dict:
+    import torch
+    from diffusers import DDPMScheduler
+
+    from diffusion_pref.losses import LOSSES, denoising_log_likelihood
+    from diffusion_pref.trajectories import make_trajectory
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    unet, width, default_latent = build_unet(model)
+    latent = latent or default_latent
+    unet = unet.to(device).train()
+    ref_unet = copy.deepcopy(unet).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-6)
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
+    g = torch.Generator().manual_seed(0)
+    latents_w = torch.randn(batch_size, 4, latent, latent, generator=g).to(device)
+    latents_l = torch.randn(batch_size, 4, latent, latent, generator=g).to(device)
+    hidden = torch.randn(batch_size, 16, width, generator=g).to(device)
+    cond = {"encoder_hidden_states": torch.cat([hidden, hidden])}  # [2B, L, D]
+    soft_label = torch.full((batch_size,), 0.8, device=device)
+
+    def predict(x, t, c, net=None):
+        return (net or unet)(x, t.to(device), encoder_hidden_states=c["encoder_hidden_states"]).sample
+
+    def no_grad_policy(x, t, c):
+        with torch.no_grad():
+            return predict(x, t, c)
+
+    def one_step(i: int):
+        generator = torch.Generator().manual_seed(1000 + i)
+        with torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
+            if method == "dpo":
+                traj = make_trajectory("forward", scheduler, latents_w, latents_l, generator=generator)
+            else:
+                traj = make_trajectory("renoise", scheduler, latents_w, latents_l, predict_fn=no_grad_policy,
+                                       cond=cond, generator=generator, steps=5, renoise_iters=1,
+                                       average_window=[0, 2], t_mode=method.split("-", 1)[1])
+            with torch.no_grad():
+                ref_w, ref_l = denoising_log_likelihood(predict(traj.x_t, traj.t, cond, ref_unet), traj.target).chunk(2)
+            policy_w, policy_l = denoising_log_likelihood(predict(traj.x_t, traj.t, cond), traj.target).chunk(2)
+        if method == "dpo":
+            loss, _ = LOSSES["dpo"](policy_w, policy_l, ref_w, ref_l, beta=2500.0)
+        else:
+            loss, _ = LOSSES["smpo"](policy_w, policy_l, ref_w, ref_l, beta=1000.0, soft_label=soft_label)
+        loss.mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    one_step(-1)  # warm-up
+    times = []
+    for i in range(steps):
+        sync()
+        start = time.perf_counter()
+        one_step(i)
+        sync()
+        times.append(time.perf_counter() - start)
+    return {"model": model, "method": method, "batch_pairs": batch_size, "latent": latent, "dtype": dtype_name,
+            "device": device, "steps": steps, "median_s": statistics.median(times), "min_s": min(times)}
+
+
+def main(argv=None) -> None:
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["tiny"])
+    parser.add_argument("--methods", nargs="+", default=["dpo", "smpo-exact", "smpo-grid_below"])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=2, help="pairs per step")
+    parser.add_argument("--latent", type=int, default=0, help="latent side (0 = the model's default)")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = []
+    for model in args.models:
+        for method in args.methods:
+            rows.append(bench(model, method, args.steps, args.batch_size, args.latent, args.dtype, device))
+    base = {r["model"]: r["median_s"] for r in rows if r["method"] == "dpo"}
+    print("| model | method | pairs | latent | dtype | device | median s/step | x dpo |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        r["ratio_to_dpo"] = r["median_s"] / base[r["model"]] if r["model"] in base else None
+        ratio = f"{r['ratio_to_dpo']:.2f}" if r["ratio_to_dpo"] is not None else "-"
+        print(f"| {r['model']} | {r['method']} | {r['batch_pairs']} | {r['latent']} | {r['dtype']} | {r['device']} "
+              f"| {r['median_s']:.4f} | {ratio} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
