@@ -347,6 +347,14 @@ def test_a_second_run_into_the_same_share_is_refused_while_the_first_runs(tmp_pa
     assert generate(cfg, pipeline=SeedColourPipeline(), reward=MeanPixel())["prompts_missing"] == 0
 
 
+def test_raising_max_prompts_extends_the_same_run(tmp_path):
+    first = generate(_config(tmp_path, "unused", max_prompts=2), pipeline=SeedColourPipeline(), reward=MeanPixel())
+    assert first["prompts_done"] == 2 and first["prompts_total"] == 2
+    full = generate(_config(tmp_path, "unused"), pipeline=SeedColourPipeline(), reward=MeanPixel())
+    assert full["prompts_done"] == len(PROMPTS) and full["prompts_missing"] == 0
+    assert sorted(r["prompt_index"] for r in _rows(tmp_path / "out")) == list(range(len(PROMPTS)))
+
+
 def test_restart_with_other_settings_is_refused(tmp_path):
     cfg = _config(tmp_path, "unused", prompts=PROMPTS[:1])
     generate(cfg, pipeline=SeedColourPipeline(), reward=MeanPixel())
