@@ -9,14 +9,15 @@ One optimizer step on a batch of pairs, same UNet, same batch, same timesteps (t
 
 The step is written out here (policy, frozen reference copy, AdamW) instead of running the trainer, so the
 ratio measures the trajectory and nothing else. Models: ``tiny`` (the tiny random-weight SD UNet of
-``diffusion_pref.testing``, 8x8 latents; per-call overhead dominates), ``small`` (the SD1.5 layout at a quarter
-of the width, 32x32 latents, FLOP-bound on a CPU) and ``sd15`` (a UNet with the SD1.5 architecture, random weights, 768-wide
-text states; meant for a GPU). Prints a markdown table and writes JSON.
+``diffusion_pref.testing``, 8x8 latents; per-call overhead dominates), ``small`` (the SD1.5 layout at a fifth
+of the width, 32x32 latents, FLOP-bound on a CPU) and ``sd15`` (a UNet with the SD1.5 architecture, random
+weights, 768-wide text states; meant for a GPU). Prints a markdown table and writes JSON.
 
 Run::
 
     python benchmarks/bench_smpo.py --models tiny --steps 5                     # CPU smoke run
-    python benchmarks/bench_smpo.py --models sd15 --latent 64 --batch-size 4 --dtype bf16 --steps 10 --out bench_smpo.json
+    python benchmarks/bench_smpo.py --models sd15 --latent 64 --batch-size 4 --dtype bf16 --steps 10 \\
+        --out bench_smpo.json
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def build_unet(name: str):
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         )
         return unet, 768, 64
-    if name == "small":  # the SD1.5 layout at a quarter of the width: FLOP-bound on a CPU, unlike tiny
+    if name == "small":  # the SD1.5 layout at a fifth of the width: FLOP-bound on a CPU, unlike tiny
         unet = UNet2DConditionModel(
             sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
             block_out_channels=(64, 128, 256, 256), cross_attention_dim=768, attention_head_dim=8,

@@ -36,7 +36,8 @@ def _load_image(path: str, resolution: int):
     try:
         image = Image.open(file).convert("RGB")
     except Exception as err:
-        raise ValueError(f"trajectory.invert_image={path}: could not read it as an image ({type(err).__name__}: {err})") from None
+        raise ValueError(f"trajectory.invert_image={path}: could not read it as an image "
+                         f"({type(err).__name__}: {err})") from None
     scale = resolution / min(image.size)
     image = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))),
                          Image.BICUBIC)

@@ -271,4 +271,11 @@ def soft_labels_for_run(cfg, source, device: Any = "cpu") -> SoftLabels:
     )
 
 
-__all__ = ["SoftLabels", "soft_labels_for_run", "compute_soft_labels", "minmax_range", "prepare_soft_labels", "soft_label_probs"]
+__all__ = [
+    "SoftLabels",
+    "compute_soft_labels",
+    "minmax_range",
+    "prepare_soft_labels",
+    "soft_label_probs",
+    "soft_labels_for_run",
+]

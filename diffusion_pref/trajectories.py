@@ -348,7 +348,8 @@ def _check_options(renoise_iters, average_window, noise_reg_steps, noise_reg_ac_
     if int(renoise_iters) < 0:
         raise ValueError(f"trajectory.renoise_iters={renoise_iters} must be >= 0 (0 = plain DDIM inversion).")
     if len(average_window) != 2 or int(average_window[0]) < 0 or int(average_window[1]) < int(average_window[0]):
-        raise ValueError(f"trajectory.average_window={list(average_window)} must be [start, end] with 0 <= start <= end "
+        raise ValueError(f"trajectory.average_window={list(average_window)} must be [start, end] with "
+                         "0 <= start <= end "
                          "(prediction indices 0..renoise_iters, end exclusive), e.g. [0, 2].")
     if int(noise_reg_steps) < 0 or int(noise_reg_ac_rolls) < 1:
         raise ValueError("trajectory.noise_reg_steps must be >= 0 and trajectory.noise_reg_ac_rolls >= 1.")
@@ -422,8 +423,9 @@ def make_trajectory(kind: str, scheduler, latents_w: torch.Tensor, latents_l: to
     """x_t, t, target and noise for B pairs (``[w; l]``), from the forward process or by inverting x0.
 
     ``predict_fn(x [n, C, H, W], t [n], cond) -> model output`` is needed for ``ddim`` / ``renoise``; ``cond`` is
-    the ``[w; l]``-repeated conditioning, cut to the n samples still being inverted (see the module docstring). t is drawn exactly as for ``forward`` (the same
-    generator gives the same t). ``ddim`` ignores the ReNoise options.
+    the ``[w; l]``-repeated conditioning, cut to the n samples still being inverted (see the module docstring).
+    t is drawn exactly as for ``forward`` (the same generator gives the same t). ``ddim`` ignores the ReNoise
+    options.
     """
     import torch
 

@@ -34,7 +34,7 @@ def test_invert_cli_writes_the_reconstruction_and_prints_psnr(tiny_sd_dir, image
     result = subprocess.run(
         [sys.executable, "-m", "diffusion_pref.cli", "invert", f"model.pretrained={tiny_sd_dir}",
          "trajectory.kind=renoise", f"trajectory.invert_image={image_file}", "trajectory.invert_prompt=a red cat",
-         "trajectory.steps=10", "data.resolution=32", f"output.dir={out}"],
+         "trajectory.steps=5", "data.resolution=32", f"output.dir={out}"],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
     )
     assert result.returncode == 0, result.stderr
@@ -44,7 +44,7 @@ def test_invert_cli_writes_the_reconstruction_and_prints_psnr(tiny_sd_dir, image
     reconstruction = Image.open(out / "reconstruction.png")
     assert reconstruction.size == (32, 32)
     metrics = json.loads((out / "invert_metrics.json").read_text())
-    assert metrics["method"] == "renoise" and metrics["steps"] == 10 and metrics["renoise_iters"] == 1
+    assert metrics["method"] == "renoise" and metrics["steps"] == 5 and metrics["renoise_iters"] == 1
     assert f"{metrics['psnr']:.2f} dB" in result.stdout
     # PSNR is computed against the resized input and cannot beat the VAE round trip by much
     assert 0 < metrics["psnr"] <= metrics["psnr_vae_round_trip"] + 1.0
