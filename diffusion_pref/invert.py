@@ -102,7 +102,7 @@ def run(cfg) -> None:
         options = dict(renoise_iters=traj.renoise_iters, average_window=list(traj.average_window),
                        noise_reg_steps=traj.noise_reg_steps, noise_reg_lambda_kl=traj.noise_reg_lambda_kl,
                        noise_reg_lambda_ac=traj.noise_reg_lambda_ac, noise_reg_ac_rolls=traj.noise_reg_ac_rolls)
-    generator = torch.Generator(device).manual_seed(cfg.train.seed)
+    generator = torch.Generator().manual_seed(cfg.train.seed)  # CPU: the regulariser draws its shifts there
     z_top = invert_latents(scheduler, predict, x0, cond, grid, generator=generator, **options)
     x0_rec = ddim_sample(scheduler, predict, z_top, cond, grid)
 

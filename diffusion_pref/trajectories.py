@@ -24,7 +24,9 @@ as for ``forward``; the grid is ``DDIMInverseScheduler.set_timesteps(steps)`` of
 (SD1.5, steps=5: [1, 201, 401, 601, 801]). ``exact`` (default) inverts along the grid points below t and then
 takes one more step to t itself, so x~_t sits at the noise level the UNet is told. ``grid_below`` stops at the
 last grid point below t and feeds that latent as if it were at t: the released SmPO code, one step cheaper, but
-for small t the "noise" target is then mostly a scaled x0. x0 is the clean latent (abar = 1); diffusers' SD
+the target then mixes in x0. With an ideal denoiser (x~_g = forward noising with noise eps) grid_below gives
+tau_t = a x0 + b eps with, for SD1.5's 5-point grid, a = 0.13 and b = 0.76 on average over t, and a = 0.16,
+b = 0.16 for t <= 201; exact gives tau_t = eps. x0 is the clean latent (abar = 1); diffusers' SD
 configs put it at abar_0 = 0.99915 instead, a difference far below the inversion error.
 
 The model is called as ``predict_fn(x, t, cond)`` with x ``[n, C, H, W]``, t ``[n]``: at each step only the n <= 2B
