@@ -362,7 +362,23 @@ def _merge_file(merged: DictConfig, path: Path) -> DictConfig:
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path} must hold a mapping of sections (model:, data:, train:, ...)")
     _check_keys(loaded, where=str(path))
+    # A mapping written in a file replaces the one below it (a recipe's `reward.models: {toy-fidelity: 1.0}` must
+    # not keep the default pickscore); a dotted override such as `loss.params.gamma=5` still updates one entry.
+    for dotted in _mapping_keys():
+        section, key = dotted.split(".")
+        if isinstance(loaded.get(section), dict) and key in loaded[section]:
+            OmegaConf.update(merged, dotted, {}, merge=False)
     return _merge(merged, loaded, where=str(path))
+
+
+def _mapping_keys() -> List[str]:
+    """The dotted names of the Dict-typed fields (column maps, loss params, reward weights, ...)."""
+    return [
+        f"{section.name}.{f.name}"
+        for section in dataclasses.fields(Config)
+        for f in dataclasses.fields(_section_class(section.type))
+        if str(f.type).startswith("Dict")
+    ]
 
 
 def check_loss(cfg: Config) -> None:

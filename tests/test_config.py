@@ -91,3 +91,13 @@ def test_there_are_recipes():
 def test_every_recipe_loads(path):
     cfg = load_config(path)
     check_loss(cfg)
+
+
+def test_a_mapping_in_a_file_replaces_the_default_and_overrides_update_it(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("reward:\n  models:\n    toy-fidelity: 1.0\nloss:\n  params:\n    gamma: 3\n")
+    cfg = load_config(recipe)
+    assert cfg.reward.models == {"toy-fidelity": 1.0}  # the default pickscore is gone
+    cfg = load_config(recipe, ["reward.models.clip=0.5", "loss.params.extra=1"])
+    assert cfg.reward.models == {"toy-fidelity": 1.0, "clip": 0.5}
+    assert cfg.loss.params == {"gamma": 3, "extra": 1}
