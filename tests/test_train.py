@@ -171,6 +171,9 @@ def test_sigkill_after_checkpoint_then_resume_matches_an_uninterrupted_run(tiny_
     ckpts = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
     assert ckpts == ["step-00000002"]  # complete, renamed; no temporary folder left behind
     run(load_config(None, args(tmp_path / "killed", "train.resume=latest")))
+    assert [m["step"] for m in read_metrics(tmp_path / "killed")] == [1, 2, 3, 4]
+    assert read_metrics(tmp_path / "killed")[3]["loss"] == pytest.approx(read_metrics(tmp_path / "straight")[3]["loss"],
+                                                                        abs=1e-6)
     straight = load_file(tmp_path / "straight" / "pytorch_lora_weights.safetensors")
     resumed = load_file(tmp_path / "killed" / "pytorch_lora_weights.safetensors")
     assert straight.keys() == resumed.keys()
@@ -252,3 +255,16 @@ def test_cli_reports_bad_data_without_a_traceback(tiny_sd_dir, tmp_path):
     assert proc.returncode != 0
     assert "missing column(s) jpg_1" in proc.stderr and "data.columns.jpg_1=" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_only_the_last_checkpoints_are_kept_and_a_fresh_run_restarts_the_log(tiny_sd_dir, pairs_path, tmp_path):
+    from diffusion_pref.training.trainer import run
+
+    cfg = make_cfg(tiny_sd_dir, pairs_path, tmp_path, "train.max_steps=4", "train.checkpoint_every=1",
+                   "train.keep_checkpoints=2", "train.learning_rate=1e-3")
+    run(cfg)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["steps"] == 4 and "kept 8 of 8 rows" in summary["data"]
+    run(make_cfg(tiny_sd_dir, pairs_path, tmp_path, "train.max_steps=1"))
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1]

@@ -322,6 +322,9 @@ class Trainer:
             self.make_batch = make_batch
             self.num_workers = cfg.data.num_workers
 
+        if accelerator.state.deepspeed_plugin is not None:
+            # No dataloader goes through prepare(), so DeepSpeed must be told the micro-batch size directly.
+            accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.batch_size
         optimizer = _optimizer(cfg, self.trainable)
         lr_scheduler = _lr_scheduler(cfg, optimizer, accelerator.num_processes)
         self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(backbone.unet, optimizer, lr_scheduler)
@@ -372,6 +375,11 @@ class Trainer:
             logger.info("data: %s; reference: %s; trainable parameters: %d", self.source.summary(), reference,
                         sum(p.numel() for p in trainable))
         metrics_file = out / "metrics.jsonl"
+        if accelerator.is_main_process and metrics_file.is_file():
+            # Keep the lines up to the step this run starts from: a fresh run in an old folder starts a new log, a
+            # resumed one drops what the interrupted run logged after its last checkpoint.
+            kept = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= step]
+            metrics_file.write_text("".join(line + "\n" for line in kept))
         unwrapped = accelerator.unwrap_model(unet)
 
         progress = tqdm(total=t.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
@@ -462,7 +470,8 @@ class Trainer:
                     f.write(json.dumps({"step": step, **logs}) + "\n")
             progress.update(1)
             progress.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs.get('implicit_acc', math.nan):.2f}",
-                                 lr=f"{logs['lr']:.2e}")
+                                 margin=f"{logs.get('margin', math.nan):.2e}", lr=f"{logs['lr']:.2e}",
+                                 pairs_s=f"{logs['pairs_per_s']:.1f}")
             if t.validate_every > 0 and t.validation_prompts and step % t.validate_every == 0:
                 self.validate(step)
             if t.checkpoint_every > 0 and step % t.checkpoint_every == 0 and step < t.max_steps:
