@@ -157,6 +157,7 @@ def test_folder_of_shards_streams_row_groups_in_a_seeded_order(tmp_path):
     folder.mkdir()
     write_pairs(folder / "train-0.parquet", n=6, row_group_size=2)
     write_pairs(folder / "train-1.parquet", n=4, row_group_size=2)
+    (folder / ".train-2.parquet").write_bytes(b"partial write of another tool")  # hidden: ignored
     src = PairSource(data_cfg(folder), seed=3)
     assert len(src.blocks) == 5 and len(src) == 10
     order0, order1 = src.order(0), src.order(1)

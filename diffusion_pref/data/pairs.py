@@ -81,7 +81,9 @@ def resolve_parquet_files(source: str, split: str) -> Tuple[List[str], object]:
             raise DataError(f"data.source={source} is a file but not a .parquet file; give a parquet file or a folder of them")
         return [str(path)], None
     if path.is_dir():
-        files = sorted(str(p) for p in path.rglob("*.parquet"))
+        # Hidden files are other tools' temporary or partial writes, never data.
+        files = sorted(str(p) for p in path.rglob("*.parquet")
+                       if not any(part.startswith(".") for part in p.relative_to(path).parts))
         split_files = [f for f in files if _in_split(f, split)]
         files = split_files or files
         if not files:
