@@ -242,6 +242,15 @@ def test_bad_inputs_give_clear_errors(tiny_sd_dir, pairs_path, tmp_path):
         Trainer(make_cfg(empty, pairs_path, tmp_path))
     with pytest.raises(ConfigError, match="model.reference=adapter needs model.finetune=lora"):
         Trainer(make_cfg(tiny_sd_dir, pairs_path, tmp_path, "model.finetune=full", "model.reference=adapter"))
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:  # an optional extra
+        with pytest.raises(ConfigError, match="pip install wandb"):
+            Trainer(make_cfg(tiny_sd_dir, pairs_path, tmp_path, "train.logger=wandb"))
+    with pytest.raises(ConfigError, match="model.reference=none but this loss compares against a reference"):
+        Trainer(make_cfg(tiny_sd_dir, pairs_path, tmp_path, "model.reference=none"))
+    with pytest.raises(ValueError, match="not a checkpoint folder"):
+        Trainer(make_cfg(tiny_sd_dir, pairs_path, tmp_path, f"train.resume={tmp_path}"))
     with pytest.raises(ConfigError, match="matched no UNet module"):
         Trainer(make_cfg(tiny_sd_dir, pairs_path, tmp_path, "model.lora_targets=[nope]"))
 

@@ -271,6 +271,11 @@ class Trainer:
         t = cfg.train
         if t.batch_size < 1 or t.grad_accum < 1 or t.max_steps < 1:
             raise ConfigError("train.batch_size, train.grad_accum and train.max_steps must be at least 1")
+        if t.logger == "wandb":
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                raise ConfigError("train.logger=wandb needs wandb: pip install wandb, or use train.logger=tensorboard") from None
         self.out = out = Path(cfg.output.dir)
         self.accelerator = accelerator = Accelerator(
             gradient_accumulation_steps=t.grad_accum,
