@@ -296,8 +296,6 @@ def test_report_is_self_contained_with_table_grid_and_charts(evaluated):
 
 def test_cli_with_the_toy_recipe(tiny_sd_dir, tmp_path):
     """The shipped recipe runs through the CLI (toy-fidelity scores any RGB image; the model is the tiny SD)."""
-    if set(load_config(REPO / "configs/toy_evaluate.yaml").reward.models) != {"toy-fidelity"}:
-        pytest.xfail("config merges a recipe's reward.models into the default {pickscore: 1.0} instead of replacing it")
     out = tmp_path / "cli"
     result = subprocess.run(
         [sys.executable, "-m", "diffusion_pref.cli", "evaluate", "--config", str(REPO / "configs/toy_evaluate.yaml"),
@@ -364,9 +362,11 @@ def test_registered_reward_models_score_each_column(tmp_path):
             path.parent.mkdir(parents=True, exist_ok=True)
             render(scene).save(path)
             index[0] += 1
-    cfg = load_config(None, ["eval.prompts=toy", "eval.max_prompts=4", f"eval.images_dir={images}",
-                             "eval.baseline=wrong", f"output.dir={tmp_path / 'out'}", "eval.bootstrap_samples=20"])
-    cfg.reward.models = {"toy-fidelity": 1.0, "toy-size": 2.0}  # set whole: a recipe's dict merges with the default
+    # In a recipe the mapping replaces the default reward (pickscore, which needs hub weights).
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("reward:\n  models: {toy-fidelity: 1.0, toy-size: 2.0}\n")
+    cfg = load_config(recipe, ["eval.prompts=toy", "eval.max_prompts=4", f"eval.images_dir={images}",
+                               "eval.baseline=wrong", f"output.dir={tmp_path / 'out'}", "eval.bootstrap_samples=20"])
     metrics = run(cfg)
     table = pd.read_parquet(tmp_path / "out" / "per_image.parquet")
     assert metrics["rewards"] == ["toy-fidelity", "toy-size", WEIGHTED_SUM]
