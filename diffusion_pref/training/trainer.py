@@ -277,6 +277,13 @@ class Trainer:
             except ImportError:
                 raise ConfigError("train.logger=wandb needs wandb: pip install wandb, or use train.logger=tensorboard") from None
         self.out = out = Path(cfg.output.dir)
+        # accelerate keeps its settings in process-wide singletons; a second run in the same process (quickstart,
+        # benchmarks, tests) may want another precision or accumulation, so start from a clean state. The
+        # process group (PartialState) is kept.
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
         self.accelerator = accelerator = Accelerator(
             gradient_accumulation_steps=t.grad_accum,
             mixed_precision=t.mixed_precision,
