@@ -9,14 +9,18 @@ pipeline (``OUT/step_NNNNN``) with its held-out fidelity logged, and the last on
 
 Run::
 
-    python -m diffusion_pref.toy.pretrain --out runs/toy_pretrain --steps 2500 --max-minutes 45
+    python -m diffusion_pref.toy.pretrain --out runs/toy_pretrain     # the shipped weights' recipe (~40 min, 1 core)
     python -m diffusion_pref.toy.pretrain --eval-only diffusion_pref/toy/weights --eval-seeds 10   # fidelity
 
 Load::
 
     from diffusers import StableDiffusionPipeline
     pipe = StableDiffusionPipeline.from_pretrained("runs/toy_pretrain/final")
-    pipe("a red circle on a blue background", num_inference_steps=20, guidance_scale=5).images[0]  # 32x32
+    pipe("a red circle on a blue background", num_inference_steps=20, guidance_scale=1.0).images[0]  # 32x32
+
+Guidance: with classifier-free guidance the model follows its caption almost always (CFG sharpens towards
+the majority colour even with corrupted captions); without it (``guidance_scale=1``) it shows the corrupted
+training signal, which is where preference alignment has room to help.
 """
 
 from __future__ import annotations
@@ -245,10 +249,10 @@ def main(argv=None):
                         help="only measure a saved pipeline's fidelity on the held-out prompts, then exit")
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance for evaluation")
     parser.add_argument("--eval-steps", type=int, default=20, help="DDIM steps for evaluation")
-    parser.add_argument("--steps", type=int, default=3000, help="UNet/text-encoder steps (sets the LR schedule)")
+    parser.add_argument("--steps", type=int, default=10000, help="UNet/text-encoder steps (sets the LR schedule)")
     parser.add_argument("--vae-channels", default="16,32", help="AutoencoderKL block widths (two blocks)")
     parser.add_argument("--unet-channels", default="16,32", help="UNet block widths (two blocks)")
-    parser.add_argument("--vae-steps", type=int, default=150)
+    parser.add_argument("--vae-steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--vae-lr", type=float, default=3e-3)
@@ -260,7 +264,7 @@ def main(argv=None):
     parser.add_argument("--prediction", default="v_prediction", choices=["v_prediction", "epsilon"],
                         help="UNet target; v_prediction also rescales the schedule to zero terminal SNR")
     parser.add_argument("--dataset-size", type=int, default=4000, help="rendered scenes cached as latents")
-    parser.add_argument("--save-every", type=int, default=400)
+    parser.add_argument("--save-every", type=int, default=1000)
     parser.add_argument("--eval-seeds", type=int, default=4, help="seeds per held-out prompt at each save")
     parser.add_argument("--max-minutes", type=float, default=0.0, help="stop UNet training after this (0 = off)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads; on a shared CPU 1 beat 2 by 6x")
