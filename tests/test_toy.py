@@ -269,3 +269,23 @@ def test_loss_weight_caps_the_x0_factor():
     # epsilon: eps-MSE = snr x0-MSE; the factor is capped at gamma = 5.
     assert torch.allclose(loss_weight(snr[1:], "epsilon", 5.0), torch.tensor([1.0, 1.0, 0.05]))
     assert torch.equal(loss_weight(snr, "v_prediction", 0.0), torch.ones(4))
+
+
+def test_pretrain_script_writes_a_loadable_pipeline(tmp_path):
+    import json
+
+    from diffusers import StableDiffusionPipeline
+
+    from diffusion_pref.toy import pretrain
+
+    out = tmp_path / "run"
+    pretrain.main(["--out", str(out), "--steps", "2", "--vae-steps", "2", "--dataset-size", "16", "--batch-size", "4",
+                   "--save-every", "100", "--eval-seeds", "1", "--eval-steps", "2"])
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    final = next(r for r in records if r.get("tag") == "final")
+    assert 0.0 <= final["fidelity"] <= 1.0 and final["n"] == len(R.eval_prompts())
+    assert (out / "final" / "tokenizer" / "vocab.json").exists()
+    pipe = StableDiffusionPipeline.from_pretrained(out / "final", local_files_only=True)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.vae.config.scaling_factor != 0.18215  # measured from the cached latents, not SD's constant
+    _check_tokenizer(pipe.tokenizer)
