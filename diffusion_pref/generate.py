@@ -229,23 +229,6 @@ def _sample_images(pipe: Any, prompts: List[str], seeds: List[int], gen: Generat
     return list(output.images)
 
 
-def _load_reward(cfg: Config, device: Any):
-    from diffusion_pref.reward_models import load_reward
-
-    spec: Dict[str, Any] = {}
-    for name, weight in cfg.reward.models.items():
-        path = cfg.reward.pretrained.get(name)
-        spec[name] = {"weight": weight, "pretrained": path} if path else weight
-    reward_device = device if cfg.reward.device == "auto" else cfg.reward.device
-    try:
-        return load_reward(spec, device=reward_device, batch_size=cfg.reward.batch_size)
-    except OSError as err:  # missing files, no network: the user fixes the config, not the code
-        raise ConfigError(
-            f"could not load reward.models={dict(cfg.reward.models)} ({err}); "
-            "set reward.pretrained.<name> to a local folder or file in the official layout"
-        ) from err
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Shards: writing, and reading back what is already done
 
@@ -518,7 +501,9 @@ def generate(
         for stale in folder.glob(f".pairs-p{process:03d}-*.tmp"):  # left by a run killed mid-write
             stale.unlink()
         if reward is None:
-            reward = _load_reward(cfg, state.device)
+            from diffusion_pref.reward_models import load_reward_from_config
+
+            reward = load_reward_from_config(cfg.reward, state.device)
         reward_name = getattr(reward, "name", type(reward).__name__)
         settings = _settings(cfg, prompts_digest, reward_name)
         done_meta = read_shards(folder)

@@ -250,24 +250,16 @@ def soft_labels_for_run(cfg, source, device: Any = "cpu") -> SoftLabels:
     min/max) where the config has them, and ``reward.models`` / ``reward.pretrained`` / ``reward.batch_size``
     / ``reward.device``; the reward model is loaded only if the scores must be computed.
     """
+    from diffusion_pref.reward_models import load_reward_from_config, reward_spec
+
     loss = cfg.loss
-    spec: Dict[str, Any] = {}
-    for name, weight in dict(cfg.reward.models).items():
-        path = dict(cfg.reward.pretrained).get(name)
-        spec[name] = {"weight": weight, "pretrained": path} if path else weight
-    reward_device = device if cfg.reward.device == "auto" else cfg.reward.device
-
-    def load():
-        from diffusion_pref.reward_models import load_reward
-
-        return load_reward(spec, device=reward_device, batch_size=cfg.reward.batch_size)
-
     score_range = getattr(loss, "soft_label_range", None)
     return prepare_soft_labels(
         source, cfg.output.dir, winner=getattr(loss, "soft_label_winner", "reward"),
-        scores=getattr(loss, "soft_label_scores", "auto"), reward=load,
+        scores=getattr(loss, "soft_label_scores", "auto"),
+        reward=lambda: load_reward_from_config(cfg.reward, device),
         score_range=list(score_range) if score_range is not None else None,
-        batch_size=cfg.reward.batch_size, reward_id=spec,
+        batch_size=cfg.reward.batch_size, reward_id=reward_spec(cfg.reward),
     )
 
 

@@ -334,6 +334,23 @@ def test_weighted_reward_is_weighted_sum_of_components(clip_folder):
         load_reward({"pickscore": "heavy"}, pretrained=clip_folder, device="cpu")
 
 
+def test_reward_from_config_uses_weights_paths_and_device(clip_folder):
+    from diffusion_pref.config import ConfigError, load_config
+    from diffusion_pref.reward_models import load_reward_from_config, reward_spec
+
+    cfg = load_config(None, ["reward.models.pickscore=2.0", f"reward.pretrained.pickscore={clip_folder}"])
+    assert reward_spec(cfg.reward) == {"pickscore": {"weight": 2.0, "pretrained": clip_folder}}
+    reward = load_reward_from_config(cfg.reward, "cpu")  # reward.device=auto: the caller's device
+    images = _random_images(2, seed=8)
+    pick = load_reward_model("pickscore", pretrained=clip_folder, device="cpu").score(PROMPTS[:2], images)
+    torch.testing.assert_close(reward.score(PROMPTS[:2], images), 2.0 * pick)
+    assert reward.components["pickscore"][0].device == torch.device("cpu")
+
+    missing = load_config(None, [f"reward.pretrained.pickscore={clip_folder}/missing"])
+    with pytest.raises(ConfigError, match=r"reward.pretrained.<name>"):
+        load_reward_from_config(missing.reward, "cpu")
+
+
 # ---------------------------------------------------------------- LAION aesthetic v2
 
 

@@ -85,4 +85,37 @@ def load_reward(spec: str | Mapping[str, Any], **shared_kwargs: Any):
     return WeightedReward(components)
 
 
-__all__ = ["REWARD_MODELS", "load_reward", "load_reward_model", "reward_model_class"]
+def reward_spec(reward_cfg) -> dict[str, Any]:
+    """``cfg.reward`` as a :func:`load_reward` spec: ``reward.models`` weights, with ``reward.pretrained`` paths."""
+    spec: dict[str, Any] = {}
+    for name, weight in dict(reward_cfg.models).items():
+        path = dict(reward_cfg.pretrained).get(name)
+        spec[name] = {"weight": weight, "pretrained": path} if path else weight
+    return spec
+
+
+def load_reward_from_config(reward_cfg, device: Any = None):
+    """The `WeightedReward` that ``cfg.reward`` describes; ``reward.device=auto`` means ``device``.
+
+    Weights that cannot be loaded (missing files, no network) raise ``ConfigError`` naming the setting to fix.
+    """
+    from diffusion_pref.config import ConfigError
+
+    reward_device = device if reward_cfg.device == "auto" else reward_cfg.device
+    try:
+        return load_reward(reward_spec(reward_cfg), device=reward_device, batch_size=reward_cfg.batch_size)
+    except OSError as err:  # the user fixes the config, not the code
+        raise ConfigError(
+            f"could not load reward.models={dict(reward_cfg.models)} ({err}); "
+            "set reward.pretrained.<name> to a local folder or file in the official layout"
+        ) from err
+
+
+__all__ = [
+    "REWARD_MODELS",
+    "load_reward",
+    "load_reward_from_config",
+    "load_reward_model",
+    "reward_model_class",
+    "reward_spec",
+]
