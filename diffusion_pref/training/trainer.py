@@ -309,8 +309,10 @@ class Trainer:
             if mode == "scores":
                 from diffusion_pref.soft_labels import soft_labels_for_run
 
-                # Scored once before training and stored in output.dir, so a resumed run reads them back.
-                self.soft_labels = soft_labels_for_run(cfg, source, device=accelerator.device)
+                # Scored once before training and stored in output.dir, so a resumed run reads them back; the
+                # main process writes them before the others read them.
+                with accelerator.main_process_first():
+                    self.soft_labels = soft_labels_for_run(cfg, source, device=accelerator.device)
         self.backbone = backbone = load_backbone(cfg.model)
         self.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[t.mixed_precision]
         self.device = accelerator.device
