@@ -158,7 +158,7 @@ def form_pairs(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Model and reward loading (kept small: the backbone adapters' generate() can replace _load_pipeline/_sample_images)
+# Model loading and sampling
 
 
 def _torch_dtype(name: str, device: Any):
@@ -171,9 +171,10 @@ def _torch_dtype(name: str, device: Any):
 
 def _load_pipeline(cfg: Config, device: Any):
     import diffusers
-    from diffusers import AutoencoderKL, DiffusionPipeline
+    from diffusers import DiffusionPipeline
 
-    from diffusion_pref.pipelines import resolve_pretrained  # "toy" -> the shipped weights; clear errors
+    # The backbones' loader: "toy", hub ids and folders, model.revision/variant/vae, and readable errors.
+    from diffusion_pref.pipelines.stable_diffusion import load_pipeline
 
     scheduler_class = None
     if cfg.generate.scheduler:  # checked before loading: a large pipeline takes a while to load
@@ -184,25 +185,12 @@ def _load_pipeline(cfg: Config, device: Any):
                 "DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler"
             )
     dtype = _torch_dtype(cfg.generate.dtype, device)
-    extra = {}
     with warnings.catch_warnings():
         # Newer diffusers renamed torch_dtype to dtype; the old name still works in every version we support.
         warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
-        if cfg.model.vae:
-            extra["vae"] = AutoencoderKL.from_pretrained(cfg.model.vae, torch_dtype=dtype)
-        try:
-            pipe = DiffusionPipeline.from_pretrained(
-                resolve_pretrained(cfg.model.pretrained),
-                revision=cfg.model.revision,
-                variant=cfg.model.variant,
-                torch_dtype=dtype,
-                **extra,
-            )
-        except OSError as err:  # not a folder, not reachable on the hub, files missing
-            raise ConfigError(
-                f"could not load model.pretrained={cfg.model.pretrained!r} as a diffusers pipeline ({err}); "
-                "give a hub id or a folder with model_index.json"
-            ) from err
+        pipe = load_pipeline(DiffusionPipeline, cfg.model, torch_dtype=dtype)
+    if cfg.model.vae:
+        pipe.vae.to(dtype=dtype)  # a VAE passed in as a component is not cast by torch_dtype
     if scheduler_class is not None:
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

@@ -382,12 +382,16 @@ def test_bad_settings_and_prompt_files_fail_before_any_model_loads(tmp_path):
         generate(cfg, reward=MeanPixel())
 
 
-def test_scheduler_and_dtype_are_applied_on_load(tmp_path, tiny_sd_dir):
+def test_scheduler_dtype_and_vae_are_applied_on_load(tmp_path, tiny_sd_dir):
     cfg = _config(tmp_path, tiny_sd_dir, scheduler="EulerDiscreteScheduler", dtype="bf16")
+    cfg.model.vae = str(Path(tiny_sd_dir) / "vae")
     loaded = generate_module._load_pipeline(cfg, "cpu")
     assert type(loaded.scheduler).__name__ == "EulerDiscreteScheduler"
     assert loaded.scheduler.config.beta_schedule == "scaled_linear"  # built from the pipeline's own config
-    assert loaded.unet.dtype == torch.bfloat16
+    assert loaded.unet.dtype == torch.bfloat16 and loaded.vae.dtype == torch.bfloat16
+    cfg.model.vae = str(tmp_path / "no-vae")
+    with pytest.raises(ValueError, match="could not load model.vae="):
+        generate_module._load_pipeline(cfg, "cpu")
 
 
 def test_recipes_load(tmp_path):
