@@ -396,9 +396,7 @@ def test_scheduler_dtype_and_vae_are_applied_on_load(tmp_path, tiny_sd_dir):
 
 def test_recipes_load(tmp_path):
     toy = load_config(REPO / "configs" / "toy_generate.yaml")
-    # ["toy-fidelity"] rather than the whole dict: YAML reward.models is merged into the default {pickscore: 1.0}
-    # by config.py at the time of writing (reported to the lead).
-    assert toy.model.pretrained == "toy" and toy.reward.models["toy-fidelity"] == 1.0
+    assert toy.model.pretrained == "toy" and toy.reward.models == {"toy-fidelity": 1.0}  # no default pickscore
     assert len(read_prompts(toy.generate.prompts)) > 10
     sd = load_config(REPO / "configs" / "datagen_sd15_pickscore.yaml")
     assert sd.reward.models == {"pickscore": 1.0} and sd.generate.scheduler == "DPMSolverMultistepScheduler"
