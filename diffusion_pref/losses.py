@@ -187,6 +187,25 @@ def _check_range(loss: str, name: str, value, low: float, high: float, *, high_o
     return float(value)
 
 
+_NON_NEGATIVE = (0.0, math.inf, True)
+# Allowed [low, high] of each loss-specific parameter (True: high excluded). The loss checks its arguments and
+# check_loss_params checks a config against the same table, so a bad value fails before any model is loaded.
+_PARAM_RANGES: dict[str, dict[str, tuple[float, float, bool]]] = {
+    "smpo": {"gamma": _NON_NEGATIVE},
+    "robust": {"flip_rate": (0.0, 0.5, True)},
+    "cdpo": {"label_smoothing": (0.0, 0.5, False)},
+    "rpo": {"alpha": _NON_NEGATIVE},
+    "kto": {"desirable_weight": _NON_NEGATIVE, "undesirable_weight": _NON_NEGATIVE},
+    "asft": {"odds_weight": _NON_NEGATIVE},
+    "redi": {"winner_coef": _NON_NEGATIVE, "loser_coef": _NON_NEGATIVE},
+}
+
+
+def _param(loss: str, name: str, value) -> float:
+    low, high, high_open = _PARAM_RANGES[loss][name]
+    return _check_range(loss, name, value, low, high, high_open=high_open)
+
+
 # ------------------------------------------------------------------------------------------------------- losses
 
 
@@ -224,7 +243,7 @@ def smpo(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None
     import torch.nn.functional as F
 
     _reject_unused("smpo", label=label)
-    gamma = _check_range("smpo", "gamma", gamma, 0.0, math.inf, high_open=True)
+    gamma = _param("smpo", "gamma", gamma)
     policy_w, policy_l, ref_w, ref_l, beta = _prepare("smpo", policy_w, policy_l, ref_w, ref_l, beta)
     p = _soft_label("smpo", soft_label, policy_w.shape[0], required=True)
     log_ratio_w, log_ratio_l = policy_w - ref_w, policy_l - ref_l
@@ -278,7 +297,7 @@ def robust(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=No
     import torch.nn.functional as F
 
     _reject_unused("robust", soft_label=soft_label, label=label)
-    eps = _check_range("robust", "flip_rate", flip_rate, 0.0, 0.5, high_open=True)
+    eps = _param("robust", "flip_rate", flip_rate)
     policy_w, policy_l, ref_w, ref_l, beta = _prepare("robust", policy_w, policy_l, ref_w, ref_l, beta)
     log_ratio_w, log_ratio_l = policy_w - ref_w, policy_l - ref_l
     logit = beta * (log_ratio_w - log_ratio_l)
@@ -298,7 +317,7 @@ def cdpo(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None
     import torch.nn.functional as F
 
     _reject_unused("cdpo", soft_label=soft_label, label=label)
-    eps = _check_range("cdpo", "label_smoothing", label_smoothing, 0.0, 0.5)
+    eps = _param("cdpo", "label_smoothing", label_smoothing)
     policy_w, policy_l, ref_w, ref_l, beta = _prepare("cdpo", policy_w, policy_l, ref_w, ref_l, beta)
     log_ratio_w, log_ratio_l = policy_w - ref_w, policy_l - ref_l
     logit = beta * (log_ratio_w - log_ratio_l)
@@ -319,7 +338,7 @@ def rpo(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None,
     import torch.nn.functional as F
 
     _reject_unused("rpo", soft_label=soft_label, label=label)
-    alpha = _check_range("rpo", "alpha", alpha, 0.0, math.inf, high_open=True)
+    alpha = _param("rpo", "alpha", alpha)
     policy_w, policy_l, ref_w, ref_l, beta = _prepare("rpo", policy_w, policy_l, ref_w, ref_l, beta)
     log_ratio_w, log_ratio_l = policy_w - ref_w, policy_l - ref_l
     preference = -F.logsigmoid(beta * (log_ratio_w - log_ratio_l))
@@ -430,8 +449,8 @@ def kto(
     import torch
 
     _reject_unused("kto", soft_label=soft_label)
-    lam_d = _check_range("kto", "desirable_weight", desirable_weight, 0.0, math.inf, high_open=True)
-    lam_u = _check_range("kto", "undesirable_weight", undesirable_weight, 0.0, math.inf, high_open=True)
+    lam_d = _param("kto", "desirable_weight", desirable_weight)
+    lam_u = _param("kto", "undesirable_weight", undesirable_weight)
 
     if label is not None:
         policy, ref, desirable, beta = _unpaired_inputs("kto", policy_w, policy_l, ref_w, ref_l, beta, label)
@@ -642,7 +661,7 @@ def asft(
     Diffusion-DPO beta.
     """
     _reject_unused("asft", soft_label=soft_label, label=label)
-    lam = _check_range("asft", "odds_weight", odds_weight, 0.0, math.inf, high_open=True)
+    lam = _param("asft", "odds_weight", odds_weight)
     policy_w, policy_l, ref_w, ref_l, beta = _prepare(
         "asft", policy_w, policy_l, ref_w, ref_l, beta, ref_optional=True
     )
@@ -679,8 +698,8 @@ def redi(
     beta = half the original Diffusion-DPO beta.
     """
     _reject_unused("redi", soft_label=soft_label, label=label)
-    coef_w = _check_range("redi", "winner_coef", winner_coef, 0.0, math.inf, high_open=True)
-    coef_l = _check_range("redi", "loser_coef", loser_coef, 0.0, math.inf, high_open=True)
+    coef_w = _param("redi", "winner_coef", winner_coef)
+    coef_l = _param("redi", "loser_coef", loser_coef)
     policy_w, policy_l, ref_w, ref_l, beta = _prepare(
         "redi", policy_w, policy_l, ref_w, ref_l, beta, ref_optional=True
     )
@@ -776,22 +795,6 @@ def check_loss_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
                 f"got {type(value).__name__} {value!r}."
             )
     resolved = {**valid, **params}
-    _PARAM_CHECKS.get(name, lambda p: None)(resolved)
+    for key in _PARAM_RANGES.get(name, {}):
+        _param(name, key, resolved[key])
     return resolved
-
-
-# Range checks shared with the loss bodies so a bad config fails before any model is loaded.
-_PARAM_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
-    "smpo": lambda p: _check_range("smpo", "gamma", p["gamma"], 0.0, math.inf, high_open=True),
-    "robust": lambda p: _check_range("robust", "flip_rate", p["flip_rate"], 0.0, 0.5, high_open=True),
-    "cdpo": lambda p: _check_range("cdpo", "label_smoothing", p["label_smoothing"], 0.0, 0.5),
-    "rpo": lambda p: _check_range("rpo", "alpha", p["alpha"], 0.0, math.inf, high_open=True),
-    "kto": lambda p: [
-        _check_range("kto", k, p[k], 0.0, math.inf, high_open=True)
-        for k in ("desirable_weight", "undesirable_weight")
-    ],
-    "asft": lambda p: _check_range("asft", "odds_weight", p["odds_weight"], 0.0, math.inf, high_open=True),
-    "redi": lambda p: [
-        _check_range("redi", k, p[k], 0.0, math.inf, high_open=True) for k in ("winner_coef", "loser_coef")
-    ],
-}

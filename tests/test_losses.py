@@ -457,6 +457,16 @@ def test_check_loss_params_fills_defaults_and_checks_values():
         check_loss_params("cdpo", {"label_smoothing": -0.1})
 
 
+def test_every_configurable_param_has_a_range_checked_by_config_and_loss():
+    for name in LOSSES:
+        assert set(L.loss_params(name)) == set(L._PARAM_RANGES.get(name, {})), name
+    # the same range in both places: a config value the loss would refuse is refused at load time
+    with pytest.raises(ValueError, match=r"desirable_weight.*\[0.0, inf\)"):
+        check_loss_params("kto", {"desirable_weight": -1.0})
+    with pytest.raises(ValueError, match=r"desirable_weight.*\[0.0, inf\)"):
+        run("kto", desirable_weight=-1.0)
+
+
 def test_every_configurable_param_is_accepted_by_its_loss():
     # check_loss_params and the function signatures must agree, or configs would pass and training would fail
     for name in LOSSES:
