@@ -24,7 +24,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .base import (
     as_features,
@@ -38,9 +38,14 @@ from .base import (
     resolve_file,
 )
 
+if TYPE_CHECKING:
+    import torch
+
 OFFICIAL_CHECKPOINT = (
     "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac%2Blogos%2Bava1-l14-linearMSE.pth"
 )
+
+
 class LaionAesthetic:
     name = "aesthetic"
     scale = "predicted AVA aesthetic rating, ~1-10 (typical photos 4-7); ignores the prompt"

@@ -143,6 +143,21 @@ def as_features(output: Any) -> "torch.Tensor":
     return output.pooler_output
 
 
+def clip_text_image_features(model, tokenizer, image_processor, prompts: Sequence[str], images: Sequence["Image.Image"],
+                             device: "torch.device") -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Unnormalised float32 text and image features ``([b, d], [b, d])`` of a transformers ``CLIPModel``.
+
+    Text padded to the longest prompt and truncated at CLIP's 77 tokens; images through ``image_processor``.
+    """
+    text = tokenizer(list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt")
+    pixels = image_processor(images=list(images), return_tensors="pt")["pixel_values"]  # [b, 3, 224, 224]
+    text_emb = as_features(
+        model.get_text_features(input_ids=text["input_ids"].to(device), attention_mask=text["attention_mask"].to(device))
+    )
+    image_emb = as_features(model.get_image_features(pixel_values=pixels.to(device)))
+    return text_emb.float(), image_emb.float()
+
+
 def resolve_file(pretrained: str, filename: str, what: str) -> str:
     """A local file, a file `filename` inside a local folder, or `filename` from the hub repo `pretrained`."""
     if os.path.isfile(pretrained):

@@ -29,9 +29,13 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .base import as_features, batch_slices, check_prompts, default_device
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 
 def _to_numpy_mono(audio: Any, index: int) -> "np.ndarray":

@@ -24,9 +24,19 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .base import as_features, batch_slices, check_prompts, clip_image_processor, default_device, images_to_pil
+from .base import (
+    batch_slices,
+    check_prompts,
+    clip_image_processor,
+    clip_text_image_features,
+    default_device,
+    images_to_pil,
+)
+
+if TYPE_CHECKING:
+    import torch
 
 CONVENTIONS = {
     "cosine": "cosine(text, image) in [-1, 1]",
@@ -69,16 +79,10 @@ class CLIPScore:
         out = []
         with torch.no_grad():
             for sl in batch_slices(len(images), self.batch_size):
-                text = self.tokenizer(prompts[sl], padding=True, truncation=True, max_length=77, return_tensors="pt")
-                pixels = self.image_processor(images=images[sl], return_tensors="pt")["pixel_values"]
-                text_emb = as_features(
-                    self.model.get_text_features(
-                        input_ids=text["input_ids"].to(self.device),
-                        attention_mask=text["attention_mask"].to(self.device),
-                    )
+                text_emb, image_emb = clip_text_image_features(
+                    self.model, self.tokenizer, self.image_processor, prompts[sl], images[sl], self.device
                 )
-                image_emb = as_features(self.model.get_image_features(pixel_values=pixels.to(self.device)))
-                out.append(torch.nn.functional.cosine_similarity(text_emb.float(), image_emb.float(), dim=-1))
+                out.append(torch.nn.functional.cosine_similarity(text_emb, image_emb, dim=-1))
         return torch.cat(out).float().cpu() if out else torch.zeros(0)
 
     def score(self, prompts: Sequence[str], media: Any) -> "torch.Tensor":

@@ -28,7 +28,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .base import (
     OPENAI_CLIP_MEAN,
@@ -40,6 +40,9 @@ from .base import (
     load_state_dict_file,
     resolve_file,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 OFFICIAL_REPO = "xswu/HPSv2"
 CHECKPOINTS = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}

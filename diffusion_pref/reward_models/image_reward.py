@@ -42,7 +42,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .base import (
     batch_slices,
@@ -54,6 +54,9 @@ from .base import (
     openai_clip_pixels,
     resolve_file,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 REWARD_MEAN = 0.16717362830052426
 REWARD_STD = 1.0333394966054072

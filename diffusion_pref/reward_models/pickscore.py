@@ -20,9 +20,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .base import as_features, batch_slices, check_prompts, clip_image_processor, default_device, images_to_pil
+from .base import (
+    batch_slices,
+    check_prompts,
+    clip_image_processor,
+    clip_text_image_features,
+    default_device,
+    images_to_pil,
+)
+
+if TYPE_CHECKING:
+    import torch
 
 OFFICIAL_MODEL = "yuvalkirstain/PickScore_v1"
 OFFICIAL_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -45,7 +55,6 @@ class PickScore:
         processor, or `pretrained` itself when it is a local folder that holds a `preprocessor_config.json`
         (a PickScore_v1 snapshot ships one; offline use needs it).
         """
-        import torch
         from transformers import AutoTokenizer, CLIPModel
 
         if processor is None:
@@ -57,22 +66,6 @@ class PickScore:
         self.tokenizer = AutoTokenizer.from_pretrained(processor)
         self.image_processor = clip_image_processor(processor)
 
-    def _embed(self, prompts: list[str], images: list) -> tuple:
-        import torch
-
-        text = self.tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
-        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]  # [b, 3, 224, 224]
-        text_emb = as_features(
-            self.model.get_text_features(
-                input_ids=text["input_ids"].to(self.device), attention_mask=text["attention_mask"].to(self.device)
-            )
-        )
-        image_emb = as_features(self.model.get_image_features(pixel_values=pixels.to(self.device)))
-        return (
-            torch.nn.functional.normalize(text_emb.float(), dim=-1),
-            torch.nn.functional.normalize(image_emb.float(), dim=-1),
-        )
-
     def score(self, prompts: Sequence[str], media: Any) -> "torch.Tensor":
         import torch
 
@@ -82,7 +75,11 @@ class PickScore:
         with torch.no_grad():
             logit_scale = self.model.logit_scale.exp().float()
             for sl in batch_slices(len(images), self.batch_size):
-                text_emb, image_emb = self._embed(prompts[sl], images[sl])  # [b, d] each
+                text_emb, image_emb = clip_text_image_features(
+                    self.model, self.tokenizer, self.image_processor, prompts[sl], images[sl], self.device
+                )  # [b, d] each
+                text_emb = torch.nn.functional.normalize(text_emb, dim=-1)
+                image_emb = torch.nn.functional.normalize(image_emb, dim=-1)
                 out.append(logit_scale * (text_emb * image_emb).sum(-1))
         return torch.cat(out).float().cpu() if out else torch.zeros(0)
 
