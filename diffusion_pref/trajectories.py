@@ -125,17 +125,21 @@ def denoising_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.
     )
 
 
+def _check_pair_shapes(where: str, latents_w: torch.Tensor, latents_l: torch.Tensor) -> None:
+    if latents_w.shape != latents_l.shape:
+        raise ValueError(
+            f"{where}: latents_w has shape {tuple(latents_w.shape)} but latents_l has "
+            f"{tuple(latents_l.shape)}; the two sides of each pair must have the same latent shape."
+        )
+
+
 def forward_trajectory(
     scheduler, latents_w: torch.Tensor, latents_l: torch.Tensor, generator=None
 ) -> ForwardTrajectory:
     """Forward-noise winners and losers with shared noise and t: ``x_t = add_noise([x0_w; x0_l], noise, t)``."""
     import torch
 
-    if latents_w.shape != latents_l.shape:
-        raise ValueError(
-            f"forward_trajectory: latents_w has shape {tuple(latents_w.shape)} but latents_l has "
-            f"{tuple(latents_l.shape)}; the two sides of each pair must have the same latent shape."
-        )
+    _check_pair_shapes("forward_trajectory", latents_w, latents_l)
     x0 = torch.cat([latents_w, latents_l])  # [2B, C, H, W]
     noise, t = shared_noise_and_timesteps(latents_w, scheduler.config.num_train_timesteps, generator)
     x_t = scheduler.add_noise(x0, noise, t)
@@ -437,11 +441,7 @@ def make_trajectory(kind: str, scheduler, latents_w: torch.Tensor, latents_l: to
         return forward_trajectory(scheduler, latents_w, latents_l, generator=generator)
     if predict_fn is None:
         raise ValueError(f"trajectory.kind={kind} inverts x0 with the model: pass predict_fn(x_t, t, cond).")
-    if latents_w.shape != latents_l.shape:
-        raise ValueError(
-            f"make_trajectory: latents_w has shape {tuple(latents_w.shape)} but latents_l has "
-            f"{tuple(latents_l.shape)}; the two sides of each pair must have the same latent shape."
-        )
+    _check_pair_shapes("make_trajectory", latents_w, latents_l)
     _check_options(renoise_iters, average_window, noise_reg_steps, noise_reg_ac_rolls)
     grid = inversion_grid(scheduler, steps)
     x0 = torch.cat([latents_w, latents_l])  # [2B, C, H, W]

@@ -90,9 +90,10 @@ def test_unsupported_prediction_type_and_shape_mismatch_raise():
     x0 = latents(0)
     with pytest.raises(ValueError, match="epsilon, v_prediction"):
         denoising_target(scheduler, x0, torch.randn_like(x0), torch.zeros(B, dtype=torch.long))
-    with pytest.raises(ValueError, match="latents_l"):
+    with pytest.raises(ValueError, match="forward_trajectory: .*latents_l"):
         forward_trajectory(DDPMScheduler(num_train_timesteps=10), x0, x0[:1])
-
+    with pytest.raises(ValueError, match="make_trajectory: .*latents_l"):
+        make_trajectory("ddim", DDPMScheduler(num_train_timesteps=10), x0, x0[:1], predict_fn=lambda x, t, c: x)
 
 
 # --------------------------------------------------------------------------------------------- inversion kinds
