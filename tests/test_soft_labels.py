@@ -170,13 +170,6 @@ def _log_likelihoods(seed, pairs=5):
     return [(-torch.rand(pairs, generator=g)).requires_grad_(True) for _ in range(4)]
 
 
-def test_smpo_with_p_one_equals_dpo_with_beta_times_gamma():
-    policy_w, policy_l, ref_w, ref_l = _log_likelihoods(0)
-    smpo, _ = LOSSES["smpo"](policy_w, policy_l, ref_w, ref_l, beta=7.0, gamma=10.0, soft_label=torch.ones(5))
-    dpo, _ = LOSSES["dpo"](policy_w, policy_l, ref_w, ref_l, beta=70.0)
-    torch.testing.assert_close(smpo, dpo)
-
-
 def test_pairs_with_equal_rewards_contribute_zero_gradient():
     policy_w, policy_l, ref_w, ref_l = _log_likelihoods(1, pairs=3)
     p = torch.tensor(soft_label_probs([0.2, 0.5, 0.3], [0.2, 0.1, 0.3], 0.0, 1.0), dtype=torch.float32)
