@@ -122,15 +122,6 @@ class HPSv2:
         size = size[0] if isinstance(size, (tuple, list)) else size
         return int(size)
 
-    def preprocess(self, media: Any) -> "torch.Tensor":
-        """Letterboxed, normalised pixels [n, 3, 224, 224]."""
-        import torch
-
-        images = images_to_tensors(media, self.name)
-        if not images:
-            return torch.zeros(0, 3, self.image_size, self.image_size)
-        return torch.stack([hps_letterbox(im, self.image_size, self.antialias) for im in images])
-
     def score(self, prompts: Sequence[str], media: Any) -> "torch.Tensor":
         import torch
 
