@@ -6,9 +6,9 @@ Measures pairs/s of optimizer steps (after one warm-up step) and peak memory for
 - ``sd15``: a UNet with the SD1.5 architecture (860M parameters, random weights) behind the tiny VAE (factor 4)
   and a one-layer 768-wide CLIP text encoder, so the UNet dominates as it does in real training;
 
-each uncached and cached (``data.cache=true``: no VAE / text encoder in the step). Peak memory is
-``torch.cuda.max_memory_allocated`` on a GPU and the process's peak RSS on a CPU. Writes JSON and prints a
-markdown table.
+each uncached and cached (``data.cache=true``: no VAE / text encoder in the step), each in a fresh process.
+Peak memory is ``torch.cuda.max_memory_allocated`` during the timed steps on a GPU, and the process's peak RSS
+(model loading included) on a CPU. Writes JSON and prints a markdown table.
 
 Run::
 
@@ -112,8 +112,13 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--modes", default="uncached,cached")
     parser.add_argument("--out", default="bench_train.json")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: MODEL_DIR,DATA,OUT,MODE
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.one:  # one measurement in a fresh process, so the peak RSS is this configuration's own
+        model_dir, data, out, mode = args.one.split(",")
+        print(json.dumps(bench_one(Path(model_dir), Path(data), Path(out), args, cached=(mode == "cached"))))
+        return
 
     from diffusion_pref.testing import save_tiny_sd
 
@@ -127,7 +132,18 @@ def main() -> None:
             pairs = args.batch_size * (args.steps + 1)
             data = _write_pairs(tmp / f"pairs-{name}.parquet", pairs, resolution)
             for mode in args.modes.split(","):
-                row = bench_one(model_dir, data, tmp / f"out-{name}-{mode}", run_args, cached=(mode == "cached"))
+                import subprocess
+
+                cmd = [sys.executable, __file__, "--one", f"{model_dir},{data},{tmp / f'out-{name}-{mode}'},{mode}",
+                       "--resolution", str(resolution), "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+                       "--mixed-precision", args.mixed_precision, "--finetune", args.finetune,
+                       "--num-workers", str(args.num_workers)]
+                if args.gradient_checkpointing:
+                    cmd.append("--gradient-checkpointing")
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                if proc.returncode != 0:
+                    raise SystemExit(f"benchmark {name}/{mode} failed:\n{proc.stderr[-3000:]}")
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
                 row.update(model=name, mode=mode, resolution=resolution, batch_size=args.batch_size,
                            mixed_precision=args.mixed_precision, finetune=args.finetune)
                 results.append(row)
