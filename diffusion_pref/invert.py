@@ -83,10 +83,8 @@ def run(cfg) -> None:
     image, pixels = _load_image(traj.invert_image, cfg.data.resolution)
     backbone = load_backbone(cfg.model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    for module in (backbone.unet, backbone.vae, backbone.text_encoder,
-                   getattr(backbone, "text_encoder_2", None)):
-        if module is not None:
-            module.to(device)
+    for module in (backbone.unet, *backbone.frozen_modules):
+        module.to(device)
     scheduler = backbone.scheduler
     grid = inversion_grid(scheduler, traj.steps)
 
