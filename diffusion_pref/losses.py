@@ -63,6 +63,11 @@ _COMMON_PARAMS = ("beta", "weight", "soft_label", "label")
 _RUNTIME_PARAMS = {"bco": ("reward_shift",)}
 
 
+_NEEDS_REFERENCE_HINT = (
+    "pass the reference model's estimates, or choose a reference-free loss (sft, asft, redi)."
+)
+
+
 # --------------------------------------------------------------------------------------------- diffusion helper
 
 
@@ -126,7 +131,8 @@ def _prepare(loss: str, policy_w, policy_l, ref_w, ref_l, beta, *, ref_optional:
     for name, ref in (("ref_w", ref_w), ("ref_l", ref_l)):
         if ref is None:
             if not ref_optional:
-                raise ValueError(f"{loss}: `{name}` is None but this loss needs the reference log-likelihoods.")
+                raise ValueError(f"{loss}: `{name}` is None but this loss needs the reference log-likelihoods; "
+                                 f"{_NEEDS_REFERENCE_HINT}")
             refs.append(torch.zeros_like(policy_w).detach())
         else:
             refs.append(_as_float32(name, loss, ref, pairs))
@@ -405,7 +411,8 @@ def _unpaired_inputs(loss: str, policy_w, policy_l, ref_w, ref_l, beta, label):
     beta = _check_beta(loss, beta)
     policy = _as_float32("policy_w", loss, policy_w, None)
     if ref_w is None:
-        raise ValueError(f"{loss}: `ref_w` is None but this loss needs the reference log-likelihoods.")
+        raise ValueError(f"{loss}: `ref_w` is None but this loss needs the reference log-likelihoods; "
+                         f"{_NEEDS_REFERENCE_HINT}")
     ref = _as_float32("ref_w", loss, ref_w, policy.shape[0])
     label = _as_float32("label", loss, label, policy.shape[0])
     if not bool(((label == 0) | (label == 1)).all()):

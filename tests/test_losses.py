@@ -319,8 +319,19 @@ def test_reference_free_losses_accept_no_reference(name):
 @pytest.mark.parametrize("name", ["dpo", "kto", "bco", "nca"])
 def test_losses_that_need_a_reference_refuse_none(name):
     pw, pl, _, rl = inputs()
-    with pytest.raises(ValueError, match="ref_w"):
+    with pytest.raises(ValueError, match=r"ref_w.*reference-free loss \(sft, asft, redi\)"):
         LOSSES[name](pw, pl, None, rl, beta=BETA)
+
+
+def test_the_missing_reference_hint_names_every_reference_free_loss():
+    def accepts_no_reference(name):
+        try:
+            run(name, t(PW), t(PL), None, None)
+        except ValueError:
+            return False
+        return True
+
+    assert {name for name in LOSSES if accepts_no_reference(name)} == {"sft", "asft", "redi"}
 
 
 def test_asft_rejects_positive_log_likelihood():
