@@ -194,7 +194,8 @@ def _read_hub_dataset(source: str, column: Optional[str], split: str) -> List[Pr
         dataset = datasets.load_dataset(source, split=split)
     except Exception as err:  # offline, unknown id, unknown split: all end here
         raise PromptFileError(
-            f"'{source}' is not a local file or folder, and loading it as hub dataset (split '{split}') failed: {err}"
+            f"'{source}' is not a local file or folder, and loading it as hub dataset (split '{split}') failed: {err}; "
+            "check the path, or the dataset id, its split and your network"
         ) from None
     key = _pick_column(dataset.column_names, column, source)
     category_key = next((k for k in _CATEGORY_COLUMNS if k in dataset.column_names), None)
