@@ -89,11 +89,17 @@ class ForwardTrajectory:
 Trajectory = ForwardTrajectory  # the same record for every kind
 
 
-def shared_noise_and_timesteps(latents_w: torch.Tensor, num_train_timesteps: int, generator=None):
+def shared_noise_and_timesteps(latents_w: torch.Tensor, num_train_timesteps: int, generator=None, *,
+                               process_index: int = 0, num_processes: int = 1):
     """Draw noise and timesteps for B pairs and repeat them for the two sides: ``([2B, ...], [2B])``.
 
     ``t ~ U{0, ..., num_train_timesteps - 1}``. Noise is drawn in float32 on the generator's device (so a CPU
     generator gives the same numbers whatever the latents' device and dtype), then moved to the latents.
+
+    Data parallel: every process passes the same generator state and its own ``process_index`` of
+    ``num_processes``; the draw is made for the global micro-batch (``num_processes * B`` pairs) and this process
+    keeps rows ``process_index::num_processes``, the pairs the loader gave it. So one process with 2B pairs sees
+    exactly what two processes with B pairs see between them, and no two processes share their draws.
     """
     import torch
 
@@ -103,10 +109,17 @@ def shared_noise_and_timesteps(latents_w: torch.Tensor, num_train_timesteps: int
         )
     if int(num_train_timesteps) < 1:
         raise ValueError(f"shared_noise_and_timesteps: num_train_timesteps must be >= 1, got {num_train_timesteps}.")
+    if not 0 <= process_index < num_processes:
+        raise ValueError(f"shared_noise_and_timesteps: process_index={process_index} is outside "
+                         f"0..{num_processes - 1} (num_processes={num_processes}).")
     draw_device = generator.device if generator is not None else latents_w.device
     batch = latents_w.shape[0]
-    noise_half = torch.randn(latents_w.shape, generator=generator, device=draw_device, dtype=torch.float32)
-    t_half = torch.randint(0, int(num_train_timesteps), (batch,), generator=generator, device=draw_device)
+    global_batch = batch * num_processes
+    noise_all = torch.randn((global_batch, *latents_w.shape[1:]), generator=generator, device=draw_device,
+                            dtype=torch.float32)
+    t_all = torch.randint(0, int(num_train_timesteps), (global_batch,), generator=generator, device=draw_device)
+    noise_half = noise_all[process_index::num_processes]  # [B, ...]
+    t_half = t_all[process_index::num_processes]  # [B]
     noise = torch.cat([noise_half, noise_half]).to(device=latents_w.device, dtype=latents_w.dtype)  # [2B, ...]
     t = torch.cat([t_half, t_half]).to(latents_w.device)  # [2B]
     return noise, t
@@ -134,14 +147,19 @@ def _check_pair_shapes(where: str, latents_w: torch.Tensor, latents_l: torch.Ten
 
 
 def forward_trajectory(
-    scheduler, latents_w: torch.Tensor, latents_l: torch.Tensor, generator=None
+    scheduler, latents_w: torch.Tensor, latents_l: torch.Tensor, generator=None, *, process_index: int = 0,
+    num_processes: int = 1,
 ) -> ForwardTrajectory:
-    """Forward-noise winners and losers with shared noise and t: ``x_t = add_noise([x0_w; x0_l], noise, t)``."""
+    """Forward-noise winners and losers with shared noise and t: ``x_t = add_noise([x0_w; x0_l], noise, t)``.
+
+    ``process_index`` / ``num_processes``: see :func:`shared_noise_and_timesteps`.
+    """
     import torch
 
     _check_pair_shapes("forward_trajectory", latents_w, latents_l)
     x0 = torch.cat([latents_w, latents_l])  # [2B, C, H, W]
-    noise, t = shared_noise_and_timesteps(latents_w, scheduler.config.num_train_timesteps, generator)
+    noise, t = shared_noise_and_timesteps(latents_w, scheduler.config.num_train_timesteps, generator,
+                                          process_index=process_index, num_processes=num_processes)
     x_t = scheduler.add_noise(x0, noise, t)
     target = denoising_target(scheduler, x0, noise, t)
     return ForwardTrajectory(x_t=x_t, t=t, target=target, noise=noise)
@@ -425,12 +443,13 @@ def make_trajectory(kind: str, scheduler, latents_w: torch.Tensor, latents_l: to
                     predict_fn: Optional[Callable] = None, cond=None, generator=None, steps: int = 50,
                     t_mode: str = "exact", renoise_iters: int = 1, average_window: Sequence[int] = (0, 2),
                     noise_reg_steps: int = 0, noise_reg_lambda_kl: float = 0.065, noise_reg_lambda_ac: float = 20.0,
-                    noise_reg_ac_rolls: int = 5) -> Trajectory:
+                    noise_reg_ac_rolls: int = 5, process_index: int = 0, num_processes: int = 1) -> Trajectory:
     """x_t, t, target and noise for B pairs (``[w; l]``), from the forward process or by inverting x0.
 
     ``predict_fn(x [n, C, H, W], t [n], cond) -> model output`` is needed for ``ddim`` / ``renoise``; ``cond`` is
     the ``[w; l]``-repeated conditioning, cut to the n samples still being inverted (see the module docstring).
-    t is drawn exactly as for ``forward`` (the same generator gives the same t). ``ddim`` ignores the ReNoise
+    t is drawn exactly as for ``forward`` (the same generator gives the same t), also under data parallelism
+    (``process_index`` / ``num_processes``, see :func:`shared_noise_and_timesteps`). ``ddim`` ignores the ReNoise
     options.
     """
     import torch
@@ -438,14 +457,16 @@ def make_trajectory(kind: str, scheduler, latents_w: torch.Tensor, latents_l: to
     if kind not in KINDS:
         raise ValueError(f"trajectory.kind={kind!r} is not one of {', '.join(KINDS)}.")
     if kind == "forward":
-        return forward_trajectory(scheduler, latents_w, latents_l, generator=generator)
+        return forward_trajectory(scheduler, latents_w, latents_l, generator=generator, process_index=process_index,
+                                  num_processes=num_processes)
     if predict_fn is None:
         raise ValueError(f"trajectory.kind={kind} inverts x0 with the model: pass predict_fn(x_t, t, cond).")
     _check_pair_shapes("make_trajectory", latents_w, latents_l)
     _check_options(renoise_iters, average_window, noise_reg_steps, noise_reg_ac_rolls)
     grid = inversion_grid(scheduler, steps)
     x0 = torch.cat([latents_w, latents_l])  # [2B, C, H, W]
-    _, t = shared_noise_and_timesteps(latents_w, scheduler.config.num_train_timesteps, generator)
+    _, t = shared_noise_and_timesteps(latents_w, scheduler.config.num_train_timesteps, generator,
+                                      process_index=process_index, num_processes=num_processes)
     paths, lengths = _paths(grid, t, t_mode)
     if kind == "ddim":
         iters, window, reg = 0, (0, 1), None

@@ -46,6 +46,31 @@ def test_noise_is_reproducible_from_the_generator_and_follows_latent_dtype():
     assert torch.equal(ta, tb)
 
 
+@pytest.mark.parametrize("kind", ["forward", "ddim"])
+def test_processes_split_one_global_draw_like_the_loader_splits_pairs(kind):
+    # 4 pairs on one process vs 2 processes with pairs 0::2 and 1::2 (the loader's split): every pair gets the
+    # same t (and, for forward, the same noise) either way, so no two processes share their draws.
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    x0_w = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(0))
+    x0_l = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(1))
+    options = {} if kind == "forward" else {"predict_fn": lambda x, t, c: 0.1 * x, "steps": 5}
+
+    def traj(rows, **dp):
+        return make_trajectory(kind, scheduler, x0_w[rows], x0_l[rows], generator=torch.Generator().manual_seed(9),
+                               **options, **dp)
+
+    one = traj(slice(None))
+    for rank in (0, 1):
+        part = traj(slice(rank, None, 2), process_index=rank, num_processes=2)
+        winners = list(range(rank, 4, 2))
+        rows = winners + [4 + i for i in winners]  # [w; l] layout of this process's pairs
+        assert torch.equal(part.t, one.t[rows])
+        torch.testing.assert_close(part.x_t, one.x_t[rows])
+        torch.testing.assert_close(part.target, one.target[rows])
+    with pytest.raises(ValueError, match="process_index=2 is outside 0..1"):
+        traj(slice(None), process_index=2, num_processes=2)
+
+
 def _abar(scheduler, t):
     return scheduler.alphas_cumprod[t].reshape(-1, 1, 1, 1).double()
 
