@@ -154,15 +154,14 @@ def _dataset_scores(source):
 
 def _reward_model_scores(source, reward, batch_size: int):
     """(rows, score_w, score_l) by scoring every kept pair's two images with ``reward.score(prompts, images)``."""
+    from tqdm.auto import tqdm
+
     items = [(b, i) for b, block in enumerate(source.blocks) for i in range(len(block.rows))]
     rows, s_w, s_l = [], [], []
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # progress is a nicety
-        def tqdm(x, **_):
-            return x
     for start in tqdm(range(0, len(items), batch_size), desc="soft labels: scoring pairs"):
-        pairs, skipped = source.read(items[start:start + batch_size])
+        # Rows that fail to decode (data.on_bad_row=skip) are skipped and counted by the trainer's reads too, so
+        # they never need a label.
+        pairs, _ = source.read(items[start:start + batch_size])
         if not pairs:
             continue
         captions = [p.caption for p in pairs]
@@ -253,10 +252,10 @@ def soft_labels_for_run(cfg, source, device: Any = "cpu") -> SoftLabels:
     from diffusion_pref.reward_models import load_reward_from_config, reward_spec
 
     loss = cfg.loss
-    score_range = getattr(loss, "soft_label_range", None)
+    score_range = loss.soft_label_range
     return prepare_soft_labels(
-        source, cfg.output.dir, winner=getattr(loss, "soft_label_winner", "reward"),
-        scores=getattr(loss, "soft_label_scores", "auto"),
+        source, cfg.output.dir, winner=loss.soft_label_winner,
+        scores=loss.soft_label_scores,
         reward=lambda: load_reward_from_config(cfg.reward, device),
         score_range=list(score_range) if score_range is not None else None,
         batch_size=cfg.reward.batch_size, reward_id=reward_spec(cfg.reward),
