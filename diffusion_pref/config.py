@@ -89,6 +89,13 @@ class LossConfig:
     # Loss-specific keyword arguments (gamma for smpo, flip_rate for robust, ...), checked against the chosen
     # loss's signature before any model is loaded.
     params: Dict[str, Any] = field(default_factory=dict)
+    # SmPO soft labels (data.soft_labels=scores): which side is the winner (reward: the reward model decides, as
+    # SmPO does; human: label_0 decides and the score gap only sets the confidence), where scores come from
+    # (auto: score columns if present, else reward.models), and a fixed [min, max] for the min-max normalisation
+    # instead of the dataset's own range (SmPO's PickScore range is [0.11543526500463486, 0.28201571106910706]).
+    soft_label_winner: str = "reward"  # reward | human
+    soft_label_scores: str = "auto"  # auto | dataset | reward_model
+    soft_label_range: Optional[List[float]] = None
 
 
 @dataclass
@@ -225,6 +232,8 @@ CHOICES: Dict[str, Sequence[str]] = {
     "data.ties": ("drop", "soft"),
     "data.on_bad_row": ("error", "skip"),
     "data.soft_labels": ("auto", "label", "scores"),
+    "loss.soft_label_winner": ("reward", "human"),
+    "loss.soft_label_scores": ("auto", "dataset", "reward_model"),
     "trajectory.kind": ("forward", "ddim", "renoise"),
     "trajectory.t_mode": ("exact", "grid_below"),
     "train.optimizer": ("adamw", "adamw8bit", "adafactor"),
