@@ -165,7 +165,7 @@ def _torch_dtype(name: str, device: Any):
     import torch
 
     if name == "auto":
-        return torch.float16 if getattr(device, "type", str(device)) == "cuda" else torch.float32
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 

@@ -394,6 +394,13 @@ def test_scheduler_dtype_and_vae_are_applied_on_load(tmp_path, tiny_sd_dir):
         generate_module._load_pipeline(cfg, "cpu")
 
 
+def test_auto_dtype_is_fp16_on_any_cuda_device_and_fp32_elsewhere():
+    assert generate_module._torch_dtype("auto", "cuda:1") == torch.float16
+    assert generate_module._torch_dtype("auto", torch.device("cuda", 0)) == torch.float16
+    assert generate_module._torch_dtype("auto", "cpu") == torch.float32
+    assert generate_module._torch_dtype("bf16", "cpu") == torch.bfloat16
+
+
 def test_recipes_load(tmp_path):
     toy = load_config(REPO / "configs" / "toy_generate.yaml")
     assert toy.model.pretrained == "toy" and toy.reward.models == {"toy-fidelity": 1.0}  # no default pickscore
