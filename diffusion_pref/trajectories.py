@@ -46,7 +46,7 @@ Example::
     traj = make_trajectory("renoise", DDPMScheduler(), latents_w, latents_l, steps=5, renoise_iters=1,
                            predict_fn=lambda x, t, c: unet(x, t, **c).sample, cond=cond,
                            generator=torch.Generator().manual_seed(0))
-    pred = unet(traj.x_t, traj.t, cond).sample          # [2B, C, H, W]
+    pred = unet(traj.x_t, traj.t, **cond).sample        # [2B, C, H, W]
     policy_w, policy_l = denoising_log_likelihood(pred, traj.target).chunk(2)
 """
 
