@@ -239,3 +239,35 @@ def test_loader_workers_return_the_same_batches_in_order(tmp_path):
         return [next(it)["rows"].tolist() for _ in range(6)]
 
     assert rows_of(2) == rows_of(0)
+
+
+def test_hub_dataset_id_streams_its_split_through_the_hub_filesystem(tmp_path, monkeypatch):
+    import huggingface_hub
+    from fsspec.implementations.local import LocalFileSystem
+
+    from diffusion_pref.data.pairs import DataError, PairSource
+
+    repo = tmp_path / "datasets" / "someone" / "pairs" / "data"
+    repo.mkdir(parents=True)
+    write_pairs(repo / "train-00000-of-00001.parquet", n=4)
+    write_pairs(repo / "validation-00000-of-00001.parquet", n=2)
+
+    class LocalHub(LocalFileSystem):
+        """Stands in for HfFileSystem: hub paths 'datasets/<id>/...' under tmp_path, read by byte ranges."""
+
+        def glob(self, pattern, **kw):
+            return [str(p.relative_to(tmp_path)) for p in tmp_path.glob(pattern)]
+
+        def open(self, path, mode="rb", **kw):
+            return super().open(str(tmp_path / path), mode, **kw)
+
+    monkeypatch.setattr(huggingface_hub, "HfFileSystem", LocalHub)
+    src = PairSource(data_cfg("someone/pairs", "data.split=validation"))
+    assert len(src) == 2 and src.files == ["datasets/someone/pairs/data/validation-00000-of-00001.parquet"]
+    pairs, _ = src.read(src.order(0))
+    assert sorted(p.caption for p in pairs) == ["a red cat 0", "a red cat 1"]
+    with pytest.raises(DataError, match="no parquet files for split 'test'"):
+        PairSource(data_cfg("someone/pairs", "data.split=test"))
+    monkeypatch.undo()
+    with pytest.raises(DataError, match="could not list parquet files of hub dataset 'nobody/nothing'"):
+        PairSource(data_cfg("nobody/nothing"))  # offline in tests: a clear message, not a hub traceback
