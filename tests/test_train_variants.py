@@ -142,3 +142,20 @@ def test_cache_command_then_cached_training_reuses_it(tiny_sd_dir, tmp_path):
     trainer.backbone.vae.forward = trainer.backbone.vae.encode = trainer.backbone.text_encoder.forward = None
     trainer.train()
     assert (built / "manifest.json").stat().st_mtime_ns == stamp and len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_sdxl_full_finetune_with_cpu_reference_saves_a_loadable_pipeline(tiny_sdxl_dir, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from diffusion_pref.training.trainer import Trainer
+
+    data = write_pairs(tmp_path / "p.parquet", n=2)
+    trainer = Trainer(cfg_for(tiny_sdxl_dir, data, tmp_path / "out", "model.finetune=full",
+                              "model.reference=copy_cpu", "train.max_steps=1", "train.learning_rate=1e-4"))
+    assert trainer.reference == "copy_cpu" and next(trainer.ref_unet.parameters()).device.type == "cpu"
+    trainer.train()
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "out")
+    trained = trainer.accelerator.unwrap_model(trainer.unet)
+    assert all(torch.equal(p, trained.state_dict()[n]) for n, p in pipe.unet.state_dict().items())
+    base = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    assert not all(torch.equal(p, base.unet.state_dict()[n]) for n, p in pipe.unet.state_dict().items())
