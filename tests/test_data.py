@@ -271,3 +271,12 @@ def test_hub_dataset_id_streams_its_split_through_the_hub_filesystem(tmp_path, m
     monkeypatch.undo()
     with pytest.raises(DataError, match="could not list parquet files of hub dataset 'nobody/nothing'"):
         PairSource(data_cfg("nobody/nothing"))  # offline in tests: a clear message, not a hub traceback
+
+
+def test_max_pairs_stops_reading_after_enough_kept_pairs(tmp_path):
+    from diffusion_pref.data.pairs import PairSource
+
+    path = write_pairs(tmp_path / "p.parquet", n=10, labels=[0.5, 1.0] * 5, row_group_size=2)
+    src = PairSource(data_cfg(path, "data.max_pairs=3", "data.shuffle=false"))
+    assert len(src) == 3 and [src.blocks[b].rows[i] for b, i in src.order(0)] == [1, 3, 5]
+    assert src.stats.rows == 6 and src.stats.ties_dropped == 3  # rows 6.. were never read

@@ -161,6 +161,8 @@ class PairSource:
         cfg = self.cfg
         row_base = 0
         for file_index, file in enumerate(self.files):
+            if self._full():
+                break
             pf = self._open(file)
             names = pf.schema_arrow.names
             self._check_schema(file, names)
@@ -171,6 +173,8 @@ class PairSource:
                 raise DataError(f"{file}: score columns present in some files and not others; make all shards alike")
             wanted = [self.columns["label_0"]] + ([self.columns["score_0"], self.columns["score_1"]] if has_scores else [])
             for rg in range(pf.num_row_groups):
+                if self._full():
+                    break
                 table = pf.read_row_group(rg, columns=wanted)
                 labels = table.column(0).to_numpy(zero_copy_only=False).astype("float64")
                 scores = (np.stack([table.column(1).to_numpy(zero_copy_only=False).astype("float64"),
@@ -179,6 +183,8 @@ class PairSource:
                 block = Block(file=file, row_group=rg, local_rows=[], rows=[], swap=[], soft_labels=[],
                               scores=[] if has_scores else None)
                 for local, label in enumerate(labels):
+                    if self._full():  # data.max_pairs reached: the rest of the dataset is not read
+                        break
                     row = row_base + local
                     self.stats.rows += 1
                     problem = None
@@ -195,8 +201,6 @@ class PairSource:
                     if label == 0.5 and cfg.ties == "drop":
                         self.stats.ties_dropped += 1
                         continue
-                    if cfg.max_pairs is not None and self.stats.kept >= cfg.max_pairs:
-                        break
                     block.local_rows.append(local)
                     block.rows.append(row)
                     block.swap.append(bool(label < 0.5))
@@ -211,6 +215,9 @@ class PairSource:
         if self.stats.kept == 0:
             raise DataError(f"data.source={cfg.source}: no pairs left after filtering ({self.summary()}); "
                             + ("set data.ties=soft to keep ties" if self.stats.ties_dropped else "check the label column"))
+
+    def _full(self) -> bool:
+        return self.cfg.max_pairs is not None and self.stats.kept >= self.cfg.max_pairs
 
     def summary(self) -> str:
         s = self.stats
