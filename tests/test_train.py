@@ -277,3 +277,19 @@ def test_only_the_last_checkpoints_are_kept_and_a_fresh_run_restarts_the_log(tin
     assert summary["steps"] == 4 and "kept 8 of 8 rows" in summary["data"]
     run(make_cfg(tiny_sd_dir, pairs_path, tmp_path, "train.max_steps=1"))
     assert [m["step"] for m in read_metrics(tmp_path)] == [1]
+
+
+def test_resumed_full_finetune_keeps_the_reference_at_the_base_model(tiny_sd_dir, pairs_path, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from diffusion_pref.training.trainer import Trainer, run
+
+    args = ("model.finetune=full", "train.learning_rate=1e-4", "train.checkpoint_every=1")
+    run(make_cfg(tiny_sd_dir, pairs_path, tmp_path, *args))
+    resumed = Trainer(make_cfg(tiny_sd_dir, pairs_path, tmp_path, *args, "train.resume=latest", "train.max_steps=3"))
+    assert resumed.step == 1
+    base = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet").state_dict()
+    # The reference is rebuilt from the pretrained weights, never from the half-trained policy in the checkpoint.
+    assert all(torch.equal(p, base[n]) for n, p in resumed.ref_unet.state_dict().items())
+    policy = resumed.accelerator.unwrap_model(resumed.unet).state_dict()
+    assert not all(torch.equal(p, base[n]) for n, p in policy.items())
