@@ -102,4 +102,4 @@ def make_loader(batches: PairBatches, num_workers: int = 0):
             return iter(batches)
 
     return torch.utils.data.DataLoader(_Dataset(), batch_size=None, num_workers=num_workers,
-                                       persistent_workers=False)
+                                       pin_memory=torch.cuda.is_available(), persistent_workers=False)
