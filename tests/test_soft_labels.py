@@ -145,7 +145,10 @@ def test_reward_model_scores_match_the_score_columns_and_are_stored_once(pairs_f
     # a resumed run reads the stored labels instead of scoring again
     again = prepare_soft_labels(_source(pairs_file), run_dir, scores="reward_model", reward=reward, batch_size=2)
     assert reward.calls == 2 and again.p.tolist() == pytest.approx(labels.p.tolist())
-    assert isinstance(SoftLabels.load(run_dir), SoftLabels)
+    loaded = SoftLabels.load(run_dir)
+    assert loaded.rows.tolist() == labels.rows.tolist() and loaded.scores_w.tolist() == labels.scores_w.tolist()
+    assert (loaded.low, loaded.high, loaded.winner, loaded.scores) == (labels.low, labels.high, "reward", "reward_model")
+    assert loaded.lookup([1]).tolist() == pytest.approx([labels.p[1]], abs=1e-6)
     with pytest.raises(ValueError, match="other settings"):
         prepare_soft_labels(_source(pairs_file), run_dir, winner="human", scores="reward_model", reward=reward)
 
