@@ -159,3 +159,22 @@ def test_sdxl_full_finetune_with_cpu_reference_saves_a_loadable_pipeline(tiny_sd
     assert all(torch.equal(p, trained.state_dict()[n]) for n, p in pipe.unet.state_dict().items())
     base = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
     assert not all(torch.equal(p, base.unet.state_dict()[n]) for n, p in pipe.unet.state_dict().items())
+
+
+# Two of the four recipes (LoRA/SD1.5 with 8-bit Adam swapped for AdamW, full/SDXL with its Adafactor) keep the
+# file fast; every recipe's keys are checked by load_config in test_config.
+@pytest.mark.parametrize("recipe,model", [("sd15_dpo_lora", "sd"), ("sdxl_dpo_full", "sdxl")])
+def test_recipes_run_on_tiny_models(recipe, model, tiny_sd_dir, tiny_sdxl_dir, tmp_path):
+    from diffusion_pref.training.trainer import run
+
+    root = Path(__file__).parents[1]
+    data = write_pairs(tmp_path / "p.parquet", n=2)
+    cfg = load_config(root / "configs" / f"{recipe}.yaml", [
+        f"model.pretrained={tiny_sd_dir if model == 'sd' else tiny_sdxl_dir}", "model.vae=null",
+        f"data.source={data}", "data.resolution=32", "data.num_workers=0", "train.batch_size=1", "train.grad_accum=1",
+        "train.max_steps=1", "train.mixed_precision='no'", "train.logger=none", f"output.dir={tmp_path / 'out'}",
+        *(["train.optimizer=adamw"] if recipe.endswith("lora") else []),  # bitsandbytes is CUDA-only
+    ])
+    assert cfg.loss.beta == 2500 and cfg.train.gradient_checkpointing  # the recipe's own settings are in force
+    run(cfg)
+    assert metrics(tmp_path / "out")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
