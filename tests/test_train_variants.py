@@ -113,17 +113,21 @@ def test_bf16_grad_accum_checkpointing_adafactor_and_warmup_schedule(tiny_sd_dir
     data = write_pairs(tmp_path / "p.parquet", n=8)
     trainer = Trainer(cfg_for(tiny_sd_dir, data, tmp_path / "out", "train.mixed_precision=bf16", "train.grad_accum=2",
                               "train.gradient_checkpointing=true", "train.optimizer=adafactor",
-                              "train.lr_scheduler=linear", "train.warmup_steps=1", "train.max_steps=2"))
+                              "train.lr_scheduler=linear", "train.warmup_steps=1", "train.max_steps=3"))
     unet = trainer.accelerator.unwrap_model(trainer.unet)
     assert unet.is_gradient_checkpointing
     assert {p.dtype for p in unet.parameters() if p.requires_grad} == {torch.float32}  # fp32 adapter
     assert {p.dtype for p in unet.parameters() if not p.requires_grad} == {torch.bfloat16}  # half frozen base
+    before = {n: p.detach().clone() for n, p in unet.named_parameters() if p.requires_grad}
     trainer.train()
+    # Checkpointed blocks still pass gradients to the adapter (a reentrant checkpoint would silently drop them).
+    assert all(not torch.equal(p, before[n]) for n, p in unet.named_parameters() if p.requires_grad)
     rows = metrics(tmp_path / "out")
     assert all(math.isfinite(r["loss"]) for r in rows)
-    # linear warmup over 1 step then decay to 0 at step 2: lr after step 1 is the peak, after step 2 zero.
-    assert rows[0]["lr"] == pytest.approx(1e-2) and rows[1]["lr"] == pytest.approx(0.0)
-    assert rows[0]["epoch"] == 0 and trainer.next_index == 4  # 2 steps x 2 micro-batches of 2 pairs
+    # Linear warmup over 1 step (the first update has lr 0), then linear decay to 0 at step 3.
+    assert [r["lr"] for r in rows] == pytest.approx([1e-2, 5e-3, 0.0])
+    # 3 steps x 2 micro-batches of 2 pairs = 6 batches; an epoch of 8 pairs has 4.
+    assert rows[0]["epoch"] == 0 and (trainer.epoch, trainer.next_index) == (1, 2)
 
 
 def test_cache_command_then_cached_training_reuses_it(tiny_sd_dir, tmp_path):
