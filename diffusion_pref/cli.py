@@ -93,7 +93,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if command.trains:
             check_loss(cfg)
         module = importlib.import_module(command.module)
-        save_config(cfg, cfg.output.dir)
+        if os.environ.get("RANK", "0") == "0":  # under accelerate/torchrun only the main process writes it
+            save_config(cfg, cfg.output.dir)
         module.run(cfg)
     except ConfigError as err:
         print(f"diffusion-pref {args.command}: config error: {err}", file=sys.stderr)

@@ -299,10 +299,19 @@ def _check_keys(tree: Any, where: str, prefix: str = "") -> None:
                 _check_keys(value, where, prefix=f"{dotted}.")
 
 
+# YAML reads a bare `no` / `off` as the boolean false, which reaches a string field as "False"; give such a
+# value back the word the user wrote when that word is one of the field's choices (`train.mixed_precision=no`).
+_YAML_BOOL_WORDS = {"False": ("no", "off", "false"), "True": ("yes", "on", "true")}
+
+
 def _check_choices(cfg: Config) -> None:
     for dotted, choices in CHOICES.items():
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)
+        words = [w for w in _YAML_BOOL_WORDS.get(value, ()) if w in choices]
+        if words:
+            value = words[0]
+            setattr(getattr(cfg, section), key, value)
         if value not in choices:
             raise ConfigError(
                 f"{dotted}={value!r} is not one of {', '.join(choices)}; did you mean '{_nearest(str(value), choices)}'?"

@@ -101,3 +101,13 @@ def test_a_mapping_in_a_file_replaces_the_default_and_overrides_update_it(tmp_pa
     cfg = load_config(recipe, ["reward.models.clip=0.5", "loss.params.extra=1"])
     assert cfg.reward.models == {"toy-fidelity": 1.0, "clip": 0.5}
     assert cfg.loss.params == {"gamma": 3, "extra": 1}
+
+
+def test_a_bare_no_is_the_word_not_a_boolean(tmp_path):
+    # YAML parses `no` as false; mixed_precision's choices are accelerate's words, so "no" must survive.
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(recipe).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        load_config(None, ["train.mixed_precision=yes"])  # a word that is not a choice is still an error
