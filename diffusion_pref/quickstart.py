@@ -56,11 +56,11 @@ def _built_in_model(cfg: Config, out: Path) -> tuple[Config, str]:
 def _summary_lines(metrics: dict, reward: str, tuned: str) -> list[str]:
     """Human-readable before/after lines from evaluate's metrics.json."""
     lines = []
-    for variant, stats in metrics.get("scores", {}).get(reward, {}).items():
-        lines.append(f"  {reward} of {variant:>5}: mean {stats['mean']:.3f}  median {stats['median']:.3f}")
-    win = metrics.get("win_rates", {}).get(reward, {}).get(tuned)
+    for variant, stats in metrics["scores"][reward].items():
+        lines.append(f"  {reward} of {variant}: mean {stats['mean']:.3f}  median {stats['median']:.3f}")
+    win = metrics["win_rates"][reward].get(tuned)
     if win is not None:
-        low, high = win["ci95"]
+        low, high = win["ci_low"], win["ci_high"]
         verdict = "above" if low > 0.5 else ("below" if high < 0.5 else "overlapping")
         lines.append(f"  win rate of {tuned} over base: {win['win_rate']:.3f}  95% CI [{low:.3f}, {high:.3f}] "
                      f"({verdict} 0.5)")
