@@ -244,20 +244,16 @@ def prepare_soft_labels(source, out_dir, *, winner: str = "reward", scores: str 
 def soft_labels_for_run(cfg, source, device: Any = "cpu") -> SoftLabels:
     """The trainer's one call: soft labels for ``source`` stored in ``cfg.output.dir``, settings from ``cfg``.
 
-    Reads ``loss.soft_label_winner`` (reward | human, default reward), ``loss.soft_label_scores`` (auto |
-    dataset | reward_model, default auto) and ``loss.soft_label_range`` ([low, high] or None = the dataset's
-    min/max) where the config has them, and ``reward.models`` / ``reward.pretrained`` / ``reward.batch_size``
-    / ``reward.device``; the reward model is loaded only if the scores must be computed.
+    Reads ``loss.soft_label_winner``, ``loss.soft_label_scores``, ``loss.soft_label_range`` ([low, high], or None
+    for the dataset's min/max) and ``cfg.reward``; the reward model is loaded only if the scores must be computed.
     """
     from diffusion_pref.reward_models import load_reward_from_config, reward_spec
 
     loss = cfg.loss
-    score_range = loss.soft_label_range
     return prepare_soft_labels(
-        source, cfg.output.dir, winner=loss.soft_label_winner,
-        scores=loss.soft_label_scores,
+        source, cfg.output.dir, winner=loss.soft_label_winner, scores=loss.soft_label_scores,
         reward=lambda: load_reward_from_config(cfg.reward, device),
-        score_range=list(score_range) if score_range is not None else None,
+        score_range=list(loss.soft_label_range) if loss.soft_label_range is not None else None,
         batch_size=cfg.reward.batch_size, reward_id=reward_spec(cfg.reward),
     )
 
