@@ -12,7 +12,17 @@ from PIL import Image
 from diffusion_pref.reward_models import REWARD_MODELS, load_reward, load_reward_model
 from diffusion_pref.reward_models.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread while these tests run (scores compared across batch sizes reduce in the same order), restored
+    afterwards: a module-level set_num_threads would leak into every test collected after this file."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 MEAN = torch.tensor(OPENAI_CLIP_MEAN).view(3, 1, 1)
 STD = torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1)

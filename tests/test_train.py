@@ -137,7 +137,7 @@ def test_saved_lora_loads_into_a_diffusers_pipeline_and_changes_its_output(tiny_
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     import torch
-    torch.set_num_threads(2)  # as conftest sets for the in-process runs: the same float reductions
+    torch.set_num_threads(int(os.environ["TEST_TORCH_THREADS"]))  # the parent's count: the same float reductions
     from diffusion_pref.config import load_config
     from diffusion_pref.training.trainer import Trainer
     trainer = Trainer(load_config(None, sys.argv[1:]))
@@ -164,7 +164,8 @@ def test_sigkill_after_checkpoint_then_resume_matches_an_uninterrupted_run(tiny_
                                 "train.learning_rate=1e-3", "train.logger=none", "train.checkpoint_every=2",
                                 "model.lora_rank=2", f"output.dir={out}", "train.seed=7", *extra]
     run(load_config(None, args(tmp_path / "straight")))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1]),
+           "TEST_TORCH_THREADS": str(torch.get_num_threads())}
     proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, *args(tmp_path / "killed")], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
