@@ -15,7 +15,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 
 def batches_per_epoch(num_items: int, batch_size: int, rank: int = 0, world: int = 1) -> int:

@@ -15,7 +15,6 @@ Example::
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 
@@ -127,7 +126,6 @@ class StableDiffusionBackbone:
         """One image per (prompt, seed); each image's noise comes from its own seed, so results don't depend on batching."""
         import torch
 
-        device = self.unet.device
         generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
         kwargs = {} if resolution is None else {"height": resolution, "width": resolution}
         return self.pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale,

@@ -24,7 +24,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 logger = logging.getLogger(__name__)
 
@@ -202,28 +202,6 @@ def _step_seed(seed: int, micro: int) -> int:
     import numpy as np
 
     return int(np.random.SeedSequence([seed, micro]).generate_state(1)[0])
-
-
-def forward_noising(scheduler, latents_w, latents_l, generator, rank: int, world: int):
-    """The forward trajectory, with the noise and t of each pair independent of the number of processes.
-
-    Every process draws noise and t for the whole global micro-batch (``world`` x its batch) from the same
-    generator and keeps the rows of its own pairs (``rank::world``, the way the loader splits the data), so
-    one process with batch 2B sees exactly what two processes with batch B see between them.
-    """
-    import torch
-
-    from diffusion_pref.trajectories import ForwardTrajectory, denoising_target, shared_noise_and_timesteps
-
-    batch = latents_w.shape[0]
-    full = torch.empty((batch * world,) + tuple(latents_w.shape[1:]), dtype=latents_w.dtype, device=latents_w.device)
-    noise_all, t_all = shared_noise_and_timesteps(full, scheduler.config.num_train_timesteps, generator)
-    noise_half = noise_all[: batch * world][rank::world][:batch]  # [B, C, H, W]
-    t_half = t_all[: batch * world][rank::world][:batch]  # [B]
-    x0 = torch.cat([latents_w, latents_l])  # [2B, C, H, W]
-    noise, t = torch.cat([noise_half, noise_half]), torch.cat([t_half, t_half])
-    return ForwardTrajectory(x_t=scheduler.add_noise(x0, noise, t), t=t, target=denoising_target(scheduler, x0, noise, t),
-                             noise=noise)
 
 
 class PairEncoder:
@@ -413,13 +391,14 @@ class Trainer:
                 latents_w, latents_l, text = self.encode(batch)
                 cond = repeat_pair(backbone.conditioning(text, batch))
                 with accelerator.autocast():
-                    if cfg.trajectory.kind == "forward":
-                        traj = forward_noising(backbone.scheduler, latents_w, latents_l, generator,
-                                               accelerator.process_index, accelerator.num_processes)
-                    else:  # ddim / renoise invert x0 with the current model (SmPO), under no_grad in there
-                        traj = make_trajectory(cfg.trajectory.kind, backbone.scheduler, latents_w, latents_l,
-                            predict_fn=lambda x, tt, c: backbone.predict(x, tt, c, unet=unwrapped),
-                            cond=cond, generator=generator, **trajectory_options(cfg.trajectory))
+                    # Noise and t of each pair do not depend on the process count; ddim / renoise invert x0 with
+                    # the current model (SmPO), under no_grad inside make_trajectory.
+                    traj = make_trajectory(
+                        cfg.trajectory.kind, backbone.scheduler, latents_w, latents_l,
+                        predict_fn=lambda x, tt, c: backbone.predict(x, tt, c, unet=unwrapped), cond=cond,
+                        generator=generator, process_index=accelerator.process_index,
+                        num_processes=accelerator.num_processes, **trajectory_options(cfg.trajectory),
+                    )
                     ref_w = ref_l = None
                     if reference != "none":
                         with torch.no_grad():
