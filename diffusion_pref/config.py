@@ -359,6 +359,9 @@ def load_config(
             merged = _merge_file(merged, Path(layer))
     dotted = parse_overrides(overrides)
     _check_keys(dotted, where="command line")
+    for item in overrides:  # `reward.models={clip: 1.0}` replaces the whole mapping, as a recipe file does
+        if item.split("=", 1)[0].strip() in _mapping_keys():
+            OmegaConf.update(merged, item.split("=", 1)[0].strip(), {}, merge=False)
     merged = _merge(merged, dotted, where="command line")
     try:
         cfg = OmegaConf.to_object(merged)

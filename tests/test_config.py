@@ -101,6 +101,8 @@ def test_a_mapping_in_a_file_replaces_the_default_and_overrides_update_it(tmp_pa
     cfg = load_config(recipe, ["reward.models.clip=0.5", "loss.params.extra=1"])
     assert cfg.reward.models == {"toy-fidelity": 1.0, "clip": 0.5}
     assert cfg.loss.params == {"gamma": 3, "extra": 1}
+    cfg = load_config(recipe, ["reward.models={clip: 0.5}"])  # a whole mapping on the command line replaces
+    assert cfg.reward.models == {"clip": 0.5}
 
 
 def test_a_bare_no_is_the_word_not_a_boolean(tmp_path):
