@@ -114,7 +114,9 @@ def make_schedulers(prediction_type: str = "v_prediction"):
     train = DDPMScheduler(**common)
     if zero_snr:
         # "trailing" spacing makes the first sampling step start at t=999, where the SNR is zero.
-        sample = DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing")
+        # (steps_offset only matters for "leading" spacing; 1 keeps StableDiffusionPipeline from warning.)
+        sample = DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing",
+                               steps_offset=1)
     else:
         # Stable Diffusion 1.x's shipped DDIM config.
         sample = DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
