@@ -29,8 +29,9 @@ used only with ``--report_to wandb``) is replaced by an empty module when it is 
 Run (CPU, 2 threads; the SD1.5-sized UNet at 64 px is slow on a CPU, keep the steps few)::
 
     OMP_NUM_THREADS=2 python benchmarks/bench_vs_diffusers.py --diffusers-script /tmp/train_diffusion_dpo.py \\
-        --models tiny,sd15 --batch-size 2 --steps 4 --warmup 2 --repeats 2 --threads 2 \\
-        --out benchmarks/results/vs_diffusers_cpu.json
+        --models sd15 --batch-size 2 --steps 3 --warmup 1 --repeats 3 --threads 2 \\
+        --out benchmarks/results/vs_diffusers_sd15_cpu.json
+    python benchmarks/bench_vs_diffusers.py --from-json benchmarks/results/vs_diffusers_sd15_cpu.json  # the table again
 """
 
 from __future__ import annotations
@@ -131,6 +132,12 @@ def _sha256(path) -> str | None:
     import hashlib
 
     return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path and Path(path).is_file() else None
+
+
+def _git_head() -> str | None:
+    proc = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"], capture_output=True,
+                          text=True, check=False)
+    return proc.stdout.strip() or None
 
 
 def _commands(side: str, model_dir: Path, data_dir: Path, out: Path, args, resolution: int) -> dict:
@@ -278,7 +285,7 @@ def main() -> None:
             "mixed_precision": args.mixed_precision, "lora_rank": args.rank, "warmup": args.warmup,
             "steps": args.steps, "repeats": args.repeats, "batch_size": args.batch_size,
             "diffusers_script": str(args.diffusers_script), "diffusers_script_sha256": _sha256(args.diffusers_script),
-            "diffusers_script_commit": args.diffusers_commit}
+            "diffusers_script_commit": args.diffusers_commit, "ours_commit": _git_head()}
     results = _results(raw, meta)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results, "runs": raw}, indent=2))
