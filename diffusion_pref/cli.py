@@ -31,14 +31,27 @@ class Command:
     issue: Optional[int]  # the issue that builds it, named when it has not landed yet (None: not filed yet)
     trains: bool = False  # loss settings are checked before the module (and any model) is loaded
     defaults: Optional[str] = None  # a recipe inside the package, applied before --config (path from the package)
+    # Short flags for the settings a command is mostly run with: (flag, config key, help, choices or None).
+    # A flag is only a spelling of its key=value override; a flag with no value key (store_true) sets it to true.
+    flags: tuple = ()
+
+
+_INVERT_FLAGS = (
+    ("--image", "trajectory.invert_image", "the image to invert (trajectory.invert_image)", None),
+    ("--prompt", "trajectory.invert_prompt", "its caption (trajectory.invert_prompt)", None),
+    ("--method", "trajectory.kind", "inversion method (trajectory.kind)", ("ddim", "renoise")),
+)
+_EVALUATE_FLAGS = (("--no-cache", "eval.no_cache", "generate every sample again (eval.no_cache=true)", "switch"),)
 
 
 COMMANDS = {
     "generate": Command("diffusion_pref.generate", "sample a model and write reward-ranked preference pairs (parquet)", 4),
     "cache": Command("diffusion_pref.data.cache", "precompute VAE latents and text embeddings of a pair dataset", 3),
     "train": Command("diffusion_pref.training.trainer", "fine-tune on preference pairs (DPO, SmPO, IPO, KTO, ...)", 3, trains=True),
-    "evaluate": Command("diffusion_pref.evaluate", "compare base and tuned models: reward scores, win rates, HTML report", 5),
-    "invert": Command("diffusion_pref.invert", "DDIM / ReNoise inversion and reconstruction of an image", 6),
+    "evaluate": Command("diffusion_pref.evaluate", "compare base and tuned models: reward scores, win rates, HTML report", 5,
+                        flags=_EVALUATE_FLAGS),
+    "invert": Command("diffusion_pref.invert", "DDIM / ReNoise inversion and reconstruction of an image", 6,
+                      flags=_INVERT_FLAGS),
     "prompt-opt": Command("diffusion_pref.prompt_opt.train", "train a prompt-rewriting language model with Sem-DPO", None),
     "quickstart": Command(
         "diffusion_pref.quickstart", "the whole loop (generate, train, evaluate) on a built-in model", 7,
@@ -67,7 +80,25 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="a YAML recipe, e.g. configs/toy_train_dpo.yaml (default: built-in defaults)")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
         p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+        for flag, key, text, choices in command.flags:
+            if choices == "switch":
+                p.add_argument(flag, dest=key, action="store_true", help=text)
+            else:
+                p.add_argument(flag, dest=key, choices=choices, help=text)
     return parser
+
+
+def _flag_overrides(command: Command, args: argparse.Namespace) -> list:
+    """The command's short flags as key=value overrides (after the positional ones, so a flag wins)."""
+    overrides = []
+    for flag, key, _, choices in command.flags:
+        value = getattr(args, key)
+        if choices == "switch" and value:
+            overrides.append(f"{key}=true")
+        elif choices != "switch" and value is not None:
+            quoted = value.replace("'", "''")  # a YAML single-quoted string: a caption may hold ':' or '#'
+            overrides.append(f"{key}='{quoted}'")
+    return overrides
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -82,7 +113,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         defaults = Path(__file__).parent / command.defaults if command.defaults else None
-        cfg = load_config(args.config, args.overrides, defaults=defaults)
+        cfg = load_config(args.config, [*args.overrides, *_flag_overrides(command, args)], defaults=defaults)
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0

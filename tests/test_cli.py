@@ -62,3 +62,16 @@ def test_bad_loss_param_fails_before_any_model_loads(monkeypatch, capsys, tmp_pa
 def test_every_command_has_a_subparser(command):
     args = cli.build_parser().parse_args([command, "--print-config"])
     assert args.command == command and args.print_config
+
+
+def test_short_flags_are_spellings_of_config_keys():
+    result = run_cli("invert", "--print-config", "--image", "/tmp/x.png", "--prompt", "it's a: red # circle",
+                     "--method", "renoise")
+    assert result.returncode == 0, result.stderr
+    assert "invert_image: /tmp/x.png" in result.stdout and "kind: renoise" in result.stdout
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.create(result.stdout).trajectory.invert_prompt == "it's a: red # circle"
+    assert "no_cache: true" in run_cli("evaluate", "--print-config", "--no-cache").stdout
+    assert "no_cache: false" in run_cli("evaluate", "--print-config").stdout
+    assert run_cli("invert", "--method", "magic").returncode != 0  # argparse rejects a method that is not a choice
