@@ -294,3 +294,12 @@ def test_resumed_full_finetune_keeps_the_reference_at_the_base_model(tiny_sd_dir
     assert all(torch.equal(p, base[n]) for n, p in resumed.ref_unet.state_dict().items())
     policy = resumed.accelerator.unwrap_model(resumed.unet).state_dict()
     assert not all(torch.equal(p, base[n]) for n, p in policy.items())
+
+
+def test_a_diverging_run_stops_with_a_clear_error(tiny_sd_dir, pairs_path, tmp_path):
+    from diffusion_pref.training.trainer import run
+
+    with pytest.raises(FloatingPointError, match="lower train.learning_rate"):
+        run(make_cfg(tiny_sd_dir, pairs_path, tmp_path, "train.learning_rate=1e30", "train.max_steps=4",
+                     "train.max_grad_norm=0"))
+    assert not (tmp_path / "pytorch_lora_weights.safetensors").exists()  # no NaN weights saved as a result

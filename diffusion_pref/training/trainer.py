@@ -424,9 +424,6 @@ class Trainer:
                 loss_per_pair, metrics = self.loss_fn(policy_w, policy_l, ref_w, ref_l, beta=cfg.loss.beta,
                                                        **self.loss_params, **extra)
                 loss = loss_per_pair.mean()
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower train.learning_rate or loss.beta, "
-                                             "or use train.mixed_precision=bf16 instead of fp16")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and t.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(trainable, t.max_grad_norm)
@@ -438,8 +435,8 @@ class Trainer:
             if ref_w is not None:
                 values.update(ref_mse_w=-ref_w.mean(), ref_mse_l=-ref_l.mean())
             values.update({k: v for k, v in metrics.items() if v.ndim == 0})
-            for key, value in values.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
+            for key, value in values.items():  # summed on the device: one host sync per optimizer step, not per metric
+                sums[key] = sums.get(key, 0.0) + value.detach().float()
             micro_in_step += 1
             pairs_in_step += int(batch["size"])
             epoch, next_index = batch["epoch"], batch["next_index"]
@@ -448,8 +445,12 @@ class Trainer:
 
             step += 1
             means = {k: v / micro_in_step for k, v in sums.items()}
-            reduced = accelerator.reduce(torch.tensor(list(means.values()) + [float(pairs_in_step)], device=device), "sum")
+            pairs = torch.tensor(float(pairs_in_step), device=device)
+            reduced = accelerator.reduce(torch.stack([*(v.to(device) for v in means.values()), pairs]), "sum")
             logs = {k: float(v) / accelerator.num_processes for k, v in zip(means, reduced[:-1].tolist())}
+            if not math.isfinite(logs["loss"]):  # checked here, where the values reach the host anyway
+                raise FloatingPointError(f"loss is {logs['loss']} at step {step}; lower train.learning_rate or "
+                                         "loss.beta, or use train.mixed_precision=bf16 instead of fp16")
             if bco_shift is not None:
                 bco_shift.update(logs["reward_batch_mean"], count=2 * int(reduced[-1].item()))
             now = time.perf_counter()
