@@ -15,18 +15,12 @@ from diffusion_pref.config import load_config
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_data import write_pairs  # noqa: E402
+from test_train import make_cfg, read_metrics  # noqa: E402
 
 
 def cfg_for(model_dir, data, out, *overrides):
-    return load_config(None, [
-        f"model.pretrained={model_dir}", f"data.source={data}", "data.resolution=32", "train.batch_size=2",
-        "train.max_steps=2", "train.learning_rate=1e-2", "train.weight_decay=0", "train.logger=none",
-        "train.checkpoint_every=0", "model.lora_rank=2", f"output.dir={out}", *overrides,
-    ])
-
-
-def metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    """The trainer tests' config, with a larger learning rate so one or two steps visibly move a tiny LoRA."""
+    return make_cfg(model_dir, data, out, "train.learning_rate=1e-2", *overrides)
 
 
 def test_sdxl_lora_trains_with_micro_conditioning_and_loads_into_the_sdxl_pipeline(tiny_sdxl_dir, tmp_path):
@@ -47,7 +41,7 @@ def test_sdxl_lora_trains_with_micro_conditioning_and_loads_into_the_sdxl_pipeli
 
     trainer.backbone.predict = spy
     trainer.train()
-    assert metrics(tmp_path / "out")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert read_metrics(tmp_path / "out")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     time_ids = seen[0]  # [2B, 6]: (orig_h, orig_w, crop_y, crop_x, target_h, target_w), shared within a pair
     b = time_ids.shape[0] // 2
     assert torch.equal(time_ids[:b], time_ids[b:])
@@ -74,7 +68,7 @@ def test_smpo_reads_soft_labels_from_score_columns(tiny_sd_dir, tmp_path):
     expected = torch.sigmoid(torch.tensor([0.8, 0.4, 0.1, 0.5]) / 0.8)
     assert torch.allclose(p, expected, atol=1e-6)
     trainer.train()
-    assert math.isfinite(metrics(tmp_path / "out")[0]["loss"])
+    assert math.isfinite(read_metrics(tmp_path / "out")[0]["loss"])
 
     label_only = Trainer(cfg_for(tiny_sd_dir, data, tmp_path / "out2", "loss.name=smpo", "data.soft_labels=label"))
     assert label_only.soft_labels is None
@@ -85,7 +79,7 @@ def test_ddim_inversion_trajectory_trains(tiny_sd_dir, tmp_path):
 
     data = write_pairs(tmp_path / "p.parquet", n=4)
     run(cfg_for(tiny_sd_dir, data, tmp_path / "out", "trajectory.kind=ddim", "trajectory.steps=3"))
-    rows = metrics(tmp_path / "out")
+    rows = read_metrics(tmp_path / "out")
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert all(math.isfinite(r["loss"]) for r in rows) and rows[1]["loss"] != rows[0]["loss"]
 
@@ -122,7 +116,7 @@ def test_bf16_grad_accum_checkpointing_adafactor_and_warmup_schedule(tiny_sd_dir
     trainer.train()
     # Checkpointed blocks still pass gradients to the adapter (a reentrant checkpoint would silently drop them).
     assert all(not torch.equal(p, before[n]) for n, p in unet.named_parameters() if p.requires_grad)
-    rows = metrics(tmp_path / "out")
+    rows = read_metrics(tmp_path / "out")
     assert all(math.isfinite(r["loss"]) for r in rows)
     # Linear warmup over 1 step (the first update has lr 0), then linear decay to 0 at step 3.
     assert [r["lr"] for r in rows] == pytest.approx([1e-2, 5e-3, 0.0])
@@ -181,4 +175,4 @@ def test_recipes_run_on_tiny_models(recipe, model, tiny_sd_dir, tiny_sdxl_dir, t
     ])
     assert cfg.loss.beta == 2500 and cfg.train.gradient_checkpointing  # the recipe's own settings are in force
     run(cfg)
-    assert metrics(tmp_path / "out")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert read_metrics(tmp_path / "out")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
