@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 __all__ = [
     "LOSSES",
     "DIFFUSION_DEFAULT_BETA",
+    "REFERENCE_FREE",
+    "TAKES_SOFT_LABEL",
     "RunningMean",
     "UnknownLossError",
     "check_loss_params",
@@ -63,8 +65,14 @@ _COMMON_PARAMS = ("beta", "weight", "soft_label", "label")
 _RUNTIME_PARAMS = {"bco": ("reward_shift",)}
 
 
+# What a loss reads beside the policy estimates, declared here so the trainer need not guess: the losses that take
+# no reference model, and those that take a per-pair soft label P(winner preferred). Tests check both sets
+# against what the functions accept.
+REFERENCE_FREE = frozenset({"sft", "asft", "redi"})
+TAKES_SOFT_LABEL = frozenset({"smpo", "sppo"})
+
 _NEEDS_REFERENCE_HINT = (
-    "pass the reference model's estimates, or choose a reference-free loss (sft, asft, redi)."
+    f"pass the reference model's estimates, or choose a reference-free loss ({', '.join(sorted(REFERENCE_FREE))})."
 )
 
 

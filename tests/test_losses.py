@@ -13,7 +13,15 @@ import pytest
 import torch
 
 from diffusion_pref import losses as L
-from diffusion_pref.losses import LOSSES, RunningMean, UnknownLossError, check_loss_params, get_loss
+from diffusion_pref.losses import (
+    LOSSES,
+    REFERENCE_FREE,
+    TAKES_SOFT_LABEL,
+    RunningMean,
+    UnknownLossError,
+    check_loss_params,
+    get_loss,
+)
 
 # Two pairs of log-likelihood estimates; chosen so that pair 0 has a positive and pair 1 a negative margin.
 PW = [-0.10, -0.30]
@@ -319,7 +327,7 @@ def test_reference_free_losses_accept_no_reference(name):
 @pytest.mark.parametrize("name", ["dpo", "kto", "bco", "nca"])
 def test_losses_that_need_a_reference_refuse_none(name):
     pw, pl, _, rl = inputs()
-    with pytest.raises(ValueError, match=r"ref_w.*reference-free loss \(sft, asft, redi\)"):
+    with pytest.raises(ValueError, match=r"ref_w.*reference-free loss \(asft, redi, sft\)"):
         LOSSES[name](pw, pl, None, rl, beta=BETA)
 
 
@@ -331,7 +339,18 @@ def test_the_missing_reference_hint_names_every_reference_free_loss():
             return False
         return True
 
-    assert {name for name in LOSSES if accepts_no_reference(name)} == {"sft", "asft", "redi"}
+    assert {name for name in LOSSES if accepts_no_reference(name)} == {"sft", "asft", "redi"} == REFERENCE_FREE
+
+
+def test_the_declared_soft_label_losses_are_those_that_accept_one():
+    def accepts_soft_label(name):
+        try:
+            run(name, t(PW), t(PL), t(RW), t(RL), soft_label=t([0.9] * len(PW)))
+        except ValueError:
+            return False
+        return True
+
+    assert {name for name in LOSSES if accepts_soft_label(name)} == TAKES_SOFT_LABEL
 
 
 def test_asft_rejects_positive_log_likelihood():

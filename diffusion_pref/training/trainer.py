@@ -32,30 +32,6 @@ logger = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------- loss introspection
 
 
-def loss_inputs(name: str, params: Dict[str, object]):
-    """(needs a reference, takes a per-pair soft label) for loss ``name``, found by probing it on one fake pair.
-
-    Probing asks the loss itself rather than keeping a second list here that could drift from the registry.
-    """
-    import torch
-
-    from diffusion_pref.losses import LOSSES
-
-    fn = LOSSES[name]
-    one = torch.tensor([-1.0])
-    try:
-        fn(one, one - 1, one, one, beta=1.0, soft_label=torch.tensor([0.9]), **params)
-        takes_soft = True
-    except ValueError:
-        takes_soft = False
-    try:
-        fn(one, one - 1, None, None, beta=1.0, soft_label=torch.tensor([0.9]) if takes_soft else None, **params)
-        needs_ref = False
-    except (ValueError, TypeError, AttributeError):
-        needs_ref = True
-    return needs_ref, takes_soft
-
-
 def resolve_reference(model_cfg, needs_ref: bool) -> str:
     """auto -> adapter (LoRA) / copy (full) / none (reference-free loss); reject combinations that cannot work."""
     from diffusion_pref.config import ConfigError
@@ -240,7 +216,7 @@ class Trainer:
         from diffusion_pref.config import ConfigError, check_loss
         from diffusion_pref.data.loader import collate_pixels
         from diffusion_pref.data.pairs import PairSource
-        from diffusion_pref.losses import LOSSES, RunningMean, check_loss_params
+        from diffusion_pref.losses import LOSSES, REFERENCE_FREE, TAKES_SOFT_LABEL, RunningMean, check_loss_params
         from diffusion_pref.pipelines import load_backbone
         from diffusion_pref.training.checkpoint import Checkpointer
 
@@ -274,8 +250,8 @@ class Trainer:
         self.loss_params = check_loss_params(cfg.loss.name, dict(cfg.loss.params))
         self.loss_params.pop("reward_shift", None)
         self.loss_fn = LOSSES[cfg.loss.name]
-        needs_ref, self.takes_soft = loss_inputs(cfg.loss.name, self.loss_params)
-        self.reference = resolve_reference(cfg.model, needs_ref)
+        self.takes_soft = cfg.loss.name in TAKES_SOFT_LABEL
+        self.reference = resolve_reference(cfg.model, needs_ref=cfg.loss.name not in REFERENCE_FREE)
 
         # Data first: a bad dataset fails in seconds, before any model is loaded.
         self.source = source = PairSource(cfg.data, seed=t.seed)
