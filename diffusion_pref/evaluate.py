@@ -226,8 +226,9 @@ def _dtype_name(cfg: Config) -> str:
 def _torch_device_and_dtype(cfg: Config):
     import torch
 
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    return torch.device(_device_name(cfg)), dtypes[_dtype_name(cfg)]
+    from diffusion_pref.pipelines import torch_dtype
+
+    return torch.device(_device_name(cfg)), torch_dtype(_dtype_name(cfg))
 
 
 def load_variant(cfg: Config, variant: Variant):

@@ -164,9 +164,11 @@ def form_pairs(
 def _torch_dtype(name: str, device: Any):
     import torch
 
+    from diffusion_pref.pipelines import torch_dtype
+
     if name == "auto":
         return torch.float16 if torch.device(device).type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    return torch_dtype(name)
 
 
 def _load_pipeline(cfg: Config, device: Any):

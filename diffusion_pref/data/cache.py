@@ -134,8 +134,9 @@ def _encode_block(cfg, source, backbone, block_index: int, device, weight_dtype)
 
 def build_cache(cfg, source, backbone, accelerator=None) -> CachedPairs:
     """Compute the missing cache for (cfg, source) and return a reader; reuses a complete cache with the same key."""
-    import torch
     from safetensors.torch import save_file
+
+    from diffusion_pref.pipelines import torch_dtype
 
     key = cache_key(cfg, source)
     directory = cache_dir(cfg, key)
@@ -145,7 +146,7 @@ def build_cache(cfg, source, backbone, accelerator=None) -> CachedPairs:
         logger.info("cache: using %s", directory)
         return CachedPairs(directory, len(source.blocks))
     directory.mkdir(parents=True, exist_ok=True)
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.mixed_precision]
+    weight_dtype = torch_dtype(cfg.train.mixed_precision)
     device = backbone.vae.device
     logger.info("cache: encoding %d pairs into %s", len(source), directory)
     skipped = 0
@@ -173,13 +174,13 @@ def run(cfg) -> None:
     from accelerate import Accelerator
 
     from diffusion_pref.data.pairs import PairSource
-    from diffusion_pref.pipelines import load_backbone
+    from diffusion_pref.pipelines import load_backbone, torch_dtype
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     accelerator = Accelerator()
     source = PairSource(cfg.data, seed=cfg.train.seed)
     backbone = load_backbone(cfg.model)
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.mixed_precision]
+    weight_dtype = torch_dtype(cfg.train.mixed_precision)
     vae_dtype = torch.float32 if getattr(backbone, "vae_keeps_fp32", False) else weight_dtype
     backbone.vae.to(accelerator.device, vae_dtype)
     for module in backbone.frozen_modules[1:]:

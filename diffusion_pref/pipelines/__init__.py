@@ -17,6 +17,13 @@ from pathlib import Path
 TOY_WEIGHTS = Path(__file__).resolve().parent.parent / "toy" / "weights"
 
 
+def torch_dtype(name: str):
+    """A precision name of the config -> torch dtype: fp32 (or train.mixed_precision's "no"), fp16, bf16."""
+    import torch
+
+    return {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
 def resolve_pretrained(pretrained: str) -> str:
     """"toy" -> the shipped shapes-world weights; an existing folder -> its path; anything else is a hub id."""
     from diffusion_pref.pipelines.stable_diffusion import ModelLoadError

@@ -209,7 +209,6 @@ class Trainer:
     """
 
     def __init__(self, cfg):
-        import torch
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
 
@@ -217,7 +216,7 @@ class Trainer:
         from diffusion_pref.data.loader import collate_pixels
         from diffusion_pref.data.pairs import PairSource
         from diffusion_pref.losses import LOSSES, REFERENCE_FREE, TAKES_SOFT_LABEL, RunningMean, check_loss_params
-        from diffusion_pref.pipelines import load_backbone
+        from diffusion_pref.pipelines import load_backbone, torch_dtype
         from diffusion_pref.training.checkpoint import Checkpointer
 
         self.cfg = cfg
@@ -268,7 +267,7 @@ class Trainer:
                 with accelerator.main_process_first():
                     self.soft_labels = soft_labels_for_run(cfg, source, device=accelerator.device)
         self.backbone = backbone = load_backbone(cfg.model)
-        self.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[t.mixed_precision]
+        self.weight_dtype = torch_dtype(t.mixed_precision)
         self.device = accelerator.device
         self.trainable, self.ref_unet = setup_policy(cfg, backbone, self.weight_dtype, self.reference, self.device)
         self.encode = PairEncoder(backbone, self.device, self.weight_dtype)
