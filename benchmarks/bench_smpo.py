@@ -61,7 +61,8 @@ def build_unet(name: str):
     raise SystemExit(f"unknown model {name!r}; choose tiny, small or sd15")
 
 
-def bench(model: str, method: str, steps: int, batch_size: int, latent: int, dtype_name: str, device: str) -> dict:
+def bench(model: str, method: str, steps: int, batch_size: int, latent: int, dtype_name: str, device: str,
+          built=None, finetune: str = "full") -> dict:
     import torch
     from diffusers import DDPMScheduler
 
@@ -69,11 +70,21 @@ def bench(model: str, method: str, steps: int, batch_size: int, latent: int, dty
     from diffusion_pref.trajectories import make_trajectory
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
-    unet, width, default_latent = build_unet(model)
+    base, width, default_latent = built or build_unet(model)
     latent = latent or default_latent
-    unet = unet.to(device).train()
+    unet = copy.deepcopy(base).to(device).train()  # every method starts from the same weights
     ref_unet = copy.deepcopy(unet).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-6)
+    if finetune == "lora":  # rank-8 adapter on the attention projections, the frozen UNet in the autocast dtype
+        from peft import LoraConfig
+
+        unet.requires_grad_(False).to(dtype=dtype)
+        ref_unet.to(dtype=dtype)
+        unet.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian",
+                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        for p in unet.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-6)
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
     g = torch.Generator().manual_seed(0)
     latents_w = torch.randn(batch_size, 4, latent, latent, generator=g).to(device)
@@ -94,10 +105,11 @@ def bench(model: str, method: str, steps: int, batch_size: int, latent: int, dty
         with torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
             if method == "dpo":
                 traj = make_trajectory("forward", scheduler, latents_w, latents_l, generator=generator)
-            else:
-                traj = make_trajectory("renoise", scheduler, latents_w, latents_l, predict_fn=no_grad_policy,
+            else:  # smpo-<t_mode> (ReNoise K = 1) or smpo-ddim-<t_mode>
+                kind = "ddim" if method.startswith("smpo-ddim-") else "renoise"
+                traj = make_trajectory(kind, scheduler, latents_w, latents_l, predict_fn=no_grad_policy,
                                        cond=cond, generator=generator, steps=5, renoise_iters=1,
-                                       average_window=[0, 2], t_mode=method.split("-", 1)[1])
+                                       average_window=[0, 2], t_mode=method.rsplit("-", 1)[1])
             with torch.no_grad():
                 ref_w, ref_l = denoising_log_likelihood(predict(traj.x_t, traj.t, cond, ref_unet), traj.target).chunk(2)
             policy_w, policy_l = denoising_log_likelihood(predict(traj.x_t, traj.t, cond), traj.target).chunk(2)
@@ -121,8 +133,14 @@ def bench(model: str, method: str, steps: int, batch_size: int, latent: int, dty
         one_step(i)
         sync()
         times.append(time.perf_counter() - start)
-    return {"model": model, "method": method, "batch_pairs": batch_size, "latent": latent, "dtype": dtype_name,
-            "device": device, "steps": steps, "median_s": statistics.median(times), "min_s": min(times)}
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+    del unet, ref_unet, optimizer
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return {"model": model, "method": method, "finetune": finetune, "batch_pairs": batch_size, "latent": latent,
+            "dtype": dtype_name, "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+            "steps": steps, "median_s": statistics.median(times), "min_s": min(times), "peak_gib": peak}
 
 
 def main(argv=None) -> None:
@@ -130,7 +148,10 @@ def main(argv=None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["tiny"])
-    parser.add_argument("--methods", nargs="+", default=["dpo", "smpo-exact", "smpo-grid_below"])
+    parser.add_argument("--methods", nargs="+", default=["dpo", "smpo-exact", "smpo-grid_below"],
+                        help="dpo, smpo-exact, smpo-grid_below (ReNoise K=1), smpo-ddim-exact, smpo-ddim-grid_below")
+    parser.add_argument("--finetune", nargs="+", default=["full"], choices=["full", "lora"],
+                        help="full UNet (the SmPO recipes) and/or a rank-8 LoRA")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=2, help="pairs per step")
     parser.add_argument("--latent", type=int, default=0, help="latent side (0 = the model's default)")
@@ -143,16 +164,22 @@ def main(argv=None) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     for model in args.models:
-        for method in args.methods:
-            rows.append(bench(model, method, args.steps, args.batch_size, args.latent, args.dtype, device))
-    base = {r["model"]: r["median_s"] for r in rows if r["method"] == "dpo"}
-    print("| model | method | pairs | latent | dtype | device | median s/step | x dpo |")
-    print("|---|---|---|---|---|---|---|---|")
+        built = build_unet(model)  # once: every method and fine-tune mode copies the same random weights
+        for finetune in args.finetune:
+            for method in args.methods:
+                rows.append(bench(model, method, args.steps, args.batch_size, args.latent, args.dtype, device,
+                                  built=built, finetune=finetune))
+                if args.out:  # after every row, so a run cut short still leaves what it measured
+                    Path(args.out).write_text(json.dumps(rows, indent=2))
+    base = {(r["model"], r["finetune"]): r["median_s"] for r in rows if r["method"] == "dpo"}
+    print("| model | finetune | method | pairs | latent | dtype | device | median s/step | x dpo |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        r["ratio_to_dpo"] = r["median_s"] / base[r["model"]] if r["model"] in base else None
+        key = (r["model"], r["finetune"])
+        r["ratio_to_dpo"] = r["median_s"] / base[key] if key in base else None
         ratio = f"{r['ratio_to_dpo']:.2f}" if r["ratio_to_dpo"] is not None else "-"
-        print(f"| {r['model']} | {r['method']} | {r['batch_pairs']} | {r['latent']} | {r['dtype']} | {r['device']} "
-              f"| {r['median_s']:.4f} | {ratio} |")
+        print(f"| {r['model']} | {r['finetune']} | {r['method']} | {r['batch_pairs']} | {r['latent']} | {r['dtype']} "
+              f"| {r['device']} | {r['median_s']:.4f} | {ratio} |")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
 

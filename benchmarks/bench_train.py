@@ -48,20 +48,35 @@ def _write_pairs(path: Path, n: int, size: int) -> Path:
     return path
 
 
-def _save_sd15_sized(path: Path) -> Path:
-    """SD1.5 UNet architecture, random weights, with tiny VAE and a 768-wide one-layer text encoder."""
+def _save_sd15_sized(path: Path, encoders: str = "tiny") -> Path:
+    """SD1.5 UNet architecture, random weights, saved as a diffusers pipeline folder.
+
+    ``encoders="tiny"``: behind the tiny VAE (factor 4) and a one-layer 768-wide text encoder, so the UNet dominates
+    as it does in a LoRA step on a CPU. ``encoders="sd15"``: SD1.5's own VAE (factor 8, 84M parameters) and
+    12-layer CLIP text encoder architectures (random weights), so that an uncached step at 512 px pays what it
+    pays with the real model (the VAE encoder at 512 px costs about a UNet forward per image).
+    """
     import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     from diffusion_pref import testing
 
+    if encoders not in ("tiny", "sd15"):
+        raise SystemExit(f"--encoders {encoders!r}: choose tiny or sd15")
     torch.manual_seed(0)
     tokenizer = testing.tiny_clip_tokenizer()
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # SD1.5 defaults otherwise
     text_config = testing._clip_text_config(tokenizer, hidden_size=768, projection_dim=768)
-    text_config.num_hidden_layers, text_config.num_attention_heads, text_config.intermediate_size = 1, 12, 3072
-    pipe = StableDiffusionPipeline(vae=testing._image_vae(0.18215), text_encoder=CLIPTextModel(text_config),
+    text_config.num_attention_heads, text_config.intermediate_size = 12, 3072
+    text_config.num_hidden_layers = 12 if encoders == "sd15" else 1
+    if encoders == "sd15":  # SD1.5's vae/config.json, random weights
+        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                            layers_per_block=2, latent_channels=4, sample_size=512, scaling_factor=0.18215)
+    else:
+        vae = testing._image_vae(0.18215)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(text_config),
                                    tokenizer=tokenizer, unet=unet,
                                    scheduler=DDIMScheduler(**testing._sd15_scheduler_config("epsilon")),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)

@@ -111,8 +111,45 @@ def _run_ours(overrides: list) -> float:
     return setup
 
 
+def _unet_step_flops(spec: dict) -> dict:
+    """FLOPs of one pair's UNet work in a LoRA DPO step, counted by ``torch.utils.flop_counter``.
+
+    One pair is two images: a reference forward under no_grad and a policy forward + backward (the backward of a
+    LoRA step computes input gradients through the frozen UNet and weight gradients of the adapter only, and the
+    counter sees exactly what autograd runs). Model-FLOPs utilisation is then ``pairs/s * flops / peak``. VAE and
+    text-encoder FLOPs are left out: they are not the model being trained, and cached training does not run them.
+    """
+    import torch
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec["mixed_precision"]]
+    unet = UNet2DConditionModel.from_pretrained(spec["model_dir"], subfolder="unet").to(device, dtype)
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=spec["rank"], lora_alpha=spec["rank"], init_lora_weights="gaussian",
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    side = spec["resolution"] // spec["vae_scale_factor"]
+    latents = torch.randn(2, unet.config.in_channels, side, side, device=device, dtype=dtype)
+    t = torch.tensor([500, 500], device=device)
+    text = torch.randn(2, spec["text_length"], unet.config.cross_attention_dim, device=device, dtype=dtype)
+    with FlopCounterMode(display=False) as counter:
+        with torch.no_grad():
+            unet(latents, t, text)
+    reference = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter:
+        unet(latents, t, text).sample.float().pow(2).mean().backward()
+    policy = counter.get_total_flops()
+    return {"flops_per_pair": reference + policy, "reference_flops_per_pair": reference,
+            "policy_flops_per_pair": policy, "unet_forward_flops_per_image": reference / 2}
+
+
 def child(args) -> None:
     spec = json.loads(args.child)
+    if spec["side"] == "flops":
+        print(json.dumps(_unet_step_flops(spec)))
+        return
     stamps = _install_step_clock(spec["threads"])
     start = time.perf_counter()
     setup = None
@@ -161,7 +198,7 @@ def _commands(side: str, model_dir: Path, data_dir: Path, out: Path, args, resol
     return {"side": side, "overrides": overrides}
 
 
-def _run_child(spec: dict, args) -> dict:
+def _run_child(spec: dict, args, optimizer_steps: bool = True) -> dict:
     spec = {**spec, "threads": args.threads, "warmup": args.warmup}
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -171,10 +208,23 @@ def _run_child(spec: dict, args) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{spec['side']} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     row = json.loads(proc.stdout.strip().splitlines()[-1])
+    if not optimizer_steps:
+        return row
     row["wall_s"] = time.perf_counter() - start
     if row["steps_run"] != args.warmup + args.steps:
         raise SystemExit(f"{spec['side']} ran {row['steps_run']} optimizer steps, expected {args.warmup + args.steps}")
     return row
+
+
+# Dense bf16/fp16 tensor-core peaks from the vendors' data sheets (no sparsity), for model-FLOPs utilisation.
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
+
+
+def peak_tflops(device_name: str) -> float | None:
+    for key, value in PEAK_TFLOPS.items():  # the most specific names come first
+        if key in device_name:
+            return value
+    return None
 
 
 def _summary(rows: list, batch_size: int) -> dict:
@@ -206,6 +256,10 @@ def _results(runs: list, meta: dict) -> list:
                      memory_vs_diffusers=s["peak_gib"] / base["peak_gib"] if base else nan)
             if side == "ours-cached" and uncached is not None:
                 s["cache_build_s"] = s["setup_s"] - uncached["setup_s"]  # extra time before the first step
+            flops = meta.get("flops", {}).get(name)
+            if flops and meta.get("peak_tflops"):
+                achieved = s["pairs_per_s"] * flops["flops_per_pair"]
+                s.update(model_tflops_per_s=achieved / 1e12, mfu=achieved / (meta["peak_tflops"] * 1e12))
             results.append(s)
     return results
 
@@ -214,12 +268,13 @@ def _table(results: list) -> str:
     # The ratio of fastest steps is left to the JSON: on a shared machine one side can land in a quiet moment the
     # other never saw, so only the medians of interleaved runs compare the two fairly.
     lines = ["| model | res | pairs/step | side | pairs/s | vs diffusers | median s/step (min-max) | peak GiB | "
-             "vs diffusers |", "|---|---|---|---|---|---|---|---|---|"]
+             "vs diffusers | UNet TFLOP/s | MFU |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        mfu = (f"{r['model_tflops_per_s']:.0f} | {100 * r['mfu']:.1f}%" if "mfu" in r else "- | -")
         lines.append(f"| {r['model']} | {r['resolution']} | {r['batch_size']} | {r['side']} | {r['pairs_per_s']:.3f} | "
-                     f"{r['speedup_vs_diffusers']:.2f}x | {r['median_step_s']:.2f} "
-                     f"({r['min_step_s']:.2f}-{r['max_step_s']:.2f}) | {r['peak_gib']:.2f} | "
-                     f"{r['memory_vs_diffusers']:.2f}x |")
+                     f"{r['speedup_vs_diffusers']:.2f}x | {r['median_step_s']:.3f} "
+                     f"({r['min_step_s']:.3f}-{r['max_step_s']:.3f}) | {r['peak_gib']:.2f} | "
+                     f"{r['memory_vs_diffusers']:.2f}x | {mfu} |")
     return "\n".join(lines)
 
 
@@ -239,6 +294,13 @@ def main() -> None:
     parser.add_argument("--out", default="bench_vs_diffusers.json")
     parser.add_argument("--diffusers-commit", default=None, help="the diffusers commit the script came from (recorded)")
     parser.add_argument("--from-json", type=Path, default=None, help="print the table of an earlier results file")
+    parser.add_argument("--encoders", default="tiny", choices=["tiny", "sd15"],
+                        help="sd15 model only: tiny VAE + 1-layer text encoder, or SD1.5's own VAE and text encoder "
+                             "architectures (what a GPU check at 512 px needs)")
+    parser.add_argument("--flops", action="store_true",
+                        help="count the UNet FLOPs of a step and report model-FLOPs utilisation (MFU)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense bf16 peak for MFU (default: from the device name, GPUs only)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one run, as JSON
     args = parser.parse_args()
     if args.child:
@@ -260,37 +322,52 @@ def main() -> None:
 
     from diffusion_pref.testing import save_tiny_sd
 
+    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.platform(),
+            "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "device": device_name,
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "threads": args.threads,
+            "mixed_precision": args.mixed_precision, "lora_rank": args.rank, "warmup": args.warmup,
+            "steps": args.steps, "repeats": args.repeats, "batch_size": args.batch_size, "encoders": args.encoders,
+            "diffusers_script": str(args.diffusers_script), "diffusers_script_sha256": _sha256(args.diffusers_script),
+            "diffusers_script_commit": args.diffusers_commit, "ours_commit": _git_head(),
+            "peak_tflops": args.peak_tflops or peak_tflops(device_name), "flops": {}}
     raw = []
+
+    def save():  # after every run, so a run cut short by a time limit still leaves what it measured
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"meta": meta, "results": _results(raw, meta), "runs": raw}, indent=2))
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for name in args.models.split(","):
-            model_dir = save_tiny_sd(tmp / "tiny") if name == "tiny" else _save_sd15_sized(tmp / "sd15")
+            model_dir = (save_tiny_sd(tmp / "tiny") if name == "tiny"
+                         else _save_sd15_sized(tmp / "sd15", encoders=args.encoders))
             resolution = args.resolution or (32 if name == "tiny" else 64)
             data_dir = tmp / f"pairs-{name}"
             data_dir.mkdir()
             # One epoch covers every step of a run; `train-*` is the file name datasets maps to split "train".
             _write_pairs(data_dir / "train-00000-of-00001.parquet", args.batch_size * (args.warmup + args.steps),
                          resolution)
+            if args.flops:
+                vae = json.loads((model_dir / "vae" / "config.json").read_text())
+                text = json.loads((model_dir / "text_encoder" / "config.json").read_text())
+                spec = {"side": "flops", "model_dir": str(model_dir), "mixed_precision": args.mixed_precision,
+                        "rank": args.rank, "resolution": resolution,
+                        "vae_scale_factor": 2 ** (len(vae["block_out_channels"]) - 1),
+                        "text_length": text["max_position_embeddings"]}
+                meta["flops"][name] = _run_child(spec, args, optimizer_steps=False)
+                print(f"{name}: {meta['flops'][name]['flops_per_pair'] / 1e12:.2f} TFLOP per pair", file=sys.stderr,
+                      flush=True)
             for repeat in range(args.repeats):
                 for side in sides:  # interleaved, so a burst of load from other jobs hits every side
                     spec = _commands(side, model_dir, data_dir, tmp / f"out-{name}-{side}-{repeat}", args, resolution)
                     row = _run_child(spec, args)
                     raw.append({"model": name, "side": side, "repeat": repeat, "resolution": resolution, **row})
+                    save()
                     print(f"{name} {side} #{repeat}: median {statistics.median(row['step_seconds']):.3f} s/step, "
                           f"peak {row['peak_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.platform(),
-            "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "torch": torch.__version__, "diffusers": diffusers.__version__, "threads": args.threads,
-            "mixed_precision": args.mixed_precision, "lora_rank": args.rank, "warmup": args.warmup,
-            "steps": args.steps, "repeats": args.repeats, "batch_size": args.batch_size,
-            "diffusers_script": str(args.diffusers_script), "diffusers_script_sha256": _sha256(args.diffusers_script),
-            "diffusers_script_commit": args.diffusers_commit, "ours_commit": _git_head()}
-    results = _results(raw, meta)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "results": results, "runs": raw}, indent=2))
-    print(_table(results))
-
+    save()
+    print(_table(_results(raw, meta)))
 
 if __name__ == "__main__":
     main()

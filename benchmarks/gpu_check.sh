@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU checks of the training and SmPO benchmarks in one run (about 6 minutes on one H100), for a machine that
+# is lent for a few minutes: every part has its own time limit and writes its JSON as it goes, so a part cut short
+# still leaves what it measured.
+#
+#   1. our training step against diffusers' train_diffusion_dpo.py: SD1.5 architectures (UNet, VAE and text
+#      encoder, random weights) at 512 px, bf16, 8 pairs per step, LoRA rank 8; pairs/s, peak GPU memory, MFU;
+#   2. SmPO (ReNoise K = 1 and DDIM, five-point grid, t_mode exact and grid_below) against Diffusion-DPO, the
+#      SD1.5 UNet at 64x64 latents, bf16 autocast, 4 pairs, full fine-tuning and LoRA.
+#
+# Usage (from the repository root, with diffusion_pref importable, e.g. PYTHONPATH=$PWD):
+#   DIFFUSERS_SCRIPT=/path/to/train_diffusion_dpo.py OUT=gpu_results bash benchmarks/gpu_check.sh
+# diffusers' script is not part of this project: see benchmarks/README.md for where to get it.
+set -u
+OUT=${OUT:-gpu_results}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
+$PY -c "import platform, torch, diffusers, transformers, peft, accelerate, datasets
+print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda,
+      'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__,
+      'accelerate', accelerate.__version__, 'datasets', datasets.__version__, 'cpus', __import__('os').cpu_count())" \
+    >> "$OUT/gpu.txt" 2>&1
+cat "$OUT/gpu.txt"
+
+timeout "${VS_DIFFUSERS_TIMEOUT:-330}" $PY benchmarks/bench_vs_diffusers.py \
+    --diffusers-script "${DIFFUSERS_SCRIPT:?set DIFFUSERS_SCRIPT to diffusers train_diffusion_dpo.py}" \
+    --diffusers-commit "${DIFFUSERS_COMMIT:-58eb52c0803ea9af3abec60841c2a093bdf1f951}" \
+    --models sd15 --encoders sd15 --resolution 512 --batch-size 8 --mixed-precision bf16 --threads 8 \
+    --steps "${VS_STEPS:-8}" --warmup 3 --repeats "${VS_REPEATS:-2}" --flops \
+    --out "$OUT/vs_diffusers_sd15_512_gpu.json" 2>&1 | grep -v "it/s\]\|s/it\]" | tee "$OUT/vs_diffusers.log"
+
+timeout "${SMPO_TIMEOUT:-150}" $PY benchmarks/bench_smpo.py --models sd15 --latent 64 --batch-size 4 --dtype bf16 \
+    --steps "${SMPO_STEPS:-6}" --finetune full lora \
+    --methods dpo smpo-exact smpo-grid_below smpo-ddim-exact smpo-ddim-grid_below \
+    --out "$OUT/smpo_sd15_gpu.json" 2>&1 | tee "$OUT/smpo.log"
