@@ -139,6 +139,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"  # no | fp16 | bf16
     gradient_checkpointing: bool = False
+    channels_last: bool = False  # UNet (and reference copy) in channels-last memory layout; a GPU option to measure
     attention: str = "sdpa"  # sdpa | xformers
     seed: int = 0
     checkpoint_every: int = 500

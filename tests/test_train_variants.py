@@ -124,6 +124,51 @@ def test_bf16_grad_accum_checkpointing_adafactor_and_warmup_schedule(tiny_sd_dir
     assert rows[0]["epoch"] == 0 and (trainer.epoch, trainer.next_index) == (1, 2)
 
 
+def _adapted_layers(trainer):
+    unet = trainer.accelerator.unwrap_model(trainer.unet)
+    return [m for m in unet.modules() if hasattr(m, "cast_input_dtype_enabled")]
+
+
+def test_half_precision_lora_skips_peft_input_casts_without_changing_the_step(tiny_sd_dir, tmp_path):
+    from diffusion_pref.training.trainer import Trainer
+
+    data = write_pairs(tmp_path / "p.parquet", n=4)
+    fp32 = Trainer(cfg_for(tiny_sd_dir, data, tmp_path / "fp32"))
+    assert _adapted_layers(fp32) and all(m.cast_input_dtype_enabled for m in _adapted_layers(fp32))  # peft's default
+
+    runs = {}
+    for name, cast in (("skipped", False), ("peft-cast", True)):
+        trainer = Trainer(cfg_for(tiny_sd_dir, data, tmp_path / name, "train.mixed_precision=bf16"))
+        assert not any(m.cast_input_dtype_enabled for m in _adapted_layers(trainer))
+        for m in _adapted_layers(trainer):  # the reference: peft's behaviour, casting each input to fp32
+            m.cast_input_dtype_enabled = cast
+        trainer.train()
+        runs[name] = [r["loss"] for r in read_metrics(tmp_path / name)]
+    # Autocast computes the adapter's matmuls in bf16 either way, so the casts change nothing but the memory traffic.
+    assert runs["skipped"] == runs["peft-cast"]
+
+
+def test_channels_last_layout_gives_the_same_losses(tiny_sd_dir, tmp_path):
+    from diffusion_pref.training.trainer import Trainer
+
+    data = write_pairs(tmp_path / "p.parquet", n=4)
+    runs = {}
+    for name, flag in (("default", "false"), ("channels-last", "true")):
+        trainer = Trainer(cfg_for(tiny_sd_dir, data, tmp_path / name, f"train.channels_last={flag}",
+                                  "model.finetune=full", "model.reference=copy"))
+        convs = [m.weight for m in trainer.accelerator.unwrap_model(trainer.unet).modules()
+                 if isinstance(m, torch.nn.Conv2d)] + [m.weight for m in trainer.ref_unet.modules()
+                                                       if isinstance(m, torch.nn.Conv2d)]
+        assert all(w.is_contiguous(memory_format=torch.channels_last) == (flag == "true") for w in convs
+                   if w.shape[-1] > 1)  # 1x1 kernels are both layouts at once
+        trainer.train()
+        runs[name] = [(r["mse_w"], r["mse_l"], r["ref_mse_w"]) for r in read_metrics(tmp_path / name)]
+    # The denoising errors themselves (the DPO loss would multiply float rounding of other conv kernels by beta):
+    # the same weights give the same errors; after one update (lr 1e-2) the rounding has grown a little.
+    assert runs["channels-last"][0] == pytest.approx(runs["default"][0], rel=1e-6)
+    assert runs["channels-last"][1] == pytest.approx(runs["default"][1], rel=1e-4)
+
+
 def test_cache_command_then_cached_training_reuses_it(tiny_sd_dir, tmp_path):
     from diffusion_pref.data import cache
     from diffusion_pref.training.trainer import Trainer

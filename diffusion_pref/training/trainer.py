@@ -145,9 +145,20 @@ def setup_policy(cfg, backbone, weight_dtype, reference: str, device):
         for p in unet.parameters():
             if p.requires_grad:  # optimizer state and updates in fp32; frozen weights stay in weight_dtype
                 p.data = p.data.float()
+        if weight_dtype != torch.float32:
+            # Every UNet call of the trainer runs under autocast, which computes the adapter's matmuls in half
+            # precision anyway; peft's cast of each activation to the adapter's fp32 dtype (and autocast's cast
+            # back) would only add two copies of the activation per adapted layer.
+            for module in unet.modules():
+                if hasattr(module, "cast_input_dtype_enabled"):
+                    module.cast_input_dtype_enabled = False
     else:
         unet.requires_grad_(True)
         unet.to(device=device, dtype=torch.float32)  # fp32 master weights; autocast runs the forward in half
+    if cfg.train.channels_last:
+        unet.to(memory_format=torch.channels_last)
+        if ref_unet is not None:
+            ref_unet.to(memory_format=torch.channels_last)
     unet.train()
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -269,6 +280,12 @@ class Trainer:
         self.backbone = backbone = load_backbone(cfg.model)
         self.weight_dtype = torch_dtype(t.mixed_precision)
         self.device = accelerator.device
+        if self.device.type == "cuda":
+            import torch
+
+            # Training shapes are fixed (one resolution, one batch size; SmPO's inversion adds a few sub-batch sizes),
+            # so letting cuDNN time its convolution algorithms once pays off from the first steps.
+            torch.backends.cudnn.benchmark = True
         self.trainable, self.ref_unet = setup_policy(cfg, backbone, self.weight_dtype, self.reference, self.device)
         self.encode = PairEncoder(backbone, self.device, self.weight_dtype)
         if cfg.data.cache:
