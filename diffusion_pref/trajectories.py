@@ -333,16 +333,20 @@ def _invert(scheduler, predict_fn, x0, cond, paths, lengths, *, renoise_iters=0,
     n = x0.shape[0]
     z = x0.float()
     source = torch.full_like(lengths, -1)  # -1: the clean latent
+    # Which samples are still inverting is decided on the host, from one copy of the lengths: on a GPU, testing a
+    # device tensor at every step would make the host wait for each UNet call before it may queue the next one.
+    lengths_host = lengths.cpu()
     for j in range(paths.shape[1]):
-        active = lengths > j  # [N]
-        if not bool(active.any()):
+        active_host = lengths_host > j  # [N]
+        if not bool(active_host.any()):
             break
+        active = active_host.to(x0.device, non_blocking=True)
         noise = None
         if noise_reg is not None and noise_reg["lambda_kl"] > 0:
             # drawn for the whole batch every step, so the numbers do not depend on which samples are active
             draw_device = generator.device if generator is not None else x0.device
             noise = torch.randn(x0.shape, generator=generator, device=draw_device).to(x0.device)
-        index = active.nonzero().squeeze(1)
+        index = active_host.nonzero().squeeze(1).to(x0.device, non_blocking=True)
         every = index.numel() == n
         sub = (lambda v: v) if every else (lambda v: v[index])
         step_cond = cond if every else _rows(cond, index, n)
