@@ -162,15 +162,26 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    import platform
+
+    import diffusers
+
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.platform(),
+            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "command": " ".join(["python", *sys.argv])}
     rows = []
+
+    def save():
+        if args.out:
+            Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+
     for model in args.models:
         built = build_unet(model)  # once: every method and fine-tune mode copies the same random weights
         for finetune in args.finetune:
             for method in args.methods:
                 rows.append(bench(model, method, args.steps, args.batch_size, args.latent, args.dtype, device,
                                   built=built, finetune=finetune))
-                if args.out:  # after every row, so a run cut short still leaves what it measured
-                    Path(args.out).write_text(json.dumps(rows, indent=2))
+                save()  # after every row, so a run cut short still leaves what it measured
     base = {(r["model"], r["finetune"]): r["median_s"] for r in rows if r["method"] == "dpo"}
     print("| model | finetune | method | pairs | latent | dtype | device | median s/step | x dpo |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -180,8 +191,7 @@ def main(argv=None) -> None:
         ratio = f"{r['ratio_to_dpo']:.2f}" if r["ratio_to_dpo"] is not None else "-"
         print(f"| {r['model']} | {r['finetune']} | {r['method']} | {r['batch_pairs']} | {r['latent']} | {r['dtype']} "
               f"| {r['device']} | {r['median_s']:.4f} | {ratio} |")
-    if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=2))
+    save()
 
 
 if __name__ == "__main__":
