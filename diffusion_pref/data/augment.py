@@ -27,8 +27,10 @@ def _to_tensor(image):
     import numpy as np
     import torch
 
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # [H, W, 3] in [-1, 1]
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # [3, H, W]
+    # One float copy, made from the uint8 pixels in place of numpy float arithmetic and a layout copy; the
+    # arithmetic (float32 / 127.5 - 1) is the same, so the values are bit for bit those of the plain formula.
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # [3, H, W] uint8 (a writable copy)
+    return pixels.to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)  # in [-1, 1]
 
 
 def augment_pair(pair, resolution: int, flip: bool, crop: bool, caption_dropout: float, seed: int):
@@ -57,9 +59,10 @@ def augment_pair(pair, resolution: int, flip: bool, crop: bool, caption_dropout:
         top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
     box = (left, top, left + resolution, top + resolution)
     image_w, image_l = image_w.crop(box), image_l.crop(box)
+    if do_flip:  # on the uint8 image, a quarter of the bytes of the float tensor
+        image_w = image_w.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        image_l = image_l.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     pix_w, pix_l = _to_tensor(image_w), _to_tensor(image_l)
-    if do_flip:
-        pix_w, pix_l = pix_w.flip(-1), pix_l.flip(-1)
     meta: Dict[str, Tuple[int, int]] = {"original_size": (height, width), "crop_top_left": (top, left)}
     return pix_w, pix_l, ("" if drop_caption else pair.caption), meta
 
