@@ -199,10 +199,12 @@ def _load_pipeline(cfg: Config, device: Any):
     return pipe.to(device)
 
 
-def _sample_images(pipe: Any, prompts: List[str], seeds: List[int], gen: GenerateConfig) -> List[Any]:
-    """PIL images, one per (prompt, seed); each sample's noise comes only from its own seed.
+def _sample_images(pipe: Any, prompts: List[str], seeds: List[int], gen: GenerateConfig) -> Tuple[List[Any], List[bool]]:
+    """PIL images, one per (prompt, seed), and whether the pipeline's safety checker blocked each one.
 
-    The generators live on the CPU, so a seed gives the same starting noise on any device.
+    Each sample's noise comes only from its own seed; the generators live on the CPU, so a seed gives the same
+    starting noise on any device. A pipeline that ships a safety checker (SD1.x) keeps it: a blocked image comes
+    back black, and is kept out of every pair by the caller rather than scored as a loser.
     """
     import torch
 
@@ -216,7 +218,8 @@ def _sample_images(pipe: Any, prompts: List[str], seeds: List[int], gen: Generat
         output_type="pil",
         **size,
     )
-    return list(output.images)
+    flags = getattr(output, "nsfw_content_detected", None)
+    return list(output.images), [bool(f) for f in flags] if flags is not None else [False] * len(seeds)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -313,6 +316,7 @@ class _Candidate:
     seed: int
     image: Any
     score: float
+    blocked: bool = False  # the pipeline's safety checker replaced the image with a black one
 
 
 def _check_settings(gen: GenerateConfig) -> None:
@@ -371,8 +375,8 @@ def _pairs_rows(
     prompt_index: int, record: Any, candidates: List[_Candidate], gen: GenerateConfig, model: str, reward_name: str
 ) -> Tuple[List[dict], Counter]:
     scores = [c.score for c in candidates]
-    pool = list(range(len(candidates)))
-    stats: Counter = Counter()
+    pool = [i for i, c in enumerate(candidates) if not c.blocked]  # a black image would only ever be a loser
+    stats: Counter = Counter(safety_blocked=len(candidates) - len(pool))
     if gen.rso_beta is not None:
         nan_free = [i for i in pool if not math.isnan(scores[i])]
         rng = random.Random(sample_seed(gen.seed, prompt_index, -1))
@@ -430,6 +434,7 @@ def summarize(folder: str | Path, total_prompts: Optional[int] = None) -> dict:
         "samples": totals["samples"],
         "samples_with_nan_score": totals["nan_scores"],
         "samples_rejected_by_rso": totals["rso_rejected"],
+        "samples_blocked_by_safety_checker": totals["safety_blocked"],
         "prompts_without_pairs": totals["prompts_without_pairs"],
         "shards": sum(1 for path in metas if path.suffix == ".parquet"),
     }
@@ -449,6 +454,9 @@ def _format_summary(summary: dict, folder: Path) -> str:
         f"samples with NaN score (left out): {summary['samples_with_nan_score']}",
         f"prompts without any pair: {summary['prompts_without_pairs']}",
     ]
+    if summary["samples_blocked_by_safety_checker"]:
+        lines.append(f"samples blocked by the pipeline's safety checker (left out): "
+                     f"{summary['samples_blocked_by_safety_checker']}")
     if summary["samples_rejected_by_rso"]:
         lines.append(f"samples rejected by RSO: {summary['samples_rejected_by_rso']}")
     if summary.get("prompts_missing"):
@@ -592,10 +600,10 @@ def _sample_and_score(
         batch = jobs[start:start + gen.batch_size]
         prompts = [records[p].prompt for p, _ in batch]
         seeds = [sample_seed(gen.seed, p, s) for p, s in batch]
-        images = _sample_images(pipeline, prompts, seeds, gen)
+        images, blocked = _sample_images(pipeline, prompts, seeds, gen)
         scores = _as_floats(reward.score(prompts, images), len(batch), reward_name)
-        for (p, s), seed, image, score in zip(batch, seeds, images, scores):
-            candidates[p].append(_Candidate(s, seed, image, score))
+        for (p, s), seed, image, score, flag in zip(batch, seeds, images, scores, blocked):
+            candidates[p].append(_Candidate(s, seed, image, score, flag))
     return candidates
 
 

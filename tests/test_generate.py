@@ -408,3 +408,39 @@ def test_recipes_load(tmp_path):
     sd = load_config(REPO / "configs" / "datagen_sd15_pickscore.yaml")
     assert sd.reward.models == {"pickscore": 1.0} and sd.generate.scheduler == "DPMSolverMultistepScheduler"
     assert set(FILTER_REASONS) == {"tie", "min_winner_score", "min_gap", "max_gap"}
+
+
+# ------------------------------------------------------------------------------------------------ safety checker
+
+
+class BlockFirstOfEachCall(torch.nn.Module):
+    """A stand-in for SD1.x's safety checker: blacks out the first image of every pipeline call and flags it."""
+
+    device, dtype = torch.device("cpu"), torch.float32  # what a pipeline asks of its components
+
+    def forward(self, images, clip_input):
+        images = images.clone() if torch.is_tensor(images) else images.copy()  # [N, ...] tensor or numpy
+        images[0] = 0
+        return images, [i == 0 for i in range(len(images))]
+
+
+def test_images_blocked_by_the_pipelines_safety_checker_never_enter_pairs(tmp_path, tiny_sd_dir):
+    from diffusers import DiffusionPipeline
+    from transformers import CLIPImageProcessor
+
+    pipeline = DiffusionPipeline.from_pretrained(str(tiny_sd_dir))
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.register_modules(safety_checker=BlockFirstOfEachCall(), feature_extractor=CLIPImageProcessor())
+    # Scores that would make every blocked (black) image its prompt's loser, were it kept.
+    reward = MeanPixel()
+    summary = generate(_config(tmp_path, tiny_sd_dir, strategy="all_pairs"), pipeline=pipeline, reward=reward)
+
+    # batch_size 6 = 2 prompts x 3 samples per call: sample 0 of prompts 0, 2 and 4 is blocked.
+    blocked = {sample_seed(0, p, 0) for p in (0, 2, 4)}
+    rows = _rows(tmp_path / "out")
+    used = {row[f"seed_{k}"] for row in rows for k in (0, 1)}
+    assert not used & blocked
+    assert all(_pixels(row[f"jpg_{k}"]).max() > 0 for row in rows for k in (0, 1))
+    # prompts 0, 2, 4 keep one pair of their two other samples, prompts 1 and 3 all three pairs.
+    assert len(rows) == 3 * 1 + 2 * 3
+    assert summary["samples_blocked_by_safety_checker"] == 3 and summary["samples"] == 15
