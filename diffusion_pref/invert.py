@@ -89,7 +89,12 @@ def run(cfg) -> None:
     grid = inversion_grid(scheduler, traj.steps)
 
     x0 = backbone.encode_media(pixels.to(device)).float()  # [1, C, h, w]
-    cond = backbone.conditioning(backbone.encode_text([traj.invert_prompt]))
+    # SDXL's size / crop micro-conditioning: the image as it is fed, uncropped, as SDXL's pipeline generates at R
+    # (SD1.x ignores it). Without it the UNet would be told its default size, whatever data.resolution is.
+    size = torch.tensor([[cfg.data.resolution, cfg.data.resolution]])
+    cond = backbone.conditioning(backbone.encode_text([traj.invert_prompt]),
+                                 {"original_size": size, "crop_top_left": torch.zeros_like(size),
+                                  "target_size": cfg.data.resolution})
 
     def predict(x, t, c):
         with torch.no_grad():

@@ -71,3 +71,25 @@ def test_invert_run_ddim_and_config_errors(tiny_sd_dir, image_file, tmp_path, ca
         run(load_config(None, ["trajectory.kind=ddim"]))
     with pytest.raises(FileNotFoundError, match="no such file"):
         run(load_config(None, ["trajectory.kind=ddim", f"trajectory.invert_image={tmp_path / 'nope.png'}"]))
+
+
+def test_invert_on_sdxl_conditions_on_the_inverted_size(tiny_sdxl_dir, image_file, tmp_path, monkeypatch):
+    from diffusion_pref.invert import run
+    from diffusion_pref.pipelines.sdxl import SDXLBackbone
+
+    seen = []
+    predict = SDXLBackbone.predict
+
+    def spy(self, x_t, t, cond, unet=None):
+        seen.append(cond["time_ids"].tolist())
+        return predict(self, x_t, t, cond, unet=unet)
+
+    monkeypatch.setattr(SDXLBackbone, "predict", spy)
+    # 48 px: not the tiny SDXL UNet's default (8x8 latents = 32 px)
+    cfg = load_config(None, [f"model.pretrained={tiny_sdxl_dir}", "trajectory.kind=ddim",
+                             f"trajectory.invert_image={image_file}", "trajectory.steps=3", "data.resolution=48",
+                             f"output.dir={tmp_path / 'out'}"])
+    run(cfg)
+    assert seen and all(ids == [[48, 48, 0, 0, 48, 48]] for ids in seen)
+    metrics = json.loads((tmp_path / "out" / "invert_metrics.json").read_text())
+    assert metrics["psnr"] > 0
