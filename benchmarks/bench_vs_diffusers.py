@@ -40,6 +40,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -58,7 +59,7 @@ SIDES = ("diffusers", "ours-uncached", "ours-cached")
 # ------------------------------------------------------------------------------------------ inside the child
 
 
-def _install_step_clock(threads: int):
+def _install_step_clock(threads: int, on_step=None):
     """Times of every optimizer step, from a global hook, so neither training loop is edited."""
     import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -70,6 +71,8 @@ def _install_step_clock(threads: int):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         stamps.append(time.perf_counter())
+        if on_step is not None:
+            on_step()
 
     register_optimizer_step_post_hook(after_step)
     return stamps
@@ -145,21 +148,59 @@ def _unet_step_flops(spec: dict) -> dict:
             "policy_flops_per_pair": policy, "unet_forward_flops_per_image": reference / 2}
 
 
+def _profiler(warmup: int, active: int):
+    """A torch.profiler over ``active`` optimizer steps after ``warmup`` ones; fills the returned dict when done.
+
+    The dict gets the top of the op table (by self time on the GPU, or the CPU without one) and the summed
+    kernel time, which the caller divides by the wall time of the same steps: the fraction of the step the GPU
+    was busy. Everything else is the GPU waiting for the host (launches, data, synchronisation).
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    cuda = torch.cuda.is_available()
+    result: dict = {}
+
+    def ready(prof):
+        events = prof.key_averages()
+        device_attr = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+        result["table"] = events.table(sort_by=device_attr if cuda else "self_cpu_time_total", row_limit=30)
+        result["device_seconds"] = sum(getattr(e, device_attr) for e in events) / 1e6 if cuda else None
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    prof = profile(activities=activities, schedule=schedule(wait=0, warmup=warmup, active=active, repeat=1),
+                   on_trace_ready=ready)
+    return prof, result
+
+
 def child(args) -> None:
     spec = json.loads(args.child)
     if spec["side"] == "flops":
         print(json.dumps(_unet_step_flops(spec)))
         return
-    stamps = _install_step_clock(spec["threads"])
+    prof = profiled = None
+    if spec.get("profile_steps"):
+        prof, profiled = _profiler(spec["warmup"], spec["profile_steps"])
+    stamps = _install_step_clock(spec["threads"], on_step=prof.step if prof is not None else None)
+    if prof is not None:
+        prof.start()
     start = time.perf_counter()
     setup = None
     if spec["side"] == "diffusers":
         _run_diffusers(spec["script"], spec["argv"])
     else:
         setup = _run_ours(spec["overrides"])
+    if prof is not None:
+        prof.stop()
     seconds = [b - a for a, b in zip(stamps, stamps[1:])][spec["warmup"] - 1:]  # gaps after the warm-up steps
-    print(json.dumps({"step_seconds": seconds, "steps_run": len(stamps), "peak_bytes": _peak_bytes(),
-                      "setup_s": setup, "first_step_at_s": stamps[0] - start if stamps else None}))
+    row = {"step_seconds": seconds, "steps_run": len(stamps), "peak_bytes": _peak_bytes(), "setup_s": setup,
+           "first_step_at_s": stamps[0] - start if stamps else None}
+    if profiled:
+        first = spec["warmup"] - 1  # the profiled steps are the gaps after the warm-up stamps
+        wall = stamps[first + spec["profile_steps"]] - stamps[first]
+        row["profile"] = {**profiled, "wall_seconds": wall, "steps": spec["profile_steps"],
+                          "device_busy": profiled["device_seconds"] / wall if profiled["device_seconds"] else None}
+    print(json.dumps(row))
 
 
 # ------------------------------------------------------------------------------------------- the driver
@@ -177,8 +218,9 @@ def _git_head() -> str | None:
     return proc.stdout.strip() or None
 
 
-def _commands(side: str, model_dir: Path, data_dir: Path, out: Path, args, resolution: int) -> dict:
-    steps = args.warmup + args.steps
+def _commands(side: str, model_dir: Path, data_dir: Path, out: Path, args, resolution: int,
+              extra_steps: int = 0) -> dict:
+    steps = args.warmup + args.steps + extra_steps
     if side == "diffusers":
         argv = ["--pretrained_model_name_or_path", str(model_dir), "--dataset_name", str(data_dir),
                 "--dataset_split_name", "train", "--output_dir", str(out), "--resolution", str(resolution),
@@ -200,7 +242,7 @@ def _commands(side: str, model_dir: Path, data_dir: Path, out: Path, args, resol
     return {"side": side, "overrides": overrides}
 
 
-def _run_child(spec: dict, args, optimizer_steps: bool = True) -> dict:
+def _run_child(spec: dict, args, optimizer_steps: bool = True, expected_steps: bool = True) -> dict:
     spec = {**spec, "threads": args.threads, "warmup": args.warmup}
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -213,7 +255,7 @@ def _run_child(spec: dict, args, optimizer_steps: bool = True) -> dict:
     if not optimizer_steps:
         return row
     row["wall_s"] = time.perf_counter() - start
-    if row["steps_run"] != args.warmup + args.steps:
+    if expected_steps and row["steps_run"] != args.warmup + args.steps:
         raise SystemExit(f"{spec['side']} ran {row['steps_run']} optimizer steps, expected {args.warmup + args.steps}")
     return row
 
@@ -303,6 +345,9 @@ def main() -> None:
                              "architectures (what a GPU check at 512 px needs)")
     parser.add_argument("--flops", action="store_true",
                         help="count the UNet FLOPs of a step and report model-FLOPs utilisation (MFU)")
+    parser.add_argument("--profile", default="", help="comma list of sides to run once more under torch.profiler "
+                        "(not timed): the op table and the fraction of the step the GPU was busy")
+    parser.add_argument("--profile-steps", type=int, default=3, help="steps profiled after the warm-up")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's dense bf16 peak for MFU (default: from the device name, GPUs only)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one run, as JSON
@@ -350,8 +395,8 @@ def main() -> None:
             data_dir = tmp / f"pairs-{name}"
             data_dir.mkdir()
             # One epoch covers every step of a run; `train-*` is the file name datasets maps to split "train".
-            _write_pairs(data_dir / "train-00000-of-00001.parquet", args.batch_size * (args.warmup + args.steps),
-                         resolution)
+            most_steps = args.warmup + args.steps + (args.profile_steps if args.profile else 0)
+            _write_pairs(data_dir / "train-00000-of-00001.parquet", args.batch_size * most_steps, resolution)
             if args.flops:
                 vae = json.loads((model_dir / "vae" / "config.json").read_text())
                 text = json.loads((model_dir / "text_encoder" / "config.json").read_text())
@@ -370,6 +415,17 @@ def main() -> None:
                     save()
                     print(f"{name} {side} #{repeat}: median {statistics.median(row['step_seconds']):.3f} s/step, "
                           f"peak {row['peak_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+            for side in filter(None, args.profile.split(",")):
+                spec = _commands(side, model_dir, data_dir, tmp / f"out-{name}-{side}-profile", args, resolution,
+                                 extra_steps=args.profile_steps)
+                row = _run_child({**spec, "profile_steps": args.profile_steps}, args, expected_steps=False)
+                meta.setdefault("profiles", {})[f"{name} {side}"] = row["profile"]
+                safe = re.sub(r"[^A-Za-z0-9._-]", "_", f"{name}-{side}")  # a side may hold + and =
+                Path(f"{args.out}.profile-{safe}.txt").write_text(row["profile"]["table"])
+                save()
+                busy = row["profile"]["device_busy"]
+                print(f"{name} {side} profiled: GPU busy {'-' if busy is None else f'{100 * busy:.0f}%'} of "
+                      f"{row['profile']['wall_seconds'] / args.profile_steps:.3f} s/step", file=sys.stderr, flush=True)
     save()
     print(_table(_results(raw, meta)))
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of the training and SmPO benchmarks in one run (about 6 minutes on one H100), for a machine that
+# The GPU checks of the training and SmPO benchmarks in one run (about 8 minutes on one H100), for a machine that
 # is lent for a few minutes: every part has its own time limit and writes its JSON as it goes, so a part cut short
 # still leaves what it measured.
 #
@@ -25,11 +25,15 @@ print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', t
     >> "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 
-timeout "${VS_DIFFUSERS_TIMEOUT:-330}" $PY benchmarks/bench_vs_diffusers.py \
+# Sides: diffusers' script, ours cached (our fast path), ours uncached with the recipes' 4 data workers; then one
+# profiled run each of diffusers and ours-cached (how much of a step the GPU is busy, and with what).
+timeout "${VS_DIFFUSERS_TIMEOUT:-360}" $PY benchmarks/bench_vs_diffusers.py \
     --diffusers-script "${DIFFUSERS_SCRIPT:?set DIFFUSERS_SCRIPT to diffusers train_diffusion_dpo.py}" \
     --diffusers-commit "${DIFFUSERS_COMMIT:-58eb52c0803ea9af3abec60841c2a093bdf1f951}" \
     --models sd15 --encoders sd15 --resolution 512 --batch-size 8 --mixed-precision bf16 --threads 8 \
     --steps "${VS_STEPS:-8}" --warmup 3 --repeats "${VS_REPEATS:-2}" --flops \
+    --sides "${VS_SIDES:-diffusers,ours-cached,ours-uncached+data.num_workers=4}" \
+    --profile "${VS_PROFILE:-diffusers,ours-cached}" \
     --out "$OUT/vs_diffusers_sd15_512_gpu.json" 2>&1 | grep -v "it/s\]\|s/it\]" | tee "$OUT/vs_diffusers.log"
 
 timeout "${SMPO_TIMEOUT:-150}" $PY benchmarks/bench_smpo.py --models sd15 --latent 64 --batch-size 4 --dtype bf16 \
