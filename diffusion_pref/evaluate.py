@@ -12,6 +12,7 @@ reward model in ``reward.models`` separately (plus their weighted sum when there
   of each variant over the baseline (per prompt and seed, ties count half) with a 95% bootstrap interval over
   prompts. Every number is a function of ``per_image.parquet`` (see ``diffusion_pref.eval_stats``).
 - ``report.html``: one self-contained page (see ``diffusion_pref.report``).
+- ``grid.png`` (images only): the first prompts x seeds x variants side by side, for pasting elsewhere.
 
 Variants (``eval.variants``, name -> spec): ``base`` is ``model.pretrained``; a folder with LoRA weights
 (``pytorch_lora_weights.safetensors``) is loaded on top of the base with ``pipe.load_lora_weights``; a folder with
@@ -496,7 +497,7 @@ def run(cfg: Config, scorers: Optional[Mapping[str, Any]] = None) -> Dict[str, A
     tests use it for scorers with known values. Returns the metrics.
     """
     from diffusion_pref.eval_stats import compute_metrics
-    from diffusion_pref.report import write_report
+    from diffusion_pref.report import write_grid_png, write_report
 
     if cfg.eval.batch_size < 1:
         raise ConfigError(f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
@@ -560,6 +561,7 @@ def run(cfg: Config, scorers: Optional[Mapping[str, Any]] = None) -> Dict[str, A
     details["reward models"] = ", ".join(f"{k} (weight {w:g})" for k, w in weights.items())
     write_report(out_dir / "report.html", metrics, table, media_root=out_dir, details=details,
                  title=f"Evaluation: {', '.join(variant_names)}", grid_prompts=cfg.eval.report_prompts)
+    write_grid_png(out_dir / "grid.png", table, metrics["variants"], out_dir)
     _print_summary(metrics, out_dir)
     return metrics
 
@@ -573,4 +575,5 @@ def _print_summary(metrics: Mapping[str, Any], out_dir: Path) -> None:
             if w:
                 line += f"  win rate {w['win_rate']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}]"
             print(line)
-    print(f"wrote {out_dir / 'metrics.json'}, {out_dir / 'per_image.parquet'}, {out_dir / 'report.html'}")
+    grid = " and grid.png" if (out_dir / "grid.png").is_file() else ""
+    print(f"wrote {out_dir / 'metrics.json'}, {out_dir / 'per_image.parquet'}, {out_dir / 'report.html'}{grid}")

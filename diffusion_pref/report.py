@@ -261,3 +261,62 @@ def write_report(path: str | Path, metrics: Dict[str, Any], table: "pd.DataFrame
     path = Path(path)
     path.write_text(render_report(metrics, table, **kwargs), encoding="utf-8")
     return path
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def _fit(image, cell: int):
+    """Scaled to fill a ``cell`` square, aspect ratio kept: nearest-neighbour when enlarging (small images stay
+    crisp), Lanczos when shrinking."""
+    from PIL import Image
+
+    scale = cell / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)
+
+
+def write_grid_png(path: str | Path, table: "pd.DataFrame", variants: Sequence[str], media_root: str | Path,
+                   max_prompts: int = 8, max_seeds: int = 4, cell: int = 128, label_width: int = 160) -> Optional[Path]:
+    """One PNG to paste into a paper or an issue: rows are prompts (their text in a left column of
+    ``label_width`` px), columns are seeds, each seed a block of the variants side by side (same seed = same
+    initial noise), with the variant names on top.
+
+    Images only (returns None when the samples are audio). Cells are ``cell`` px squares (images are scaled to fit,
+    not cropped); prompts are the first ``max_prompts`` by index, seeds the first ``max_seeds`` in the table.
+    """
+    import textwrap
+
+    from PIL import Image, ImageDraw
+
+    media_root = Path(media_root)
+    if table.empty or not all(Path(str(m)).suffix.lower() in IMAGE_SUFFIXES for m in table["media"]):
+        return None
+    prompts = sorted(table["prompt_index"].unique())[:max_prompts]
+    seeds = list(dict.fromkeys(table["seed"].tolist()))[:max_seeds]
+    by_key = {(r.variant, r.prompt_index, r.seed): r.media for r in table.itertuples()}
+    text_of = dict(zip(table["prompt_index"], table["prompt"]))
+    header, gap = 14, 4  # px: the text line above the cells; the space between seed blocks
+    block = len(variants) * cell
+    grid = Image.new("RGB", (label_width + len(seeds) * block + (len(seeds) - 1) * gap,
+                             header + len(prompts) * cell), "white")
+    draw = ImageDraw.Draw(grid)
+    chars = max(8, label_width // 6)  # PIL's built-in font is about 6 px a character
+    for i, prompt in enumerate(prompts):
+        lines = textwrap.wrap(str(text_of[prompt]), chars)[: cell // 12]
+        draw.multiline_text((2, header + i * cell + 2), "\n".join(lines), fill="black", spacing=2)
+    for k, seed in enumerate(seeds):
+        x0 = label_width + k * (block + gap)
+        for j, variant in enumerate(variants):
+            draw.text((x0 + j * cell + 2, 1), f"{variant} s{seed}"[: cell // 6], fill="black")
+            for i, prompt in enumerate(prompts):
+                media = by_key.get((variant, prompt, seed))
+                if media is None:
+                    continue
+                with Image.open(media_root / str(media)) as image:
+                    image = _fit(image.convert("RGB"), cell)
+                    grid.paste(image, (x0 + j * cell + (cell - image.width) // 2,
+                                       header + i * cell + (cell - image.height) // 2))
+    path = Path(path)
+    grid.save(path)
+    return path

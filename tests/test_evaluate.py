@@ -294,6 +294,31 @@ def test_report_is_self_contained_with_table_grid_and_charts(evaluated):
     assert "animals" in html  # per-category table
 
 
+def test_grid_png_places_each_sample_under_its_variant_and_seed(evaluated):
+    from diffusion_pref.report import write_grid_png
+
+    out = evaluated["out"]
+    table = pd.read_parquet(out / "per_image.parquet")
+    variants = evaluated["metrics"]["variants"]  # base, same, lora
+    grid = np.asarray(Image.open(out / "grid.png").convert("RGB"), dtype=np.int16)
+    cell, header, gap, label = 128, 14, 4, 160  # write_grid_png's defaults
+    seeds, prompts = [0, 1], sorted(table["prompt_index"].unique())
+    assert grid.shape == (header + len(prompts) * cell, label + len(seeds) * len(variants) * cell + gap, 3)
+    assert (grid[header:, :label] < 128).any()  # the prompts' text
+    for row in table.itertuples():  # every sample sits, fitted to its cell, where its variant, seed and prompt say
+        expected = Image.open(out / row.media).convert("RGB")  # 32 px: enlarged 4x, pixel for pixel
+        assert expected.size == (32, 32)
+        expected = expected.resize((cell, cell), Image.Resampling.NEAREST)
+        x = label + seeds.index(row.seed) * (len(variants) * cell + gap) + variants.index(row.variant) * cell
+        y = header + prompts.index(row.prompt_index) * cell
+        x += (cell - expected.width) // 2
+        y += (cell - expected.height) // 2
+        patch = grid[y:y + expected.height, x:x + expected.width]
+        assert np.array_equal(patch, np.asarray(expected, dtype=np.int16)), (row.variant, row.seed, row.prompt_index)
+    audio = table.assign(media=table["media"].str.replace(".png", ".wav"))
+    assert write_grid_png(out / "unused.png", audio, variants, out) is None and not (out / "unused.png").exists()
+
+
 def test_cli_with_the_toy_recipe(tiny_sd_dir, tmp_path):
     """The shipped recipe runs through the CLI (toy-fidelity scores any RGB image; the model is the tiny SD)."""
     out = tmp_path / "cli"
