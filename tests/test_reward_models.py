@@ -11,6 +11,14 @@ from PIL import Image
 
 from diffusion_pref.reward_models import REWARD_MODELS, load_reward, load_reward_model
 from diffusion_pref.reward_models.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from diffusion_pref.testing_rewards import (
+    TINY_OPEN_CLIP,
+    save_tiny_clap,
+    save_tiny_clip,
+    save_tiny_hps,
+    save_tiny_imagereward,
+    tiny_imagereward_modules,
+)
 
 
 
@@ -27,70 +35,6 @@ def one_thread():
 MEAN = torch.tensor(OPENAI_CLIP_MEAN).view(3, 1, 1)
 STD = torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1)
 PROMPTS = ["a red cube", "two blue spheres on grass", "a red cube", "an astronaut riding a horse"]
-
-
-def _bytes_to_unicode():
-    # The byte-to-unicode table of byte-level BPE (GPT-2/CLIP), so every string is encodable with no merges.
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
-def _write_clip_tokenizer(folder):
-    """A 514-token CLIP BPE tokenizer (bytes, bytes+</w>, bos, eos) saved in the transformers layout."""
-    from transformers import CLIPTokenizer
-
-    chars = _bytes_to_unicode()
-    vocab = {c: i for i, c in enumerate(chars)}
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")).save_pretrained(folder)
-    return len(vocab)
-
-
-def _tiny_clip_folder(folder, seed, projection_dim=16):
-    """A random 2-layer CLIPModel (224 px input, patch 32) with tokenizer and processor, in the HF folder layout."""
-    from transformers import CLIPConfig, CLIPModel
-
-    vocab = _write_clip_tokenizer(folder)
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            max_position_embeddings=77, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1,
-        ),
-        vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=224,
-            patch_size=32,
-        ),
-        projection_dim=projection_dim,
-    )
-    torch.manual_seed(seed)
-    model = CLIPModel(config)
-    with torch.no_grad():
-        model.logit_scale.fill_(np.log(50.0))  # not CLIP's init, so a hard-coded 100 would be caught
-    model.save_pretrained(folder)
-    # The official processor's settings: shortest side 224 bicubic, centre crop 224, OpenAI mean/std.
-    import transformers
-
-    processor_cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
-    processor_cls(
-        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, resample=3,
-        image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD),
-    ).save_pretrained(folder)
-    return folder
 
 
 def _random_images(n, seed, size=(48, 40)):
@@ -117,7 +61,8 @@ def _official_clip_pixels(images):
 
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
-    return _tiny_clip_folder(str(tmp_path_factory.mktemp("tiny_clip")), seed=0)
+    # seed 1: a model whose cosines on test_clip_score_conventions' prompts and images take both signs
+    return str(save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), seed=1))
 
 
 # ---------------------------------------------------------------- registry and combination
@@ -190,13 +135,6 @@ def test_pickscore_tensor_input_equals_pil_input(clip_folder):
 
 # ---------------------------------------------------------------- HPS v2 / v2.1
 
-TINY_OPEN_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 224, "layers": 2, "width": 32, "head_width": 16, "patch_size": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-}
-
-
 def _independent_letterbox(image, antialias):
     """[3, H, W] -> [3, 224, 224] with torch.nn.functional only (no torchvision), per the HPS description."""
     _, h, w = image.shape
@@ -246,12 +184,11 @@ def hps_checkpoint(tmp_path_factory):
     """The official release layout: {'state_dict': fp16 tensors} in HPS_v2.1_compressed.pt."""
     import open_clip
 
-    torch.manual_seed(3)
-    model = open_clip.CLIP(**TINY_OPEN_CLIP)
-    folder = tmp_path_factory.mktemp("hps")
-    state = {k: v.half() for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state}, folder / "HPS_v2.1_compressed.pt")
-    model.load_state_dict({k: v.float() for k, v in state.items()})  # what the scorer must end up with
+    folder = save_tiny_hps(tmp_path_factory.mktemp("hps"))
+    model = open_clip.CLIP(**TINY_OPEN_CLIP)  # what the scorer must end up with: the fp16 weights, in fp32
+    state = torch.load(folder / "HPS_v2.1_compressed.pt", weights_only=True)["state_dict"]
+    assert {v.dtype for v in state.values()} == {torch.float16}
+    model.load_state_dict({k: v.float() for k, v in state.items()})
     return str(folder), model.eval()
 
 
@@ -419,34 +356,7 @@ def test_aesthetic_rejects_unknown_layout(clip_folder, tmp_path):
 def clap_folder(tmp_path_factory):
     """A random ClapModel (HTSAT with 2 stages, 2-layer RoBERTa) + RoBERTa BPE tokenizer + feature extractor
     configured like laion/clap-htsat-unfused (48 kHz, 10 s, rand_trunc, repeatpad, 50-14000 Hz)."""
-    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, RobertaTokenizer
-
-    folder = str(tmp_path_factory.mktemp("tiny_clap"))
-    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-    for c in _bytes_to_unicode():
-        vocab[c] = len(vocab)
-    vocab["<mask>"] = len(vocab)
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    RobertaTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")).save_pretrained(folder)
-    config = ClapConfig(
-        text_config=dict(
-            vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            max_position_embeddings=80, projection_dim=16,
-        ),
-        audio_config=dict(
-            depths=[1, 1], num_attention_heads=[2, 2], patch_embeds_hidden_size=16, hidden_size=32, projection_dim=16,
-        ),
-        projection_dim=16,
-    )
-    torch.manual_seed(10)
-    ClapModel(config).save_pretrained(folder)
-    ClapFeatureExtractor(
-        truncation="rand_trunc", padding="repeatpad", frequency_min=50, frequency_max=14000
-    ).save_pretrained(folder)
-    return folder
+    return str(save_tiny_clap(tmp_path_factory.mktemp("tiny_clap")))
 
 
 def test_clap_scores_equal_cosine_of_model_embeddings(clap_folder):
@@ -497,75 +407,15 @@ def test_clap_rejects_bad_audio(clap_folder):
 # ---------------------------------------------------------------- ImageReward
 
 
-def _official_imagereward_layout(vision_sd, text_sd, mlp_sd):
-    """transformers BLIP names -> the names in THUDM's ImageReward.pt (BLIP's timm-style ViT and med BERT)."""
-    out = {}
-    for k, v in vision_sd.items():
-        k2 = (
-            k.replace("embeddings.class_embedding", "cls_token")
-            .replace("embeddings.position_embedding", "pos_embed")
-            .replace("embeddings.patch_embedding.", "patch_embed.proj.")
-            .replace("post_layernorm.", "norm.")
-            .replace("encoder.layers.", "blocks.")
-            .replace("layer_norm1.", "norm1.")
-            .replace("layer_norm2.", "norm2.")
-            .replace("self_attn.qkv.", "attn.qkv.")
-            .replace("self_attn.projection.", "attn.proj.")
-        )
-        out["blip.visual_encoder." + k2] = v
-    for k, v in text_sd.items():
-        out["blip.text_encoder." + k] = v
-    out["blip.text_encoder.embeddings.position_ids"] = torch.arange(40)[None]
-    for k, v in mlp_sd.items():
-        out["mlp." + k] = v
-    out["blip.vision_proj.weight"] = torch.zeros(8, 32)  # present in the release, unused by the score
-    out["blip.text_proj.weight"] = torch.zeros(8, 32)
-    return out
-
-
 @pytest.fixture(scope="module")
 def imagereward_folder(tmp_path_factory):
-    from torch import nn
-    from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
+    """ImageReward.pt in the release's key names, and the very modules it was saved from (same seed)."""
+    from transformers import BertTokenizer
 
-    folder = tmp_path_factory.mktemp("imagereward")
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "cube", "two", "blue", "on"]
-    (folder / "vocab.txt").write_text("\n".join(words + letters + ["##" + c for c in letters]) + "\n")
+    folder = save_tiny_imagereward(tmp_path_factory.mktemp("imagereward"))
     vocab_size = len(BertTokenizer(str(folder / "vocab.txt"))) + 2  # + BLIP's [DEC], [ENC]
-    med = {
-        "architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
-        "hidden_dropout_prob": 0.1, "hidden_size": 32, "initializer_range": 0.02, "intermediate_size": 64,
-        "layer_norm_eps": 1e-12, "max_position_embeddings": 40, "model_type": "bert", "num_attention_heads": 2,
-        "num_hidden_layers": 2, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": vocab_size,
-        "encoder_width": 768, "add_cross_attention": True,
-    }
-    (folder / "med_config.json").write_text(json.dumps(med))
-    torch.manual_seed(12)
-    vision = BlipVisionModel(
-        BlipVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
-                         image_size=224, patch_size=32, layer_norm_eps=1e-6,
-                         initializer_range=0.02)  # BlipVisionConfig's default 1e-10 would make pixels irrelevant
-    ).eval()
-    text = BlipTextModel(
-        BlipTextConfig(vocab_size=vocab_size, hidden_size=32, encoder_hidden_size=48, intermediate_size=64,
-                       num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=40, is_decoder=True,
-                       layer_norm_eps=1e-12, pad_token_id=0),
-        add_pooling_layer=False,
-    ).eval()
-    mlp = nn.Sequential(nn.Linear(32, 64), nn.Dropout(0.2), nn.Linear(64, 16), nn.Dropout(0.2), nn.Linear(16, 8),
-                        nn.Dropout(0.1), nn.Linear(8, 4), nn.Linear(4, 1)).eval()
-    with torch.no_grad():
-        for name, p in list(vision.named_parameters()) + list(text.named_parameters()):
-            if "norm" in name.lower():  # random init leaves LayerNorms at identity; perturb so the mapping matters
-                p.add_(0.1 * torch.randn_like(p))
-        for layer in mlp:
-            if isinstance(layer, nn.Linear):  # gain > 1 per layer, else five default-init layers flatten the output
-                layer.weight.normal_(0, 2 / layer.in_features**0.5)
-    state = _official_imagereward_layout(
-        vision.state_dict(), text.state_dict(), {f"layers.{k}": v for k, v in mlp.state_dict().items()}
-    )
-    torch.save(state, folder / "ImageReward.pt")
+    assert json.loads((folder / "med_config.json").read_text())["vocab_size"] == vocab_size
+    vision, text, mlp = tiny_imagereward_modules(vocab_size)
     return str(folder), vision, text, mlp
 
 
@@ -636,3 +486,18 @@ def test_clap_resamples_with_an_installed_resampler(clap_folder, monkeypatch):
         at_24k = clap.score(["rain"], [audio], sample_rate=24_000)
     assert calls == [(24_000, 48_000)]
     torch.testing.assert_close(at_24k, clap.score(["rain"], [np.repeat(audio, 2)], sample_rate=48_000))
+
+
+def test_tiny_reward_kwargs_load_and_score_every_registered_scorer(tmp_path):
+    from diffusion_pref.testing_rewards import tiny_reward_kwargs
+
+    images = _random_images(2, seed=21, size=(64, 64))
+    audio = [np.random.default_rng(0).standard_normal(48_000).astype(np.float32) * 0.1 for _ in range(2)]
+    for name in sorted(REWARD_MODELS):
+        scorer = load_reward_model(name, device="cpu", **tiny_reward_kwargs(name, tmp_path))
+        media, extra = (audio, {"sample_rate": 48_000}) if name == "clap" else (images, {})
+        prompts = ["a red circle on a blue background", "a green square on a white background"]  # toy-* parse them
+        scores = scorer.score(prompts, media, **extra)
+        assert scores.shape == (2,) and torch.isfinite(scores).all(), name
+    with pytest.raises(ValueError, match="no tiny model"):
+        tiny_reward_kwargs("nope", tmp_path)
