@@ -242,6 +242,10 @@ def _commands(side: str, model_dir: Path, data_dir: Path, out: Path, args, resol
     return {"side": side, "overrides": overrides}
 
 
+class ChildFailed(RuntimeError):
+    """One run failed; the driver records it and goes on with the others (a GPU lease is too short to rerun)."""
+
+
 def _run_child(spec: dict, args, optimizer_steps: bool = True, expected_steps: bool = True) -> dict:
     spec = {**spec, "threads": args.threads, "warmup": args.warmup}
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
@@ -250,13 +254,13 @@ def _run_child(spec: dict, args, optimizer_steps: bool = True, expected_steps: b
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
                           env=env, check=False)
     if proc.returncode != 0:
-        raise SystemExit(f"{spec['side']} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise ChildFailed(f"{spec['side']} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     if not optimizer_steps:
         return row
     row["wall_s"] = time.perf_counter() - start
     if expected_steps and row["steps_run"] != args.warmup + args.steps:
-        raise SystemExit(f"{spec['side']} ran {row['steps_run']} optimizer steps, expected {args.warmup + args.steps}")
+        raise ChildFailed(f"{spec['side']} ran {row['steps_run']} optimizer steps, expected {args.warmup + args.steps}")
     return row
 
 
@@ -382,6 +386,11 @@ def main() -> None:
             "peak_tflops": args.peak_tflops or peak_tflops(device_name), "flops": {}}
     raw = []
 
+    def failed(model: str, side: str, err: Exception) -> None:
+        meta.setdefault("failures", []).append({"model": model, "side": side, "error": str(err)})
+        print(f"{model} {side}: {err}", file=sys.stderr, flush=True)
+        save()
+
     def save():  # after every run, so a run cut short by a time limit still leaves what it measured
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"meta": meta, "results": _results(raw, meta), "runs": raw}, indent=2))
@@ -404,13 +413,20 @@ def main() -> None:
                         "rank": args.rank, "resolution": resolution,
                         "vae_scale_factor": 2 ** (len(vae["block_out_channels"]) - 1),
                         "text_length": text["max_position_embeddings"]}
-                meta["flops"][name] = _run_child(spec, args, optimizer_steps=False)
-                print(f"{name}: {meta['flops'][name]['flops_per_pair'] / 1e12:.2f} TFLOP per pair", file=sys.stderr,
-                      flush=True)
+                try:
+                    meta["flops"][name] = _run_child(spec, args, optimizer_steps=False)
+                    print(f"{name}: {meta['flops'][name]['flops_per_pair'] / 1e12:.2f} TFLOP per pair",
+                          file=sys.stderr, flush=True)
+                except ChildFailed as err:
+                    failed(name, "flops", err)
             for repeat in range(args.repeats):
                 for side in sides:  # interleaved, so a burst of load from other jobs hits every side
                     spec = _commands(side, model_dir, data_dir, tmp / f"out-{name}-{side}-{repeat}", args, resolution)
-                    row = _run_child(spec, args)
+                    try:
+                        row = _run_child(spec, args)
+                    except ChildFailed as err:
+                        failed(name, side, err)
+                        continue
                     raw.append({"model": name, "side": side, "repeat": repeat, "resolution": resolution, **row})
                     save()
                     print(f"{name} {side} #{repeat}: median {statistics.median(row['step_seconds']):.3f} s/step, "
@@ -418,7 +434,11 @@ def main() -> None:
             for side in filter(None, args.profile.split(",")):
                 spec = _commands(side, model_dir, data_dir, tmp / f"out-{name}-{side}-profile", args, resolution,
                                  extra_steps=args.profile_steps)
-                row = _run_child({**spec, "profile_steps": args.profile_steps}, args, expected_steps=False)
+                try:
+                    row = _run_child({**spec, "profile_steps": args.profile_steps}, args, expected_steps=False)
+                except ChildFailed as err:
+                    failed(name, f"{side} (profiled)", err)
+                    continue
                 meta.setdefault("profiles", {})[f"{name} {side}"] = row["profile"]
                 safe = re.sub(r"[^A-Za-z0-9._-]", "_", f"{name}-{side}")  # a side may hold + and =
                 Path(f"{args.out}.profile-{safe}.txt").write_text(row["profile"]["table"])
@@ -428,6 +448,8 @@ def main() -> None:
                       f"{row['profile']['wall_seconds'] / args.profile_steps:.3f} s/step", file=sys.stderr, flush=True)
     save()
     print(_table(_results(raw, meta)))
+    if meta.get("failures"):
+        raise SystemExit(f"{len(meta['failures'])} run(s) failed: " + ", ".join(f["side"] for f in meta["failures"]))
 
 if __name__ == "__main__":
     main()

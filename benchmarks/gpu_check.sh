@@ -10,6 +10,10 @@
 #
 # Usage (from the repository root, with diffusion_pref importable, e.g. PYTHONPATH=$PWD):
 #   DIFFUSERS_SCRIPT=/path/to/train_diffusion_dpo.py OUT=gpu_results bash benchmarks/gpu_check.sh
+# A dry run on a CPU before spending GPU time (tiny models, a minute or two):
+#   VS_MODELS=tiny VS_RESOLUTION=32 VS_BATCH=2 PRECISION=no THREADS=2 VS_STEPS=2 VS_REPEATS=1 SMPO_MODELS=tiny \
+#   SMPO_LATENT=8 SMPO_BATCH=2 SMPO_DTYPE=fp32 SMPO_STEPS=2 OUT=/tmp/gpu_check_dry \
+#   DIFFUSERS_SCRIPT=/path/to/train_diffusion_dpo.py bash benchmarks/gpu_check.sh
 # diffusers' script is not part of this project: see benchmarks/README.md for where to get it.
 set -u
 OUT=${OUT:-gpu_results}
@@ -30,13 +34,15 @@ cat "$OUT/gpu.txt"
 timeout "${VS_DIFFUSERS_TIMEOUT:-360}" $PY benchmarks/bench_vs_diffusers.py \
     --diffusers-script "${DIFFUSERS_SCRIPT:?set DIFFUSERS_SCRIPT to diffusers train_diffusion_dpo.py}" \
     --diffusers-commit "${DIFFUSERS_COMMIT:-58eb52c0803ea9af3abec60841c2a093bdf1f951}" \
-    --models sd15 --encoders sd15 --resolution 512 --batch-size 8 --mixed-precision bf16 --threads 8 \
+    --models "${VS_MODELS:-sd15}" --encoders "${VS_ENCODERS:-sd15}" --resolution "${VS_RESOLUTION:-512}" \
+    --batch-size "${VS_BATCH:-8}" --mixed-precision "${PRECISION:-bf16}" --threads "${THREADS:-8}" \
     --steps "${VS_STEPS:-8}" --warmup 3 --repeats "${VS_REPEATS:-2}" --flops \
     --sides "${VS_SIDES:-diffusers,ours-cached,ours-uncached+data.num_workers=4}" \
     --profile "${VS_PROFILE:-diffusers,ours-cached}" \
-    --out "$OUT/vs_diffusers_sd15_512_gpu.json" 2>&1 | grep -v "it/s\]\|s/it\]" | tee "$OUT/vs_diffusers.log"
+    --out "$OUT/vs_diffusers_${VS_MODELS:-sd15}_${VS_RESOLUTION:-512}.json" 2>&1 | grep -v "it/s\]\|s/it\]" | tee "$OUT/vs_diffusers.log"
 
-timeout "${SMPO_TIMEOUT:-150}" $PY benchmarks/bench_smpo.py --models sd15 --latent 64 --batch-size 4 --dtype bf16 \
+timeout "${SMPO_TIMEOUT:-150}" $PY benchmarks/bench_smpo.py --models "${SMPO_MODELS:-sd15}" --latent "${SMPO_LATENT:-64}" \
+    --batch-size "${SMPO_BATCH:-4}" --dtype "${SMPO_DTYPE:-bf16}" \
     --steps "${SMPO_STEPS:-6}" --finetune full lora \
     --methods dpo smpo-exact smpo-grid_below smpo-ddim-exact smpo-ddim-grid_below \
-    --out "$OUT/smpo_sd15_gpu.json" 2>&1 | tee "$OUT/smpo.log"
+    --out "$OUT/smpo_${SMPO_MODELS:-sd15}.json" 2>&1 | tee "$OUT/smpo.log"
