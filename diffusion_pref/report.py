@@ -263,9 +263,6 @@ def write_report(path: str | Path, metrics: Dict[str, Any], table: "pd.DataFrame
     return path
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-
-
 def _fit(image, cell: int):
     """Scaled to fill a ``cell`` square, aspect ratio kept: nearest-neighbour when enlarging (small images stay
     crisp), Lanczos when shrinking."""
@@ -282,7 +279,7 @@ def write_grid_png(path: str | Path, table: "pd.DataFrame", variants: Sequence[s
     ``label_width`` px), columns are seeds, each seed a block of the variants side by side (same seed = same
     initial noise), with the variant names on top.
 
-    Images only (returns None when the samples are audio). Cells are ``cell`` px squares (images are scaled to fit,
+    Images only (returns None when any sample is audio, as the report tells them apart). Cells are ``cell`` px squares (images are scaled to fit,
     not cropped); prompts are the first ``max_prompts`` by index, seeds the first ``max_seeds`` in the table.
     """
     import textwrap
@@ -290,7 +287,7 @@ def write_grid_png(path: str | Path, table: "pd.DataFrame", variants: Sequence[s
     from PIL import Image, ImageDraw
 
     media_root = Path(media_root)
-    if table.empty or not all(Path(str(m)).suffix.lower() in IMAGE_SUFFIXES for m in table["media"]):
+    if table.empty or any(Path(str(m)).suffix.lower() in AUDIO_MIME for m in table["media"]):
         return None
     prompts = sorted(table["prompt_index"].unique())[:max_prompts]
     seeds = list(dict.fromkeys(table["seed"].tolist()))[:max_seeds]
