@@ -279,8 +279,8 @@ def write_grid_png(path: str | Path, table: "pd.DataFrame", variants: Sequence[s
     ``label_width`` px), columns are seeds, each seed a block of the variants side by side (same seed = same
     initial noise), with the variant names on top.
 
-    Images only (returns None when any sample is audio, as the report tells them apart). Cells are ``cell`` px squares (images are scaled to fit,
-    not cropped); prompts are the first ``max_prompts`` by index, seeds the first ``max_seeds`` in the table.
+    Images only (returns None when any sample is audio, as the report tells them apart). Cells are ``cell`` px
+    squares (images are scaled to fit, not cropped); prompts are the first ``max_prompts`` by index, seeds the first ``max_seeds`` in the table.
     """
     import textwrap
 
