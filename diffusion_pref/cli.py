@@ -101,6 +101,35 @@ def _flag_overrides(command: Command, args: argparse.Namespace) -> list:
     return overrides
 
 
+def busy_cpu_hint(threads: int, cpus: Optional[int], load: Optional[float]) -> Optional[str]:
+    """A hint when torch's CPU threads outnumber the idle cores (``load``: the 1-minute load average).
+
+    With two threads and one busy core, the tiny models' many small parallel regions wait on each other: the
+    shapes-world training ran about 40 times slower that way (README), and one thread avoids it.
+    """
+    if threads <= 1 or not cpus or load is None or cpus - load >= threads - 0.5:
+        return None
+    return (f"the CPU is busy (load {load:.1f} on {cpus} cores) and torch runs {threads} threads; if this run is "
+            "slow, rerun it with OMP_NUM_THREADS=1 (small models can slow down many-fold when their threads wait "
+            "for busy cores)")
+
+
+def _warn_if_cpu_busy() -> None:
+    if "OMP_NUM_THREADS" in os.environ:  # the user chose
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform
+        return
+    hint = busy_cpu_hint(torch.get_num_threads(), os.cpu_count(), load)
+    if hint:
+        print(f"diffusion-pref: note: {hint}", file=sys.stderr)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -126,6 +155,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         module = importlib.import_module(command.module)
         if os.environ.get("RANK", "0") == "0":  # under accelerate/torchrun only the main process writes it
             save_config(cfg, cfg.output.dir)
+            _warn_if_cpu_busy()
         module.run(cfg)
     except ConfigError as err:
         print(f"diffusion-pref {args.command}: config error: {err}", file=sys.stderr)

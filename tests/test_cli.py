@@ -75,3 +75,35 @@ def test_short_flags_are_spellings_of_config_keys():
     assert "no_cache: true" in run_cli("evaluate", "--print-config", "--no-cache").stdout
     assert "no_cache: false" in run_cli("evaluate", "--print-config").stdout
     assert run_cli("invert", "--method", "magic").returncode != 0  # argparse rejects a method that is not a choice
+
+
+@pytest.mark.parametrize("threads, cpus, load, hint", [
+    (2, 2, 1.2, True),    # one core busy, two threads: the case that slowed the toy training 40-fold
+    (2, 2, 0.3, False),   # both cores idle enough
+    (1, 2, 2.0, False),   # one thread cannot wait on itself
+    (4, 16, 6.0, False),  # plenty of idle cores
+    (2, None, 1.5, False),
+])
+def test_busy_cpu_hint(threads, cpus, load, hint):
+    message = cli.busy_cpu_hint(threads, cpus, load)
+    assert (message is not None) == hint
+    if hint:
+        assert "OMP_NUM_THREADS=1" in message and f"{load:.1f}" in message
+
+
+def test_a_command_on_a_busy_cpu_prints_the_hint_unless_threads_were_chosen(monkeypatch, capsys, tmp_path):
+    import torch
+
+    ran = []
+    monkeypatch.setitem(cli.COMMANDS, "train", cli.Command("fake_train", "t", 3))
+    monkeypatch.setattr(cli, "_command_available", lambda c: True)
+    monkeypatch.setattr(cli.importlib, "import_module", lambda name: type("M", (), {"run": staticmethod(ran.append)}))
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (float(cli.os.cpu_count()), 0.0, 0.0), raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert cli.main(["train", f"output.dir={tmp_path}"]) == 0 and len(ran) == 1
+    assert "OMP_NUM_THREADS=1" in capsys.readouterr().err
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cli.main(["train", f"output.dir={tmp_path}"]) == 0 and len(ran) == 2
+    assert "OMP_NUM_THREADS" not in capsys.readouterr().err
