@@ -62,7 +62,7 @@ def build_unet(name: str):
 
 
 def bench(model: str, method: str, steps: int, batch_size: int, latent: int, dtype_name: str, device: str,
-          built=None, finetune: str = "full") -> dict:
+          built=None, finetune: str = "full", compile_mode: str | None = None, warmup: int = 1) -> dict:
     import torch
     from diffusers import DDPMScheduler
 
@@ -84,6 +84,9 @@ def bench(model: str, method: str, steps: int, batch_size: int, latent: int, dty
         for p in unet.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
+    if compile_mode:  # in place, as train.compile does: policy, inversion and reference calls all compiled
+        unet.compile(mode=compile_mode)
+        ref_unet.compile(mode=compile_mode)
     optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-6)
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
     g = torch.Generator().manual_seed(0)
@@ -125,7 +128,8 @@ def bench(model: str, method: str, steps: int, batch_size: int, latent: int, dty
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    one_step(-1)  # warm-up
+    for i in range(warmup):  # allocator, kernels; compilation when compiled (new shapes may still compile later)
+        one_step(-1 - i)
     times = []
     for i in range(steps):
         sync()
@@ -138,7 +142,8 @@ def bench(model: str, method: str, steps: int, batch_size: int, latent: int, dty
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    return {"model": model, "method": method, "finetune": finetune, "batch_pairs": batch_size, "latent": latent,
+    return {"model": model, "method": method, "finetune": finetune, "compile": compile_mode, "warmup": warmup,
+            "batch_pairs": batch_size, "latent": latent,
             "dtype": dtype_name, "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
             "steps": steps, "median_s": statistics.median(times), "min_s": min(times), "peak_gib": peak}
 
@@ -153,6 +158,9 @@ def main(argv=None) -> None:
     parser.add_argument("--finetune", nargs="+", default=["full"], choices=["full", "lora"],
                         help="full UNet (the SmPO recipes) and/or a rank-8 LoRA")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (more with --compile)")
+    parser.add_argument("--compile", default=None, metavar="MODE",
+                        help="torch.compile both UNets in place with this mode (default, reduce-overhead, ...)")
     parser.add_argument("--batch-size", type=int, default=2, help="pairs per step")
     parser.add_argument("--latent", type=int, default=0, help="latent side (0 = the model's default)")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -180,6 +188,7 @@ def main(argv=None) -> None:
         for finetune in args.finetune:
             for method in args.methods:
                 rows.append(bench(model, method, args.steps, args.batch_size, args.latent, args.dtype, device,
+                                  compile_mode=args.compile, warmup=args.warmup,
                                   built=built, finetune=finetune))
                 save()  # after every row, so a run cut short still leaves what it measured
     base = {(r["model"], r["finetune"]): r["median_s"] for r in rows if r["method"] == "dpo"}

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# The GPU checks of the training and SmPO benchmarks in one run (about 8 minutes on one H100), for a machine that
+# The GPU checks of the training and SmPO benchmarks in one run (about 9 minutes on one H100, estimated), for a machine that
 # is lent for a few minutes: every part has its own time limit and writes its JSON as it goes, so a part cut short
 # still leaves what it measured.
 #
 #   1. our training step against diffusers' train_diffusion_dpo.py: SD1.5 architectures (UNet, VAE and text
-#      encoder, random weights) at 512 px, bf16, 8 pairs per step, LoRA rank 8; pairs/s, peak GPU memory, MFU;
+#      encoder, random weights) at 512 px, bf16, 8 pairs per step, LoRA rank 8; pairs/s, peak GPU memory, MFU.
+#      Sides: diffusers, ours cached, ours cached with train.compile=true (its compilation falls in the warm-up
+#      steps: a few minutes), ours uncached with 4 data workers; then ours cached once under the profiler.
 #   2. SmPO (ReNoise K = 1 and DDIM, five-point grid, t_mode exact and grid_below) against Diffusion-DPO, the
 #      SD1.5 UNet at 64x64 latents, bf16 autocast, 4 pairs, full fine-tuning and LoRA.
+#   3. only with SMPO_COMPILE=default (or another torch.compile mode): DPO and SmPO grid_below with both UNets
+#      compiled, full fine-tuning (each method compiles afresh: budget several minutes).
 #
 # Usage (from the repository root, with diffusion_pref importable, e.g. PYTHONPATH=$PWD):
 #   DIFFUSERS_SCRIPT=/path/to/train_diffusion_dpo.py OUT=gpu_results bash benchmarks/gpu_check.sh
@@ -29,16 +33,14 @@ print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', t
     >> "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 
-# Sides: diffusers' script, ours cached (our fast path), ours uncached with the recipes' 4 data workers; then one
-# profiled run each of diffusers and ours-cached (how much of a step the GPU is busy, and with what).
 timeout "${VS_DIFFUSERS_TIMEOUT:-360}" $PY benchmarks/bench_vs_diffusers.py \
     --diffusers-script "${DIFFUSERS_SCRIPT:?set DIFFUSERS_SCRIPT to diffusers train_diffusion_dpo.py}" \
     --diffusers-commit "${DIFFUSERS_COMMIT:-58eb52c0803ea9af3abec60841c2a093bdf1f951}" \
     --models "${VS_MODELS:-sd15}" --encoders "${VS_ENCODERS:-sd15}" --resolution "${VS_RESOLUTION:-512}" \
     --batch-size "${VS_BATCH:-8}" --mixed-precision "${PRECISION:-bf16}" --threads "${THREADS:-8}" \
-    --steps "${VS_STEPS:-8}" --warmup 3 --repeats "${VS_REPEATS:-2}" --flops \
-    --sides "${VS_SIDES:-diffusers,ours-cached,ours-uncached+data.num_workers=4}" \
-    --profile "${VS_PROFILE:-diffusers,ours-cached}" \
+    --steps "${VS_STEPS:-8}" --warmup 3 --repeats "${VS_REPEATS:-1}" --flops \
+    --sides "${VS_SIDES:-diffusers,ours-cached,ours-cached+train.compile=true,ours-uncached+data.num_workers=4}" \
+    --profile "${VS_PROFILE:-ours-cached}" \
     --out "$OUT/vs_diffusers_${VS_MODELS:-sd15}_${VS_RESOLUTION:-512}.json" 2>&1 | grep -v "it/s\]\|s/it\]" | tee "$OUT/vs_diffusers.log"
 
 timeout "${SMPO_TIMEOUT:-150}" $PY benchmarks/bench_smpo.py --models "${SMPO_MODELS:-sd15}" --latent "${SMPO_LATENT:-64}" \
@@ -46,3 +48,10 @@ timeout "${SMPO_TIMEOUT:-150}" $PY benchmarks/bench_smpo.py --models "${SMPO_MOD
     --steps "${SMPO_STEPS:-6}" --finetune full lora \
     --methods dpo smpo-exact smpo-grid_below smpo-ddim-exact smpo-ddim-grid_below \
     --out "$OUT/smpo_${SMPO_MODELS:-sd15}.json" 2>&1 | tee "$OUT/smpo.log"
+
+if [ -n "${SMPO_COMPILE:-}" ]; then
+    timeout "${SMPO_COMPILE_TIMEOUT:-300}" $PY benchmarks/bench_smpo.py --models "${SMPO_MODELS:-sd15}" \
+        --latent "${SMPO_LATENT:-64}" --batch-size "${SMPO_BATCH:-4}" --dtype "${SMPO_DTYPE:-bf16}" \
+        --steps "${SMPO_STEPS:-6}" --warmup 3 --compile "$SMPO_COMPILE" --finetune full \
+        --methods dpo smpo-grid_below --out "$OUT/smpo_${SMPO_MODELS:-sd15}_compiled.json" 2>&1 | tee "$OUT/smpo_compiled.log"
+fi
