@@ -12,6 +12,9 @@
 #   3. only with SMPO_COMPILE=default (or another torch.compile mode): DPO and SmPO grid_below with both UNets
 #      compiled, full fine-tuning (each method compiles afresh: budget several minutes).
 #
+# Time limits (defaults): part 1 440 s, part 2 120 s, part 3 300 s; parts 1 and 2 fit one 600 s device call with
+# the wheel install. A part that runs out keeps what it wrote; a failing side is recorded and the others go on.
+#
 # Usage (from the repository root, with diffusion_pref importable, e.g. PYTHONPATH=$PWD):
 #   DIFFUSERS_SCRIPT=/path/to/train_diffusion_dpo.py OUT=gpu_results bash benchmarks/gpu_check.sh
 # A dry run on a CPU before spending GPU time (tiny models, a minute or two):
@@ -33,7 +36,7 @@ print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', t
     >> "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 
-timeout "${VS_DIFFUSERS_TIMEOUT:-360}" $PY benchmarks/bench_vs_diffusers.py \
+timeout "${VS_DIFFUSERS_TIMEOUT:-440}" $PY benchmarks/bench_vs_diffusers.py \
     --diffusers-script "${DIFFUSERS_SCRIPT:?set DIFFUSERS_SCRIPT to diffusers train_diffusion_dpo.py}" \
     --diffusers-commit "${DIFFUSERS_COMMIT:-58eb52c0803ea9af3abec60841c2a093bdf1f951}" \
     --models "${VS_MODELS:-sd15}" --encoders "${VS_ENCODERS:-sd15}" --resolution "${VS_RESOLUTION:-512}" \
@@ -43,7 +46,7 @@ timeout "${VS_DIFFUSERS_TIMEOUT:-360}" $PY benchmarks/bench_vs_diffusers.py \
     --profile "${VS_PROFILE:-ours-cached}" \
     --out "$OUT/vs_diffusers_${VS_MODELS:-sd15}_${VS_RESOLUTION:-512}.json" 2>&1 | grep -v "it/s\]\|s/it\]" | tee "$OUT/vs_diffusers.log"
 
-timeout "${SMPO_TIMEOUT:-150}" $PY benchmarks/bench_smpo.py --models "${SMPO_MODELS:-sd15}" --latent "${SMPO_LATENT:-64}" \
+timeout "${SMPO_TIMEOUT:-120}" $PY benchmarks/bench_smpo.py --models "${SMPO_MODELS:-sd15}" --latent "${SMPO_LATENT:-64}" \
     --batch-size "${SMPO_BATCH:-4}" --dtype "${SMPO_DTYPE:-bf16}" \
     --steps "${SMPO_STEPS:-6}" --finetune full lora \
     --methods dpo smpo-exact smpo-grid_below smpo-ddim-exact smpo-ddim-grid_below \
