@@ -46,15 +46,6 @@ SAMPLE_RATE = 48_000
 CLIP_SECONDS = 10
 IMAGE_SIZE = 512
 TOY_SIZE = 32
-def tiny_scorer_kwargs(name: str, root: Path) -> dict:
-    """Constructor kwargs for ``load_reward_model(name, **kwargs)`` pointing at a tiny model written under root."""
-    from diffusion_pref.testing_rewards import tiny_reward_kwargs
-
-    if name not in SCORERS:
-        raise ValueError(f"bench_rewards: no tiny model for scorer {name!r}; choose from {', '.join(SCORERS)}")
-    return tiny_reward_kwargs(name, root)
-
-
 # ---------------------------------------------------------------- media and timing
 
 
@@ -90,8 +81,9 @@ def bench_one(name: str, root: Path, n: int, repeats: int, batch_size: int | Non
     import torch
 
     from diffusion_pref.reward_models import load_reward_model
+    from diffusion_pref.testing_rewards import tiny_reward_kwargs
 
-    kwargs = tiny_scorer_kwargs(name, root)
+    kwargs = tiny_reward_kwargs(name, root)
     if batch_size is not None:
         kwargs["batch_size"] = batch_size
     scorer = load_reward_model(name, device="cpu", **kwargs)

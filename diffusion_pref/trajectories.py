@@ -291,7 +291,8 @@ def _renoise_step(predict, z_s, abar_s, g, abar_g, iters: int, window: Sequence[
 
 
 def _paths(grid: Sequence[int], t: torch.Tensor, t_mode: str):
-    """Per-sample ascending target timesteps ``[N, L]`` (padded with the last entry) and their lengths ``[N]``."""
+    """Per-sample ascending target timesteps ``[N, L]`` on t's device (padded with the last entry), and their
+    lengths ``[N]`` on the host, where the inversion loop decides which samples are still running."""
     import torch
 
     if t_mode not in T_MODES:
@@ -305,7 +306,7 @@ def _paths(grid: Sequence[int], t: torch.Tensor, t_mode: str):
     length = max(1, max(len(r) for r in rows))
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
     padded = [(r + [r[-1] if r else 0] * (length - len(r))) for r in rows]
-    return torch.tensor(padded, dtype=torch.long, device=t.device), lengths.to(t.device)
+    return torch.tensor(padded, dtype=torch.long, device=t.device), lengths
 
 
 def _rows(value, index, n: int):
@@ -321,7 +322,8 @@ def _rows(value, index, n: int):
 
 def _invert(scheduler, predict_fn, x0, cond, paths, lengths, *, renoise_iters=0, average_window=(0, 1),
             noise_reg=None, generator=None):
-    """Invert ``x0`` ``[N, ...]`` along per-sample paths; float32 result at each sample's last path entry.
+    """Invert ``x0`` ``[N, ...]`` along per-sample paths (``lengths``: a CPU tensor); float32 result at each
+    sample's last path entry.
 
     Each step runs the model only on the samples whose path is not finished yet (their rows of ``cond`` too, for
     tensors and dicts of tensors with first dim N), so a batch costs the mean path length, not the longest.
@@ -332,12 +334,11 @@ def _invert(scheduler, predict_fn, x0, cond, paths, lengths, *, renoise_iters=0,
     dtype = x0.dtype
     n = x0.shape[0]
     z = x0.float()
-    source = torch.full_like(lengths, -1)  # -1: the clean latent
-    # Which samples are still inverting is decided on the host, from one copy of the lengths: on a GPU, testing a
-    # device tensor at every step would make the host wait for each UNet call before it may queue the next one.
-    lengths_host = lengths.cpu()
+    source = torch.full((n,), -1, dtype=torch.long, device=x0.device)  # -1: the clean latent
+    # Which samples are still inverting is decided on the host: on a GPU, testing a device tensor at every step
+    # would make the host wait for each UNet call before it may queue the next one.
     for j in range(paths.shape[1]):
-        active_host = lengths_host > j  # [N]
+        active_host = lengths > j  # [N]
         if not bool(active_host.any()):
             break
         active = active_host.to(x0.device, non_blocking=True)
@@ -397,7 +398,7 @@ def invert_latents(scheduler, predict_fn: Callable, x0: torch.Tensor, cond, time
     if not timesteps or list(timesteps) != sorted(set(int(g) for g in timesteps)):
         raise ValueError(f"invert_latents: timesteps must be a non-empty ascending list, got {list(timesteps)}.")
     paths = torch.tensor([list(timesteps)] * x0.shape[0], dtype=torch.long, device=x0.device)
-    lengths = torch.full((x0.shape[0],), len(timesteps), dtype=torch.long, device=x0.device)
+    lengths = torch.full((x0.shape[0],), len(timesteps), dtype=torch.long)
     reg = _reg_options(noise_reg_steps, noise_reg_lambda_kl, noise_reg_lambda_ac, noise_reg_ac_rolls)
     with torch.no_grad():
         return _invert(scheduler, predict_fn, x0, cond, paths, lengths, renoise_iters=int(renoise_iters),

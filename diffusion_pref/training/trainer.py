@@ -155,20 +155,19 @@ def setup_policy(cfg, backbone, weight_dtype, reference: str, device):
     else:
         unet.requires_grad_(True)
         unet.to(device=device, dtype=torch.float32)  # fp32 master weights; autocast runs the forward in half
-    if cfg.train.channels_last:
-        unet.to(memory_format=torch.channels_last)
-        if ref_unet is not None:
-            ref_unet.to(memory_format=torch.channels_last)
     unet.train()
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     _set_attention(cfg, unet)
-    if cfg.train.compile:
-        # In place (nn.Module.compile): the module object stays the one accelerate, peft and the savers know, so
-        # every call through it is compiled; switching the adapter off for the reference compiles one more graph.
-        for module in (unet, ref_unet):
-            if module is not None:
-                module.compile(mode=cfg.train.compile_mode, backend=cfg.train.compile_backend)
+    for module in (unet, ref_unet):
+        if module is None:
+            continue
+        if cfg.train.channels_last:
+            module.to(memory_format=torch.channels_last)
+        if cfg.train.compile:
+            # In place (nn.Module.compile): the module object stays the one accelerate, peft and the savers know, so
+            # every call through it is compiled; switching the adapter off for the reference adds one more graph.
+            module.compile(mode=cfg.train.compile_mode, backend=cfg.train.compile_backend)
     trainable = [p for p in unet.parameters() if p.requires_grad]
     if not trainable:
         from diffusion_pref.config import ConfigError
