@@ -62,7 +62,8 @@ def build_unet(name: str):
 
 
 def bench(model: str, method: str, steps: int, batch_size: int, latent: int, dtype_name: str, device: str,
-          built=None, finetune: str = "full", compile_mode: str | None = None, warmup: int = 1) -> dict:
+          built=None, finetune: str = "full", compile_mode: str | None = None, warmup: int = 1,
+          cuda_graphs: bool = False) -> dict:
     import torch
     from diffusers import DDPMScheduler
 
@@ -84,6 +85,9 @@ def bench(model: str, method: str, steps: int, batch_size: int, latent: int, dty
         for p in unet.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
+        for module in unet.modules():  # as the trainer does under mixed precision: no peft input casts
+            if dtype != torch.float32 and hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = False
     if compile_mode:  # in place, as train.compile does: policy, inversion and reference calls all compiled
         unet.compile(mode=compile_mode)
         ref_unet.compile(mode=compile_mode)
@@ -96,8 +100,20 @@ def bench(model: str, method: str, steps: int, batch_size: int, latent: int, dty
     cond = {"encoder_hidden_states": torch.cat([hidden, hidden])}  # [2B, L, D]
     soft_label = torch.full((batch_size,), 0.8, device=device)
 
-    def predict(x, t, c, net=None):
+    def eager_predict(x, t, c, net=None):
         return (net or unet)(x, t.to(device), encoder_hidden_states=c["encoder_hidden_states"]).sample
+
+    graphs = None
+    if cuda_graphs:  # as train.cuda_graphs: the no-grad calls (inversion, reference) replay CUDA graphs
+        from diffusion_pref.training.cuda_graphs import CudaGraphCalls
+
+        graphs = CudaGraphCalls()
+
+    def predict(x, t, c, net=None):
+        if graphs is None or torch.is_grad_enabled():
+            return eager_predict(x, t, c, net)
+        name = "reference" if net is ref_unet else "policy"
+        return graphs(name, lambda *args: eager_predict(*args, net=net), x, t, c)
 
     def no_grad_policy(x, t, c):
         with torch.no_grad():
@@ -143,6 +159,7 @@ def bench(model: str, method: str, steps: int, batch_size: int, latent: int, dty
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     return {"model": model, "method": method, "finetune": finetune, "compile": compile_mode, "warmup": warmup,
+            "cuda_graphs": cuda_graphs, "graphs_recorded": graphs.num_graphs if graphs is not None else 0,
             "batch_pairs": batch_size, "latent": latent,
             "dtype": dtype_name, "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
             "steps": steps, "median_s": statistics.median(times), "min_s": min(times), "peak_gib": peak}
@@ -161,6 +178,9 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (more with --compile)")
     parser.add_argument("--compile", default=None, metavar="MODE",
                         help="torch.compile both UNets in place with this mode (default, reduce-overhead, ...)")
+    parser.add_argument("--cuda-graphs", nargs="+", default=["off"], choices=["off", "on"],
+                        help="replay CUDA graphs for the no-grad calls (inversion, reference), as train.cuda_graphs; "
+                             "'off on' measures both")
     parser.add_argument("--batch-size", type=int, default=2, help="pairs per step")
     parser.add_argument("--latent", type=int, default=0, help="latent side (0 = the model's default)")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -186,20 +206,25 @@ def main(argv=None) -> None:
     for model in args.models:
         built = build_unet(model)  # once: every method and fine-tune mode copies the same random weights
         for finetune in args.finetune:
-            for method in args.methods:
-                rows.append(bench(model, method, args.steps, args.batch_size, args.latent, args.dtype, device,
-                                  compile_mode=args.compile, warmup=args.warmup,
-                                  built=built, finetune=finetune))
-                save()  # after every row, so a run cut short still leaves what it measured
-    base = {(r["model"], r["finetune"]): r["median_s"] for r in rows if r["method"] == "dpo"}
-    print("| model | finetune | method | pairs | latent | dtype | device | median s/step | x dpo |")
-    print("|---|---|---|---|---|---|---|---|---|")
+            for graphs in args.cuda_graphs:
+                for method in args.methods:
+                    rows.append(bench(model, method, args.steps, args.batch_size, args.latent, args.dtype, device,
+                                      compile_mode=args.compile, warmup=args.warmup, built=built,
+                                      finetune=finetune, cuda_graphs=graphs == "on"))
+                    save()  # after every row, so a run cut short still leaves what it measured
+    base = {(r["model"], r["finetune"], r["cuda_graphs"]): r["median_s"] for r in rows if r["method"] == "dpo"}
+    print("| model | finetune | CUDA graphs | method | pairs | latent | dtype | device | median s/step | x dpo "
+          "| x eager dpo |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        key = (r["model"], r["finetune"])
+        key = (r["model"], r["finetune"], r["cuda_graphs"])
+        eager = (r["model"], r["finetune"], False)
         r["ratio_to_dpo"] = r["median_s"] / base[key] if key in base else None
-        ratio = f"{r['ratio_to_dpo']:.2f}" if r["ratio_to_dpo"] is not None else "-"
-        print(f"| {r['model']} | {r['finetune']} | {r['method']} | {r['batch_pairs']} | {r['latent']} | {r['dtype']} "
-              f"| {r['device']} | {r['median_s']:.4f} | {ratio} |")
+        r["ratio_to_eager_dpo"] = r["median_s"] / base[eager] if eager in base else None
+        ratios = [f"{x:.2f}" if x is not None else "-" for x in (r["ratio_to_dpo"], r["ratio_to_eager_dpo"])]
+        print(f"| {r['model']} | {r['finetune']} | {'on' if r['cuda_graphs'] else 'off'} | {r['method']} "
+              f"| {r['batch_pairs']} | {r['latent']} | {r['dtype']} | {r['device']} | {r['median_s']:.4f} "
+              f"| {ratios[0]} | {ratios[1]} |")
     save()
 
 

@@ -145,6 +145,10 @@ class TrainConfig:
     compile: bool = False
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune
     compile_backend: str = "inductor"  # any torch.compile backend; aot_eager traces without generating code
+    # Replay CUDA graphs for the no-grad UNet calls (the reference pass and SmPO's inversion): one graph per
+    # batch shape, recorded on first use; removes the kernel-launch cost that dominates these small calls on a
+    # GPU. Same numbers as eager (to cuDNN's run-to-run noise); no effect on a CPU.
+    cuda_graphs: bool = False
     attention: str = "sdpa"  # sdpa | xformers
     seed: int = 0
     checkpoint_every: int = 500

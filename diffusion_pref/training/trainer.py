@@ -292,6 +292,13 @@ class Trainer:
             # so letting cuDNN time its convolution algorithms once pays off from the first steps.
             torch.backends.cudnn.benchmark = True
         self.trainable, self.ref_unet = setup_policy(cfg, backbone, self.weight_dtype, self.reference, self.device)
+        self.graphs = None
+        if t.cuda_graphs:
+            from diffusion_pref.training.cuda_graphs import CudaGraphCalls
+
+            if self.device.type != "cuda":
+                logger.warning("train.cuda_graphs=true has no effect on %s: the UNet calls run eagerly", self.device)
+            self.graphs = CudaGraphCalls()
         self.encode = PairEncoder(backbone, self.device, self.weight_dtype)
         if cfg.data.cache:
             from diffusion_pref.data.cache import build_cache
@@ -371,6 +378,13 @@ class Trainer:
             metrics_file.write_text("".join(line + "\n" for line in kept))
         unwrapped = accelerator.unwrap_model(unet)
 
+        def no_grad_predict(name, module, x, tt, c):
+            """A no-grad UNet call, replayed from a CUDA graph under train.cuda_graphs (``name`` tells apart the
+            module states that share one module: the adapter on or off)."""
+            if self.graphs is None:
+                return backbone.predict(x, tt, c, unet=module)
+            return self.graphs(name, lambda *args: backbone.predict(*args, unet=module), x, tt, c)
+
         progress = tqdm(total=t.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
         sums: Dict[str, float] = {}
         micro_in_step = 0
@@ -392,7 +406,7 @@ class Trainer:
                     # the current model (SmPO), under no_grad inside make_trajectory.
                     traj = make_trajectory(
                         cfg.trajectory.kind, backbone.scheduler, latents_w, latents_l,
-                        predict_fn=lambda x, tt, c: backbone.predict(x, tt, c, unet=unwrapped), cond=cond,
+                        predict_fn=lambda x, tt, c: no_grad_predict("policy", unwrapped, x, tt, c), cond=cond,
                         generator=generator, process_index=accelerator.process_index,
                         num_processes=accelerator.num_processes, **trajectory_options(cfg.trajectory),
                     )
@@ -401,13 +415,14 @@ class Trainer:
                         with torch.no_grad():
                             if reference == "adapter":
                                 unwrapped.disable_adapters()
-                                ref_pred = backbone.predict(traj.x_t, traj.t, cond, unet=unwrapped)
+                                ref_pred = no_grad_predict("adapter off", unwrapped, traj.x_t, traj.t, cond)
                                 unwrapped.enable_adapters()
                             else:
                                 ref_device = next(ref_unet.parameters()).device
                                 ref_cond = {k: v.to(ref_device) for k, v in cond.items()}
-                                ref_pred = backbone.predict(traj.x_t.to(ref_device, next(ref_unet.parameters()).dtype),
-                                                            traj.t.to(ref_device), ref_cond, unet=ref_unet).to(device)
+                                ref_pred = no_grad_predict(
+                                    "reference", ref_unet, traj.x_t.to(ref_device, next(ref_unet.parameters()).dtype),
+                                    traj.t.to(ref_device), ref_cond).to(device)
                             ref_w, ref_l = denoising_log_likelihood(ref_pred, traj.target).chunk(2)
                     pred = backbone.predict(traj.x_t, traj.t, cond, unet=unet)  # [2B, C, H, W], one pass over [w; l]
                 policy_w, policy_l = denoising_log_likelihood(pred, traj.target).chunk(2)  # [B] each
