@@ -35,7 +35,8 @@ def test_cpu_and_grad_calls_run_eagerly_and_record_nothing():
 
 def test_trainer_sends_the_no_grad_calls_through_the_graphs_by_name(tiny_sd_dir, tmp_path, monkeypatch):
     """Which calls go through the graphs: ReNoise's inversion ("policy"), the adapter-off reference; never the
-    policy's own grad-enabled forward. Same losses as without the option (on a CPU the calls run eagerly)."""
+    policy's own grad-enabled forward. Same losses as without the option (on a CPU the calls run eagerly; on a
+    GPU, cuDNN's autotuning may pick other kernels for the second run, hence the tolerance)."""
     from diffusion_pref.training import cuda_graphs
     from diffusion_pref.training.trainer import Trainer
 
@@ -52,8 +53,8 @@ def test_trainer_sends_the_no_grad_calls_through_the_graphs_by_name(tiny_sd_dir,
         if extra:
             monkeypatch.setattr(cuda_graphs.CudaGraphCalls, "__call__", spy)
         Trainer(make_cfg(tiny_sd_dir, data, tmp_path / name, *flags, *extra)).train()
-        losses[name] = [(r["loss"], r["ref_mse_w"]) for r in read_metrics(tmp_path / name)]
-    assert losses["graphs"] == losses["eager"]
+        losses[name] = [v for r in read_metrics(tmp_path / name) for v in (r["loss"], r["ref_mse_w"])]
+    assert losses["graphs"] == pytest.approx(losses["eager"], rel=1e-4, abs=1e-6)
     names = {n for n, _, _ in seen}
     assert names == {"policy", "adapter off"} and not any(grad for _, _, grad in seen)
     batch = make_cfg(tiny_sd_dir, data, tmp_path / "x").train.batch_size

@@ -296,9 +296,16 @@ class Trainer:
         if t.cuda_graphs:
             from diffusion_pref.training.cuda_graphs import CudaGraphCalls
 
+            from accelerate.utils import DistributedType
+
             if self.device.type != "cuda":
                 logger.warning("train.cuda_graphs=true has no effect on %s: the UNet calls run eagerly", self.device)
-            self.graphs = CudaGraphCalls()
+            if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+                # Sharded parameters are gathered into fresh memory for each call: a recorded graph would read
+                # whatever occupied the memory it saw while recording.
+                logger.warning("train.cuda_graphs=true is ignored under %s", accelerator.distributed_type)
+            else:
+                self.graphs = CudaGraphCalls()
         self.encode = PairEncoder(backbone, self.device, self.weight_dtype)
         if cfg.data.cache:
             from diffusion_pref.data.cache import build_cache
