@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import code_identity  # noqa: E402
 
 
 def build_unet(name: str):
@@ -196,7 +198,7 @@ def main(argv=None) -> None:
 
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.platform(),
             "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "command": " ".join(["python", *sys.argv])}
+            "diffusers": diffusers.__version__, "command": " ".join(["python", *sys.argv]), **code_identity()}
     rows = []
 
     def save():

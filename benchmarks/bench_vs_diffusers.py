@@ -52,6 +52,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import _save_sd15_sized, _write_pairs  # noqa: E402  (shared model and data builders)
+from provenance import code_identity  # noqa: E402
 
 SIDES = ("diffusers", "ours-uncached", "ours-cached")
 
@@ -210,12 +211,6 @@ def _sha256(path) -> str | None:
     import hashlib
 
     return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path and Path(path).is_file() else None
-
-
-def _git_head() -> str | None:
-    proc = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"], capture_output=True,
-                          text=True, check=False)
-    return proc.stdout.strip() or None
 
 
 def _commands(side: str, model_dir: Path, data_dir: Path, out: Path, args, resolution: int,
@@ -382,7 +377,7 @@ def main() -> None:
             "mixed_precision": args.mixed_precision, "lora_rank": args.rank, "warmup": args.warmup,
             "steps": args.steps, "repeats": args.repeats, "batch_size": args.batch_size, "encoders": args.encoders,
             "diffusers_script": str(args.diffusers_script), "diffusers_script_sha256": _sha256(args.diffusers_script),
-            "diffusers_script_commit": args.diffusers_commit, "ours_commit": _git_head(),
+            "diffusers_script_commit": args.diffusers_commit, **code_identity(),
             "peak_tflops": args.peak_tflops or peak_tflops(device_name), "flops": {}}
     raw = []
 

@@ -304,6 +304,8 @@ class Trainer:
                 # Sharded parameters are gathered into fresh memory for each call: a recorded graph would read
                 # whatever occupied the memory it saw while recording.
                 logger.warning("train.cuda_graphs=true is ignored under %s", accelerator.distributed_type)
+            elif t.compile and t.compile_mode in ("reduce-overhead", "max-autotune"):
+                logger.info("train.cuda_graphs: torch.compile's %s mode records CUDA graphs itself", t.compile_mode)
             else:
                 self.graphs = CudaGraphCalls()
         self.encode = PairEncoder(backbone, self.device, self.weight_dtype)
