@@ -14,7 +14,11 @@
 #      falls in the warm-up steps (minutes), so it comes last.
 #
 # Time limits (defaults): 80 + 200 + 150 + 150 s; with the wheel install that fits one 600 s device call. A failing
-# side is recorded and the others go on.
+# side is recorded and the others go on. PARTS picks the parts (default "tests vs smpo compile"); the compile part
+# did not fit in the last two GPU sessions: give it a call of its own (PARTS=compile VS_COMPILE_TIMEOUT=500
+# VS_COMPILE_SIDES=diffusers,ours-cached,ours-cached+train.compile=true). VS_CLOCK=window (default) waits for the
+# GPU only at the ends of the timed steps, so the trainer's overlap of host and GPU work counts; VS_CLOCK=step is
+# the per-step clock of the runs in benchmarks/README.md up to run 3.
 #
 # Usage (from the repository root, with diffusion_pref importable, e.g. PYTHONPATH=$PWD):
 #   DIFFUSERS_SCRIPT=/path/to/train_diffusion_dpo.py OUT=gpu_results bash benchmarks/gpu_check.sh
@@ -37,8 +41,11 @@ print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', t
     >> "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 
-timeout "${TESTS_TIMEOUT:-80}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py 2>&1 \
-    | tail -25 | tee "$OUT/tests.log"
+PARTS=${PARTS:-tests vs smpo compile}  # any subset, e.g. PARTS=compile for a call of its own
+part() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
+part tests && timeout "${TESTS_TIMEOUT:-80}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py \
+    tests/test_step_readout.py 2>&1 | tail -25 | tee "$OUT/tests.log"
 
 vs_diffusers() {  # $1: time limit, $2: sides, $3: JSON name
     timeout "$1" $PY benchmarks/bench_vs_diffusers.py \
@@ -46,15 +53,18 @@ vs_diffusers() {  # $1: time limit, $2: sides, $3: JSON name
         --diffusers-commit "${DIFFUSERS_COMMIT:-58eb52c0803ea9af3abec60841c2a093bdf1f951}" \
         --models "${VS_MODELS:-sd15}" --encoders "${VS_ENCODERS:-sd15}" --resolution "${VS_RESOLUTION:-512}" \
         --batch-size "${VS_BATCH:-8}" --mixed-precision "${PRECISION:-bf16}" --threads "${THREADS:-8}" \
-        --steps "${VS_STEPS:-8}" --warmup 3 --repeats 1 --sides "$2" --out "$OUT/$3.json" 2>&1 \
+        --steps "${VS_STEPS:-8}" --warmup 3 --repeats 1 --clock "${VS_CLOCK:-window}" --sides "$2" \
+        --out "$OUT/$3.json" 2>&1 \
         | grep -v "it/s\]\|s/it\]" | tee "$OUT/$3.log"
 }
 
-vs_diffusers "${VS_TIMEOUT:-200}" "${VS_SIDES:-diffusers,ours-cached,ours-cached+train.cuda_graphs=true}" vs_diffusers
+part vs && vs_diffusers "${VS_TIMEOUT:-200}" "${VS_SIDES:-diffusers,ours-cached,ours-cached+train.cuda_graphs=true}" \
+    vs_diffusers
 
-timeout "${SMPO_TIMEOUT:-150}" $PY benchmarks/bench_smpo.py --models "${SMPO_MODELS:-sd15}" --latent "${SMPO_LATENT:-64}" \
+part smpo && timeout "${SMPO_TIMEOUT:-150}" $PY benchmarks/bench_smpo.py --models "${SMPO_MODELS:-sd15}" --latent "${SMPO_LATENT:-64}" \
     --batch-size "${SMPO_BATCH:-4}" --dtype "${SMPO_DTYPE:-bf16}" --steps "${SMPO_STEPS:-6}" --warmup 2 \
     --finetune full lora --cuda-graphs off on --methods dpo smpo-exact smpo-grid_below \
     --out "$OUT/smpo_${SMPO_MODELS:-sd15}.json" 2>&1 | tee "$OUT/smpo.log"
 
-vs_diffusers "${VS_COMPILE_TIMEOUT:-150}" "${VS_COMPILE_SIDES:-ours-cached+train.compile=true}" vs_diffusers_compile
+part compile && vs_diffusers "${VS_COMPILE_TIMEOUT:-150}" "${VS_COMPILE_SIDES:-ours-cached+train.compile=true}" \
+    vs_diffusers_compile

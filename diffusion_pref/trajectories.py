@@ -120,8 +120,10 @@ def shared_noise_and_timesteps(latents_w: torch.Tensor, num_train_timesteps: int
     t_all = torch.randint(0, int(num_train_timesteps), (global_batch,), generator=generator, device=draw_device)
     noise_half = noise_all[process_index::num_processes]  # [B, ...]
     t_half = t_all[process_index::num_processes]  # [B]
-    noise = torch.cat([noise_half, noise_half]).to(device=latents_w.device, dtype=latents_w.dtype)  # [2B, ...]
-    t = torch.cat([t_half, t_half]).to(latents_w.device)  # [2B]
+    # non_blocking: the host need not wait for queued GPU work before handing over the draws
+    noise = torch.cat([noise_half, noise_half]).to(device=latents_w.device, dtype=latents_w.dtype,
+                                                   non_blocking=True)  # [2B, ...]
+    t = torch.cat([t_half, t_half]).to(latents_w.device, non_blocking=True)  # [2B]
     return noise, t
 
 
@@ -184,11 +186,13 @@ def inversion_grid(scheduler, steps: int) -> list[int]:
     return sorted({min(max(int(g), 0), total - 1) for g in inverse.timesteps.tolist()})
 
 
-def _alpha_bar(scheduler, t: torch.Tensor) -> torch.Tensor:
-    """abar_t as float32 ``[N, 1, 1, 1]``; t = -1 stands for the clean latent (abar = 1)."""
+def _alpha_bar(scheduler, t: torch.Tensor, table: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """abar_t as float32 ``[N, 1, 1, 1]``; t = -1 stands for the clean latent (abar = 1). ``table``: the
+    scheduler's alphas_cumprod already on t's device (a loop passes it, so the host copies it once)."""
     import torch
 
-    table = scheduler.alphas_cumprod.to(device=t.device, dtype=torch.float32)
+    if table is None:
+        table = scheduler.alphas_cumprod.to(device=t.device, dtype=torch.float32)
     abar = torch.where(t < 0, torch.ones((), device=t.device), table[t.clamp(min=0)])
     return abar.reshape(-1, 1, 1, 1)
 
@@ -335,6 +339,7 @@ def _invert(scheduler, predict_fn, x0, cond, paths, lengths, *, renoise_iters=0,
     n = x0.shape[0]
     z = x0.float()
     source = torch.full((n,), -1, dtype=torch.long, device=x0.device)  # -1: the clean latent
+    table = scheduler.alphas_cumprod.to(device=x0.device, dtype=torch.float32)
     # Which samples are still inverting is decided on the host: on a GPU, testing a device tensor at every step
     # would make the host wait for each UNet call before it may queue the next one.
     for j in range(paths.shape[1]):
@@ -352,7 +357,7 @@ def _invert(scheduler, predict_fn, x0, cond, paths, lengths, *, renoise_iters=0,
         sub = (lambda v: v) if every else (lambda v: v[index])
         step_cond = cond if every else _rows(cond, index, n)
         g, z_s, x0_s = sub(paths[:, j]), sub(z), sub(x0.float())
-        abar_s, abar_g = _alpha_bar(scheduler, sub(source)), _alpha_bar(scheduler, g)
+        abar_s, abar_g = _alpha_bar(scheduler, sub(source), table), _alpha_bar(scheduler, g, table)
 
         def predict(x, timesteps):
             return predict_fn(x.to(dtype), timesteps, step_cond).float()

@@ -64,7 +64,7 @@ class SDXLBackbone(StableDiffusionBackbone):
             res = self.unet.config.sample_size * (2 ** (len(self.vae.config.block_out_channels) - 1))
             time_ids = torch.tensor([[res, res, 0, 0, res, res]]).repeat(n, 1)
         return {"encoder_hidden_states": hidden, "text_embeds": text["text_embeds"],
-                "time_ids": time_ids.to(device=hidden.device, dtype=hidden.dtype)}
+                "time_ids": time_ids.to(device=hidden.device, dtype=hidden.dtype, non_blocking=True)}
 
     def predict(self, x_t, t, cond: Dict[str, object], unet=None):
         unet = self.unet if unet is None else unet

@@ -206,9 +206,12 @@ class PairEncoder:
         import torch
 
         if "latents_w" in batch:
-            latents_w = batch["latents_w"].to(self.device, self.weight_dtype)
-            latents_l = batch["latents_l"].to(self.device, self.weight_dtype)
-            text = {k[len("text."):]: v.to(self.device) for k, v in batch.items() if k.startswith("text.")}
+            # non_blocking: from pageable host memory CUDA stages the bytes at once and the host does not wait for
+            # the GPU to finish the previous step (a blocking copy would)
+            latents_w = batch["latents_w"].to(self.device, self.weight_dtype, non_blocking=True)
+            latents_l = batch["latents_l"].to(self.device, self.weight_dtype, non_blocking=True)
+            text = {k[len("text."):]: v.to(self.device, non_blocking=True) for k, v in batch.items()
+                    if k.startswith("text.")}
             return latents_w, latents_l, text
         pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]])  # [2B, 3, R, R]
         latents = self.backbone.encode_media(pixels).to(self.weight_dtype)
@@ -362,6 +365,7 @@ class Trainer:
         from diffusion_pref.data.loader import PairBatches, make_loader
         from diffusion_pref.losses import denoising_log_likelihood
         from diffusion_pref.pipelines.stable_diffusion import repeat_pair
+        from diffusion_pref.training.step_readout import DeferredReadout
         from diffusion_pref.trajectories import make_trajectory, trajectory_options
 
         cfg, t, out = self.cfg, self.cfg.train, self.out
@@ -395,6 +399,26 @@ class Trainer:
             return self.graphs(name, lambda *args: backbone.predict(*args, unet=module), x, tt, c)
 
         progress = tqdm(total=t.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
+        readout = DeferredReadout(device)
+
+        def report(values, info):
+            """Log one finished step: metrics line, TensorBoard, progress bar; stop on a diverged loss."""
+            logs = {k: v / accelerator.num_processes for k, v in zip(info["keys"], values[:-1])}
+            if not math.isfinite(logs["loss"]):
+                raise FloatingPointError(f"loss is {logs['loss']} at step {info['step']}; lower train.learning_rate "
+                                         "or loss.beta, or use train.mixed_precision=bf16 instead of fp16")
+            if bco_shift is not None:
+                bco_shift.update(logs["reward_batch_mean"], count=2 * int(values[-1]))
+            logs.update(lr=info["lr"], pairs_per_s=values[-1] / max(info["seconds"], 1e-9),
+                        skipped_rows=info["skipped_rows"], epoch=info["epoch"])
+            if accelerator.is_main_process and (info["step"] % t.log_every == 0 or info["step"] == t.max_steps):
+                accelerator.log(logs, step=info["step"])
+                with open(metrics_file, "a") as f:
+                    f.write(json.dumps({"step": info["step"], **logs}) + "\n")
+            progress.update(1)
+            progress.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs.get('implicit_acc', math.nan):.2f}",
+                                 margin=f"{logs.get('margin', math.nan):.2e}", lr=f"{logs['lr']:.2e}",
+                                 pairs_s=f"{logs['pairs_per_s']:.1f}")
         sums: Dict[str, float] = {}
         micro_in_step = 0
         pairs_in_step = 0
@@ -437,9 +461,9 @@ class Trainer:
                 policy_w, policy_l = denoising_log_likelihood(pred, traj.target).chunk(2)  # [B] each
                 extra = {}
                 if self.soft_labels is not None:
-                    extra["soft_label"] = self.soft_labels.lookup(batch["rows"]).to(device)
+                    extra["soft_label"] = self.soft_labels.lookup(batch["rows"]).to(device, non_blocking=True)
                 elif self.takes_soft:
-                    extra["soft_label"] = batch["soft_label"].to(device)
+                    extra["soft_label"] = batch["soft_label"].to(device, non_blocking=True)
                 if bco_shift is not None:
                     extra["reward_shift"] = bco_shift.mean
                 loss_per_pair, metrics = self.loss_fn(policy_w, policy_l, ref_w, ref_l, beta=cfg.loss.beta,
@@ -456,7 +480,7 @@ class Trainer:
             if ref_w is not None:
                 values.update(ref_mse_w=-ref_w.mean(), ref_mse_l=-ref_l.mean())
             values.update({k: v for k, v in metrics.items() if v.ndim == 0})
-            for key, value in values.items():  # summed on the device: one host sync per optimizer step, not per metric
+            for key, value in values.items():  # summed on the device; read on the host one step late (report)
                 sums[key] = sums.get(key, 0.0) + value.detach().float()
             micro_in_step += 1
             pairs_in_step += int(batch["size"])
@@ -466,30 +490,26 @@ class Trainer:
 
             step += 1
             means = {k: v / micro_in_step for k, v in sums.items()}
-            pairs = torch.tensor(float(pairs_in_step), device=device)
+            pairs = torch.full((), float(pairs_in_step), device=device)  # made on the device: no host copy to wait on
             reduced = accelerator.reduce(torch.stack([*(v.to(device) for v in means.values()), pairs]), "sum")
-            logs = {k: float(v) / accelerator.num_processes for k, v in zip(means, reduced[:-1].tolist())}
-            if not math.isfinite(logs["loss"]):  # checked here, where the values reach the host anyway
-                raise FloatingPointError(f"loss is {logs['loss']} at step {step}; lower train.learning_rate or "
-                                         "loss.beta, or use train.mixed_precision=bf16 instead of fp16")
-            if bco_shift is not None:
-                bco_shift.update(logs["reward_batch_mean"], count=2 * int(reduced[-1].item()))
             now = time.perf_counter()
-            logs.update(lr=lr_scheduler.get_last_lr()[0], pairs_per_s=float(reduced[-1]) / max(now - last_time, 1e-9),
-                        skipped_rows=skipped_total, epoch=epoch)
+            info = {"step": step, "keys": list(means), "seconds": now - last_time, "skipped_rows": skipped_total,
+                    "epoch": epoch, "lr": lr_scheduler.get_last_lr()[0]}
             last_time = now
             sums, micro_in_step, pairs_in_step = {}, 0, 0
-            if accelerator.is_main_process and (step % t.log_every == 0 or step == t.max_steps):
-                accelerator.log(logs, step=step)
-                with open(metrics_file, "a") as f:
-                    f.write(json.dumps({"step": step, **logs}) + "\n")
-            progress.update(1)
-            progress.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs.get('implicit_acc', math.nan):.2f}",
-                                 margin=f"{logs.get('margin', math.nan):.2e}", lr=f"{logs['lr']:.2e}",
-                                 pairs_s=f"{logs['pairs_per_s']:.1f}")
-            if t.validate_every > 0 and t.validation_prompts and step % t.validate_every == 0:
+            finished = [readout.put(reduced, info)]  # the previous step's values, read while this one runs
+            validating = t.validate_every > 0 and bool(t.validation_prompts) and step % t.validate_every == 0
+            saving = t.checkpoint_every > 0 and step % t.checkpoint_every == 0 and step < t.max_steps
+            if bco_shift is not None or validating or saving or step == t.max_steps:
+                # Needed now: BCO's running shift enters the next step's loss, and a validation, a checkpoint or
+                # the end of training must come after their step's metrics line and its divergence check.
+                finished.append(readout.take())
+            for item in finished:
+                if item is not None:
+                    report(*item)
+            if validating:
                 self.validate(step)
-            if t.checkpoint_every > 0 and step % t.checkpoint_every == 0 and step < t.max_steps:
+            if saving:
                 self.checkpointer.save(step, {"epoch": epoch, "next_index": next_index, "skipped_rows": skipped_total,
                                          "bco_shift": bco_shift.state_dict() if bco_shift is not None else None})
         progress.close()
