@@ -5,7 +5,11 @@ One optimizer step on a batch of pairs, same UNet, same batch, same timesteps (t
 - ``dpo``: forward trajectory; reference UNet forward (no_grad) and policy forward + backward over ``[w; l]``;
 - ``smpo-exact`` / ``smpo-grid_below``: the same step plus ReNoise inversion of x0 with the policy under no_grad
   (K = 1, both predictions averaged, the 5-point grid [1, 201, 401, 601, 801] of SD1.5), with
-  ``trajectory.t_mode`` exact (one more step to t) or grid_below (the released SmPO code).
+  ``trajectory.t_mode`` exact (one more step to t) or grid_below (the released SmPO code);
+- ``smpo-cached-exact`` / ``smpo-cached-grid_below``: ``trajectory.invert_with=reference`` with
+  ``trajectory.cache_inverted``: the frozen reference's ReNoise inversion of the batch to every grid point is
+  made once before the timed steps (its time is ``precompute_s``), as the data cache does; a step reads x_t
+  (grid_below) or inverts one step from the grid point below t (exact).
 
 The step is written out here (policy, frozen reference copy, AdamW) instead of running the trainer, so the
 ratio measures the trajectory and nothing else. Models: ``tiny`` (the tiny random-weight SD UNet of
@@ -121,11 +125,31 @@ def bench(model: str, method: str, steps: int, batch_size: int, latent: int, dty
         with torch.no_grad():
             return predict(x, t, c)
 
+    def no_grad_reference(x, t, c):
+        with torch.no_grad():
+            return predict(x, t, c, ref_unet)
+
+    inverted, precompute_s = None, None
+    if method.startswith("smpo-cached-"):  # trajectory.cache_inverted: the reference's grid latents, made once
+        from diffusion_pref.trajectories import invert_grid
+
+        start = time.perf_counter()
+        with torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
+            inverted = invert_grid("renoise", scheduler, no_grad_reference, torch.cat([latents_w, latents_l]), cond,
+                                   steps=5, renoise_iters=1, average_window=[0, 2])
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        precompute_s = time.perf_counter() - start
+
     def one_step(i: int):
         generator = torch.Generator().manual_seed(1000 + i)
         with torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
             if method == "dpo":
                 traj = make_trajectory("forward", scheduler, latents_w, latents_l, generator=generator)
+            elif inverted is not None:  # smpo-cached-<t_mode>: read x_t; exact inverts one step with the reference
+                traj = make_trajectory("renoise", scheduler, latents_w, latents_l, predict_fn=no_grad_reference,
+                                       cond=cond, generator=generator, steps=5, renoise_iters=1,
+                                       average_window=[0, 2], t_mode=method.rsplit("-", 1)[1], inverted=inverted)
             else:  # smpo-<t_mode> (ReNoise K = 1) or smpo-ddim-<t_mode>
                 kind = "ddim" if method.startswith("smpo-ddim-") else "renoise"
                 traj = make_trajectory(kind, scheduler, latents_w, latents_l, predict_fn=no_grad_policy,
@@ -162,6 +186,7 @@ def bench(model: str, method: str, steps: int, batch_size: int, latent: int, dty
         torch.cuda.reset_peak_memory_stats()
     return {"model": model, "method": method, "finetune": finetune, "compile": compile_mode, "warmup": warmup,
             "cuda_graphs": cuda_graphs, "graphs_recorded": graphs.num_graphs if graphs is not None else 0,
+            "precompute_s": precompute_s,
             "batch_pairs": batch_size, "latent": latent,
             "dtype": dtype_name, "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
             "steps": steps, "median_s": statistics.median(times), "min_s": min(times), "peak_gib": peak}
@@ -173,7 +198,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["tiny"])
     parser.add_argument("--methods", nargs="+", default=["dpo", "smpo-exact", "smpo-grid_below"],
-                        help="dpo, smpo-exact, smpo-grid_below (ReNoise K=1), smpo-ddim-exact, smpo-ddim-grid_below")
+                        help="dpo, smpo-exact, smpo-grid_below (ReNoise K=1), smpo-ddim-exact, smpo-ddim-grid_below, "
+                             "smpo-cached-exact, smpo-cached-grid_below (the reference's ReNoise inversion made once "
+                             "before the timed steps, as trajectory.cache_inverted)")
     parser.add_argument("--finetune", nargs="+", default=["full"], choices=["full", "lora"],
                         help="full UNet (the SmPO recipes) and/or a rank-8 LoRA")
     parser.add_argument("--steps", type=int, default=5)

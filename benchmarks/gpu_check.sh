@@ -7,9 +7,9 @@
 #   1. our training step against diffusers' train_diffusion_dpo.py: SD1.5 architectures (UNet, VAE and text
 #      encoder, random weights) at 512 px, bf16, 8 pairs per step, LoRA rank 8; pairs/s and peak GPU memory.
 #      Sides: diffusers, ours cached, ours cached with train.cuda_graphs=true.
-#   2. SmPO (ReNoise K = 1, five-point grid, t_mode exact and grid_below) against Diffusion-DPO, the SD1.5 UNet at
-#      64x64 latents, bf16 autocast, 4 pairs, full fine-tuning and LoRA, without and with CUDA graphs for the
-#      no-grad calls (inversion and reference).
+#   2. SmPO (ReNoise K = 1, five-point grid, t_mode exact and grid_below; and the reference's inversion cached,
+#      trajectory.cache_inverted) against Diffusion-DPO, the SD1.5 UNet at 64x64 latents, bf16 autocast, 4 pairs,
+#      full fine-tuning and LoRA, without and with CUDA graphs for the no-grad calls (inversion and reference).
 #   3. ours cached with train.compile=true against part 1's diffusers (same machine, same call); its compilation
 #      falls in the warm-up steps (minutes), so it comes last.
 #
@@ -63,7 +63,8 @@ part vs && vs_diffusers "${VS_TIMEOUT:-200}" "${VS_SIDES:-diffusers,ours-cached,
 
 part smpo && timeout "${SMPO_TIMEOUT:-150}" $PY benchmarks/bench_smpo.py --models "${SMPO_MODELS:-sd15}" --latent "${SMPO_LATENT:-64}" \
     --batch-size "${SMPO_BATCH:-4}" --dtype "${SMPO_DTYPE:-bf16}" --steps "${SMPO_STEPS:-6}" --warmup 2 \
-    --finetune full lora --cuda-graphs off on --methods dpo smpo-exact smpo-grid_below \
+    --finetune full lora --cuda-graphs off on \
+    --methods dpo smpo-exact smpo-grid_below smpo-cached-exact smpo-cached-grid_below \
     --out "$OUT/smpo_${SMPO_MODELS:-sd15}.json" 2>&1 | tee "$OUT/smpo.log"
 
 part compile && vs_diffusers "${VS_COMPILE_TIMEOUT:-150}" "${VS_COMPILE_SIDES:-ours-cached+train.compile=true}" \

@@ -106,6 +106,14 @@ class TrajectoryConfig:
     # x_t really sits at the noise level the UNet is told. grid_below: stop at the last grid point below t and
     # feed that latent as if it were at t (what the released SmPO code does; cheaper by one step).
     t_mode: str = "exact"  # exact | grid_below
+    # Which model inverts x0: policy (the model being trained, as SmPO does) or reference (the frozen reference:
+    # the adapter-off UNet or the reference copy). With the reference, a pair's inverted latents no longer change
+    # during training; otherwise the same computation. A variant, measured in the shapes world (README).
+    invert_with: str = "policy"  # policy | reference
+    # With invert_with=reference and data.cache=true: store every grid point's inverted latent in the data cache
+    # (float32, steps x 2 latents per pair), so a step reads its x_t instead of inverting: grid_below then costs
+    # what a DPO step costs, exact one inversion step more.
+    cache_inverted: bool = False
     # ReNoise: K renoise iterations per inversion step (K + 1 noise predictions; 0 = plain DDIM inversion). The
     # SmPO code and ReNoise's SD1.5/SDXL examples use 1; ReNoise's SDXL-Turbo default is 9.
     renoise_iters: int = 1
@@ -246,6 +254,7 @@ CHOICES: Dict[str, Sequence[str]] = {
     "loss.soft_label_scores": ("auto", "dataset", "reward_model"),
     "trajectory.kind": ("forward", "ddim", "renoise"),
     "trajectory.t_mode": ("exact", "grid_below"),
+    "trajectory.invert_with": ("policy", "reference"),
     "train.optimizer": ("adamw", "adamw8bit", "adafactor"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.attention": ("sdpa", "xformers"),

@@ -65,6 +65,7 @@ __all__ = [
     "denoising_target",
     "forward_trajectory",
     "inversion_grid",
+    "invert_grid",
     "invert_latents",
     "make_trajectory",
     "shared_noise_and_timesteps",
@@ -325,20 +326,23 @@ def _rows(value, index, n: int):
 
 
 def _invert(scheduler, predict_fn, x0, cond, paths, lengths, *, renoise_iters=0, average_window=(0, 1),
-            noise_reg=None, generator=None):
+            noise_reg=None, generator=None, start=None, start_t=None):
     """Invert ``x0`` ``[N, ...]`` along per-sample paths (``lengths``: a CPU tensor); float32 result at each
     sample's last path entry.
 
     Each step runs the model only on the samples whose path is not finished yet (their rows of ``cond`` too, for
     tensors and dicts of tensors with first dim N), so a batch costs the mean path length, not the longest.
+    ``start`` / ``start_t``: resume from latents already inverted to timesteps ``start_t`` ``[N]`` (-1: clean)
+    instead of from x0 (which still serves ReNoise's regularisation reference and the dtype).
     """
     import torch
 
     prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
     dtype = x0.dtype
     n = x0.shape[0]
-    z = x0.float()
-    source = torch.full((n,), -1, dtype=torch.long, device=x0.device)  # -1: the clean latent
+    z = x0.float() if start is None else start.float()
+    source = (torch.full((n,), -1, dtype=torch.long, device=x0.device) if start_t is None  # -1: the clean latent
+              else start_t.to(x0.device))
     table = scheduler.alphas_cumprod.to(device=x0.device, dtype=torch.float32)
     # Which samples are still inverting is decided on the host: on a GPU, testing a device tensor at every step
     # would make the host wait for each UNet call before it may queue the next one.
@@ -410,6 +414,39 @@ def invert_latents(scheduler, predict_fn: Callable, x0: torch.Tensor, cond, time
                        average_window=average_window, noise_reg=reg, generator=generator)
 
 
+def invert_grid(kind: str, scheduler, predict_fn: Callable, x0: torch.Tensor, cond, *, steps: int = 50,
+                renoise_iters: int = 1, average_window: Sequence[int] = (0, 2), noise_reg_steps: int = 0,
+                noise_reg_lambda_kl: float = 0.065, noise_reg_lambda_ac: float = 20.0, noise_reg_ac_rolls: int = 5,
+                generator=None, **_unused) -> torch.Tensor:
+    """Every point of the inversion grid at once: ``[N, G, C, H, W]`` float32, the latent inverted to
+    ``inversion_grid(scheduler, steps)[g]`` (``kind`` ddim or renoise, options as in :func:`make_trajectory`).
+
+    With a model that does not change (the frozen reference), these are all a trajectory needs: pass them to
+    :func:`make_trajectory` as ``inverted`` and ``grid_below`` costs no model call, ``exact`` one step. The data
+    cache stores them (``trajectory.cache_inverted``). ``_unused`` takes the options that do not apply here
+    (``t_mode``), so ``trajectory_options(cfg.trajectory)`` can be passed whole.
+    """
+    import torch
+
+    if kind not in ("ddim", "renoise"):
+        raise ValueError(f"invert_grid: kind must be ddim or renoise, got {kind!r}.")
+    _check_options(renoise_iters, average_window, noise_reg_steps, noise_reg_ac_rolls)
+    iters, window = (0, (0, 1)) if kind == "ddim" else (int(renoise_iters), average_window)
+    reg = None if kind == "ddim" else _reg_options(noise_reg_steps, noise_reg_lambda_kl, noise_reg_lambda_ac,
+                                                   noise_reg_ac_rolls)
+    n = x0.shape[0]
+    z, source, points = x0.float(), torch.full((n,), -1, dtype=torch.long, device=x0.device), []
+    with torch.no_grad():
+        for g in inversion_grid(scheduler, steps):  # one step at a time, keeping each grid point's latent
+            target = torch.full((n, 1), g, dtype=torch.long, device=x0.device)
+            z = _invert(scheduler, predict_fn, x0, cond, target, torch.ones(n, dtype=torch.long),
+                        renoise_iters=iters, average_window=window, noise_reg=reg, generator=generator,
+                        start=z, start_t=source)
+            source = target[:, 0]
+            points.append(z)
+    return torch.stack(points, dim=1)
+
+
 def _reg_options(steps, lambda_kl, lambda_ac, ac_rolls):
     if int(steps) <= 0:
         return None
@@ -453,7 +490,8 @@ def make_trajectory(kind: str, scheduler, latents_w: torch.Tensor, latents_l: to
                     predict_fn: Optional[Callable] = None, cond=None, generator=None, steps: int = 50,
                     t_mode: str = "exact", renoise_iters: int = 1, average_window: Sequence[int] = (0, 2),
                     noise_reg_steps: int = 0, noise_reg_lambda_kl: float = 0.065, noise_reg_lambda_ac: float = 20.0,
-                    noise_reg_ac_rolls: int = 5, process_index: int = 0, num_processes: int = 1) -> Trajectory:
+                    noise_reg_ac_rolls: int = 5, process_index: int = 0, num_processes: int = 1,
+                    inverted: Optional[torch.Tensor] = None) -> Trajectory:
     """x_t, t, target and noise for B pairs (``[w; l]``), from the forward process or by inverting x0.
 
     ``predict_fn(x [n, C, H, W], t [n], cond) -> model output`` is needed for ``ddim`` / ``renoise``; ``cond`` is
@@ -461,6 +499,10 @@ def make_trajectory(kind: str, scheduler, latents_w: torch.Tensor, latents_l: to
     t is drawn exactly as for ``forward`` (the same generator gives the same t), also under data parallelism
     (``process_index`` / ``num_processes``, see :func:`shared_noise_and_timesteps`). ``ddim`` ignores the ReNoise
     options.
+
+    ``inverted``: x0 already inverted to every grid point, ``[2B, G, C, H, W]`` from :func:`invert_grid` with the
+    same kind and options and the model ``predict_fn`` stands for (e.g. read from the data cache). Each sample
+    then starts from its last grid point below t: ``grid_below`` needs no model call, ``exact`` one step to t.
     """
     import torch
 
@@ -477,15 +519,32 @@ def make_trajectory(kind: str, scheduler, latents_w: torch.Tensor, latents_l: to
     x0 = torch.cat([latents_w, latents_l])  # [2B, C, H, W]
     _, t = shared_noise_and_timesteps(latents_w, scheduler.config.num_train_timesteps, generator,
                                       process_index=process_index, num_processes=num_processes)
-    paths, lengths = _paths(grid, t, t_mode)
     if kind == "ddim":
         iters, window, reg = 0, (0, 1), None
     else:
         iters, window = int(renoise_iters), average_window
         reg = _reg_options(noise_reg_steps, noise_reg_lambda_kl, noise_reg_lambda_ac, noise_reg_ac_rolls)
+    start = start_t = None
+    if inverted is None:
+        paths, lengths = _paths(grid, t, t_mode)
+    else:
+        if inverted.shape[:2] != (x0.shape[0], len(grid)) or inverted.shape[2:] != x0.shape[1:]:
+            raise ValueError(f"make_trajectory: inverted has shape {tuple(inverted.shape)}, expected "
+                             f"{(x0.shape[0], len(grid), *x0.shape[1:])} (the {len(grid)}-point grid of steps={steps}).")
+        if t_mode not in T_MODES:
+            raise ValueError(f"trajectory.t_mode={t_mode!r} is not one of {', '.join(T_MODES)}.")
+        grid_t = torch.tensor(grid, device=t.device)
+        below = (grid_t[None, :] < t[:, None]).sum(1)  # [2B] grid points below t (their last is the start)
+        clean = x0.float()
+        start = torch.where((below > 0).reshape(-1, 1, 1, 1),
+                            inverted.to(x0.device)[torch.arange(len(t), device=t.device), (below - 1).clamp(min=0)].float(),
+                            clean)
+        start_t = torch.where(below > 0, grid_t[(below - 1).clamp(min=0)], torch.full_like(t, -1))
+        paths = t[:, None]  # exact: the one step left, from the grid point below t to t itself
+        lengths = torch.ones(len(t), dtype=torch.long) if t_mode == "exact" else torch.zeros(len(t), dtype=torch.long)
     with torch.no_grad():
         x_t = _invert(scheduler, predict_fn, x0, cond, paths, lengths, renoise_iters=iters, average_window=window,
-                      noise_reg=reg, generator=generator)  # [2B, C, H, W] float32
+                      noise_reg=reg, generator=generator, start=start, start_t=start_t)  # [2B, C, H, W] float32
         abar_t = _alpha_bar(scheduler, t)
         tau = (x_t - abar_t.sqrt() * x0.float()) / (1 - abar_t).sqrt()
         target = denoising_target(scheduler, x0.float(), tau, t)

@@ -84,6 +84,47 @@ def test_ddim_inversion_trajectory_trains(tiny_sd_dir, tmp_path):
     assert all(math.isfinite(r["loss"]) for r in rows) and rows[1]["loss"] != rows[0]["loss"]
 
 
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_invert_with_chooses_the_model_that_inverts(tiny_sd_dir, tmp_path, monkeypatch, finetune):
+    """invert_with=policy inverts with the model being trained, invert_with=reference with the frozen reference
+    (adapter off, or the reference copy): probed at the second step, when the trained weights have moved."""
+    from diffusers import UNet2DConditionModel
+
+    from diffusion_pref import trajectories
+    from diffusion_pref.training.trainer import Trainer
+
+    base = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet").eval()
+    real = trajectories.make_trajectory
+    probes = []
+
+    def probing(kind, scheduler, latents_w, latents_l, *, predict_fn=None, cond=None, **kwargs):
+        x = torch.cat([latents_w, latents_l])
+        t = torch.full((x.shape[0],), 500)
+        with torch.no_grad():
+            probes.append((predict_fn(x, t, cond), base(x, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample))
+        return real(kind, scheduler, latents_w, latents_l, predict_fn=predict_fn, cond=cond, **kwargs)
+
+    monkeypatch.setattr(trajectories, "make_trajectory", probing)
+    data = write_pairs(tmp_path / "p.parquet", n=4)
+    extra = ["model.finetune=full", "model.reference=copy"] if finetune == "full" else []
+    for mode in ("policy", "reference"):
+        probes.clear()
+        Trainer(cfg_for(tiny_sd_dir, data, tmp_path / mode, "trajectory.kind=ddim", "trajectory.steps=3",
+                        f"trajectory.invert_with={mode}", *extra)).train()
+        inverting, frozen = probes[1]  # step 2: the policy has had one update
+        assert torch.allclose(inverting, frozen, atol=1e-5) == (mode == "reference")
+
+
+def test_invert_with_reference_needs_a_reference(tiny_sd_dir, tmp_path):
+    from diffusion_pref.config import ConfigError
+    from diffusion_pref.training.trainer import Trainer
+
+    data = write_pairs(tmp_path / "p.parquet", n=4)
+    with pytest.raises(ConfigError, match="invert_with=reference needs a reference"):
+        Trainer(cfg_for(tiny_sd_dir, data, tmp_path / "out", "loss.name=sft", "trajectory.kind=ddim",
+                        "trajectory.invert_with=reference"))
+
+
 def test_validation_images_with_and_without_the_adapter(tiny_sd_dir, tmp_path):
     import numpy as np
     from PIL import Image
@@ -186,6 +227,59 @@ def test_cache_command_then_cached_training_reuses_it(tiny_sd_dir, tmp_path):
     trainer.backbone.vae.forward = trainer.backbone.vae.encode = trainer.backbone.text_encoder.forward = None
     trainer.train()
     assert (built / "manifest.json").stat().st_mtime_ns == stamp and len(list((tmp_path / "cache").iterdir())) == 1
+
+
+@pytest.mark.parametrize("t_mode", ["grid_below", "exact"])
+def test_cached_reference_inversion_trains_like_inverting_in_the_step(tiny_sd_dir, tmp_path, monkeypatch, t_mode):
+    """trajectory.cache_inverted: the reference model's inversion of every pair, stored once by `diffusion-pref
+    cache`, gives the losses of inverting with the reference in each step, with at most one inversion step left
+    per training step (none for grid_below)."""
+    from safetensors.torch import load_file
+
+    from diffusion_pref import trajectories
+    from diffusion_pref.data import cache
+    from diffusion_pref.training.trainer import Trainer
+
+    data = write_pairs(tmp_path / "p.parquet", n=4)
+    flags = ["loss.name=smpo", "trajectory.kind=renoise", "trajectory.steps=5", f"trajectory.t_mode={t_mode}",
+             "trajectory.invert_with=reference", "train.max_steps=3"]
+    cached_flags = ["data.cache=true", f"data.cache_dir={tmp_path / 'cache'}", "trajectory.cache_inverted=true"]
+    cache.run(cfg_for(tiny_sd_dir, data, tmp_path / "cached", *flags, *cached_flags))
+    [built] = list((tmp_path / "cache").iterdir())
+    shard = load_file(str(next(built.glob("shard-*.safetensors"))))
+    assert shard["inverted_w"].shape == (4, 5, *shard["latents_w"].shape[1:])  # every grid point, each pair
+    assert shard["inverted_w"].dtype == torch.float32
+
+    calls = []
+    real = trajectories._invert
+
+    def counting(*args, **kwargs):
+        calls.append(int(args[5].max()) if len(args[5]) else 0)  # the longest path of this inversion
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trajectories, "_invert", counting)
+    runs = {}
+    for name, extra in (("in the step", []), ("cached", cached_flags)):
+        calls.clear()
+        trainer = Trainer(cfg_for(tiny_sd_dir, data, tmp_path / name.replace(" ", "_"), *flags, *extra))
+        trainer.train()
+        runs[name] = [v for r in read_metrics(trainer.out) for v in (r["loss"], r["mse_w"], r["ref_mse_l"])]
+        steps = list(calls)
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # the trainer reused what `cache` built
+    assert max(steps) == (1 if t_mode == "exact" else 0)  # inversion steps left per training step (cached run)
+    assert runs["cached"] == pytest.approx(runs["in the step"], rel=1e-4, abs=1e-6)
+
+
+def test_cache_inverted_needs_the_cache_and_the_reference(tiny_sd_dir, tmp_path):
+    from diffusion_pref.config import ConfigError
+    from diffusion_pref.training.trainer import Trainer
+
+    data = write_pairs(tmp_path / "p.parquet", n=4)
+    base = ["trajectory.kind=renoise", "trajectory.cache_inverted=true"]
+    for extra in (["trajectory.invert_with=reference"], ["data.cache=true"],
+                  ["data.cache=true", "trajectory.invert_with=reference", "trajectory.kind=forward"]):
+        with pytest.raises(ConfigError, match="cache_inverted=true"):
+            Trainer(cfg_for(tiny_sd_dir, data, tmp_path / "out", *base, *extra))
 
 
 def test_sdxl_full_finetune_with_cpu_reference_saves_a_loadable_pipeline(tiny_sdxl_dir, tmp_path):

@@ -15,6 +15,7 @@ from diffusion_pref.trajectories import (
     denoising_target,
     forward_trajectory,
     inversion_grid,
+    invert_grid,
     invert_latents,
     make_trajectory,
     shared_noise_and_timesteps,
@@ -336,6 +337,51 @@ def test_renoise_trajectory_on_tiny_sd_has_pair_layout_and_consistent_target(tin
     torch.testing.assert_close(traj.x_t, abar.sqrt() * torch.cat([x0_w, x0_l]) + (1 - abar).sqrt() * traj.noise,
                                rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(traj.target, traj.noise)
+
+
+@pytest.mark.parametrize("kind", ["ddim", "renoise"])
+@pytest.mark.parametrize("t_mode", ["exact", "grid_below"])
+def test_pre_inverted_grid_gives_the_trajectory_of_inverting_on_the_fly(tiny_sd, kind, t_mode):
+    """invert_grid + make_trajectory(inverted=...) is what the data cache runs: with the same model it must give
+    the x_t, t and target of inverting in the step, for every t (many pairs: t on both sides of grid points)."""
+    pipe, predict, hidden = tiny_sd
+    from diffusers import DDPMScheduler as Ddpm
+
+    sched = Ddpm.from_config(pipe.scheduler.config)
+    pairs = 12
+    x0_w, x0_l = torch.randn(2, pairs, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    options = {"steps": 5, "renoise_iters": 1, "average_window": [0, 2]}
+    grid_latents = invert_grid(kind, sched, predict, torch.cat([x0_w, x0_l]), hidden, **options)
+    assert grid_latents.shape == (2 * pairs, 5, 4, 8, 8) and grid_latents.dtype == torch.float32
+    # the last grid point is plain inversion along the whole grid
+    torch.testing.assert_close(grid_latents[:, -1], invert_latents(
+        sched, predict, torch.cat([x0_w, x0_l]), hidden, inversion_grid(sched, 5),
+        renoise_iters=0 if kind == "ddim" else 1, average_window=[0, 2]), rtol=1e-4, atol=1e-5)
+    calls = []
+
+    def counting(x, t, c):
+        calls.append(x.shape[0])
+        return predict(x, t, c)
+
+    for seed in range(3):
+        on_the_fly = make_trajectory(kind, sched, x0_w, x0_l, predict_fn=predict, cond=hidden, t_mode=t_mode,
+                                     generator=torch.Generator().manual_seed(seed), **options)
+        calls.clear()
+        cached = make_trajectory(kind, sched, x0_w, x0_l, predict_fn=counting, cond=hidden, t_mode=t_mode,
+                                 generator=torch.Generator().manual_seed(seed), inverted=grid_latents, **options)
+        assert torch.equal(cached.t, on_the_fly.t)
+        torch.testing.assert_close(cached.x_t, on_the_fly.x_t, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(cached.target, on_the_fly.target, rtol=1e-3, atol=1e-4)
+        per_step = 1 if kind == "ddim" else 2  # model calls of one inversion step
+        assert len(calls) == (per_step if t_mode == "exact" else 0)  # one step to t at most, on the whole batch
+
+
+def test_pre_inverted_grid_of_the_wrong_size_is_refused(tiny_sd):
+    pipe, predict, hidden = tiny_sd
+    x0 = torch.randn(2, 1, 4, 8, 8)
+    with pytest.raises(ValueError, match="5-point grid"):
+        make_trajectory("ddim", pipe.scheduler, x0[0], x0[1], predict_fn=predict, cond=hidden, steps=5,
+                        inverted=torch.zeros(2, 4, 4, 8, 8))
 
 
 def test_noise_regularisation_lowers_both_terms():

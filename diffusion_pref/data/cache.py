@@ -18,6 +18,7 @@ Run it::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -41,12 +42,25 @@ def model_identity(model_cfg) -> Dict[str, object]:
     return ident
 
 
+def inversion_identity(traj_cfg) -> Dict[str, object]:
+    """What the cached inverted latents depend on besides the model and data (t_mode does not: every grid point
+    is stored)."""
+    from diffusion_pref.trajectories import trajectory_options
+
+    options = trajectory_options(traj_cfg)
+    options.pop("t_mode")
+    return {"kind": traj_cfg.kind, "with": traj_cfg.invert_with, **options}
+
+
 def cache_key(cfg, source) -> Dict[str, object]:
     from diffusion_pref.data.augment import augmentation_identity
 
-    return {"version": CACHE_VERSION, "data": source.identity(), "model": model_identity(cfg.model),
-            "augmentation": augmentation_identity(cfg.data, cfg.train.seed),
-            "mixed_precision": cfg.train.mixed_precision}
+    key = {"version": CACHE_VERSION, "data": source.identity(), "model": model_identity(cfg.model),
+           "augmentation": augmentation_identity(cfg.data, cfg.train.seed),
+           "mixed_precision": cfg.train.mixed_precision}
+    if cfg.trajectory.cache_inverted:
+        key["inversion"] = inversion_identity(cfg.trajectory)
+    return key
 
 
 def cache_dir(cfg, key: Dict[str, object]) -> Path:
@@ -91,7 +105,7 @@ class CachedPairs:
         return batch
 
 
-def _encode_block(cfg, source, backbone, block_index: int, device, weight_dtype) -> Dict[str, object]:
+def _encode_block(cfg, source, backbone, block_index: int, device, weight_dtype, invert=None) -> Dict[str, object]:
     import torch
 
     from diffusion_pref.data.loader import collate_pixels
@@ -117,6 +131,8 @@ def _encode_block(cfg, source, backbone, block_index: int, device, weight_dtype)
                   "crop_top_left": batch["crop_top_left"], **{f"text.{k}": v for k, v in text.items()}}
         if "score_w" in batch:
             fields.update(score_w=batch["score_w"], score_l=batch["score_l"])
+        if invert is not None:  # [2B, G, C, H, W] float32: every grid point of the inversion of [w; l]
+            fields["inverted_w"], fields["inverted_l"] = invert(latents_w, latents_l, text, batch).chunk(2)
         for key, value in fields.items():
             parts.setdefault(key, []).append(value.detach().cpu())
     n = len(items)
@@ -132,8 +148,31 @@ def _encode_block(cfg, source, backbone, block_index: int, device, weight_dtype)
     return out
 
 
-def build_cache(cfg, source, backbone, accelerator=None) -> CachedPairs:
-    """Compute the missing cache for (cfg, source) and return a reader; reuses a complete cache with the same key."""
+def grid_inverter(cfg, backbone, predict_fn, autocast=contextlib.nullcontext):
+    """The ``invert`` function of :func:`build_cache`: ``predict_fn`` (the frozen reference model) inverts each
+    pair to every point of ``cfg.trajectory``'s grid, under ``autocast`` (the training precision)."""
+    import torch
+
+    from diffusion_pref.pipelines.stable_diffusion import repeat_pair
+    from diffusion_pref.trajectories import invert_grid, trajectory_options
+
+    def invert(latents_w, latents_l, text, batch):
+        cond = repeat_pair(backbone.conditioning(text, batch))
+        with autocast():
+            return invert_grid(cfg.trajectory.kind, backbone.scheduler, predict_fn, torch.cat([latents_w, latents_l]),
+                               cond, **trajectory_options(cfg.trajectory))
+
+    return invert
+
+
+def build_cache(cfg, source, backbone, accelerator=None, invert=None) -> CachedPairs:
+    """Compute the missing cache for (cfg, source) and return a reader; reuses a complete cache with the same key.
+
+    ``invert(latents_w, latents_l, text, batch) -> [2B, G, C, H, W]`` (required when
+    ``trajectory.cache_inverted``): the grid latents stored as ``inverted_w`` / ``inverted_l``.
+    """
+    if cfg.trajectory.cache_inverted and invert is None:
+        raise ValueError("build_cache: trajectory.cache_inverted needs the invert function (the trainer passes it)")
     from safetensors.torch import save_file
 
     from diffusion_pref.pipelines import torch_dtype
@@ -151,7 +190,8 @@ def build_cache(cfg, source, backbone, accelerator=None) -> CachedPairs:
     logger.info("cache: encoding %d pairs into %s", len(source), directory)
     skipped = 0
     for b in range(rank, len(source.blocks), world):
-        shard = _encode_block(cfg, source, backbone, b, device, weight_dtype)
+        shard = _encode_block(cfg, source, backbone, b, device, weight_dtype,
+                              invert=invert if cfg.trajectory.cache_inverted else None)
         skipped += int((~shard["valid"]).sum())
         tmp = directory / f".shard-{b:06d}.tmp"
         save_file(shard, str(tmp))
@@ -177,7 +217,7 @@ def run(cfg) -> None:
     from diffusion_pref.pipelines import load_backbone, torch_dtype
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    accelerator = Accelerator()
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
     source = PairSource(cfg.data, seed=cfg.train.seed)
     backbone = load_backbone(cfg.model)
     weight_dtype = torch_dtype(cfg.train.mixed_precision)
@@ -185,6 +225,10 @@ def run(cfg) -> None:
     backbone.vae.to(accelerator.device, vae_dtype)
     for module in backbone.frozen_modules[1:]:
         module.to(accelerator.device, weight_dtype)
-    cached = build_cache(cfg, source, backbone, accelerator)
+    invert = None
+    if cfg.trajectory.cache_inverted:  # the pretrained UNet is the reference model the trainer would invert with
+        backbone.unet.to(accelerator.device, weight_dtype).eval()
+        invert = grid_inverter(cfg, backbone, lambda x, t, c: backbone.predict(x, t, c), accelerator.autocast)
+    cached = build_cache(cfg, source, backbone, accelerator, invert=invert)
     if accelerator.is_main_process:
         print(f"cache ready: {cached.directory} ({len(source)} pairs; {source.summary()})")

@@ -19,6 +19,7 @@ diffusers format (``pipe.load_lora_weights(output.dir)``) or, for ``model.finetu
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -270,6 +271,16 @@ class Trainer:
         self.loss_fn = LOSSES[cfg.loss.name]
         self.takes_soft = cfg.loss.name in TAKES_SOFT_LABEL
         self.reference = resolve_reference(cfg.model, needs_ref=cfg.loss.name not in REFERENCE_FREE)
+        if cfg.trajectory.cache_inverted and not (cfg.data.cache and cfg.trajectory.kind in ("ddim", "renoise")
+                                                  and cfg.trajectory.invert_with == "reference"):
+            raise ConfigError("trajectory.cache_inverted=true stores the reference model's inversion in the data "
+                              "cache: it needs data.cache=true, trajectory.kind=ddim or renoise and "
+                              f"trajectory.invert_with=reference (got data.cache={cfg.data.cache}, "
+                              f"kind={cfg.trajectory.kind}, invert_with={cfg.trajectory.invert_with})")
+        if cfg.trajectory.invert_with == "reference" and self.reference == "none":
+            raise ConfigError(f"trajectory.invert_with=reference needs a reference model, but loss "
+                              f"{cfg.loss.name!r} with model.reference={cfg.model.reference!r} has none; use "
+                              "trajectory.invert_with=policy or set model.reference (adapter, copy)")
 
         # Data first: a bad dataset fails in seconds, before any model is loaded.
         self.source = source = PairSource(cfg.data, seed=t.seed)
@@ -315,7 +326,14 @@ class Trainer:
         if cfg.data.cache:
             from diffusion_pref.data.cache import build_cache
 
-            cached = build_cache(cfg, source, backbone, accelerator=accelerator)
+            invert = None
+            if cfg.trajectory.cache_inverted:
+                from diffusion_pref.data.cache import grid_inverter
+
+                # the reference model never changes, so its inversion of each pair is computed once, here
+                invert = grid_inverter(cfg, backbone, functools.partial(self._reference_predict, backbone.unet),
+                                       accelerator.autocast)
+            cached = build_cache(cfg, source, backbone, accelerator=accelerator, invert=invert)
             self.make_batch = cached.read_batch
             self.num_workers = 0  # reading a shard is cheaper than forking workers
             if not (t.validate_every and t.validation_prompts):  # validation images still need the VAE
@@ -354,6 +372,27 @@ class Trainer:
         elif t.resume == "latest":
             logger.info("train.resume=latest: no checkpoint under %s yet, starting from scratch", self.checkpointer.root)
 
+    def _no_grad_predict(self, name, module, x, tt, c):
+        """A no-grad UNet call, replayed from a CUDA graph under train.cuda_graphs (``name`` tells apart the
+        module states that share one module: the adapter on or off)."""
+        if self.graphs is None:
+            return self.backbone.predict(x, tt, c, unet=module)
+        return self.graphs(name, lambda *args: self.backbone.predict(*args, unet=module), x, tt, c)
+
+    def _reference_predict(self, policy, x, tt, c):
+        """The reference model's prediction (no grad): ``policy`` with its adapter switched off, or the copy."""
+        if self.reference == "adapter":
+            policy.disable_adapters()
+            try:
+                return self._no_grad_predict("adapter off", policy, x, tt, c)
+            finally:
+                policy.enable_adapters()
+        ref_unet = self.ref_unet
+        ref_device, ref_dtype = next(ref_unet.parameters()).device, next(ref_unet.parameters()).dtype
+        pred = self._no_grad_predict("reference", ref_unet, x.to(ref_device, ref_dtype), tt.to(ref_device),
+                                     {k: v.to(ref_device) for k, v in c.items()})
+        return pred.to(self.device)
+
     def train(self, save_outputs: bool = True) -> Dict[str, object]:
         """Run to ``train.max_steps``; returns the summary also written to ``train_summary.json``.
 
@@ -391,12 +430,13 @@ class Trainer:
             metrics_file.write_text("".join(line + "\n" for line in kept))
         unwrapped = accelerator.unwrap_model(unet)
 
-        def no_grad_predict(name, module, x, tt, c):
-            """A no-grad UNet call, replayed from a CUDA graph under train.cuda_graphs (``name`` tells apart the
-            module states that share one module: the adapter on or off)."""
-            if self.graphs is None:
-                return backbone.predict(x, tt, c, unet=module)
-            return self.graphs(name, lambda *args: backbone.predict(*args, unet=module), x, tt, c)
+        no_grad_predict = self._no_grad_predict
+        reference_predict = functools.partial(self._reference_predict, unwrapped)
+        if cfg.trajectory.invert_with == "reference":
+            invert_predict = reference_predict
+        else:
+            def invert_predict(x, tt, c):
+                return no_grad_predict("policy", unwrapped, x, tt, c)
 
         progress = tqdm(total=t.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
         readout = DeferredReadout(device)
@@ -439,23 +479,16 @@ class Trainer:
                     # the current model (SmPO), under no_grad inside make_trajectory.
                     traj = make_trajectory(
                         cfg.trajectory.kind, backbone.scheduler, latents_w, latents_l,
-                        predict_fn=lambda x, tt, c: no_grad_predict("policy", unwrapped, x, tt, c), cond=cond,
+                        predict_fn=invert_predict, cond=cond,
                         generator=generator, process_index=accelerator.process_index,
                         num_processes=accelerator.num_processes, **trajectory_options(cfg.trajectory),
+                        inverted=(torch.cat([batch["inverted_w"], batch["inverted_l"]]).to(device, non_blocking=True)
+                                  if "inverted_w" in batch else None),
                     )
                     ref_w = ref_l = None
                     if reference != "none":
                         with torch.no_grad():
-                            if reference == "adapter":
-                                unwrapped.disable_adapters()
-                                ref_pred = no_grad_predict("adapter off", unwrapped, traj.x_t, traj.t, cond)
-                                unwrapped.enable_adapters()
-                            else:
-                                ref_device = next(ref_unet.parameters()).device
-                                ref_cond = {k: v.to(ref_device) for k, v in cond.items()}
-                                ref_pred = no_grad_predict(
-                                    "reference", ref_unet, traj.x_t.to(ref_device, next(ref_unet.parameters()).dtype),
-                                    traj.t.to(ref_device), ref_cond).to(device)
+                            ref_pred = reference_predict(traj.x_t, traj.t, cond)
                             ref_w, ref_l = denoising_log_likelihood(ref_pred, traj.target).chunk(2)
                     pred = backbone.predict(traj.x_t, traj.t, cond, unet=unet)  # [2B, C, H, W], one pass over [w; l]
                 policy_w, policy_l = denoising_log_likelihood(pred, traj.target).chunk(2)  # [B] each
