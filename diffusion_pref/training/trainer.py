@@ -308,9 +308,9 @@ class Trainer:
         self.trainable, self.ref_unet = setup_policy(cfg, backbone, self.weight_dtype, self.reference, self.device)
         self.graphs = None
         if t.cuda_graphs:
-            from diffusion_pref.training.cuda_graphs import CudaGraphCalls
-
             from accelerate.utils import DistributedType
+
+            from diffusion_pref.training.cuda_graphs import CudaGraphCalls
 
             if self.device.type != "cuda":
                 logger.warning("train.cuda_graphs=true has no effect on %s: the UNet calls run eagerly", self.device)
@@ -474,16 +474,17 @@ class Trainer:
             with accelerator.accumulate(unet):
                 latents_w, latents_l, text = self.encode(batch)
                 cond = repeat_pair(backbone.conditioning(text, batch))
+                # trajectory.cache_inverted: the reference's inversion of these pairs, read from the cache
+                inverted = (torch.cat([batch["inverted_w"], batch["inverted_l"]]).to(device, non_blocking=True)
+                            if "inverted_w" in batch else None)
                 with accelerator.autocast():
                     # Noise and t of each pair do not depend on the process count; ddim / renoise invert x0 with
-                    # the current model (SmPO), under no_grad inside make_trajectory.
+                    # the current model (SmPO) or the reference (invert_with), under no_grad in make_trajectory.
                     traj = make_trajectory(
                         cfg.trajectory.kind, backbone.scheduler, latents_w, latents_l,
-                        predict_fn=invert_predict, cond=cond,
+                        predict_fn=invert_predict, cond=cond, inverted=inverted,
                         generator=generator, process_index=accelerator.process_index,
                         num_processes=accelerator.num_processes, **trajectory_options(cfg.trajectory),
-                        inverted=(torch.cat([batch["inverted_w"], batch["inverted_l"]]).to(device, non_blocking=True)
-                                  if "inverted_w" in batch else None),
                     )
                     ref_w = ref_l = None
                     if reference != "none":
