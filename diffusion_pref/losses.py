@@ -177,7 +177,10 @@ def _apply_weight(loss: str, loss_per_pair, weight):
     return loss_per_pair * weight
 
 
-def _soft_label(loss: str, soft_label, pairs: int, *, required: bool):
+def _soft_label(loss: str, soft_label, pairs: int, *, required: bool, device=None):
+    """Validated soft labels on ``device``. Pass them on the host: the range check then reads host memory, and
+    the copy to the device does not wait for the GPU (checked on the GPU, the host would wait for the forward
+    passes before it could queue the backward)."""
     if soft_label is None:
         if required:
             raise ValueError(
@@ -188,7 +191,7 @@ def _soft_label(loss: str, soft_label, pairs: int, *, required: bool):
     soft_label = _as_float32("soft_label", loss, soft_label, pairs)
     if bool(((soft_label < 0) | (soft_label > 1) | soft_label.isnan()).any()):
         raise ValueError(f"{loss}: `soft_label` must lie in [0, 1] (a probability), got {soft_label.tolist()}.")
-    return soft_label.detach()
+    return soft_label.detach().to(device if device is not None else soft_label.device, non_blocking=True)
 
 
 def _check_range(loss: str, name: str, value, low: float, high: float, *, high_open: bool = False) -> float:
@@ -259,7 +262,7 @@ def smpo(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None
     _reject_unused("smpo", label=label)
     gamma = _param("smpo", "gamma", gamma)
     policy_w, policy_l, ref_w, ref_l, beta = _prepare("smpo", policy_w, policy_l, ref_w, ref_l, beta)
-    p = _soft_label("smpo", soft_label, policy_w.shape[0], required=True)
+    p = _soft_label("smpo", soft_label, policy_w.shape[0], required=True, device=policy_w.device)
     log_ratio_w, log_ratio_l = policy_w - ref_w, policy_l - ref_l
     scale = gamma * (2.0 * p - 1.0)  # [pairs]
     loss = -F.logsigmoid(scale * beta * (log_ratio_w - log_ratio_l))
@@ -587,7 +590,7 @@ def sppo(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None
     """
     _reject_unused("sppo", label=label)
     policy_w, policy_l, ref_w, ref_l, beta = _prepare("sppo", policy_w, policy_l, ref_w, ref_l, beta)
-    p = _soft_label("sppo", soft_label, policy_w.shape[0], required=False)
+    p = _soft_label("sppo", soft_label, policy_w.shape[0], required=False, device=policy_w.device)
     log_ratio_w, log_ratio_l = policy_w - ref_w, policy_l - ref_l
     if p is None:
         target_w, target_l = 0.5 / beta, -0.5 / beta

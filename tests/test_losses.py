@@ -622,3 +622,17 @@ def test_matches_trl_kto_loss(seed, shift):
     assert metrics["kl"].item() == pytest.approx(float(trl_kl), abs=1e-7)
     if shift:
         assert metrics["kl"].item() > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_smpo_takes_host_soft_labels_with_cuda_inputs():
+    """The trainer keeps soft labels on the host (checked there, copied without waiting for the GPU)."""
+    from diffusion_pref.losses import LOSSES
+
+    g = torch.Generator().manual_seed(0)
+    pw, pl, rw, rl = (-torch.rand(4, generator=g) for _ in range(4))
+    p = torch.tensor([0.9, 0.2, 0.5, 1.0])
+    on_cpu, _ = LOSSES["smpo"](pw, pl, rw, rl, beta=100.0, soft_label=p)
+    on_gpu, _ = LOSSES["smpo"](*(x.cuda() for x in (pw, pl, rw, rl)), beta=100.0, soft_label=p)
+    assert on_gpu.is_cuda
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu)

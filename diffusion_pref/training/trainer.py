@@ -494,10 +494,11 @@ class Trainer:
                     pred = backbone.predict(traj.x_t, traj.t, cond, unet=unet)  # [2B, C, H, W], one pass over [w; l]
                 policy_w, policy_l = denoising_log_likelihood(pred, traj.target).chunk(2)  # [B] each
                 extra = {}
+                # soft labels stay on the host: the loss checks their range there and then moves them
                 if self.soft_labels is not None:
-                    extra["soft_label"] = self.soft_labels.lookup(batch["rows"]).to(device, non_blocking=True)
+                    extra["soft_label"] = self.soft_labels.lookup(batch["rows"])
                 elif self.takes_soft:
-                    extra["soft_label"] = batch["soft_label"].to(device, non_blocking=True)
+                    extra["soft_label"] = batch["soft_label"]
                 if bco_shift is not None:
                     extra["reward_shift"] = bco_shift.mean
                 loss_per_pair, metrics = self.loss_fn(policy_w, policy_l, ref_w, ref_l, beta=cfg.loss.beta,
