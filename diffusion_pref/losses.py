@@ -191,7 +191,9 @@ def _soft_label(loss: str, soft_label, pairs: int, *, required: bool, device=Non
     soft_label = _as_float32("soft_label", loss, soft_label, pairs)
     if bool(((soft_label < 0) | (soft_label > 1) | soft_label.isnan()).any()):
         raise ValueError(f"{loss}: `soft_label` must lie in [0, 1] (a probability), got {soft_label.tolist()}.")
-    return soft_label.detach().to(device if device is not None else soft_label.device, non_blocking=True)
+    from diffusion_pref.transfer import to_device
+
+    return to_device(soft_label.detach(), device if device is not None else soft_label.device)
 
 
 def _check_range(loss: str, name: str, value, low: float, high: float, *, high_open: bool = False) -> float:

@@ -121,10 +121,10 @@ def shared_noise_and_timesteps(latents_w: torch.Tensor, num_train_timesteps: int
     t_all = torch.randint(0, int(num_train_timesteps), (global_batch,), generator=generator, device=draw_device)
     noise_half = noise_all[process_index::num_processes]  # [B, ...]
     t_half = t_all[process_index::num_processes]  # [B]
-    # non_blocking: the host need not wait for queued GPU work before handing over the draws
-    noise = torch.cat([noise_half, noise_half]).to(device=latents_w.device, dtype=latents_w.dtype,
-                                                   non_blocking=True)  # [2B, ...]
-    t = torch.cat([t_half, t_half]).to(latents_w.device, non_blocking=True)  # [2B]
+    from diffusion_pref.transfer import to_device  # the host need not wait for queued GPU work to hand these over
+
+    noise = to_device(torch.cat([noise_half, noise_half]), latents_w.device, latents_w.dtype)  # [2B, ...]
+    t = to_device(torch.cat([t_half, t_half]), latents_w.device)  # [2B]
     return noise, t
 
 
@@ -337,6 +337,8 @@ def _invert(scheduler, predict_fn, x0, cond, paths, lengths, *, renoise_iters=0,
     """
     import torch
 
+    from diffusion_pref.transfer import to_device
+
     prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
     dtype = x0.dtype
     n = x0.shape[0]
@@ -350,13 +352,13 @@ def _invert(scheduler, predict_fn, x0, cond, paths, lengths, *, renoise_iters=0,
         active_host = lengths > j  # [N]
         if not bool(active_host.any()):
             break
-        active = active_host.to(x0.device, non_blocking=True)
+        active = to_device(active_host, x0.device)
         noise = None
         if noise_reg is not None and noise_reg["lambda_kl"] > 0:
             # drawn for the whole batch every step, so the numbers do not depend on which samples are active
             draw_device = generator.device if generator is not None else x0.device
             noise = torch.randn(x0.shape, generator=generator, device=draw_device).to(x0.device)
-        index = active_host.nonzero().squeeze(1).to(x0.device, non_blocking=True)
+        index = to_device(active_host.nonzero().squeeze(1), x0.device)
         every = index.numel() == n
         sub = (lambda v: v) if every else (lambda v: v[index])
         step_cond = cond if every else _rows(cond, index, n)

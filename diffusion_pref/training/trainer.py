@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Dict
 
+from diffusion_pref.transfer import to_device
+
 logger = logging.getLogger(__name__)
 
 
@@ -207,12 +209,11 @@ class PairEncoder:
         import torch
 
         if "latents_w" in batch:
-            # non_blocking: from pageable host memory CUDA stages the bytes at once and the host does not wait for
-            # the GPU to finish the previous step (a blocking copy would)
-            latents_w = batch["latents_w"].to(self.device, self.weight_dtype, non_blocking=True)
-            latents_l = batch["latents_l"].to(self.device, self.weight_dtype, non_blocking=True)
-            text = {k[len("text."):]: v.to(self.device, non_blocking=True) for k, v in batch.items()
-                    if k.startswith("text.")}
+            # without a host wait for the GPU (the loader pins batches on CUDA): the next step's inputs can be
+            # on their way while the GPU still runs this one
+            latents_w = to_device(batch["latents_w"], self.device, self.weight_dtype)
+            latents_l = to_device(batch["latents_l"], self.device, self.weight_dtype)
+            text = {k[len("text."):]: to_device(v, self.device) for k, v in batch.items() if k.startswith("text.")}
             return latents_w, latents_l, text
         pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]])  # [2B, 3, R, R]
         latents = self.backbone.encode_media(pixels).to(self.weight_dtype)
@@ -475,7 +476,7 @@ class Trainer:
                 latents_w, latents_l, text = self.encode(batch)
                 cond = repeat_pair(backbone.conditioning(text, batch))
                 # trajectory.cache_inverted: the reference's inversion of these pairs, read from the cache
-                inverted = (torch.cat([batch["inverted_w"], batch["inverted_l"]]).to(device, non_blocking=True)
+                inverted = (torch.cat([to_device(batch[k], device) for k in ("inverted_w", "inverted_l")])
                             if "inverted_w" in batch else None)
                 with accelerator.autocast():
                     # Noise and t of each pair do not depend on the process count; ddim / renoise invert x0 with
