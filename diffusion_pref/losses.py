@@ -397,8 +397,8 @@ def _unpaired_metrics(log_ratio, desirable, z0, beta: float, **extra) -> Metrics
         log_ratio = log_ratio.detach()
         undesirable = ~desirable
 
-        def group_mean(mask):
-            return log_ratio[mask].mean() if bool(mask.any()) else log_ratio.new_zeros(())
+        def group_mean(mask):  # computed on the device: no host read of the mask in the middle of a step
+            return torch.where(mask, log_ratio, log_ratio.new_zeros(())).sum() / mask.sum().clamp(min=1)
 
         signed = torch.where(desirable, log_ratio - z0, z0 - log_ratio)
         mean_w, mean_l = group_mean(desirable), group_mean(undesirable)

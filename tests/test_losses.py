@@ -407,6 +407,17 @@ def test_kto_unpaired_hand_value_and_metrics():
     assert metrics["reward_l"].item() == pytest.approx(BETA * -0.1)
 
 
+def test_unpaired_metrics_of_an_empty_group_are_zero_and_groups_stay_apart():
+    """An all-desirable batch reports reward_l = 0 (not NaN), and a huge value in one group does not leak into the
+    other's mean (the means are taken on the device, without indexing by the mask)."""
+    policy, ref = t([-0.1, -0.4]), t([-0.3, -0.3])
+    _, metrics = LOSSES["kto"](policy, None, ref, None, beta=BETA, label=t([1, 1]))
+    assert metrics["reward_l"].item() == 0.0
+    assert metrics["reward_w"].item() == pytest.approx(BETA * (0.2 - 0.1) / 2)
+    _, metrics = LOSSES["kto"](t([-0.1, float("-inf")]), None, t([-0.3, 0.0]), None, beta=BETA, label=t([1, 0]))
+    assert metrics["reward_w"].item() == pytest.approx(BETA * 0.2)
+
+
 def test_unpaired_mode_refuses_loser_inputs_and_bad_labels():
     pw, pl, rw, rl = inputs()
     with pytest.raises(ValueError, match="policy_l=None"):
