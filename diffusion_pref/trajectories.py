@@ -187,13 +187,22 @@ def inversion_grid(scheduler, steps: int) -> list[int]:
     return sorted({min(max(int(g), 0), total - 1) for g in inverse.timesteps.tolist()})
 
 
+def _abar_table(scheduler, device) -> torch.Tensor:
+    """The scheduler's alphas_cumprod as float32 on ``device``, copied without making the host wait."""
+    import torch
+
+    from diffusion_pref.transfer import to_device
+
+    return to_device(scheduler.alphas_cumprod, device, torch.float32)
+
+
 def _alpha_bar(scheduler, t: torch.Tensor, table: Optional[torch.Tensor] = None) -> torch.Tensor:
     """abar_t as float32 ``[N, 1, 1, 1]``; t = -1 stands for the clean latent (abar = 1). ``table``: the
     scheduler's alphas_cumprod already on t's device (a loop passes it, so the host copies it once)."""
     import torch
 
     if table is None:
-        table = scheduler.alphas_cumprod.to(device=t.device, dtype=torch.float32)
+        table = _abar_table(scheduler, t.device)
     abar = torch.where(t < 0, torch.ones((), device=t.device), table[t.clamp(min=0)])
     return abar.reshape(-1, 1, 1, 1)
 
@@ -345,7 +354,7 @@ def _invert(scheduler, predict_fn, x0, cond, paths, lengths, *, renoise_iters=0,
     z = x0.float() if start is None else start.float()
     source = (torch.full((n,), -1, dtype=torch.long, device=x0.device) if start_t is None  # -1: the clean latent
               else start_t.to(x0.device))
-    table = scheduler.alphas_cumprod.to(device=x0.device, dtype=torch.float32)
+    table = _abar_table(scheduler, x0.device)
     # Which samples are still inverting is decided on the host: on a GPU, testing a device tensor at every step
     # would make the host wait for each UNet call before it may queue the next one.
     for j in range(paths.shape[1]):

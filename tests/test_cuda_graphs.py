@@ -154,3 +154,25 @@ def test_smpo_training_with_cuda_graphs_matches_eager(tiny_sd_dir, tmp_path, fin
             assert trainer.graphs.num_graphs >= 2
         runs[name] = [v for r in read_metrics(tmp_path / name) for v in (r["loss"], r["mse_w"], r["ref_mse_l"])]
     assert runs["graphs"] == pytest.approx(runs["eager"], rel=2e-2, abs=1e-3)
+
+
+def test_building_the_inversion_cache_records_no_graphs(tiny_sd_dir, tmp_path, monkeypatch):
+    """The cache's one-off inversion calls run eagerly (a graph per chunk shape would only cost recordings);
+    training then sends its reference calls through the graphs."""
+    from diffusion_pref.training import cuda_graphs
+    from diffusion_pref.training.trainer import Trainer
+
+    seen = []
+
+    def spy(self, name, fn, *args):
+        seen.append(name)
+        return fn(*args)
+
+    monkeypatch.setattr(cuda_graphs.CudaGraphCalls, "__call__", spy)
+    data = write_pairs(tmp_path / "p.parquet", n=4)
+    trainer = Trainer(make_cfg(tiny_sd_dir, data, tmp_path / "out", "loss.name=smpo", "trajectory.kind=renoise",
+                               "trajectory.steps=5", "trajectory.t_mode=grid_below", "trajectory.invert_with=reference",
+                               "data.cache=true", "trajectory.cache_inverted=true", "train.cuda_graphs=true"))
+    assert seen == []  # the cache (with its inversion) is built by now
+    trainer.train()
+    assert set(seen) == {"adapter off"}  # the reference pass; grid_below reads x_t from the cache

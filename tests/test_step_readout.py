@@ -16,7 +16,7 @@ from test_train import make_cfg, read_metrics  # noqa: E402
 def test_put_hands_back_the_previous_step_and_take_the_queued_one():
     from diffusion_pref.training.step_readout import DeferredReadout
 
-    readout = DeferredReadout(torch.device("cpu"))
+    readout = DeferredReadout()
     assert readout.take() is None
     assert readout.put(torch.tensor([1.0, 2.0]), {"step": 1}) is None
     assert readout.put(torch.tensor([3.0, 4.0]), {"step": 2}) == ([1.0, 2.0], {"step": 1})
@@ -28,7 +28,7 @@ def test_put_hands_back_the_previous_step_and_take_the_queued_one():
 def test_cuda_values_are_those_at_put_time_even_if_changed_later():
     from diffusion_pref.training.step_readout import DeferredReadout
 
-    readout = DeferredReadout(torch.device("cuda"))
+    readout = DeferredReadout()
     values = torch.arange(3.0, device="cuda")
     readout.put(values, "a")
     values.add_(10)  # queued after the copy: must not show in what was put

@@ -171,8 +171,8 @@ def build_cache(cfg, source, backbone, accelerator=None, invert=None) -> CachedP
     ``invert(latents_w, latents_l, text, batch) -> [2B, G, C, H, W]`` (required when
     ``trajectory.cache_inverted``): the grid latents stored as ``inverted_w`` / ``inverted_l``.
     """
-    if cfg.trajectory.cache_inverted and invert is None:
-        raise ValueError("build_cache: trajectory.cache_inverted needs the invert function (the trainer passes it)")
+    if cfg.trajectory.cache_inverted != (invert is not None):  # the key says whether the shards hold inversions
+        raise ValueError("build_cache: pass the invert function exactly when trajectory.cache_inverted is true")
     from safetensors.torch import save_file
 
     from diffusion_pref.pipelines import torch_dtype
@@ -190,8 +190,7 @@ def build_cache(cfg, source, backbone, accelerator=None, invert=None) -> CachedP
     logger.info("cache: encoding %d pairs into %s", len(source), directory)
     skipped = 0
     for b in range(rank, len(source.blocks), world):
-        shard = _encode_block(cfg, source, backbone, b, device, weight_dtype,
-                              invert=invert if cfg.trajectory.cache_inverted else None)
+        shard = _encode_block(cfg, source, backbone, b, device, weight_dtype, invert=invert)
         skipped += int((~shard["valid"]).sum())
         tmp = directory / f".shard-{b:06d}.tmp"
         save_file(shard, str(tmp))

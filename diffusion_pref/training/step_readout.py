@@ -10,7 +10,7 @@ On a CPU everything runs in order anyway; the same code keeps the values as they
 
 Example::
 
-    readout = DeferredReadout(device)
+    readout = DeferredReadout()
     finished = readout.put(values, info)      # queue this step's [n] values; get the previous step's, if any
     last = readout.take()                     # at the end (or wherever a value is needed now): wait for it
 """
@@ -25,8 +25,7 @@ __all__ = ["DeferredReadout"]
 class DeferredReadout:
     """Holds at most one step's values in flight; ``put`` returns the one before, ``take`` the one queued."""
 
-    def __init__(self, device):
-        self._cuda = getattr(device, "type", str(device)) == "cuda"
+    def __init__(self):
         self._pending = None
 
     def put(self, values, info: Any = None) -> Optional[Tuple[List[float], Any]]:
@@ -36,7 +35,7 @@ class DeferredReadout:
 
         previous = self.take()
         event = None
-        if self._cuda and values.is_cuda:
+        if values.is_cuda:
             host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
             host.copy_(values.detach(), non_blocking=True)
             event = torch.cuda.Event()

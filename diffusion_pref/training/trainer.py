@@ -332,8 +332,8 @@ class Trainer:
                 from diffusion_pref.data.cache import grid_inverter
 
                 # the reference model never changes, so its inversion of each pair is computed once, here
-                invert = grid_inverter(cfg, backbone, functools.partial(self._reference_predict, backbone.unet),
-                                       accelerator.autocast)
+                invert = grid_inverter(cfg, backbone, functools.partial(self._reference_predict, backbone.unet,
+                                                                        record=False), accelerator.autocast)
             cached = build_cache(cfg, source, backbone, accelerator=accelerator, invert=invert)
             self.make_batch = cached.read_batch
             self.num_workers = 0  # reading a shard is cheaper than forking workers
@@ -373,25 +373,26 @@ class Trainer:
         elif t.resume == "latest":
             logger.info("train.resume=latest: no checkpoint under %s yet, starting from scratch", self.checkpointer.root)
 
-    def _no_grad_predict(self, name, module, x, tt, c):
+    def _no_grad_predict(self, name, module, x, tt, c, record: bool = True):
         """A no-grad UNet call, replayed from a CUDA graph under train.cuda_graphs (``name`` tells apart the
-        module states that share one module: the adapter on or off)."""
-        if self.graphs is None:
+        module states that share one module: the adapter on or off). ``record=False``: eager, for one-off calls
+        (building the cache) that a graph would only make slower."""
+        if self.graphs is None or not record:
             return self.backbone.predict(x, tt, c, unet=module)
         return self.graphs(name, lambda *args: self.backbone.predict(*args, unet=module), x, tt, c)
 
-    def _reference_predict(self, policy, x, tt, c):
+    def _reference_predict(self, policy, x, tt, c, record: bool = True):
         """The reference model's prediction (no grad): ``policy`` with its adapter switched off, or the copy."""
         if self.reference == "adapter":
             policy.disable_adapters()
             try:
-                return self._no_grad_predict("adapter off", policy, x, tt, c)
+                return self._no_grad_predict("adapter off", policy, x, tt, c, record)
             finally:
                 policy.enable_adapters()
         ref_unet = self.ref_unet
         ref_device, ref_dtype = next(ref_unet.parameters()).device, next(ref_unet.parameters()).dtype
         pred = self._no_grad_predict("reference", ref_unet, x.to(ref_device, ref_dtype), tt.to(ref_device),
-                                     {k: v.to(ref_device) for k, v in c.items()})
+                                     {k: v.to(ref_device) for k, v in c.items()}, record)
         return pred.to(self.device)
 
     def train(self, save_outputs: bool = True) -> Dict[str, object]:
@@ -440,7 +441,7 @@ class Trainer:
                 return no_grad_predict("policy", unwrapped, x, tt, c)
 
         progress = tqdm(total=t.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
-        readout = DeferredReadout(device)
+        readout = DeferredReadout()
 
         def report(values, info):
             """Log one finished step: metrics line, TensorBoard, progress bar; stop on a diverged loss."""
