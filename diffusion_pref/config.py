@@ -182,6 +182,9 @@ class GenerateConfig:
     min_gap: Optional[float] = None
     max_gap: Optional[float] = None
     shard_size: int = 256  # pairs per parquet shard
+    # A shard is also written after this many finished prompts, whatever its size: a run killed without warning
+    # (SIGKILL, power loss) redoes at most these and the batches in progress. SIGTERM/SIGINT save everything.
+    flush_every_prompts: int = 32
     prompt_split: str = "train"  # split to read when generate.prompts is a hub dataset id
     max_prompts: Optional[int] = None  # only the first N prompts (smoke runs); raising it later resumes the same run
     # A diffusers scheduler class name (e.g. DPMSolverMultistepScheduler) built from the pipeline's scheduler

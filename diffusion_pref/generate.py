@@ -20,7 +20,11 @@ Which side holds the winner is decided by a hash of the pair's seeds, so ``label
 Resuming: every shard is written to a temporary name and renamed, and records in its parquet metadata which
 prompt indices it covers (prompts whose pairs were all filtered are covered by a small ``.empty.json`` file
 instead). A restarted run skips every covered prompt, so a run killed at any point and restarted ends with every
-prompt done exactly once. Restarting into a folder written with different settings is refused.
+prompt done exactly once. Restarting into a folder written with different settings is refused. A shard is written
+once ``shard_size`` pairs or ``flush_every_prompts`` prompts are pending, so a run killed without warning (SIGKILL)
+redoes at most ``flush_every_prompts`` prompts plus the batches it was working on. On SIGTERM or SIGINT (Ctrl-C,
+a cluster's time limit) the batch being sampled is finished, every finished prompt is written, and the command
+exits with status 128 + the signal number; a second signal stops at once.
 
 Several processes (``accelerate launch``) split the prompts by index modulo the process count; each writes its
 own shards.
@@ -47,6 +51,9 @@ import math
 import os
 import random
 import re
+import signal
+import sys
+import threading
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -326,7 +333,7 @@ def _check_settings(gen: GenerateConfig) -> None:
         raise ConfigError(
             f"generate.samples_per_prompt={gen.samples_per_prompt}: a pair needs at least 2 samples per prompt"
         )
-    for key in ("batch_size", "shard_size", "steps", "rso_keep"):
+    for key in ("batch_size", "shard_size", "flush_every_prompts", "steps", "rso_keep"):
         if getattr(gen, key) < 1:
             raise ConfigError(f"generate.{key} must be >= 1, got {getattr(gen, key)}")
     if gen.max_prompts is not None and gen.max_prompts < 1:
@@ -472,11 +479,14 @@ def generate(
     reward: Any = None,
     process_index: Optional[int] = None,
     num_processes: Optional[int] = None,
+    raise_on_stop: bool = False,
 ) -> Optional[dict]:
     """Run generation; returns the summary on the main process (None elsewhere).
 
     ``pipeline`` and ``reward`` replace the configured model and reward model (tests, notebooks);
     ``process_index`` / ``num_processes`` replace accelerate's, to run one share of a multi-process job by hand.
+    A run stopped by SIGTERM/SIGINT saves its finished prompts and returns the summary (``prompts_missing`` says
+    what is left), or with ``raise_on_stop`` (the command line) exits with status 128 + the signal number.
     """
     from diffusion_pref.prompts import read_prompts
 
@@ -517,15 +527,62 @@ def generate(
         if groups and pipeline is None:
             pipeline = _load_pipeline(cfg, state.device)
         writer = _ShardWriter(folder, process, max(numbers, default=-1) + 1, settings)
-        _generate_groups(groups, records, cfg, pipeline, reward, reward_name, writer, show_progress=process == 0)
+        with _StopOnSignal() as stop:
+            _generate_groups(groups, records, cfg, pipeline, reward, reward_name, writer, show_progress=process == 0,
+                             stop=stop)
+        if stop.signal_name:
+            print(f"generate: stopped by {stop.signal_name}: every finished prompt is saved in {folder}; run the same "
+                  "command again to continue", file=sys.stderr)
 
     state.wait_for_everyone()
     if process != 0:
-        return None
-    summary = summarize(folder, total_prompts=len(records))
-    _atomic_write(folder / SUMMARY_FILE, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
-    print(_format_summary(summary, folder))
+        summary = None
+    else:
+        summary = summarize(folder, total_prompts=len(records))
+        _atomic_write(folder / SUMMARY_FILE, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+        print(_format_summary(summary, folder))
+    if stop.signal_number is not None and raise_on_stop:
+        raise SystemExit(128 + stop.signal_number)  # the shell's status for a process ended by that signal
     return summary
+
+
+class _StopOnSignal:
+    """Turns the first SIGTERM or SIGINT into a request to stop between batches (``signal_name`` is then set).
+
+    The first signal puts the previous handlers back, so a second one acts as it would without this (SIGTERM kills,
+    SIGINT raises KeyboardInterrupt): a run that must die now still can, and loses only its unwritten prompts.
+    Handlers can only be set from the main thread; elsewhere this does nothing.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGINT")
+
+    def __init__(self):
+        self.signal_name: Optional[str] = None
+        self.signal_number: Optional[int] = None
+        self._previous: dict = {}
+
+    def _handle(self, number, frame) -> None:
+        self.signal_number, self.signal_name = number, signal.Signals(number).name
+        self._restore()
+        # os.write, not print: the handler may run in the middle of another write to stderr.
+        os.write(2, f"\ngenerate: {self.signal_name} received: finishing the current batch and saving every finished "
+                    "prompt (send it again to stop at once)\n".encode())
+
+    def _restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        self._previous = {}
+
+    def __enter__(self) -> "_StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                number = getattr(signal, name, None)
+                if number is not None:
+                    self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
 
 
 class _ShardWriter:
@@ -553,9 +610,12 @@ class _ShardWriter:
 
 def _generate_groups(
     groups: List[List[int]], records: List[Any], cfg: Config, pipeline: Any, reward: Any, reward_name: str,
-    writer: _ShardWriter, show_progress: bool,
+    writer: _ShardWriter, show_progress: bool, stop: Optional[_StopOnSignal] = None,
 ) -> None:
     """Sample, score and pair every prompt of ``groups``; a shard is only ever written between groups.
+
+    After a stop signal (``stop.signal_name`` set) the group being sampled is finished and no new one is started;
+    the finished prompts are written as usual.
 
     Pairing and image encoding (PNG costs tens of ms per 512 px image) of one group run in worker threads while
     the next group is sampled; Pillow releases the GIL while encoding. Results are taken in group order, so the
@@ -573,7 +633,7 @@ def _generate_groups(
         for p, future in futures:
             writer.add(p, *future.result())
         progress.update(len(futures))
-        if len(writer.rows) >= gen.shard_size:
+        if len(writer.rows) >= gen.shard_size or len(writer.prompts) >= gen.flush_every_prompts:
             writer.flush()
 
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="encode") as pool:
@@ -586,6 +646,8 @@ def _generate_groups(
             ]
             collect(previous)
             previous = futures
+            if stop is not None and stop.signal_name:
+                break
         collect(previous)
     writer.flush()
     progress.close()
@@ -651,7 +713,7 @@ def _as_floats(scores: Any, expected: int, reward_name: str) -> List[float]:
 
 def run(cfg: Config) -> None:
     """Entry point of ``diffusion-pref generate``."""
-    generate(cfg)
+    generate(cfg, raise_on_stop=True)
 
 
 __all__ = ["FILTER_REASONS", "form_pairs", "generate", "read_shards", "rso_select", "run", "sample_seed", "summarize"]
