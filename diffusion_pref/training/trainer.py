@@ -233,7 +233,7 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
 
-        from diffusion_pref.config import ConfigError, check_loss
+        from diffusion_pref.config import ConfigError, check_loss, check_ranges
         from diffusion_pref.data.loader import collate_pixels
         from diffusion_pref.data.pairs import PairSource
         from diffusion_pref.losses import LOSSES, REFERENCE_FREE, TAKES_SOFT_LABEL, RunningMean, check_loss_params
@@ -242,9 +242,8 @@ class Trainer:
 
         self.cfg = cfg
         check_loss(cfg)
+        check_ranges(cfg)  # again: a Config built in code skips load_config
         t = cfg.train
-        if t.batch_size < 1 or t.grad_accum < 1 or t.max_steps < 1:
-            raise ConfigError("train.batch_size, train.grad_accum and train.max_steps must be at least 1")
         if t.logger == "wandb":
             try:
                 import wandb  # noqa: F401
