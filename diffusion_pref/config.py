@@ -7,8 +7,9 @@ below, and dotted overrides on the command line win over the recipe::
 
 Merging and type conversion are OmegaConf structured configs; this module adds what OmegaConf does not say
 clearly: an unknown key names the nearest valid key, a badly typed value names the key and the expected type,
-and a value outside a fixed set of choices lists the choices. ``load_config`` returns plain dataclass
-instances, so the rest of the code reads ``cfg.train.batch_size`` with types it can trust.
+a value outside a fixed set of choices lists the choices, and a number out of its range (``RANGES``) names the
+range. ``load_config`` returns plain dataclass instances, so the rest of the code reads ``cfg.train.batch_size``
+with types it can trust.
 
 The resolved config is written as ``config.yaml`` into ``output.dir`` by every run; passing that file back with
 ``--config`` reproduces the run.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -274,6 +276,78 @@ class ConfigError(ValueError):
     """A config problem the user can fix; the message says which key and what to do."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field allows: from ``low`` to ``high`` (None = unbounded), each end included unless
+    ``low_open`` / ``high_open``. NaN and infinities are never allowed; None stays allowed for Optional fields."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+POSITIVE, AT_LEAST_1, AT_LEAST_0 = Range(0, low_open=True), Range(1), Range(0)
+
+# Numeric fields with a range, checked with the rest of the config (before any data or model is loaded) so a
+# typo costs seconds. Settings whose limits depend on each other stay with the command that reads them
+# (generate.samples_per_prompt, generate.rso_keep, trajectory.steps against the scheduler's timesteps).
+RANGES: Dict[str, Range] = {
+    "model.lora_rank": AT_LEAST_1,
+    "model.lora_alpha": POSITIVE,
+    "data.resolution": AT_LEAST_1,
+    "data.caption_dropout": Range(0, 1),
+    "data.max_pairs": AT_LEAST_1,
+    "data.num_workers": AT_LEAST_0,
+    "reward.batch_size": AT_LEAST_1,
+    "loss.beta": POSITIVE,
+    "trajectory.steps": AT_LEAST_1,
+    "trajectory.renoise_iters": AT_LEAST_0,
+    "trajectory.noise_reg_steps": AT_LEAST_0,
+    "trajectory.noise_reg_lambda_kl": AT_LEAST_0,
+    "trajectory.noise_reg_lambda_ac": AT_LEAST_0,
+    "trajectory.noise_reg_ac_rolls": AT_LEAST_1,
+    "train.batch_size": AT_LEAST_1,
+    "train.grad_accum": AT_LEAST_1,
+    "train.max_steps": AT_LEAST_1,
+    "train.learning_rate": POSITIVE,
+    "train.warmup_steps": AT_LEAST_0,
+    "train.adam_beta1": Range(0, 1, high_open=True),
+    "train.adam_beta2": Range(0, 1, high_open=True),
+    "train.adam_eps": AT_LEAST_0,
+    "train.weight_decay": AT_LEAST_0,
+    "train.max_grad_norm": AT_LEAST_0,  # 0 = no clipping
+    "train.checkpoint_every": AT_LEAST_0,  # 0 = no checkpoints
+    "train.keep_checkpoints": AT_LEAST_0,  # 0 = keep all
+    "train.log_every": AT_LEAST_1,
+    "train.validate_every": AT_LEAST_0,  # 0 = no validation images
+    "generate.steps": AT_LEAST_1,
+    "generate.batch_size": AT_LEAST_1,
+    "generate.shard_size": AT_LEAST_1,
+    "generate.max_prompts": AT_LEAST_1,
+    "generate.resolution": AT_LEAST_1,
+    "generate.rso_beta": POSITIVE,
+    "eval.steps": AT_LEAST_1,
+    "eval.batch_size": AT_LEAST_1,
+    "eval.bootstrap_samples": AT_LEAST_0,
+    "eval.max_prompts": AT_LEAST_1,
+    "eval.resolution": AT_LEAST_1,
+    "eval.report_prompts": AT_LEAST_0,
+}
+
+
 def _nearest(word: str, choices: Sequence[str]) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.0)
     return close[0] if close else ""
@@ -341,6 +415,15 @@ def _check_choices(cfg: Config) -> None:
             )
 
 
+def check_ranges(cfg: Config) -> None:
+    """Every key of :data:`RANGES` inside its range; the error names the key, its value and the range."""
+    for dotted, allowed in RANGES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value is not None and value not in allowed:
+            raise ConfigError(f"{dotted}={value!r} is out of range: it must be {allowed}")
+
+
 def _merge(base: DictConfig, layer: Any, where: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, layer)
@@ -391,6 +474,7 @@ def load_config(
     except OmegaConfBaseException as err:
         raise ConfigError(f"config is incomplete: {str(err).splitlines()[0]}") from None
     _check_choices(cfg)
+    check_ranges(cfg)
     return cfg
 
 
@@ -460,10 +544,13 @@ __all__ = [
     "ModelConfig",
     "MISSING",
     "OutputConfig",
+    "RANGES",
+    "Range",
     "RewardConfig",
     "TrainConfig",
     "TrajectoryConfig",
     "check_loss",
+    "check_ranges",
     "load_config",
     "parse_overrides",
     "save_config",

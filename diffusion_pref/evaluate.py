@@ -406,18 +406,13 @@ def check_reward_names(cfg: Config) -> None:
 
 
 def load_scorers(cfg: Config) -> Dict[str, Any]:
-    """One scorer per configured reward model (each scored separately; the weighted sum is derived)."""
-    from diffusion_pref.reward_models import load_reward_model
+    """One scorer per configured reward model (each scored separately; the weighted sum is derived), loaded as
+    ``generate`` loads them: weights that cannot load are a ConfigError naming ``reward.pretrained``."""
+    from diffusion_pref.reward_models import load_reward_from_config
 
     check_reward_names(cfg)
-    device = None if cfg.reward.device == "auto" else cfg.reward.device
-    scorers = {}
-    for name in cfg.reward.models:
-        kwargs: Dict[str, Any] = {"device": device, "batch_size": cfg.reward.batch_size}
-        if name in cfg.reward.pretrained:
-            kwargs["pretrained"] = cfg.reward.pretrained[name]
-        scorers[name] = load_reward_model(name, **kwargs)
-    return scorers
+    reward = load_reward_from_config(cfg.reward)  # reward.device=auto: the scorers' own default (CUDA if present)
+    return {name: model for name, (model, _) in reward.components.items()}
 
 
 def _load_media(paths: Sequence[Path]) -> tuple:
@@ -506,7 +501,7 @@ def run(cfg: Config, scorers: Optional[Mapping[str, Any]] = None) -> Dict[str, A
     if cfg.eval.bootstrap_samples < 0:
         raise ConfigError(f"eval.bootstrap_samples must be >= 0, got {cfg.eval.bootstrap_samples}")
     if scorers is None:
-        check_reward_names(cfg)
+        check_reward_names(cfg)  # a typo costs nothing; loading the reward models waits for the cheaper checks
     out_dir = Path(cfg.output.dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     records = load_prompt_records(cfg)
@@ -526,10 +521,13 @@ def run(cfg: Config, scorers: Optional[Mapping[str, Any]] = None) -> Dict[str, A
         variant_names = [v.name for v in variants]
         baseline = _pick_baseline(cfg, variant_names, specs)  # before generating: a typo should cost nothing
         check_variant_sampling(cfg, variant_names)
+    if scorers is None:
+        # Before the first sample, as generate does: a reward model that cannot load (offline, a wrong path) must
+        # not cost a whole sampling run first.
+        scorers = load_scorers(cfg)
+    if cfg.eval.images_dir is None:
         samples, n_generated, n_reused = generate_samples(cfg, variants, records, out_dir)
 
-    if scorers is None:
-        scorers = load_scorers(cfg)
     weights = {name: float(cfg.reward.models.get(name, 1.0)) for name in scorers}
     scores = score_samples(samples, scorers, out_dir, cfg.reward.batch_size)
     table = build_table(samples, scores, weights)

@@ -473,3 +473,17 @@ def test_unknown_baseline_is_a_clear_error(tiny_sd_dir, tmp_path):
                                        **{"eval.baseline": "sd15", "eval.max_prompts": 1, "eval.seeds": "[0]"}))
     with pytest.raises(ConfigError, match=r"eval.baseline=sd15 is not one of the variants \['base'\]"):
         run(cfg, scorers=_scorers())
+
+
+def test_a_reward_model_that_cannot_load_stops_the_run_before_any_sample(tiny_sd_dir, tmp_path, capsys):
+    """Loaded through the loader generate uses, before sampling: one line naming the model and the key to set."""
+    from diffusion_pref.cli import main
+
+    (tmp_path / "empty").mkdir()  # not a CLIPModel folder: fails the same way with or without a network
+    out = tmp_path / "out"
+    code = main(["evaluate", *_overrides(tiny_sd_dir, _prompt_file(tmp_path), out, **{
+        "reward.models": "{toy-fidelity: 1.0, pickscore: 1.0}", "reward.pretrained.pickscore": tmp_path / "empty"})])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "could not load reward model 'pickscore'" in err[0] and "set reward.pretrained.pickscore" in err[0]
+    assert not (out / "media").exists()  # no sample was generated

@@ -58,18 +58,13 @@ def resolve_reference(model_cfg, needs_ref: bool) -> str:
 def _optimizer(cfg, params):
     import torch
 
-    from diffusion_pref.config import ConfigError
-
     t = cfg.train
     if t.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                                  weight_decay=t.weight_decay)
     if t.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ConfigError("train.optimizer=adamw8bit needs bitsandbytes: pip install bitsandbytes (CUDA only), "
-                              "or use train.optimizer=adamw") from None
+        import bitsandbytes as bnb  # present: check_device_settings asked before anything was loaded
+
         return bnb.optim.AdamW8bit(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                                    weight_decay=t.weight_decay)
     from transformers.optimization import Adafactor
@@ -95,16 +90,61 @@ def _lr_scheduler(cfg, optimizer, num_processes: int):
 
 
 def _set_attention(cfg, unet) -> None:
-    from diffusion_pref.config import ConfigError
-
-    if cfg.train.attention == "xformers":
-        try:
-            import xformers  # noqa: F401
-        except ImportError:
-            raise ConfigError("train.attention=xformers but xformers is not installed; pip install xformers or use "
-                              "train.attention=sdpa (the default, as fast on recent PyTorch)") from None
+    if cfg.train.attention == "xformers":  # installed, on a CUDA device: check_device_settings
         unet.enable_xformers_memory_efficient_attention()
     # sdpa: diffusers' default attention processor already calls torch's scaled_dot_product_attention.
+
+
+def check_device_settings(train_cfg, device) -> None:
+    """Reject settings this device or this environment cannot run, before any data or model is loaded.
+
+    One error lists every such setting with what to use instead. On a CPU (tried with the tiny SD model) fp16
+    stops in the first step with a dtype mismatch while bf16 and no train; train.cuda_graphs is only ignored
+    there, with a warning, so the shipped SD recipes run on a CPU once their fp16 and adamw8bit are changed.
+    """
+    import importlib.util
+
+    from diffusion_pref.config import ConfigError
+
+    problems = []
+    if train_cfg.mixed_precision == "fp16" and device.type == "cpu":
+        problems.append("train.mixed_precision=fp16 needs a GPU (fp16 autocast fails on a CPU); on a CPU use "
+                        "train.mixed_precision=no (or bf16)")
+    if train_cfg.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append("train.optimizer=adamw8bit needs bitsandbytes (pip install bitsandbytes; made for CUDA GPUs); "
+                        "without it use train.optimizer=adamw")
+    if train_cfg.attention == "xformers":
+        if importlib.util.find_spec("xformers") is None:
+            problems.append("train.attention=xformers but xformers is not installed; pip install xformers or use "
+                            "train.attention=sdpa (the default, as fast on recent PyTorch)")
+        elif device.type != "cuda":
+            problems.append(f"train.attention=xformers needs a CUDA GPU (this run is on {device.type}); use "
+                            "train.attention=sdpa")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def check_sharding_runs_here() -> None:
+    """Refuse an FSDP or DeepSpeed launch (configs/accelerate/fsdp.yaml, deepspeed_zero2.yaml) without a GPU.
+
+    Tried with accelerate 1.15 and two CPU processes: FSDP is switched on for GPU-like devices only, so on CPUs
+    the run is plain data parallel (or stops at start on fsdp_sync_module_states); under DeepSpeed 0.19 every
+    process counts itself as process 0 of 1, so each would train on the whole data set.
+    """
+    from accelerate.utils import parse_flag_from_env
+
+    from diffusion_pref.config import ConfigError
+
+    sharding = [name for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+                if parse_flag_from_env(flag)]
+    if not sharding:
+        return
+    import torch
+
+    if parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.accelerator.is_available():
+        raise ConfigError(f"the accelerate config asks for {sharding[0]}, which accelerate runs on GPUs only (on CPUs it "
+                          "would not shard, or not split the data); on CPUs train data parallel instead: "
+                          "ACCELERATE_USE_CPU=true torchrun --nproc_per_node N -m diffusion_pref.cli train ...")
 
 
 def setup_policy(cfg, backbone, weight_dtype, reference: str, device):
@@ -233,18 +273,17 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
 
-        from diffusion_pref.config import ConfigError, check_loss
+        from diffusion_pref.config import ConfigError, check_loss, check_ranges
         from diffusion_pref.data.loader import collate_pixels
         from diffusion_pref.data.pairs import PairSource
         from diffusion_pref.losses import LOSSES, REFERENCE_FREE, TAKES_SOFT_LABEL, RunningMean, check_loss_params
-        from diffusion_pref.pipelines import load_backbone, torch_dtype
+        from diffusion_pref.pipelines import check_resolution, load_backbone, torch_dtype
         from diffusion_pref.training.checkpoint import Checkpointer
 
         self.cfg = cfg
         check_loss(cfg)
+        check_ranges(cfg)  # again: a Config built in code skips load_config
         t = cfg.train
-        if t.batch_size < 1 or t.grad_accum < 1 or t.max_steps < 1:
-            raise ConfigError("train.batch_size, train.grad_accum and train.max_steps must be at least 1")
         if t.logger == "wandb":
             try:
                 import wandb  # noqa: F401
@@ -258,6 +297,7 @@ class Trainer:
 
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
+        check_sharding_runs_here()
         self.accelerator = accelerator = Accelerator(
             gradient_accumulation_steps=t.grad_accum,
             mixed_precision=t.mixed_precision,
@@ -266,6 +306,8 @@ class Trainer:
         )
         logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                             format="%(asctime)s %(name)s: %(message)s")
+        check_device_settings(t, accelerator.device)
+        check_resolution(cfg.model, cfg.data.resolution)
         set_seed(t.seed)
         self.loss_params = check_loss_params(cfg.loss.name, dict(cfg.loss.params))
         self.loss_params.pop("reward_shift", None)
@@ -298,6 +340,7 @@ class Trainer:
                 with accelerator.main_process_first():
                     self.soft_labels = soft_labels_for_run(cfg, source, device=accelerator.device)
         self.backbone = backbone = load_backbone(cfg.model)
+        check_resolution(cfg.model, cfg.data.resolution, vae=backbone.vae)  # the exact factor, once it is loaded
         self.weight_dtype = torch_dtype(t.mixed_precision)
         self.device = accelerator.device
         if self.device.type == "cuda":
