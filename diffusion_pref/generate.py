@@ -63,7 +63,7 @@ _SHARD_RE = re.compile(r"^pairs-p(\d+)-(\d+)\.(parquet|empty\.json)$")
 # Settings that change which images or pairs a prompt gets; a restart must use the same ones.
 _FINGERPRINT_KEYS = (
     "samples_per_prompt", "steps", "guidance_scale", "seed", "strategy", "min_winner_score", "min_gap",
-    "max_gap", "scheduler", "resolution", "image_format", "rso_beta", "rso_keep", "dtype",
+    "max_gap", "scheduler", "resolution", "image_format", "rso_beta", "rso_keep", "dtype", "lora",
 )
 
 
@@ -195,6 +195,13 @@ def _load_pipeline(cfg: Config, device: Any):
         pipe.vae.to(dtype=dtype)  # a VAE passed in as a component is not cast by torch_dtype
     if scheduler_class is not None:
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    if cfg.generate.lora:
+        try:
+            pipe.load_lora_weights(cfg.generate.lora)
+        except Exception as err:
+            raise ConfigError(f"generate.lora={cfg.generate.lora}: could not load a LoRA onto {cfg.model.pretrained} "
+                              f"({type(err).__name__}: {err}); give the folder a LoRA training run of this base "
+                              "model wrote") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
