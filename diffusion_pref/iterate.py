@@ -87,6 +87,7 @@ def _load_state(out: Path, settings: Dict[str, Any]) -> Dict[str, Any]:
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if changed:
         details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
+        details += f" and {len(changed) - 5} more" if len(changed) > 5 else ""
         raise ConfigError(f"output.dir {out} holds rounds made with other settings ({details}); resume with the "
                           "same settings (only iterate.rounds may grow), or choose a new output.dir")
     return state
