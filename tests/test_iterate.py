@@ -168,36 +168,43 @@ def test_training_continues_from_the_previous_rounds_adapter(run_dir, tmp_path):
     assert any(k.endswith("lora_B.weight") and round_1[k].abs().max() > 0 for k in round_1)
 
 
-@pytest.mark.parametrize("option", ["fixed", "moved"])
-def test_the_reference_option(run_dir, tmp_path, option):
-    """fixed: round 2's reference is the base model; moved: it is round 1's model (base + its LoRA), both computed
-    independently with diffusers' own LoRA loader."""
+@pytest.fixture(scope="module")
+def probe(run_dir):
+    """A UNet input and the outputs of the base and of round 1's model (diffusers' own LoRA loader) on it."""
     from diffusers import StableDiffusionPipeline
 
     from diffusion_pref.pipelines import TOY_WEIGHTS
 
     out, _, _ = run_dir
+    outputs = {}
+    for name in ("base", "round_1"):
+        pipe = StableDiffusionPipeline.from_pretrained(TOY_WEIGHTS, safety_checker=None)
+        if name == "round_1":
+            pipe.load_lora_weights(out / "round_1" / "train")
+        unet_cfg = pipe.unet.config
+        x = torch.randn(2, unet_cfg.in_channels, unet_cfg.sample_size, unet_cfg.sample_size,
+                        generator=torch.Generator().manual_seed(0))
+        t = torch.tensor([100, 700])
+        ids = pipe.tokenizer(["a red square on a green background"] * 2, padding="max_length",
+                             max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            text = pipe.text_encoder(ids)[0]
+            outputs[name] = pipe.unet(x, t, encoder_hidden_states=text).sample
+    return x, t, text, outputs
+
+
+@pytest.mark.parametrize("option", ["fixed", "moved"])
+def test_the_reference_option(run_dir, probe, tmp_path, option):
+    """fixed: round 2's reference is the base model; moved: it is round 1's model (base + its LoRA)."""
+    out, _, _ = run_dir
+    x, t, text, expected = probe
     cfg = small_config(out, f"iterate.reference={option}")
     reference = iterate._reference(cfg, 2)
     assert reference == {"fixed": "adapter", "moved": "copy"}[option]
     assert iterate._reference(cfg, 1) == "auto"  # round 1 has no earlier model: the base, as in train
     run = _round_2_trainer(out, tmp_path, reference)
-    backbone = run.backbone
-    generator = torch.Generator().manual_seed(0)
-    unet_cfg = backbone.unet.config
-    x = torch.randn(2, unet_cfg.in_channels, unet_cfg.sample_size, unet_cfg.sample_size, generator=generator)
-    t = torch.tensor([100, 700])
-    cond = backbone.conditioning(backbone.encode_text(["a red square on a green background"] * 2))
     with torch.no_grad():
-        got = run._reference_predict(run.accelerator.unwrap_model(run.unet), x, t, cond)
-
-    expected = {}
-    for name in ("base", "round_1"):
-        pipe = StableDiffusionPipeline.from_pretrained(TOY_WEIGHTS, safety_checker=None)
-        if name == "round_1":
-            pipe.load_lora_weights(out / "round_1" / "train")
-        with torch.no_grad():
-            expected[name] = pipe.unet(x, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+        got = run._reference_predict(run.accelerator.unwrap_model(run.unet), x, t, {"encoder_hidden_states": text})
     want, other = ("base", "round_1") if option == "fixed" else ("round_1", "base")
     # float32 on both sides; only the order of the LoRA's small additions may differ
     torch.testing.assert_close(got, expected[want], rtol=1e-5, atol=1e-5)
