@@ -12,6 +12,9 @@ Pairs then pass the filters ``min_winner_score``, ``min_gap`` and ``max_gap`` (t
 Pairs of equal scores are never written: they are counted as filtered ("tie"). Samples whose score is NaN are
 left out and counted. With ``rso_beta`` set, statistical rejection sampling (RSO) first thins the candidates.
 
+``generate.lora`` samples the base with a LoRA that a training run wrote on top: the tuned model (``diffusion-pref
+iterate`` samples each round's model that way).
+
 Output: parquet shards ``pairs-p<process>-<n>.parquet`` in ``output.dir`` with the Pick-a-Pic v2 columns
 ``caption, jpg_0, jpg_1, label_0, label_1`` (images as PNG or JPEG bytes; ``label_0 = 1.0`` when ``jpg_0`` won)
 plus ``score_0, score_1, reward_model, seed_0, seed_1, model, prompt_index, category``, and ``summary.json``.
