@@ -58,6 +58,8 @@ COMMANDS = {
         "diffusion_pref.quickstart", "the whole loop (generate, train, evaluate) on a built-in model", 7,
         trains=True, defaults="quickstart.yaml",
     ),
+    "iterate": Command("diffusion_pref.iterate", "online rounds: generate from the tuned model, train on, evaluate",
+                       17, trains=True),
 }
 
 

@@ -168,6 +168,10 @@ class TrainConfig:
     logger: str = "tensorboard"  # tensorboard | wandb | none
     validate_every: int = 0  # 0 = no validation images during training
     validation_prompts: List[str] = field(default_factory=list)
+    # A LoRA folder (as train writes it) the adapter starts from instead of zero: training continues that LoRA
+    # (same model.lora_rank and lora_targets). model.reference=adapter then compares against the base,
+    # model.reference=copy against this starting model (base + this LoRA). Needs model.finetune=lora.
+    init_lora: Optional[str] = None
 
 
 @dataclass
@@ -199,6 +203,7 @@ class GenerateConfig:
     # rso_keep samples accepted with probability exp((r - r_max) / rso_beta), then paired by `strategy`.
     rso_beta: Optional[float] = None
     rso_keep: int = 2
+    lora: Optional[str] = None  # a LoRA folder (as train writes it) sampled on top of model.pretrained
 
 
 @dataclass
@@ -229,6 +234,18 @@ class EvalConfig:
 
 
 @dataclass
+class IterateConfig:
+    """``diffusion-pref iterate``: rounds of generate -> train -> evaluate, each round sampling the last one's model."""
+
+    rounds: int = 3
+    # fixed: every round's reference is the base model; moved: round r's reference is round r-1's model.
+    reference: str = "fixed"  # fixed | moved
+    # Round r samples prompts [(r-1)*N, r*N) of generate.prompts, so R rounds of N see the prompts one round of
+    # R*N sees; None: every round samples all the prompts. Round r's seeds are generate.seed + r - 1.
+    prompts_per_round: Optional[int] = None
+
+
+@dataclass
 class OutputConfig:
     dir: str = "outputs/run"
 
@@ -243,6 +260,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    iterate: IterateConfig = field(default_factory=IterateConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
@@ -269,6 +287,7 @@ CHOICES: Dict[str, Sequence[str]] = {
     "eval.dtype": ("auto", "fp32", "fp16", "bf16"),
     "generate.dtype": ("auto", "fp32", "fp16", "bf16"),
     "generate.image_format": ("png", "jpeg"),
+    "iterate.reference": ("fixed", "moved"),
 }
 
 
@@ -540,6 +559,7 @@ __all__ = [
     "DataConfig",
     "EvalConfig",
     "GenerateConfig",
+    "IterateConfig",
     "LossConfig",
     "ModelConfig",
     "MISSING",

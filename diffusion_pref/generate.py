@@ -12,6 +12,9 @@ Pairs then pass the filters ``min_winner_score``, ``min_gap`` and ``max_gap`` (t
 Pairs of equal scores are never written: they are counted as filtered ("tie"). Samples whose score is NaN are
 left out and counted. With ``rso_beta`` set, statistical rejection sampling (RSO) first thins the candidates.
 
+``generate.lora`` samples the base with a LoRA that a training run wrote on top: the tuned model (``diffusion-pref
+iterate`` samples each round's model that way).
+
 Output: parquet shards ``pairs-p<process>-<n>.parquet`` in ``output.dir`` with the Pick-a-Pic v2 columns
 ``caption, jpg_0, jpg_1, label_0, label_1`` (images as PNG or JPEG bytes; ``label_0 = 1.0`` when ``jpg_0`` won)
 plus ``score_0, score_1, reward_model, seed_0, seed_1, model, prompt_index, category``, and ``summary.json``.
@@ -70,7 +73,7 @@ _SHARD_RE = re.compile(r"^pairs-p(\d+)-(\d+)\.(parquet|empty\.json)$")
 # Settings that change which images or pairs a prompt gets; a restart must use the same ones.
 _FINGERPRINT_KEYS = (
     "samples_per_prompt", "steps", "guidance_scale", "seed", "strategy", "min_winner_score", "min_gap",
-    "max_gap", "scheduler", "resolution", "image_format", "rso_beta", "rso_keep", "dtype",
+    "max_gap", "scheduler", "resolution", "image_format", "rso_beta", "rso_keep", "dtype", "lora",
 )
 
 
@@ -202,6 +205,13 @@ def _load_pipeline(cfg: Config, device: Any):
         pipe.vae.to(dtype=dtype)  # a VAE passed in as a component is not cast by torch_dtype
     if scheduler_class is not None:
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    if cfg.generate.lora:
+        try:
+            pipe.load_lora_weights(cfg.generate.lora)
+        except Exception as err:
+            raise ConfigError(f"generate.lora={cfg.generate.lora}: could not load a LoRA onto {cfg.model.pretrained} "
+                              f"({type(err).__name__}: {err}); give the folder a LoRA training run of this base "
+                              "model wrote") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

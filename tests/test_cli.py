@@ -15,7 +15,7 @@ def run_cli(*args):
 def test_help_lists_every_command():
     result = run_cli("--help")
     assert result.returncode == 0
-    for name in ("generate", "cache", "train", "evaluate", "invert", "prompt-opt", "quickstart"):
+    for name in ("generate", "cache", "train", "evaluate", "invert", "prompt-opt", "quickstart", "iterate"):
         assert name in result.stdout
 
 

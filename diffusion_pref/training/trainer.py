@@ -165,11 +165,19 @@ def setup_policy(cfg, backbone, weight_dtype, reference: str, device):
     for module in backbone.frozen_modules[1:]:
         module.to(device=device, dtype=weight_dtype)
 
+    def frozen_copy():
+        ref = copy.deepcopy(unet).requires_grad_(False).eval()
+        return ref.to(device="cpu" if reference == "copy_cpu" else device,
+                      dtype=torch.float32 if reference == "copy_cpu" else weight_dtype)
+
+    init_lora = cfg.train.init_lora
+    if init_lora and cfg.model.finetune != "lora":
+        from diffusion_pref.config import ConfigError
+
+        raise ConfigError(f"train.init_lora={init_lora} continues a LoRA: it needs model.finetune=lora")
     ref_unet = None
-    if reference in ("copy", "copy_cpu"):
-        ref_unet = copy.deepcopy(unet).requires_grad_(False).eval()
-        ref_unet.to(device="cpu" if reference == "copy_cpu" else device,
-                    dtype=torch.float32 if reference == "copy_cpu" else weight_dtype)
+    if reference in ("copy", "copy_cpu") and not init_lora:
+        ref_unet = frozen_copy()
     if cfg.model.finetune == "lora":
         from peft import LoraConfig
 
@@ -185,6 +193,10 @@ def setup_policy(cfg, backbone, weight_dtype, reference: str, device):
 
             raise ConfigError(f"model.lora_targets={list(cfg.model.lora_targets)} matched no UNet module ({err}); use "
                               "names like to_q, to_k, to_v, to_out.0") from None
+        if init_lora:
+            load_init_lora(unet, init_lora)
+            if reference in ("copy", "copy_cpu"):
+                ref_unet = frozen_copy()  # the model training starts from: base + the initial LoRA
         for p in unet.parameters():
             if p.requires_grad:  # optimizer state and updates in fp32; frozen weights stay in weight_dtype
                 p.data = p.data.float()
@@ -218,6 +230,36 @@ def setup_policy(cfg, backbone, weight_dtype, reference: str, device):
         raise ConfigError(f"model.lora_targets={list(cfg.model.lora_targets)} matched no UNet module; use names like "
                           "to_q, to_k, to_v, to_out.0")
     return trainable, ref_unet
+
+
+def load_init_lora(unet, folder) -> None:
+    """Copy a LoRA that train saved (``train.init_lora``) into the adapter just added to ``unet``.
+
+    The adapter is built from the config (rank, targets, alpha), so the saved file must hold exactly its weights:
+    a missing, extra or differently shaped weight is an error rather than a partly initialised adapter.
+    """
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from diffusion_pref.config import ConfigError
+
+    path = Path(folder) / "pytorch_lora_weights.safetensors"  # the name save_lora_weights writes
+    if not path.is_file():
+        raise ConfigError(f"train.init_lora={folder}: no {path.name} there; point it at the folder a LoRA training "
+                          "run wrote")
+    saved = load_file(str(path))
+    state = convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in saved.items() if k.startswith("unet.")})
+    expected = get_peft_model_state_dict(unet)
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    shapes = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or extra or shapes:
+        first = (missing or extra or shapes)[0]
+        raise ConfigError(f"train.init_lora={folder} does not fit the adapter of model.lora_rank="
+                          f"{getattr(unet.peft_config['default'], 'r', '?')} and model.lora_targets: {len(missing)} "
+                          f"weights missing, {len(extra)} extra, {len(shapes)} of another shape (first: {first}); "
+                          "use the rank and targets it was trained with")
+    set_peft_model_state_dict(unet, state, adapter_name="default")
 
 
 # ------------------------------------------------------------------------------------------------- the loop
