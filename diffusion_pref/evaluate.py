@@ -535,8 +535,11 @@ def run(cfg: Config, scorers: Optional[Mapping[str, Any]] = None) -> Dict[str, A
     table.to_csv(out_dir / "per_image.csv", index=False)
 
     rewards = list(scorers) + ([WEIGHTED_SUM] if len(scorers) > 1 else [])
+    maxima = {name: (float(s.max_score), float(getattr(s, "max_tolerance", 0.0)))
+              for name, s in scorers.items() if getattr(s, "max_score", None) is not None}
     metrics = compute_metrics(table, rewards, baseline, variants=variant_names,
-                              bootstrap_samples=cfg.eval.bootstrap_samples, bootstrap_seed=cfg.eval.bootstrap_seed)
+                              bootstrap_samples=cfg.eval.bootstrap_samples, bootstrap_seed=cfg.eval.bootstrap_seed,
+                              maxima=maxima)
     metrics["run"] = {
         "model": cfg.model.pretrained,
         "prompts": cfg.eval.prompts,
@@ -564,6 +567,12 @@ def run(cfg: Config, scorers: Optional[Mapping[str, Any]] = None) -> Dict[str, A
     return metrics
 
 
+def errors_text(errors: Mapping[str, Any]) -> str:
+    """``errors`` of a win rate (a reward with a known maximum) in words, for the printout and the report."""
+    return (f"base errors fixed {errors['fixed']}/{errors['baseline_errors']}, "
+            f"regressions {errors['regressions']} (right = within {errors['tolerance']:g} of {errors['maximum']:g})")
+
+
 def _print_summary(metrics: Mapping[str, Any], out_dir: Path) -> None:
     for reward in metrics["rewards"]:
         for variant in metrics["variants"]:
@@ -571,7 +580,10 @@ def _print_summary(metrics: Mapping[str, Any], out_dir: Path) -> None:
             line = f"{reward:>14} {variant:>12}: mean {s['mean']:.4f} median {s['median']:.4f}"
             w = metrics["win_rates"][reward].get(variant)
             if w:
-                line += f"  win rate {w['win_rate']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}]"
+                line += (f"  win rate {w['win_rate']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}]"
+                         f"  wins/ties/losses {w['wins']}/{w['ties']}/{w['losses']}")
+                if w.get("errors"):
+                    line += "  " + errors_text(w["errors"])
             print(line)
     grid = " and grid.png" if (out_dir / "grid.png").is_file() else ""
     print(f"wrote {out_dir / 'metrics.json'}, {out_dir / 'per_image.parquet'}, {out_dir / 'report.html'}{grid}")
