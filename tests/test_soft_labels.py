@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,10 @@ from diffusion_pref.soft_labels import (
     prepare_soft_labels,
     soft_label_probs,
 )
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_data import write_pairs  # noqa: E402
+from test_train import make_cfg  # noqa: E402
 
 
 def sigmoid(x):
@@ -336,13 +342,6 @@ def test_summary_counts_the_pairs_with_p_one(pairs_file):
 
 
 # ----------------------------------------------------------------------------------------------- in training
-
-import sys  # noqa: E402
-
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-from test_data import write_pairs  # noqa: E402
-from test_train import make_cfg, read_metrics  # noqa: E402
-
 
 @pytest.fixture
 def tiny_pickscore(tmp_path_factory):
