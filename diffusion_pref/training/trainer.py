@@ -318,7 +318,8 @@ class Trainer:
         from diffusion_pref.config import ConfigError, check_loss, check_ranges
         from diffusion_pref.data.loader import collate_pixels
         from diffusion_pref.data.pairs import PairSource
-        from diffusion_pref.losses import LOSSES, REFERENCE_FREE, TAKES_SOFT_LABEL, RunningMean, check_loss_params
+        from diffusion_pref.losses import (DIFFUSION_DEFAULT_BETA, LOSSES, REFERENCE_FREE, TAKES_SOFT_LABEL,
+                                           RunningMean, check_loss_params)
         from diffusion_pref.pipelines import check_resolution, load_backbone, torch_dtype
         from diffusion_pref.training.checkpoint import Checkpointer
 
@@ -354,6 +355,8 @@ class Trainer:
         self.loss_params = check_loss_params(cfg.loss.name, dict(cfg.loss.params))
         self.loss_params.pop("reward_shift", None)
         self.loss_fn = LOSSES[cfg.loss.name]
+        # load_config writes the loss's own default into loss.beta; a Config built in code may still hold None
+        self.beta = cfg.loss.beta if cfg.loss.beta is not None else DIFFUSION_DEFAULT_BETA[cfg.loss.name]
         self.takes_soft = cfg.loss.name in TAKES_SOFT_LABEL
         self.reference = resolve_reference(cfg.model, needs_ref=cfg.loss.name not in REFERENCE_FREE)
         if cfg.trajectory.cache_inverted and not (cfg.data.cache and cfg.trajectory.kind in ("ddim", "renoise")
@@ -369,11 +372,13 @@ class Trainer:
 
         # Data first: a bad dataset fails in seconds, before any model is loaded.
         self.source = source = PairSource(cfg.data, seed=t.seed)
-        self.soft_labels = None
+        self.soft_labels = self.soft_label_summary = None
         if self.takes_soft:
+            from diffusion_pref.soft_labels import soft_label_summary
+
             mode = cfg.data.soft_labels
-            if mode == "auto":
-                mode = "scores" if source.has_scores else "label"
+            if mode == "auto":  # p from reward scores (columns or reward.models); the human label only when asked
+                mode = "scores"
             if mode == "scores":
                 from diffusion_pref.soft_labels import soft_labels_for_run
 
@@ -381,6 +386,13 @@ class Trainer:
                 # main process writes them before the others read them.
                 with accelerator.main_process_first():
                     self.soft_labels = soft_labels_for_run(cfg, source, device=accelerator.device)
+            elif cfg.loss.name == "smpo":
+                logger.warning("data.soft_labels=label with loss smpo: every hard-labelled pair gets p = 1, so the "
+                               "loss is dpo with a gamma-fold logit and no reward smoothing; unset data.soft_labels "
+                               "for SmPO's soft labels from reward scores")
+            self.soft_label_summary = soft_label_summary(source, self.soft_labels)
+            logger.info("soft labels (p) from %s: %d pairs, %d with p = 1, mean p %.4f",
+                        *(self.soft_label_summary[k] for k in ("from", "pairs", "p_one", "p_mean")))
         self.backbone = backbone = load_backbone(cfg.model)
         check_resolution(cfg.model, cfg.data.resolution, vae=backbone.vae)  # the exact factor, once it is loaded
         self.weight_dtype = torch_dtype(t.mixed_precision)
@@ -509,6 +521,7 @@ class Trainer:
             accelerator.init_trackers("train", config=_flat_hparams(cfg) if t.logger == "tensorboard" else None)
             logger.info("data: %s; reference: %s; trainable parameters: %d", self.source.summary(), reference,
                         sum(p.numel() for p in trainable))
+            logger.info("loss %s: beta %g", cfg.loss.name, self.beta)
         metrics_file = out / "metrics.jsonl"
         if accelerator.is_main_process and metrics_file.is_file():
             # Keep the lines up to the step this run starts from: a fresh run in an old folder starts a new log, a
@@ -588,7 +601,7 @@ class Trainer:
                     extra["soft_label"] = batch["soft_label"]
                 if bco_shift is not None:
                     extra["reward_shift"] = bco_shift.mean
-                loss_per_pair, metrics = self.loss_fn(policy_w, policy_l, ref_w, ref_l, beta=cfg.loss.beta,
+                loss_per_pair, metrics = self.loss_fn(policy_w, policy_l, ref_w, ref_l, beta=self.beta,
                                                        **self.loss_params, **extra)
                 loss = loss_per_pair.mean()
                 accelerator.backward(loss)
@@ -638,7 +651,9 @@ class Trainer:
 
         accelerator.wait_for_everyone()
         summary = {"steps": step, "data": self.source.summary(), "skipped_rows": skipped_total, "reference": reference,
-                   "output": "lora" if cfg.model.finetune == "lora" else "pipeline"}
+                   "output": "lora" if cfg.model.finetune == "lora" else "pipeline", "beta": self.beta}
+        if self.soft_label_summary is not None:
+            summary["soft_labels"] = self.soft_label_summary
         # Full weights are gathered on every process (FSDP / ZeRO-3 shard them); LoRA weights are never sharded.
         full_state = accelerator.get_state_dict(unet) if save_outputs and cfg.model.finetune == "full" else None
         if accelerator.is_main_process and save_outputs:
