@@ -473,3 +473,19 @@ def test_unknown_baseline_is_a_clear_error(tiny_sd_dir, tmp_path):
                                        **{"eval.baseline": "sd15", "eval.max_prompts": 1, "eval.seeds": "[0]"}))
     with pytest.raises(ConfigError, match=r"eval.baseline=sd15 is not one of the variants \['base'\]"):
         run(cfg, scorers=_scorers())
+
+
+def test_prompts_longer_than_the_text_encoder_takes_are_counted(tiny_sd_dir, tmp_path, capsys):
+    from transformers import CLIPTokenizer
+
+    long = "a red cat on a blue mat with a green hat and a yellow bat"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"a red cat\n{long}\n")
+    tokenizer = CLIPTokenizer.from_pretrained(str(tiny_sd_dir / "tokenizer"))
+    assert len(tokenizer(long).input_ids) > tokenizer.model_max_length >= len(tokenizer("a red cat").input_ids)
+    overrides = _overrides(tiny_sd_dir, prompts, tmp_path / "out", **{"eval.seeds": "[0]"})
+    metrics = run(load_config(None, overrides), scorers=_scorers())
+    assert metrics["run"]["prompts_cut"] == {"base": 1}
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["run"]["prompts_cut"] == {"base": 1}
+    printed = capsys.readouterr().out
+    assert printed.count("longer than the text encoder") == 1 and "1 of 2 prompts" in printed
