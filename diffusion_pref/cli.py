@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -57,6 +58,8 @@ COMMANDS = {
         "diffusion_pref.quickstart", "the whole loop (generate, train, evaluate) on a built-in model", 7,
         trains=True, defaults="quickstart.yaml",
     ),
+    "iterate": Command("diffusion_pref.iterate", "online rounds: generate from the tuned model, train on, evaluate",
+                       17, trains=True),
 }
 
 
@@ -101,33 +104,120 @@ def _flag_overrides(command: Command, args: argparse.Namespace) -> list:
     return overrides
 
 
-def busy_cpu_hint(threads: int, cpus: Optional[int], load: Optional[float]) -> Optional[str]:
-    """A hint when torch's CPU threads outnumber the idle cores (``load``: the 1-minute load average).
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_SELF_CGROUP = Path("/proc/self/cgroup")
+_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
-    With two threads and one busy core, the tiny models' many small parallel regions wait on each other: the
-    shapes-world training ran about 40 times slower that way (README), and one thread avoids it.
-    """
-    if threads <= 1 or not cpus or load is None or cpus - load >= threads - 0.5:
+
+def _read(path: Path) -> Optional[str]:
+    try:
+        return path.read_text().strip()
+    except OSError:
         return None
-    return (f"the CPU is busy (load {load:.1f} on {cpus} cores) and torch runs {threads} threads; if this run is "
-            "slow, rerun it with OMP_NUM_THREADS=1 (small models can slow down many-fold when their threads wait "
-            "for busy cores)")
 
 
-def _warn_if_cpu_busy() -> None:
-    if "OMP_NUM_THREADS" in os.environ:  # the user chose
-        return
+def cgroup_cpu_limit(root: Optional[Path] = None, proc_cgroup: Optional[Path] = None) -> Optional[float]:
+    """The CPUs' worth of time this process's cgroup may use (quota / period), or None when there is no quota.
+
+    cgroup v2 (``0::/path`` in /proc/self/cgroup) keeps ``cpu.max`` ("max 100000" or "150000 100000"); v1 keeps
+    ``cpu.cfs_quota_us`` (-1: none) and ``cpu.cfs_period_us`` under the ``cpu`` controller's mount. A limit on any
+    ancestor applies too, so the smallest along the path counts. Folders missing from this mount namespace (a
+    container shows its own cgroup as the root) are skipped.
+    """
+    root = CGROUP_ROOT if root is None else root
+    text = _read(PROC_SELF_CGROUP if proc_cgroup is None else proc_cgroup)
+    if text is None:
+        return None
+    limits = []
+    for line in text.splitlines():
+        if line.count(":") < 2:
+            continue
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            mounts, v2 = [root], True
+        elif "cpu" in controllers.split(","):
+            mounts, v2 = [root / controllers, root / "cpu"], False
+        else:
+            continue
+        parts = [p for p in path.split("/") if p]
+        for mount in mounts:
+            for depth in range(len(parts), -1, -1):
+                folder = mount.joinpath(*parts[:depth])
+                if v2:
+                    fields = (_read(folder / "cpu.max") or "").split()
+                    quota, period = (fields + ["", ""])[:2]
+                else:
+                    quota, period = _read(folder / "cpu.cfs_quota_us") or "", _read(folder / "cpu.cfs_period_us") or ""
+                try:
+                    quota_us, period_us = int(quota), int(period)
+                except ValueError:  # "max", a missing file
+                    continue
+                if quota_us > 0 and period_us > 0:
+                    limits.append(quota_us / period_us)
+    return min(limits, default=None)
+
+
+def usable_cpus(affinity: Optional[int], quota: Optional[float]) -> Optional[int]:
+    """CPUs this process may run on (its affinity mask) within its cgroup's quota, rounded up: the threads of a
+    throttled cgroup stop and restart together, so a part of a CPU still gives a thread time to run."""
+    counts = [n for n in (affinity, math.ceil(quota) if quota is not None else None) if n]
+    return max(1, min(counts)) if counts else None
+
+
+def choose_cpu_threads(
+    environ, torch_threads: int, torch_preloaded: bool, affinity: Optional[int], quota: Optional[float],
+    host_cpus: Optional[int], load: Optional[float], processes: int = 1,
+) -> tuple:
+    """(threads to set, or None to keep torch's; the one log line saying why).
+
+    torch sizes its pool from the host's cores, not from the affinity mask or the cgroup quota (SLURM, containers
+    with --cpus), and threads that outnumber the CPUs free for them make the tiny models' many small parallel
+    regions wait on each other (many-fold slower: two threads on one free core made the shapes-world generate 16
+    times slower). So: the usable CPUs, shared by the processes of this launch, and no more than the cores the
+    1-minute load average leaves idle. A choice the user made (OMP_NUM_THREADS, MKL_NUM_THREADS, or torch imported
+    and possibly set before the command ran) is kept.
+    """
+    chosen = [k for k in _THREAD_ENV if environ.get(k)]
+    if chosen:
+        return None, f"torch uses {torch_threads} CPU threads ({chosen[0]}={environ[chosen[0]]} is set)"
+    if torch_preloaded:
+        return None, f"torch uses {torch_threads} CPU threads (set before diffusion-pref started)"
+    usable = usable_cpus(affinity, quota)
+    if usable is None:
+        return None, f"torch uses {torch_threads} CPU threads (usable CPUs unknown)"
+    why = [f"{affinity} CPUs in the affinity mask"] if affinity else []
+    if quota is not None:
+        why.append(f"cgroup quota {quota:g} CPUs")
+    threads = max(1, usable // max(1, processes))
+    if processes > 1:
+        why.append(f"{processes} processes")
+    if host_cpus and load is not None and threads > max(1, round(host_cpus - load)):
+        threads = max(1, round(host_cpus - load))
+        why.append(f"load {load:.1f} on {host_cpus} cores")
+    return threads, f"torch uses {threads} CPU threads ({', '.join(why)}; set OMP_NUM_THREADS to choose)"
+
+
+def _size_cpu_threads(torch_preloaded: bool) -> None:
     import torch
 
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() or torch.backends.mps.is_available():  # CPU runs only
         return
     try:
-        load = os.getloadavg()[0]
+        affinity: Optional[int] = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not on every platform
-        return
-    hint = busy_cpu_hint(torch.get_num_threads(), os.cpu_count(), load)
-    if hint:
-        print(f"diffusion-pref: note: {hint}", file=sys.stderr)
+        affinity = os.cpu_count()
+    try:
+        load: Optional[float] = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = None
+    threads, line = choose_cpu_threads(
+        os.environ, torch.get_num_threads(), torch_preloaded, affinity, cgroup_cpu_limit(), os.cpu_count(), load,
+        processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+    )
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"diffusion-pref: {line}", file=sys.stderr)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -152,10 +242,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 3
         if command.trains:
             check_loss(cfg)
+        torch_preloaded = "torch" in sys.modules  # then the caller may have set torch's threads
         module = importlib.import_module(command.module)
         if os.environ.get("RANK", "0") == "0":  # under accelerate/torchrun only the main process writes it
             save_config(cfg, cfg.output.dir)
-            _warn_if_cpu_busy()
+        _size_cpu_threads(torch_preloaded)
         module.run(cfg)
     except ConfigError as err:
         print(f"diffusion-pref {args.command}: config error: {err}", file=sys.stderr)

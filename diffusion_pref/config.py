@@ -7,8 +7,9 @@ below, and dotted overrides on the command line win over the recipe::
 
 Merging and type conversion are OmegaConf structured configs; this module adds what OmegaConf does not say
 clearly: an unknown key names the nearest valid key, a badly typed value names the key and the expected type,
-and a value outside a fixed set of choices lists the choices. ``load_config`` returns plain dataclass
-instances, so the rest of the code reads ``cfg.train.batch_size`` with types it can trust.
+a value outside a fixed set of choices lists the choices, and a number out of its range (``RANGES``) names the
+range. ``load_config`` returns plain dataclass instances, so the rest of the code reads ``cfg.train.batch_size``
+with types it can trust.
 
 The resolved config is written as ``config.yaml`` into ``output.dir`` by every run; passing that file back with
 ``--config`` reproduces the run.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -166,6 +168,10 @@ class TrainConfig:
     logger: str = "tensorboard"  # tensorboard | wandb | none
     validate_every: int = 0  # 0 = no validation images during training
     validation_prompts: List[str] = field(default_factory=list)
+    # A LoRA folder (as train writes it) the adapter starts from instead of zero: training continues that LoRA
+    # (same model.lora_rank and lora_targets). model.reference=adapter then compares against the base,
+    # model.reference=copy against this starting model (base + this LoRA). Needs model.finetune=lora.
+    init_lora: Optional[str] = None
 
 
 @dataclass
@@ -182,6 +188,9 @@ class GenerateConfig:
     min_gap: Optional[float] = None
     max_gap: Optional[float] = None
     shard_size: int = 256  # pairs per parquet shard
+    # A shard is also written after this many finished prompts, whatever its size: a run killed without warning
+    # (SIGKILL, power loss) redoes at most these and the batches in progress. SIGTERM/SIGINT save everything.
+    flush_every_prompts: int = 32
     prompt_split: str = "train"  # split to read when generate.prompts is a hub dataset id
     max_prompts: Optional[int] = None  # only the first N prompts (smoke runs); raising it later resumes the same run
     # A diffusers scheduler class name (e.g. DPMSolverMultistepScheduler) built from the pipeline's scheduler
@@ -194,6 +203,7 @@ class GenerateConfig:
     # rso_keep samples accepted with probability exp((r - r_max) / rso_beta), then paired by `strategy`.
     rso_beta: Optional[float] = None
     rso_keep: int = 2
+    lora: Optional[str] = None  # a LoRA folder (as train writes it) sampled on top of model.pretrained
 
 
 @dataclass
@@ -224,6 +234,18 @@ class EvalConfig:
 
 
 @dataclass
+class IterateConfig:
+    """``diffusion-pref iterate``: rounds of generate -> train -> evaluate, each round sampling the last one's model."""
+
+    rounds: int = 3
+    # fixed: every round's reference is the base model; moved: round r's reference is round r-1's model.
+    reference: str = "fixed"  # fixed | moved
+    # Round r samples prompts [(r-1)*N, r*N) of generate.prompts, so R rounds of N see the prompts one round of
+    # R*N sees; None: every round samples all the prompts. Round r's seeds are generate.seed + r - 1.
+    prompts_per_round: Optional[int] = None
+
+
+@dataclass
 class OutputConfig:
     dir: str = "outputs/run"
 
@@ -238,6 +260,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    iterate: IterateConfig = field(default_factory=IterateConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
@@ -264,11 +287,84 @@ CHOICES: Dict[str, Sequence[str]] = {
     "eval.dtype": ("auto", "fp32", "fp16", "bf16"),
     "generate.dtype": ("auto", "fp32", "fp16", "bf16"),
     "generate.image_format": ("png", "jpeg"),
+    "iterate.reference": ("fixed", "moved"),
 }
 
 
 class ConfigError(ValueError):
     """A config problem the user can fix; the message says which key and what to do."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field allows: from ``low`` to ``high`` (None = unbounded), each end included unless
+    ``low_open`` / ``high_open``. NaN and infinities are never allowed; None stays allowed for Optional fields."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+POSITIVE, AT_LEAST_1, AT_LEAST_0 = Range(0, low_open=True), Range(1), Range(0)
+
+# Numeric fields with a range, checked with the rest of the config (before any data or model is loaded) so a
+# typo costs seconds. Settings whose limits depend on each other stay with the command that reads them
+# (generate.samples_per_prompt, generate.rso_keep, trajectory.steps against the scheduler's timesteps).
+RANGES: Dict[str, Range] = {
+    "model.lora_rank": AT_LEAST_1,
+    "model.lora_alpha": POSITIVE,
+    "data.resolution": AT_LEAST_1,
+    "data.caption_dropout": Range(0, 1),
+    "data.max_pairs": AT_LEAST_1,
+    "data.num_workers": AT_LEAST_0,
+    "reward.batch_size": AT_LEAST_1,
+    "loss.beta": POSITIVE,
+    "trajectory.steps": AT_LEAST_1,
+    "trajectory.renoise_iters": AT_LEAST_0,
+    "trajectory.noise_reg_steps": AT_LEAST_0,
+    "trajectory.noise_reg_lambda_kl": AT_LEAST_0,
+    "trajectory.noise_reg_lambda_ac": AT_LEAST_0,
+    "trajectory.noise_reg_ac_rolls": AT_LEAST_1,
+    "train.batch_size": AT_LEAST_1,
+    "train.grad_accum": AT_LEAST_1,
+    "train.max_steps": AT_LEAST_1,
+    "train.learning_rate": POSITIVE,
+    "train.warmup_steps": AT_LEAST_0,
+    "train.adam_beta1": Range(0, 1, high_open=True),
+    "train.adam_beta2": Range(0, 1, high_open=True),
+    "train.adam_eps": AT_LEAST_0,
+    "train.weight_decay": AT_LEAST_0,
+    "train.max_grad_norm": AT_LEAST_0,  # 0 = no clipping
+    "train.checkpoint_every": AT_LEAST_0,  # 0 = no checkpoints
+    "train.keep_checkpoints": AT_LEAST_0,  # 0 = keep all
+    "train.log_every": AT_LEAST_1,
+    "train.validate_every": AT_LEAST_0,  # 0 = no validation images
+    "generate.steps": AT_LEAST_1,
+    "generate.batch_size": AT_LEAST_1,
+    "generate.shard_size": AT_LEAST_1,
+    "generate.max_prompts": AT_LEAST_1,
+    "generate.resolution": AT_LEAST_1,
+    "generate.rso_beta": POSITIVE,
+    "eval.steps": AT_LEAST_1,
+    "eval.batch_size": AT_LEAST_1,
+    "eval.bootstrap_samples": AT_LEAST_0,
+    "eval.max_prompts": AT_LEAST_1,
+    "eval.resolution": AT_LEAST_1,
+    "eval.report_prompts": AT_LEAST_0,
+}
 
 
 def _nearest(word: str, choices: Sequence[str]) -> str:
@@ -338,6 +434,15 @@ def _check_choices(cfg: Config) -> None:
             )
 
 
+def check_ranges(cfg: Config) -> None:
+    """Every key of :data:`RANGES` inside its range; the error names the key, its value and the range."""
+    for dotted, allowed in RANGES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value is not None and value not in allowed:
+            raise ConfigError(f"{dotted}={value!r} is out of range: it must be {allowed}")
+
+
 def _merge(base: DictConfig, layer: Any, where: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, layer)
@@ -388,6 +493,7 @@ def load_config(
     except OmegaConfBaseException as err:
         raise ConfigError(f"config is incomplete: {str(err).splitlines()[0]}") from None
     _check_choices(cfg)
+    check_ranges(cfg)
     return cfg
 
 
@@ -453,14 +559,18 @@ __all__ = [
     "DataConfig",
     "EvalConfig",
     "GenerateConfig",
+    "IterateConfig",
     "LossConfig",
     "ModelConfig",
     "MISSING",
     "OutputConfig",
+    "RANGES",
+    "Range",
     "RewardConfig",
     "TrainConfig",
     "TrajectoryConfig",
     "check_loss",
+    "check_ranges",
     "load_config",
     "parse_overrides",
     "save_config",

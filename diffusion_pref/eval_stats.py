@@ -112,6 +112,31 @@ def paired_table(table: "pd.DataFrame", reward: str, variant: str, baseline: str
     return paired.sort_values(keys, kind="stable").reset_index(drop=True)
 
 
+def max_score_errors(scores, ref_scores, *, maximum: float, tolerance: float) -> Dict[str, Any]:
+    """Errors fixed and regressions against a reward with a known maximum, per paired (prompt, seed).
+
+    A sample is *right* when its score is within ``tolerance`` of ``maximum``; an *error* otherwise.
+    ``fixed``: baseline errors the variant gets right; ``regressions``: baseline-right samples the variant gets
+    wrong; ``shortfall_recovered``: the share of the baseline's mean distance to the maximum that the variant
+    closes, ``(mean(scores) - mean(ref)) / (maximum - mean(ref))`` (None when the baseline is at the maximum).
+    """
+    import numpy as np
+
+    scores = np.asarray(scores, dtype=np.float64)
+    ref = np.asarray(ref_scores, dtype=np.float64)
+    right, ref_right = scores >= maximum - tolerance, ref >= maximum - tolerance
+    gap = maximum - float(ref.mean())
+    return {
+        "maximum": float(maximum),
+        "tolerance": float(tolerance),
+        "baseline_errors": int((~ref_right).sum()),
+        "errors": int((~right).sum()),
+        "fixed": int((~ref_right & right).sum()),
+        "regressions": int((ref_right & ~right).sum()),
+        "shortfall_recovered": None if gap <= 0 else float((scores.mean() - ref.mean()) / gap),
+    }
+
+
 def win_rate(
     table: "pd.DataFrame",
     reward: str,
@@ -121,8 +146,12 @@ def win_rate(
     bootstrap_samples: int,
     bootstrap_seed: int = 0,
     level: float = 0.95,
+    maximum: Optional[tuple] = None,
 ) -> Dict[str, Any]:
-    """Win rate of ``variant`` over ``baseline`` on ``reward`` per (prompt, seed), with its bootstrap interval."""
+    """Win rate of ``variant`` over ``baseline`` on ``reward`` per (prompt, seed), with its bootstrap interval.
+
+    ``maximum``: ``(max_score, tolerance)`` of a reward with a known maximum; adds ``errors`` (see
+    :func:`max_score_errors`)."""
     paired = paired_table(table, reward, variant, baseline)
     if paired.empty:
         raise ValueError(
@@ -146,6 +175,9 @@ def win_rate(
         "n_prompts": int(len(per_prompt)),
         "mean_difference": float((paired["score"] - paired["ref_score"]).mean()),
     }
+    if maximum is not None:
+        result["errors"] = max_score_errors(paired["score"], paired["ref_score"], maximum=maximum[0],
+                                            tolerance=maximum[1])
     with_category = paired.dropna(subset=["category"])
     if len(with_category):
         result["by_category"] = {
@@ -163,11 +195,13 @@ def compute_metrics(
     bootstrap_samples: int = 1000,
     bootstrap_seed: int = 0,
     level: float = 0.95,
+    maxima: Optional[Dict[str, tuple]] = None,
 ) -> Dict[str, Any]:
     """All numbers of ``metrics.json`` from the per-image table.
 
     ``scores[reward][variant]`` holds the summary of each variant's scores; ``win_rates[reward][variant]`` the
-    win rate of each non-baseline variant over ``baseline``.
+    win rate of each non-baseline variant over ``baseline``. ``maxima`` maps a reward with a known maximum to
+    ``(max_score, tolerance)``: its win rates then also count the baseline's errors fixed and the regressions.
     """
     missing = [c for c in ("variant", "prompt_index", "seed", "category", *rewards) if c not in table.columns]
     if missing:
@@ -188,6 +222,7 @@ def compute_metrics(
             variant: win_rate(
                 table, reward, variant, baseline,
                 bootstrap_samples=bootstrap_samples, bootstrap_seed=bootstrap_seed, level=level,
+                maximum=(maxima or {}).get(reward),
             )
             for variant in variants
             if variant != baseline

@@ -413,18 +413,13 @@ def check_reward_names(cfg: Config) -> None:
 
 
 def load_scorers(cfg: Config) -> Dict[str, Any]:
-    """One scorer per configured reward model (each scored separately; the weighted sum is derived)."""
-    from diffusion_pref.reward_models import load_reward_model
+    """One scorer per configured reward model (each scored separately; the weighted sum is derived), loaded as
+    ``generate`` loads them: weights that cannot load are a ConfigError naming ``reward.pretrained``."""
+    from diffusion_pref.reward_models import load_reward_from_config
 
     check_reward_names(cfg)
-    device = None if cfg.reward.device == "auto" else cfg.reward.device
-    scorers = {}
-    for name in cfg.reward.models:
-        kwargs: Dict[str, Any] = {"device": device, "batch_size": cfg.reward.batch_size}
-        if name in cfg.reward.pretrained:
-            kwargs["pretrained"] = cfg.reward.pretrained[name]
-        scorers[name] = load_reward_model(name, **kwargs)
-    return scorers
+    reward = load_reward_from_config(cfg.reward)  # reward.device=auto: the scorers' own default (CUDA if present)
+    return {name: model for name, (model, _) in reward.components.items()}
 
 
 def _load_media(paths: Sequence[Path]) -> tuple:
@@ -513,7 +508,7 @@ def run(cfg: Config, scorers: Optional[Mapping[str, Any]] = None) -> Dict[str, A
     if cfg.eval.bootstrap_samples < 0:
         raise ConfigError(f"eval.bootstrap_samples must be >= 0, got {cfg.eval.bootstrap_samples}")
     if scorers is None:
-        check_reward_names(cfg)
+        check_reward_names(cfg)  # a typo costs nothing; loading the reward models waits for the cheaper checks
     out_dir = Path(cfg.output.dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     records = load_prompt_records(cfg)
@@ -533,10 +528,13 @@ def run(cfg: Config, scorers: Optional[Mapping[str, Any]] = None) -> Dict[str, A
         variant_names = [v.name for v in variants]
         baseline = _pick_baseline(cfg, variant_names, specs)  # before generating: a typo should cost nothing
         check_variant_sampling(cfg, variant_names)
+    if scorers is None:
+        # Before the first sample, as generate does: a reward model that cannot load (offline, a wrong path) must
+        # not cost a whole sampling run first.
+        scorers = load_scorers(cfg)
+    if cfg.eval.images_dir is None:
         samples, n_generated, n_reused, prompts_cut = generate_samples(cfg, variants, records, out_dir)
 
-    if scorers is None:
-        scorers = load_scorers(cfg)
     weights = {name: float(cfg.reward.models.get(name, 1.0)) for name in scorers}
     scores = score_samples(samples, scorers, out_dir, cfg.reward.batch_size)
     table = build_table(samples, scores, weights)
@@ -544,8 +542,11 @@ def run(cfg: Config, scorers: Optional[Mapping[str, Any]] = None) -> Dict[str, A
     table.to_csv(out_dir / "per_image.csv", index=False)
 
     rewards = list(scorers) + ([WEIGHTED_SUM] if len(scorers) > 1 else [])
+    maxima = {name: (float(s.max_score), float(getattr(s, "max_tolerance", 0.0)))
+              for name, s in scorers.items() if getattr(s, "max_score", None) is not None}
     metrics = compute_metrics(table, rewards, baseline, variants=variant_names,
-                              bootstrap_samples=cfg.eval.bootstrap_samples, bootstrap_seed=cfg.eval.bootstrap_seed)
+                              bootstrap_samples=cfg.eval.bootstrap_samples, bootstrap_seed=cfg.eval.bootstrap_seed,
+                              maxima=maxima)
     metrics["run"] = {
         "model": cfg.model.pretrained,
         "prompts": cfg.eval.prompts,
@@ -578,6 +579,12 @@ def run(cfg: Config, scorers: Optional[Mapping[str, Any]] = None) -> Dict[str, A
     return metrics
 
 
+def errors_text(errors: Mapping[str, Any]) -> str:
+    """``errors`` of a win rate (a reward with a known maximum) in words, for the printout and the report."""
+    return (f"base errors fixed {errors['fixed']}/{errors['baseline_errors']}, "
+            f"regressions {errors['regressions']} (right = within {errors['tolerance']:g} of {errors['maximum']:g})")
+
+
 def _print_summary(metrics: Mapping[str, Any], out_dir: Path) -> None:
     for reward in metrics["rewards"]:
         for variant in metrics["variants"]:
@@ -585,7 +592,10 @@ def _print_summary(metrics: Mapping[str, Any], out_dir: Path) -> None:
             line = f"{reward:>14} {variant:>12}: mean {s['mean']:.4f} median {s['median']:.4f}"
             w = metrics["win_rates"][reward].get(variant)
             if w:
-                line += f"  win rate {w['win_rate']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}]"
+                line += (f"  win rate {w['win_rate']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}]"
+                         f"  wins/ties/losses {w['wins']}/{w['ties']}/{w['losses']}")
+                if w.get("errors"):
+                    line += "  " + errors_text(w["errors"])
             print(line)
     grid = " and grid.png" if (out_dir / "grid.png").is_file() else ""
     print(f"wrote {out_dir / 'metrics.json'}, {out_dir / 'per_image.parquet'}, {out_dir / 'report.html'}{grid}")

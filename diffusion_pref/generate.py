@@ -12,6 +12,9 @@ Pairs then pass the filters ``min_winner_score``, ``min_gap`` and ``max_gap`` (t
 Pairs of equal scores are never written: they are counted as filtered ("tie"). Samples whose score is NaN are
 left out and counted. With ``rso_beta`` set, statistical rejection sampling (RSO) first thins the candidates.
 
+``generate.lora`` samples the base with a LoRA that a training run wrote on top: the tuned model (``diffusion-pref
+iterate`` samples each round's model that way).
+
 Output: parquet shards ``pairs-p<process>-<n>.parquet`` in ``output.dir`` with the Pick-a-Pic v2 columns
 ``caption, jpg_0, jpg_1, label_0, label_1`` (images as PNG or JPEG bytes; ``label_0 = 1.0`` when ``jpg_0`` won)
 plus ``score_0, score_1, reward_model, seed_0, seed_1, model, prompt_index, category``, and ``summary.json``.
@@ -20,7 +23,11 @@ Which side holds the winner is decided by a hash of the pair's seeds, so ``label
 Resuming: every shard is written to a temporary name and renamed, and records in its parquet metadata which
 prompt indices it covers (prompts whose pairs were all filtered are covered by a small ``.empty.json`` file
 instead). A restarted run skips every covered prompt, so a run killed at any point and restarted ends with every
-prompt done exactly once. Restarting into a folder written with different settings is refused.
+prompt done exactly once. Restarting into a folder written with different settings is refused. A shard is written
+once ``shard_size`` pairs or ``flush_every_prompts`` prompts are pending, so a run killed without warning (SIGKILL)
+redoes at most ``flush_every_prompts`` prompts plus the batches it was working on. On SIGTERM or SIGINT (Ctrl-C,
+a cluster's time limit) the batch being sampled is finished, every finished prompt is written, and the command
+exits with status 128 + the signal number; a second signal stops at once.
 
 Several processes (``accelerate launch``) split the prompts by index modulo the process count; each writes its
 own shards.
@@ -47,6 +54,9 @@ import math
 import os
 import random
 import re
+import signal
+import sys
+import threading
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -63,7 +73,7 @@ _SHARD_RE = re.compile(r"^pairs-p(\d+)-(\d+)\.(parquet|empty\.json)$")
 # Settings that change which images or pairs a prompt gets; a restart must use the same ones.
 _FINGERPRINT_KEYS = (
     "samples_per_prompt", "steps", "guidance_scale", "seed", "strategy", "min_winner_score", "min_gap",
-    "max_gap", "scheduler", "resolution", "image_format", "rso_beta", "rso_keep", "dtype",
+    "max_gap", "scheduler", "resolution", "image_format", "rso_beta", "rso_keep", "dtype", "lora",
 )
 
 
@@ -195,6 +205,13 @@ def _load_pipeline(cfg: Config, device: Any):
         pipe.vae.to(dtype=dtype)  # a VAE passed in as a component is not cast by torch_dtype
     if scheduler_class is not None:
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    if cfg.generate.lora:
+        try:
+            pipe.load_lora_weights(cfg.generate.lora)
+        except Exception as err:
+            raise ConfigError(f"generate.lora={cfg.generate.lora}: could not load a LoRA onto {cfg.model.pretrained} "
+                              f"({type(err).__name__}: {err}); give the folder a LoRA training run of this base "
+                              "model wrote") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -326,7 +343,7 @@ def _check_settings(gen: GenerateConfig) -> None:
         raise ConfigError(
             f"generate.samples_per_prompt={gen.samples_per_prompt}: a pair needs at least 2 samples per prompt"
         )
-    for key in ("batch_size", "shard_size", "steps", "rso_keep"):
+    for key in ("batch_size", "shard_size", "flush_every_prompts", "steps", "rso_keep"):
         if getattr(gen, key) < 1:
             raise ConfigError(f"generate.{key} must be >= 1, got {getattr(gen, key)}")
     if gen.max_prompts is not None and gen.max_prompts < 1:
@@ -475,11 +492,14 @@ def generate(
     reward: Any = None,
     process_index: Optional[int] = None,
     num_processes: Optional[int] = None,
+    raise_on_stop: bool = False,
 ) -> Optional[dict]:
     """Run generation; returns the summary on the main process (None elsewhere).
 
     ``pipeline`` and ``reward`` replace the configured model and reward model (tests, notebooks);
     ``process_index`` / ``num_processes`` replace accelerate's, to run one share of a multi-process job by hand.
+    A run stopped by SIGTERM/SIGINT saves its finished prompts and returns the summary (``prompts_missing`` says
+    what is left), or with ``raise_on_stop`` (the command line) exits with status 128 + the signal number.
     """
     from diffusion_pref.prompts import read_prompts
 
@@ -525,17 +545,64 @@ def generate(
 
             prompts_cut = sum(texts_cut(pipeline, [r.prompt for r in records]))
         writer = _ShardWriter(folder, process, max(numbers, default=-1) + 1, settings)
-        _generate_groups(groups, records, cfg, pipeline, reward, reward_name, writer, show_progress=process == 0)
+        with _StopOnSignal() as stop:
+            _generate_groups(groups, records, cfg, pipeline, reward, reward_name, writer, show_progress=process == 0,
+                             stop=stop)
+        if stop.signal_name:
+            print(f"generate: stopped by {stop.signal_name}: every finished prompt is saved in {folder}; run the same "
+                  "command again to continue", file=sys.stderr)
 
     state.wait_for_everyone()
     if process != 0:
-        return None
-    summary = summarize(folder, total_prompts=len(records))
-    if prompts_cut is not None:
-        summary["prompts_cut"] = prompts_cut
-    _atomic_write(folder / SUMMARY_FILE, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
-    print(_format_summary(summary, folder))
+        summary = None
+    else:
+        summary = summarize(folder, total_prompts=len(records))
+        if prompts_cut is not None:
+            summary["prompts_cut"] = prompts_cut
+        _atomic_write(folder / SUMMARY_FILE, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+        print(_format_summary(summary, folder))
+    if stop.signal_number is not None and raise_on_stop:
+        raise SystemExit(128 + stop.signal_number)  # the shell's status for a process ended by that signal
     return summary
+
+
+class _StopOnSignal:
+    """Turns the first SIGTERM or SIGINT into a request to stop between batches (``signal_name`` is then set).
+
+    The first signal puts the previous handlers back, so a second one acts as it would without this (SIGTERM kills,
+    SIGINT raises KeyboardInterrupt): a run that must die now still can, and loses only its unwritten prompts.
+    Handlers can only be set from the main thread; elsewhere this does nothing.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGINT")
+
+    def __init__(self):
+        self.signal_name: Optional[str] = None
+        self.signal_number: Optional[int] = None
+        self._previous: dict = {}
+
+    def _handle(self, number, frame) -> None:
+        self.signal_number, self.signal_name = number, signal.Signals(number).name
+        self._restore()
+        # os.write, not print: the handler may run in the middle of another write to stderr.
+        os.write(2, f"\ngenerate: {self.signal_name} received: finishing the current batch and saving every finished "
+                    "prompt (send it again to stop at once)\n".encode())
+
+    def _restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        self._previous = {}
+
+    def __enter__(self) -> "_StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                number = getattr(signal, name, None)
+                if number is not None:
+                    self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
 
 
 class _ShardWriter:
@@ -563,9 +630,12 @@ class _ShardWriter:
 
 def _generate_groups(
     groups: List[List[int]], records: List[Any], cfg: Config, pipeline: Any, reward: Any, reward_name: str,
-    writer: _ShardWriter, show_progress: bool,
+    writer: _ShardWriter, show_progress: bool, stop: Optional[_StopOnSignal] = None,
 ) -> None:
     """Sample, score and pair every prompt of ``groups``; a shard is only ever written between groups.
+
+    After a stop signal (``stop.signal_name`` set) the group being sampled is finished and no new one is started;
+    the finished prompts are written as usual.
 
     Pairing and image encoding (PNG costs tens of ms per 512 px image) of one group run in worker threads while
     the next group is sampled; Pillow releases the GIL while encoding. Results are taken in group order, so the
@@ -583,7 +653,7 @@ def _generate_groups(
         for p, future in futures:
             writer.add(p, *future.result())
         progress.update(len(futures))
-        if len(writer.rows) >= gen.shard_size:
+        if len(writer.rows) >= gen.shard_size or len(writer.prompts) >= gen.flush_every_prompts:
             writer.flush()
 
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="encode") as pool:
@@ -596,6 +666,8 @@ def _generate_groups(
             ]
             collect(previous)
             previous = futures
+            if stop is not None and stop.signal_name:
+                break
         collect(previous)
     writer.flush()
     progress.close()
@@ -661,7 +733,7 @@ def _as_floats(scores: Any, expected: int, reward_name: str) -> List[float]:
 
 def run(cfg: Config) -> None:
     """Entry point of ``diffusion-pref generate``."""
-    generate(cfg)
+    generate(cfg, raise_on_stop=True)
 
 
 __all__ = ["FILTER_REASONS", "form_pairs", "generate", "read_shards", "rso_select", "run", "sample_seed", "summarize"]

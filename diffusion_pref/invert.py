@@ -70,7 +70,7 @@ def run(cfg) -> None:
     from PIL import Image
 
     from diffusion_pref.config import ConfigError
-    from diffusion_pref.pipelines import load_backbone
+    from diffusion_pref.pipelines import check_resolution, load_backbone
     from diffusion_pref.trajectories import ddim_sample, inversion_grid, invert_latents
 
     traj = cfg.trajectory
@@ -80,8 +80,10 @@ def run(cfg) -> None:
     if not traj.invert_image:
         raise ConfigError("invert needs an image: trajectory.invert_image=path/to/image.png "
                           "(and its caption: trajectory.invert_prompt=\"...\")")
+    check_resolution(cfg.model, cfg.data.resolution)
     image, pixels = _load_image(traj.invert_image, cfg.data.resolution)
     backbone = load_backbone(cfg.model)
+    check_resolution(cfg.model, cfg.data.resolution, vae=backbone.vae)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for module in (backbone.unet, *backbone.frozen_modules):
         module.to(device)

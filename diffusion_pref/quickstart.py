@@ -63,7 +63,11 @@ def _summary_lines(metrics: dict, reward: str, tuned: str) -> list[str]:
         low, high = win["ci_low"], win["ci_high"]
         verdict = "above" if low > 0.5 else ("below" if high < 0.5 else "overlapping")
         lines.append(f"  win rate of {tuned} over base: {win['win_rate']:.3f}  95% CI [{low:.3f}, {high:.3f}] "
-                     f"({verdict} 0.5)")
+                     f"({verdict} 0.5); wins/ties/losses {win['wins']}/{win['ties']}/{win['losses']}")
+        if win.get("errors"):
+            from diffusion_pref.evaluate import errors_text
+
+            lines.append(f"  {errors_text(win['errors'])}")
     return lines
 
 

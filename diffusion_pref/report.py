@@ -158,6 +158,12 @@ def _summary_table(metrics: Dict[str, Any]) -> str:
             s = metrics["scores"][reward][variant]
             w = metrics["win_rates"][reward].get(variant)
             wr = "–" if w is None else f'{w["win_rate"]:.3f} [{_fmt(w["ci_low"], 3)}, {_fmt(w["ci_high"], 3)}]'
+            if w is not None and "wins" in w:
+                wr += f'<br><small>wins/ties/losses {w["wins"]}/{w["ties"]}/{w["losses"]}</small>'
+            if w is not None and w.get("errors"):
+                from diffusion_pref.evaluate import errors_text
+
+                wr += f"<br><small>{html.escape(errors_text(w['errors']))}</small>"
             cells.append(f"<td>{_fmt(s['mean'])}</td><td>{_fmt(s['median'])}</td><td>{wr}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return (f'<table id="summary"><thead><tr>{"".join(head)}</tr><tr>{"".join(sub)}</tr></thead>'

@@ -15,7 +15,7 @@ def run_cli(*args):
 def test_help_lists_every_command():
     result = run_cli("--help")
     assert result.returncode == 0
-    for name in ("generate", "cache", "train", "evaluate", "invert", "prompt-opt", "quickstart"):
+    for name in ("generate", "cache", "train", "evaluate", "invert", "prompt-opt", "quickstart", "iterate"):
         assert name in result.stdout
 
 
@@ -77,33 +77,87 @@ def test_short_flags_are_spellings_of_config_keys():
     assert run_cli("invert", "--method", "magic").returncode != 0  # argparse rejects a method that is not a choice
 
 
-@pytest.mark.parametrize("threads, cpus, load, hint", [
-    (2, 2, 1.2, True),    # one core busy, two threads: the case that slowed the toy training 40-fold
-    (2, 2, 0.3, False),   # both cores idle enough
-    (1, 2, 2.0, False),   # one thread cannot wait on itself
-    (4, 16, 6.0, False),  # plenty of idle cores
-    (2, None, 1.5, False),
+def _fake_cgroup(tmp_path, proc_line, files):
+    """A cgroup mount in tmp_path: {relative path: content}, and a /proc/self/cgroup with one line."""
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text + "\n")
+    (tmp_path / "proc-self-cgroup").write_text(proc_line + "\n")
+    return cli.cgroup_cpu_limit(tmp_path, tmp_path / "proc-self-cgroup")
+
+
+@pytest.mark.parametrize("proc_line, files, limit", [
+    ("0::/", {"cpu.max": "max 100000"}, None),  # v2, no quota
+    ("0::/", {"cpu.max": "150000 100000"}, 1.5),
+    # v2 nested: the job's own folder has no quota, its parent allows half a CPU
+    ("0::/slurm/job_7", {"slurm/cpu.max": "50000 100000", "slurm/job_7/cpu.max": "max 100000"}, 0.5),
+    ("0::/slurm/job_7", {"slurm/cpu.max": "400000 100000", "slurm/job_7/cpu.max": "200000 100000"}, 2.0),
+    ("0::/docker/abc", {"cpu.max": "300000 100000"}, 3.0),  # a container sees its own cgroup as the root
+    # v1: the quota under the cpu controller's mount, -1 = none
+    ("4:cpu,cpuacct:/", {"cpu,cpuacct/cpu.cfs_quota_us": "-1", "cpu,cpuacct/cpu.cfs_period_us": "100000"}, None),
+    ("4:cpu,cpuacct:/job", {"cpu,cpuacct/job/cpu.cfs_quota_us": "250000",
+                            "cpu,cpuacct/job/cpu.cfs_period_us": "100000"}, 2.5),
+    ("1:cpu:/", {"cpu/cpu.cfs_quota_us": "20000", "cpu/cpu.cfs_period_us": "100000"}, 0.2),
+    ("3:memory:/x", {}, None),  # no cpu controller
 ])
-def test_busy_cpu_hint(threads, cpus, load, hint):
-    message = cli.busy_cpu_hint(threads, cpus, load)
-    assert (message is not None) == hint
-    if hint:
-        assert "OMP_NUM_THREADS=1" in message and f"{load:.1f}" in message
+def test_cgroup_cpu_limit_reads_v1_and_v2_quotas(tmp_path, proc_line, files, limit):
+    assert _fake_cgroup(tmp_path, proc_line, files) == (None if limit is None else pytest.approx(limit))
 
 
-def test_a_command_on_a_busy_cpu_prints_the_hint_unless_threads_were_chosen(monkeypatch, capsys, tmp_path):
-    import torch
+@pytest.mark.parametrize("affinity, quota, usable", [
+    (8, None, 8), (8, 2.5, 3), (8, 0.2, 1), (2, 4.0, 2), (None, 1.5, 2), (None, None, None),
+])
+def test_usable_cpus_is_the_affinity_within_the_quota_rounded_up(affinity, quota, usable):
+    assert cli.usable_cpus(affinity, quota) == usable
 
-    ran = []
-    monkeypatch.setitem(cli.COMMANDS, "train", cli.Command("fake_train", "t", 3))
-    monkeypatch.setattr(cli, "_command_available", lambda c: True)
-    monkeypatch.setattr(cli.importlib, "import_module", lambda name: type("M", (), {"run": staticmethod(ran.append)}))
-    monkeypatch.setattr(cli.os, "getloadavg", lambda: (float(cli.os.cpu_count()), 0.0, 0.0), raising=False)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert cli.main(["train", f"output.dir={tmp_path}"]) == 0 and len(ran) == 1
-    assert "OMP_NUM_THREADS=1" in capsys.readouterr().err
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert cli.main(["train", f"output.dir={tmp_path}"]) == 0 and len(ran) == 2
-    assert "OMP_NUM_THREADS" not in capsys.readouterr().err
+
+def _choose(environ=None, torch_threads=64, preloaded=False, affinity=64, quota=None, host=64, load=0.0, procs=1):
+    return cli.choose_cpu_threads(environ or {}, torch_threads, preloaded, affinity, quota, host, load, procs)
+
+
+def test_threads_come_from_affinity_quota_processes_and_load_unless_the_user_chose():
+    assert _choose(quota=2.0)[0] == 2  # a container with --cpus=2 on a 64-core host
+    assert _choose(affinity=4)[0] == 4  # SLURM's cpuset
+    assert _choose(affinity=8, procs=4)[0] == 2  # four processes of one launch share the CPUs
+    assert _choose(affinity=2, host=2, load=1.2)[0] == 1  # one core busy: the case that slowed generate 16-fold
+    assert _choose(affinity=2, host=2, load=0.3)[0] == 2
+    assert _choose(affinity=2, host=2, load=5.0)[0] == 1
+    for environ in ({"OMP_NUM_THREADS": "3"}, {"MKL_NUM_THREADS": "3"}):
+        threads, line = _choose(environ, torch_threads=3, quota=1.0)
+        assert threads is None and f"{next(iter(environ))}=3 is set" in line and "3 CPU threads" in line
+    threads, line = _choose(torch_threads=5, preloaded=True, quota=1.0)  # torch.set_num_threads may have run
+    assert threads is None and "5 CPU threads (set before diffusion-pref started)" in line
+    threads, line = _choose(affinity=16, quota=0.5, host=64, load=10.0)
+    assert threads == 1 and line == ("torch uses 1 CPU threads (16 CPUs in the affinity mask, cgroup quota 0.5 CPUs; "
+                                     "set OMP_NUM_THREADS to choose)")
+
+
+_THREADS_SCRIPT = """
+import sys, types
+from pathlib import Path
+from diffusion_pref import cli
+
+cli.CGROUP_ROOT, cli.PROC_SELF_CGROUP = Path({root!r}), Path({root!r}) / "proc-self-cgroup"
+cli.os.getloadavg = lambda: (0.0, 0.0, 0.0)  # an idle machine: only the quota counts
+sys.modules["fake_command"] = types.SimpleNamespace(run=lambda cfg: print("threads", __import__("torch").get_num_threads()))
+cli.COMMANDS["fake"] = cli.Command("fake_command", "prints torch's thread count", None)
+cli._command_available = lambda command: True
+sys.exit(cli.main(["fake", "output.dir={out}"]))
+"""
+
+
+@pytest.mark.parametrize("omp", [None, "2"])
+def test_a_command_sizes_torch_threads_from_the_cgroup_quota_and_logs_one_line(tmp_path, omp):
+    import os
+
+    _fake_cgroup(tmp_path, "0::/", {"cpu.max": "50000 100000"})  # half a CPU
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env.update({"CUDA_VISIBLE_DEVICES": "", **({"OMP_NUM_THREADS": omp} if omp else {})})
+    script = _THREADS_SCRIPT.format(root=str(tmp_path), out=str(tmp_path / "out"))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if "CPU threads" in line]
+    if omp:
+        assert "threads 2" in result.stdout and lines == ["diffusion-pref: torch uses 2 CPU threads (OMP_NUM_THREADS=2 is set)"]
+    else:
+        assert "threads 1" in result.stdout and len(lines) == 1 and "cgroup quota 0.5 CPUs" in lines[0]

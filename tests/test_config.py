@@ -113,3 +113,52 @@ def test_a_bare_no_is_the_word_not_a_boolean(tmp_path):
     assert load_config(recipe).train.mixed_precision == "no"
     with pytest.raises(ConfigError, match="mixed_precision"):
         load_config(None, ["train.mixed_precision=yes"])  # a word that is not a choice is still an error
+
+
+@pytest.mark.parametrize("override, shown", [
+    ("loss.beta=0", r"loss\.beta=0\.0 is out of range: it must be > 0"),
+    ("loss.beta=-2500", r"loss\.beta=-2500\.0 .* > 0"),
+    ("loss.beta=.nan", r"loss\.beta=nan .* > 0"),
+    ("train.learning_rate=-1e-5", r"train\.learning_rate=-1e-05 .* > 0"),
+    ("train.batch_size=0", r"train\.batch_size=0 .* >= 1"),
+    ("train.max_steps=0", r"train\.max_steps=0 .* >= 1"),
+    ("train.grad_accum=0", r"train\.grad_accum=0 .* >= 1"),
+    ("train.warmup_steps=-1", r"train\.warmup_steps=-1 .* >= 0"),
+    ("train.log_every=0", r"train\.log_every=0 .* >= 1"),
+    ("train.adam_beta2=1.0", r"train\.adam_beta2=1\.0 .* in \[0, 1\)"),
+    ("data.caption_dropout=1.5", r"data\.caption_dropout=1\.5 .* in \[0, 1\]"),
+    ("model.lora_rank=0", r"model\.lora_rank=0 .* >= 1"),
+])
+def test_numbers_out_of_range_name_the_key_and_the_range(override, shown):
+    with pytest.raises(ConfigError, match=shown):
+        load_config(None, [override])
+
+
+def test_range_edges_and_unset_optionals_are_accepted():
+    cfg = load_config(None, ["data.caption_dropout=0", "train.warmup_steps=0", "train.max_grad_norm=0",
+                             "train.adam_beta1=0", "train.checkpoint_every=0", "model.lora_alpha=null"])
+    assert (cfg.train.max_grad_norm, cfg.model.lora_alpha) == (0.0, None)
+    assert load_config(None, ["data.caption_dropout=1"]).data.caption_dropout == 1.0
+    assert load_config(None, ["loss.beta=1e-9"]).loss.beta == 1e-9
+
+
+def test_every_range_names_a_numeric_key_whose_default_is_in_range():
+    from diffusion_pref.config import RANGES
+
+    defaults = Config()
+    for dotted, allowed in RANGES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(defaults, section), key)  # AttributeError on a misspelt key
+        assert value is None or value in allowed, dotted
+
+
+def test_the_command_line_rejects_a_range_before_reading_data_or_model(tmp_path, capsys):
+    from diffusion_pref.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train", "model.pretrained=/nonexistent/model", "data.source=/nonexistent/pairs.parquet",
+                 "train.learning_rate=-0.001", f"output.dir={out}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "train.learning_rate=-0.001 is out of range: it must be > 0" in err
+    assert not out.exists()  # stopped before the config was even saved

@@ -368,7 +368,7 @@ def test_scores_a_folder_in_the_hpdv2_benchmark_layout(tmp_path):
         run(cfg, scorers={"red": ChannelMean(0)})
 
 
-def test_registered_reward_models_score_each_column(tmp_path):
+def test_registered_reward_models_score_each_column(tmp_path, capsys):
     """The real registry path (load_scorers): shapes-world renders, right vs wrong colours, scored by toy rewards."""
     from diffusion_pref.prompts import read_prompts
     from diffusion_pref.reward_models.toy import ToyFidelity, ToySize
@@ -400,6 +400,26 @@ def test_registered_reward_models_score_each_column(tmp_path):
     assert table[WEIGHTED_SUM].to_numpy() == pytest.approx((table["toy-fidelity"] + 2 * table["toy-size"]).to_numpy())
     assert metrics["win_rates"]["toy-fidelity"]["right"]["win_rate"] == 1.0
     assert table["toy-size"].to_numpy() == pytest.approx(ToySize().score(list(table["prompt"]), pixels).numpy())
+    # toy-fidelity has a known maximum: every wrong-colour baseline sample is an error the right renders fix.
+    errors = metrics["win_rates"]["toy-fidelity"]["right"]["errors"]
+    assert (errors["baseline_errors"], errors["fixed"], errors["regressions"], errors["errors"]) == (4, 4, 0, 0)
+    assert "errors" not in metrics["win_rates"]["toy-size"]["right"]  # no known maximum: nothing to count
+    printed = capsys.readouterr().out
+    assert "wins/ties/losses 4/0/0" in printed and "base errors fixed 4/4, regressions 0" in printed
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert "wins/ties/losses 4/0/0" in report and "base errors fixed 4/4, regressions 0" in report
+
+
+def test_max_score_errors_counts_fixed_and_regressed_pairs():
+    from diffusion_pref.eval_stats import max_score_errors
+
+    ref = [1.0, 0.5, 0.5, 0.0, 0.9, 0.74]
+    new = [0.5, 1.0, 0.5, 0.8, 1.0, 0.76]
+    e = max_score_errors(new, ref, maximum=1.0, tolerance=0.25)
+    # right means >= 0.75: ref right at 0 and 4; new right at 1, 3, 4, 5
+    assert (e["baseline_errors"], e["errors"], e["fixed"], e["regressions"]) == (4, 2, 3, 1)
+    assert e["shortfall_recovered"] == pytest.approx((np.mean(new) - np.mean(ref)) / (1.0 - np.mean(ref)))
+    assert max_score_errors([1.0], [1.0], maximum=1.0, tolerance=0.0)["shortfall_recovered"] is None
 
 
 # -- audio hook -----------------------------------------------------------------------------------------------
@@ -473,6 +493,20 @@ def test_unknown_baseline_is_a_clear_error(tiny_sd_dir, tmp_path):
                                        **{"eval.baseline": "sd15", "eval.max_prompts": 1, "eval.seeds": "[0]"}))
     with pytest.raises(ConfigError, match=r"eval.baseline=sd15 is not one of the variants \['base'\]"):
         run(cfg, scorers=_scorers())
+
+
+def test_a_reward_model_that_cannot_load_stops_the_run_before_any_sample(tiny_sd_dir, tmp_path, capsys):
+    """Loaded through the loader generate uses, before sampling: one line naming the model and the key to set."""
+    from diffusion_pref.cli import main
+
+    (tmp_path / "empty").mkdir()  # not a CLIPModel folder: fails the same way with or without a network
+    out = tmp_path / "out"
+    code = main(["evaluate", *_overrides(tiny_sd_dir, _prompt_file(tmp_path), out, **{
+        "reward.models": "{toy-fidelity: 1.0, pickscore: 1.0}", "reward.pretrained.pickscore": tmp_path / "empty"})])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "could not load reward model 'pickscore'" in err[0] and "set reward.pretrained.pickscore" in err[0]
+    assert not (out / "media").exists()  # no sample was generated
 
 
 def test_prompts_longer_than_the_text_encoder_takes_are_counted(tiny_sd_dir, tmp_path, capsys):

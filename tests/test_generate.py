@@ -3,7 +3,9 @@
 import io
 import json
 import math
+import os
 import random
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -244,9 +246,12 @@ def test_rso_thins_candidates_before_pairing(tmp_path):
 
 _KILLED_RUN = """
 import os, signal, sys
+import torch
+torch.set_num_threads({threads})  # the parent's count: the same float reductions, so the same images
 sys.path.insert(0, {repo!r})
 sys.path.insert(0, {tests!r})
 import diffusion_pref.generate as generate_module
+import diffusion_pref.reward_models as reward_models
 from diffusion_pref.config import load_config
 from test_generate import MeanPixel
 
@@ -255,7 +260,7 @@ kill_on, kill_at, calls = {kill_on!r}, {kill_at}, [0]
 def count_and_maybe_die():
     calls[0] += 1
     if calls[0] == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGTERM if kill_on == "term" else signal.SIGKILL)
 
 replace = os.replace
 def killing_replace(src, dst, **kwargs):
@@ -266,12 +271,28 @@ generate_module.os.replace = killing_replace
 
 class KillingMeanPixel(MeanPixel):
     def score(self, prompts, images):
-        if kill_on == "score":
+        if kill_on in ("score", "term"):
             count_and_maybe_die()  # in the middle of a prompt group: images sampled, nothing written
         return super().score(prompts, images)
 
-generate_module.generate(load_config(None, {overrides!r}), reward=KillingMeanPixel())
+reward_models.load_reward_from_config = lambda *args, **kwargs: KillingMeanPixel()
+generate_module.run(load_config(None, {overrides!r}))  # what `diffusion-pref generate` runs
 """
+
+
+def _killed_run(tmp_path, overrides, kill_on, kill_at, returncode):
+    """Run generate in a subprocess that signals itself at the kill_at-th shard rename or scoring call."""
+    script = tmp_path / "killed_run.py"
+    script.write_text(_KILLED_RUN.format(repo=str(REPO), tests=str(REPO / "tests"), kill_on=kill_on, kill_at=kill_at,
+                                         overrides=overrides, threads=torch.get_num_threads()))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == returncode, result.stderr[-2000:]
+    out = Path(load_config(None, overrides).output.dir)
+    return sorted(p.name for p in out.iterdir() if not p.name.startswith(".lock")), result.stderr
+
+
+def _covered(folder):
+    return sorted(i for meta in read_shards(folder).values() for i in meta["prompt_indices"])
 
 
 def test_sigkill_twice_then_restart_gives_exactly_the_expected_rows(tmp_path, tiny_sd_dir, reference_rows, pipe, monkeypatch):
@@ -281,12 +302,7 @@ def test_sigkill_twice_then_restart_gives_exactly_the_expected_rows(tmp_path, ti
     out = Path(cfg.output.dir)
 
     def killed_run(kill_on, kill_at):
-        script = tmp_path / "killed_run.py"
-        script.write_text(_KILLED_RUN.format(repo=str(REPO), tests=str(REPO / "tests"), kill_on=kill_on,
-                                             kill_at=kill_at, overrides=overrides))
-        result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
-        assert result.returncode == -9, result.stderr[-2000:]
-        return sorted(p.name for p in out.iterdir() if not p.name.startswith(".lock"))
+        return _killed_run(tmp_path, overrides, kill_on, kill_at, returncode=-signal.SIGKILL)[0]
 
     # Killed while renaming the second shard: shard 0 complete, shard 1 half-written.
     files = killed_run("rename", 2)
@@ -295,7 +311,7 @@ def test_sigkill_twice_then_restart_gives_exactly_the_expected_rows(tmp_path, ti
     # worker thread and not yet written: its cleanup removed the half-written file, and it wrote nothing.
     files = killed_run("score", 2)
     assert files == ["pairs-p000-00000.parquet"], files
-    assert sorted(i for m in read_shards(out).values() for i in m["prompt_indices"]) == [0, 1]
+    assert _covered(out) == [0, 1]
 
     summary = generate(cfg, pipeline=pipe, reward=MeanPixel())
     rows = reference_rows[0]
@@ -308,6 +324,51 @@ def test_sigkill_twice_then_restart_gives_exactly_the_expected_rows(tmp_path, ti
     monkeypatch.setattr(generate_module, "_load_pipeline", None)
     generate(cfg, reward=MeanPixel())
     assert _rows(out) == rows
+
+
+def test_sigterm_saves_the_finished_prompts_and_a_rerun_completes_the_same_rows(tmp_path, tiny_sd_dir, reference_rows,
+                                                                                 pipe):
+    # Groups [0, 1], [2, 3], [4]; shards of 1000 pairs or 32 prompts would hold everything until the end.
+    overrides = _overrides(tmp_path, tiny_sd_dir, strategy="all_pairs", shard_size=1000)
+    out = Path(load_config(None, overrides).output.dir)
+    # SIGTERM while the second group is being scored: that group is finished, the third is never started.
+    files, stderr = _killed_run(tmp_path, overrides, "term", 2, returncode=128 + signal.SIGTERM)
+    assert "SIGTERM received: finishing the current batch" in stderr and "stopped by SIGTERM" in stderr
+    assert "Traceback" not in stderr
+    assert _covered(out) == [0, 1, 2, 3] and not any(f.endswith(".tmp") for f in files), files
+    assert json.loads((out / "summary.json").read_text())["prompts_missing"] == 1
+
+    summary = generate(load_config(None, overrides), pipeline=pipe, reward=MeanPixel())
+    assert summary["prompts_missing"] == 0 and _covered(out) == list(range(len(PROMPTS)))  # each prompt once
+    assert _rows(out) == reference_rows[0]  # identical to the uninterrupted run: no row lost or duplicated
+
+
+def test_sigkill_loses_at_most_flush_every_prompts(tmp_path, tiny_sd_dir, reference_rows, pipe):
+    overrides = _overrides(tmp_path, tiny_sd_dir, strategy="all_pairs", shard_size=1000, flush_every_prompts=2)
+    out = Path(load_config(None, overrides).output.dir)
+    # SIGKILL while the third group ([4]) is scored: [0, 1] and [2, 3] were sampled, [0, 1] was due to be written
+    # (2 prompts pending), [2, 3] was still being paired. Without flush_every_prompts nothing would be saved.
+    _killed_run(tmp_path, overrides, "score", 3, returncode=-signal.SIGKILL)
+    finished = 4
+    assert _covered(out) == [0, 1] and finished - len(_covered(out)) <= 2
+    generate(load_config(None, overrides), pipeline=pipe, reward=MeanPixel())
+    assert _rows(out) == reference_rows[0]
+
+
+def test_stop_on_signal_asks_once_then_gives_the_signal_back():
+    before = signal.getsignal(signal.SIGINT)
+    with generate_module._StopOnSignal() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signal_name == "SIGINT" and stop.signal_number == signal.SIGINT
+        assert signal.getsignal(signal.SIGINT) is before  # a second Ctrl-C interrupts at once
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_flush_every_prompts_must_be_positive(tmp_path):
+    with pytest.raises(ConfigError, match="generate.flush_every_prompts must be >= 1, got 0"):
+        generate(_config(tmp_path, "unused", flush_every_prompts=0), reward=MeanPixel())
 
 
 def test_two_processes_give_the_same_rows_as_one(tmp_path, pipe):

@@ -93,3 +93,15 @@ def test_invert_on_sdxl_conditions_on_the_inverted_size(tiny_sdxl_dir, image_fil
     assert seen and all(ids == [[48, 48, 0, 0, 48, 48]] for ids in seen)
     metrics = json.loads((tmp_path / "out" / "invert_metrics.json").read_text())
     assert metrics["psnr"] > 0
+
+
+def test_a_resolution_the_vae_cannot_encode_is_one_line_before_loading(tiny_sd_dir, image_file, tmp_path, capsys):
+    """The tiny VAE halves the size twice (factor 4): 34 px would reconstruct at 36 and fail on the size mismatch."""
+    from diffusion_pref.cli import main
+
+    code = main(["invert", f"model.pretrained={tiny_sd_dir}", "trajectory.kind=ddim", "trajectory.steps=2",
+                 f"trajectory.invert_image={image_file}", "data.resolution=34", f"output.dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "data.resolution=34 is not a multiple of 4" in err[0] and "e.g. 32 or 36" in err[0]
+    assert not (tmp_path / "out" / "reconstruction.png").exists()

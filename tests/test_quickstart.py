@@ -24,6 +24,9 @@ def test_reduced_quickstart_runs_end_to_end(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "win rate of dpo over base" in result.stdout
+    w = json.loads((out / "eval" / "metrics.json").read_text())["win_rates"]["toy-fidelity"]["dpo"]
+    assert f"wins/ties/losses {w['wins']}/{w['ties']}/{w['losses']}" in result.stdout
+    assert f"base errors fixed {w['errors']['fixed']}/{w['errors']['baseline_errors']}" in result.stdout
     assert "random-weight" not in result.stdout  # the real shapes-world model ran, not the fallback
 
     # Each step wrote its outputs and a config.yaml that reruns it alone.

@@ -294,7 +294,7 @@ def test_reward_from_config_uses_weights_paths_and_device(clip_folder):
     assert reward.components["pickscore"][0].device == torch.device("cpu")
 
     missing = load_config(None, [f"reward.pretrained.pickscore={clip_folder}/missing"])
-    with pytest.raises(ConfigError, match=r"reward.pretrained.<name>"):
+    with pytest.raises(ConfigError, match=r"could not load reward model 'pickscore'.*set reward\.pretrained\.pickscore"):
         load_reward_from_config(missing.reward, "cpu")
 
 
@@ -340,7 +340,8 @@ def test_aesthetic_mlp_on_normalised_embedding(clip_folder, tmp_path, relu):
         expected = mlp.eval()(emb)[:, 0]
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-4)
     one_batch = load_reward_model("aesthetic", pretrained=str(path), clip_model=clip_folder, device="cpu", batch_size=8)
-    torch.testing.assert_close(one_batch.score(["x"] * 3, images), scores, atol=1e-6, rtol=1e-5)
+    # Another batch size splits the matrix products another way: rounding only, bounded as for the other scorers.
+    torch.testing.assert_close(one_batch.score(["x"] * 3, images), scores, atol=1e-5, rtol=1e-5)
 
 
 def test_aesthetic_rejects_unknown_layout(clip_folder, tmp_path):

@@ -216,12 +216,14 @@ def run(cfg) -> None:
     from accelerate import Accelerator
 
     from diffusion_pref.data.pairs import PairSource, scores_used
-    from diffusion_pref.pipelines import load_backbone, torch_dtype
+    from diffusion_pref.pipelines import check_resolution, load_backbone, torch_dtype
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    check_resolution(cfg.model, cfg.data.resolution)
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
     source = PairSource(cfg.data, seed=cfg.train.seed, check_scores=scores_used(cfg))
     backbone = load_backbone(cfg.model)
+    check_resolution(cfg.model, cfg.data.resolution, vae=backbone.vae)
     weight_dtype = torch_dtype(cfg.train.mixed_precision)
     vae_dtype = torch.float32 if getattr(backbone, "vae_keeps_fp32", False) else weight_dtype
     backbone.vae.to(accelerator.device, vae_dtype)

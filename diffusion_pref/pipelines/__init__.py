@@ -67,6 +67,51 @@ def resolve_pretrained(pretrained: str) -> str:
     return pretrained
 
 
+def vae_scale_factor(model_cfg, vae=None):
+    """Pixels per latent along a side, ``2 ** (len(block_out_channels) - 1)`` as diffusers pipelines compute it.
+
+    From ``vae`` once it is loaded; before that from the VAE's config.json alone (``model.vae``, else
+    ``<model.pretrained>/vae``), read from a local folder or the hub cache, never the network. None when that
+    file is not on this machine yet (a hub id not downloaded): the check after loading covers that case.
+    """
+    if vae is not None:
+        blocks = vae.config.block_out_channels
+    else:
+        where, name = (model_cfg.vae, "config.json") if model_cfg.vae else (model_cfg.pretrained, "vae/config.json")
+        folder = TOY_WEIGHTS if where == "toy" else Path(where).expanduser()
+        file = folder / name
+        if not folder.is_dir():
+            from huggingface_hub import try_to_load_from_cache
+
+            try:
+                found = try_to_load_from_cache(where, name, revision=None if model_cfg.vae else model_cfg.revision)
+            except ValueError:  # not a valid hub id either: loading the model will say so
+                return None
+            if not isinstance(found, str):
+                return None
+            file = Path(found)
+        try:
+            blocks = json.loads(file.read_text()).get("block_out_channels")
+        except (OSError, ValueError):
+            return None
+    return 2 ** (len(blocks) - 1) if blocks else None
+
+
+def check_resolution(model_cfg, resolution: int, vae=None, key: str = "data.resolution") -> None:
+    """Refuse a resolution the VAE cannot encode exactly: latents of a size that is not a multiple of its factor
+    decode to another size (invert's reconstruction no longer matches the image; training would learn from
+    latents of a padded image)."""
+    factor = vae_scale_factor(model_cfg, vae)
+    if factor and resolution % factor:
+        from diffusion_pref.config import ConfigError
+
+        below = resolution - resolution % factor
+        near = f"{below} or {below + factor}" if below else str(factor)
+        model = f"model.vae={model_cfg.vae}" if model_cfg.vae else f"model.pretrained={model_cfg.pretrained}"
+        raise ConfigError(f"{key}={resolution} is not a multiple of {factor}, the downsampling factor of the VAE of "
+                          f"{model}; use a multiple of {factor}, e.g. {near}")
+
+
 def detect_family(model_cfg) -> str:
     if model_cfg.family != "auto":
         return model_cfg.family

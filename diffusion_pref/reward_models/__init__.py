@@ -101,14 +101,25 @@ def load_reward_from_config(reward_cfg, device: Any = None):
     """
     from diffusion_pref.config import ConfigError
 
+    from .base import WeightedReward
+
     reward_device = device if reward_cfg.device == "auto" else reward_cfg.device
-    try:
-        return load_reward(reward_spec(reward_cfg), device=reward_device, batch_size=reward_cfg.batch_size)
-    except OSError as err:  # the user fixes the config, not the code
-        raise ConfigError(
-            f"could not load reward.models={dict(reward_cfg.models)} ({err}); "
-            "set reward.pretrained.<name> to a local folder or file in the official layout"
-        ) from err
+    spec = reward_spec(reward_cfg)
+    for name in spec:  # fail on a typo before loading any (large) model
+        if name not in REWARD_MODELS:
+            raise _unknown(name)
+    components = {}
+    for name, value in spec.items():  # one at a time, so the error names the model that failed
+        try:
+            loaded = load_reward({name: value}, device=reward_device, batch_size=reward_cfg.batch_size)
+        except OSError as err:  # the user fixes the config, not the code
+            lines = str(err).strip().splitlines()
+            raise ConfigError(
+                f"could not load reward model {name!r} of reward.models ({lines[0] if lines else type(err).__name__}); "
+                f"set reward.pretrained.{name} to a local folder or file in the official layout"
+            ) from err
+        components.update(loaded.components)
+    return WeightedReward(components)
 
 
 __all__ = [

@@ -81,6 +81,10 @@ class ToyFidelity:
 
     name = "toy-fidelity"
     scale = "[0, 1]; 0.5 per colour matched (shape, background), soft near palette boundaries; 1 = both right"
+    # A known maximum lets evaluate count errors fixed and regressions; a wrong colour costs about 0.5, so a
+    # sample within 0.25 of 1 has both colours right.
+    max_score = 1.0
+    max_tolerance = 0.25
 
     def __init__(self, device: Any = None, batch_size: Any = None):
         # Pixel statistics run on the CPU; device/batch_size are accepted so registry-wide kwargs work.

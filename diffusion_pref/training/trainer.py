@@ -58,18 +58,13 @@ def resolve_reference(model_cfg, needs_ref: bool) -> str:
 def _optimizer(cfg, params):
     import torch
 
-    from diffusion_pref.config import ConfigError
-
     t = cfg.train
     if t.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                                  weight_decay=t.weight_decay)
     if t.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ConfigError("train.optimizer=adamw8bit needs bitsandbytes: pip install bitsandbytes (CUDA only), "
-                              "or use train.optimizer=adamw") from None
+        import bitsandbytes as bnb  # present: check_device_settings asked before anything was loaded
+
         return bnb.optim.AdamW8bit(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                                    weight_decay=t.weight_decay)
     from transformers.optimization import Adafactor
@@ -95,16 +90,61 @@ def _lr_scheduler(cfg, optimizer, num_processes: int):
 
 
 def _set_attention(cfg, unet) -> None:
-    from diffusion_pref.config import ConfigError
-
-    if cfg.train.attention == "xformers":
-        try:
-            import xformers  # noqa: F401
-        except ImportError:
-            raise ConfigError("train.attention=xformers but xformers is not installed; pip install xformers or use "
-                              "train.attention=sdpa (the default, as fast on recent PyTorch)") from None
+    if cfg.train.attention == "xformers":  # installed, on a CUDA device: check_device_settings
         unet.enable_xformers_memory_efficient_attention()
     # sdpa: diffusers' default attention processor already calls torch's scaled_dot_product_attention.
+
+
+def check_device_settings(train_cfg, device) -> None:
+    """Reject settings this device or this environment cannot run, before any data or model is loaded.
+
+    One error lists every such setting with what to use instead. On a CPU (tried with the tiny SD model) fp16
+    stops in the first step with a dtype mismatch while bf16 and no train; train.cuda_graphs is only ignored
+    there, with a warning, so the shipped SD recipes run on a CPU once their fp16 and adamw8bit are changed.
+    """
+    import importlib.util
+
+    from diffusion_pref.config import ConfigError
+
+    problems = []
+    if train_cfg.mixed_precision == "fp16" and device.type == "cpu":
+        problems.append("train.mixed_precision=fp16 needs a GPU (fp16 autocast fails on a CPU); on a CPU use "
+                        "train.mixed_precision=no (or bf16)")
+    if train_cfg.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append("train.optimizer=adamw8bit needs bitsandbytes (pip install bitsandbytes; made for CUDA GPUs); "
+                        "without it use train.optimizer=adamw")
+    if train_cfg.attention == "xformers":
+        if importlib.util.find_spec("xformers") is None:
+            problems.append("train.attention=xformers but xformers is not installed; pip install xformers or use "
+                            "train.attention=sdpa (the default, as fast on recent PyTorch)")
+        elif device.type != "cuda":
+            problems.append(f"train.attention=xformers needs a CUDA GPU (this run is on {device.type}); use "
+                            "train.attention=sdpa")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def check_sharding_runs_here() -> None:
+    """Refuse an FSDP or DeepSpeed launch (configs/accelerate/fsdp.yaml, deepspeed_zero2.yaml) without a GPU.
+
+    Tried with accelerate 1.15 and two CPU processes: FSDP is switched on for GPU-like devices only, so on CPUs
+    the run is plain data parallel (or stops at start on fsdp_sync_module_states); under DeepSpeed 0.19 every
+    process counts itself as process 0 of 1, so each would train on the whole data set.
+    """
+    from accelerate.utils import parse_flag_from_env
+
+    from diffusion_pref.config import ConfigError
+
+    sharding = [name for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+                if parse_flag_from_env(flag)]
+    if not sharding:
+        return
+    import torch
+
+    if parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.accelerator.is_available():
+        raise ConfigError(f"the accelerate config asks for {sharding[0]}, which accelerate runs on GPUs only (on CPUs it "
+                          "would not shard, or not split the data); on CPUs train data parallel instead: "
+                          "ACCELERATE_USE_CPU=true torchrun --nproc_per_node N -m diffusion_pref.cli train ...")
 
 
 def setup_policy(cfg, backbone, weight_dtype, reference: str, device):
@@ -125,11 +165,19 @@ def setup_policy(cfg, backbone, weight_dtype, reference: str, device):
     for module in backbone.frozen_modules[1:]:
         module.to(device=device, dtype=weight_dtype)
 
+    def frozen_copy():
+        ref = copy.deepcopy(unet).requires_grad_(False).eval()
+        return ref.to(device="cpu" if reference == "copy_cpu" else device,
+                      dtype=torch.float32 if reference == "copy_cpu" else weight_dtype)
+
+    init_lora = cfg.train.init_lora
+    if init_lora and cfg.model.finetune != "lora":
+        from diffusion_pref.config import ConfigError
+
+        raise ConfigError(f"train.init_lora={init_lora} continues a LoRA: it needs model.finetune=lora")
     ref_unet = None
-    if reference in ("copy", "copy_cpu"):
-        ref_unet = copy.deepcopy(unet).requires_grad_(False).eval()
-        ref_unet.to(device="cpu" if reference == "copy_cpu" else device,
-                    dtype=torch.float32 if reference == "copy_cpu" else weight_dtype)
+    if reference in ("copy", "copy_cpu") and not init_lora:
+        ref_unet = frozen_copy()
     if cfg.model.finetune == "lora":
         from peft import LoraConfig
 
@@ -145,6 +193,10 @@ def setup_policy(cfg, backbone, weight_dtype, reference: str, device):
 
             raise ConfigError(f"model.lora_targets={list(cfg.model.lora_targets)} matched no UNet module ({err}); use "
                               "names like to_q, to_k, to_v, to_out.0") from None
+        if init_lora:
+            load_init_lora(unet, init_lora)
+            if reference in ("copy", "copy_cpu"):
+                ref_unet = frozen_copy()  # the model training starts from: base + the initial LoRA
         for p in unet.parameters():
             if p.requires_grad:  # optimizer state and updates in fp32; frozen weights stay in weight_dtype
                 p.data = p.data.float()
@@ -178,6 +230,36 @@ def setup_policy(cfg, backbone, weight_dtype, reference: str, device):
         raise ConfigError(f"model.lora_targets={list(cfg.model.lora_targets)} matched no UNet module; use names like "
                           "to_q, to_k, to_v, to_out.0")
     return trainable, ref_unet
+
+
+def load_init_lora(unet, folder) -> None:
+    """Copy a LoRA that train saved (``train.init_lora``) into the adapter just added to ``unet``.
+
+    The adapter is built from the config (rank, targets, alpha), so the saved file must hold exactly its weights:
+    a missing, extra or differently shaped weight is an error rather than a partly initialised adapter.
+    """
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from diffusion_pref.config import ConfigError
+
+    path = Path(folder) / "pytorch_lora_weights.safetensors"  # the name save_lora_weights writes
+    if not path.is_file():
+        raise ConfigError(f"train.init_lora={folder}: no {path.name} there; point it at the folder a LoRA training "
+                          "run wrote")
+    saved = load_file(str(path))
+    state = convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in saved.items() if k.startswith("unet.")})
+    expected = get_peft_model_state_dict(unet)
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    shapes = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or extra or shapes:
+        first = (missing or extra or shapes)[0]
+        raise ConfigError(f"train.init_lora={folder} does not fit the adapter of model.lora_rank="
+                          f"{getattr(unet.peft_config['default'], 'r', '?')} and model.lora_targets: {len(missing)} "
+                          f"weights missing, {len(extra)} extra, {len(shapes)} of another shape (first: {first}); "
+                          "use the rank and targets it was trained with")
+    set_peft_model_state_dict(unet, state, adapter_name="default")
 
 
 # ------------------------------------------------------------------------------------------------- the loop
@@ -254,18 +336,17 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
 
-        from diffusion_pref.config import ConfigError, check_loss
+        from diffusion_pref.config import ConfigError, check_loss, check_ranges
         from diffusion_pref.data.loader import collate_pixels
         from diffusion_pref.data.pairs import PairSource, scores_used
         from diffusion_pref.losses import LOSSES, REFERENCE_FREE, TAKES_SOFT_LABEL, RunningMean, check_loss_params
-        from diffusion_pref.pipelines import load_backbone, torch_dtype
+        from diffusion_pref.pipelines import check_resolution, load_backbone, torch_dtype
         from diffusion_pref.training.checkpoint import Checkpointer
 
         self.cfg = cfg
         check_loss(cfg)
+        check_ranges(cfg)  # again: a Config built in code skips load_config
         t = cfg.train
-        if t.batch_size < 1 or t.grad_accum < 1 or t.max_steps < 1:
-            raise ConfigError("train.batch_size, train.grad_accum and train.max_steps must be at least 1")
         if t.logger == "wandb":
             try:
                 import wandb  # noqa: F401
@@ -279,6 +360,7 @@ class Trainer:
 
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
+        check_sharding_runs_here()
         self.accelerator = accelerator = Accelerator(
             gradient_accumulation_steps=t.grad_accum,
             mixed_precision=t.mixed_precision,
@@ -287,6 +369,8 @@ class Trainer:
         )
         logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                             format="%(asctime)s %(name)s: %(message)s")
+        check_device_settings(t, accelerator.device)
+        check_resolution(cfg.model, cfg.data.resolution)
         set_seed(t.seed)
         self.loss_params = check_loss_params(cfg.loss.name, dict(cfg.loss.params))
         self.loss_params.pop("reward_shift", None)
@@ -319,6 +403,7 @@ class Trainer:
                 with accelerator.main_process_first():
                     self.soft_labels = soft_labels_for_run(cfg, source, device=accelerator.device)
         self.backbone = backbone = load_backbone(cfg.model)
+        check_resolution(cfg.model, cfg.data.resolution, vae=backbone.vae)  # the exact factor, once it is loaded
         self.weight_dtype = torch_dtype(t.mixed_precision)
         self.device = accelerator.device
         if self.device.type == "cuda":
