@@ -274,8 +274,13 @@ def save_media(item: Any, path: Path, sample_rate: Optional[int] = None) -> Path
 
 
 def generate_samples(cfg: Config, variants: Sequence[Variant], records: Sequence[Any], out_dir: Path) -> tuple:
-    """Every (variant, prompt, seed) sample on disk; returns ``(samples, n_generated, n_reused)``."""
+    """Every (variant, prompt, seed) sample on disk; returns ``(samples, n_generated, n_reused, prompts_cut)``.
+
+    ``prompts_cut``: per variant sampled now, how many prompts its text encoder sees cut at its token limit.
+    """
     from tqdm.auto import tqdm
+
+    from diffusion_pref.pipelines import texts_cut
 
     media_dir = out_dir / "media"
     cached = {} if cfg.eval.no_cache else _cached_media(media_dir)
@@ -294,12 +299,14 @@ def generate_samples(cfg: Config, variants: Sequence[Variant], records: Sequence
                     todo.setdefault(variant.name, []).append((sample, key))
                 samples.append(sample)
     n_todo = sum(len(v) for v in todo.values())
+    prompts_cut: Dict[str, int] = {}
     with tqdm(total=n_todo, desc="generating", unit="sample", disable=n_todo == 0) as bar:
         for variant in variants:
             jobs = todo.get(variant.name, [])
             if not jobs:
                 continue
             backbone = load_variant(cfg, variant)
+            prompts_cut[variant.name] = sum(texts_cut(backbone, [r.prompt for r in records]))
             settings = sampling_settings(cfg, variant.name)
             for start in range(0, len(jobs), cfg.eval.batch_size):
                 batch = jobs[start: start + cfg.eval.batch_size]
@@ -313,7 +320,7 @@ def generate_samples(cfg: Config, variants: Sequence[Variant], records: Sequence
                 bar.update(len(batch))
             del backbone
             _free_accelerator_memory()
-    return samples, n_todo, len(samples) - n_todo
+    return samples, n_todo, len(samples) - n_todo, prompts_cut
 
 
 def _free_accelerator_memory() -> None:
@@ -512,7 +519,7 @@ def run(cfg: Config, scorers: Optional[Mapping[str, Any]] = None) -> Dict[str, A
                               "not both")
         samples = benchmark_samples(cfg.eval.images_dir, records)
         specs = {s.variant: f"images: {Path(s.media).parents[1 if s.category else 0]}" for s in samples}
-        n_generated, n_reused = 0, 0
+        n_generated, n_reused, prompts_cut = 0, 0, {}
         variant_names = list(dict.fromkeys(s.variant for s in samples))
         baseline = _pick_baseline(cfg, variant_names, specs)
     else:
@@ -526,7 +533,7 @@ def run(cfg: Config, scorers: Optional[Mapping[str, Any]] = None) -> Dict[str, A
         # not cost a whole sampling run first.
         scorers = load_scorers(cfg)
     if cfg.eval.images_dir is None:
-        samples, n_generated, n_reused = generate_samples(cfg, variants, records, out_dir)
+        samples, n_generated, n_reused, prompts_cut = generate_samples(cfg, variants, records, out_dir)
 
     weights = {name: float(cfg.reward.models.get(name, 1.0)) for name in scorers}
     scores = score_samples(samples, scorers, out_dir, cfg.reward.batch_size)
@@ -550,6 +557,7 @@ def run(cfg: Config, scorers: Optional[Mapping[str, Any]] = None) -> Dict[str, A
         "n_samples": len(samples),
         "n_generated": n_generated,
         "n_reused": n_reused,
+        "prompts_cut": prompts_cut,
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True))
     details = {"model": cfg.model.pretrained, "prompts": f"{cfg.eval.prompts} ({len(records)} prompts)"}
@@ -564,6 +572,10 @@ def run(cfg: Config, scorers: Optional[Mapping[str, Any]] = None) -> Dict[str, A
                  title=f"Evaluation: {', '.join(variant_names)}", grid_prompts=cfg.eval.report_prompts)
     write_grid_png(out_dir / "grid.png", table, metrics["variants"], out_dir)
     _print_summary(metrics, out_dir)
+    for name, cut in prompts_cut.items():
+        if cut:
+            print(f"warning: {cut} of {len(records)} prompts are longer than the text encoder of {name} takes and "
+                  "were sampled cut to its token limit (metrics.json: run.prompts_cut)")
     return metrics
 
 

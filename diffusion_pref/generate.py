@@ -476,6 +476,9 @@ def _format_summary(summary: dict, folder: Path) -> str:
                      f"{summary['samples_blocked_by_safety_checker']}")
     if summary["samples_rejected_by_rso"]:
         lines.append(f"samples rejected by RSO: {summary['samples_rejected_by_rso']}")
+    if summary.get("prompts_cut"):
+        lines.append(f"warning: {summary['prompts_cut']} prompts are longer than the text encoder takes and were "
+                     "sampled cut to its token limit")
     if summary.get("prompts_missing"):
         lines.append(f"{summary['prompts_missing']} prompts are not done yet (a process stopped early, or is still "
                      "running); run the same command again to finish them")
@@ -536,6 +539,11 @@ def generate(
         groups = [g for g in groups if g]
         if groups and pipeline is None:
             pipeline = _load_pipeline(cfg, state.device)
+        prompts_cut = None
+        if process == 0 and pipeline is not None:  # counted over every prompt of the run, once, by the main process
+            from diffusion_pref.pipelines import texts_cut
+
+            prompts_cut = sum(texts_cut(pipeline, [r.prompt for r in records]))
         writer = _ShardWriter(folder, process, max(numbers, default=-1) + 1, settings)
         with _StopOnSignal() as stop:
             _generate_groups(groups, records, cfg, pipeline, reward, reward_name, writer, show_progress=process == 0,
@@ -549,6 +557,8 @@ def generate(
         summary = None
     else:
         summary = summarize(folder, total_prompts=len(records))
+        if prompts_cut is not None:
+            summary["prompts_cut"] = prompts_cut
         _atomic_write(folder / SUMMARY_FILE, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
         print(_format_summary(summary, folder))
     if stop.signal_number is not None and raise_on_stop:

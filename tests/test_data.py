@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 
 import numpy as np
 import pytest
@@ -280,3 +281,143 @@ def test_max_pairs_stops_reading_after_enough_kept_pairs(tmp_path):
     src = PairSource(data_cfg(path, "data.max_pairs=3", "data.shuffle=false"))
     assert len(src) == 3 and [src.blocks[b].rows[i] for b, i in src.order(0)] == [1, 3, 5]
     assert src.stats.rows == 6 and src.stats.ties_dropped == 3  # rows 6.. were never read
+
+
+# ------------------------------------------------------------------------------ bad input (issue 13, items 1 4 5 10 14 16)
+
+
+def test_binary_captions_are_decoded_and_undecodable_ones_are_bad_rows(tmp_path):
+    from diffusion_pref.data.pairs import DataError, PairSource
+
+    captions = [b"a red cat", "caf\u00e9 au lait".encode(), b"\xff\xfe a", None]
+    path = write_pairs(tmp_path / "p.parquet", n=4, labels=[1.0] * 4, captions=captions)
+    import pyarrow.parquet as pq
+
+    assert str(pq.read_schema(path).field("caption").type) == "binary"
+    with pytest.raises(DataError) as err:  # at the scan, before any model would load
+        PairSource(data_cfg(path))
+    message = str(err.value)
+    assert "row 2 " in message and "caption holds bytes that are not UTF-8" in message
+    assert "data.on_bad_row=skip" in message and str(path) in message
+    src = PairSource(data_cfg(path, "data.on_bad_row=skip", "data.shuffle=false"))
+    assert src.stats.bad_labels_skipped == 1 and "skipped 1 rows" in src.summary()
+    pairs, skipped = src.read(src.order(0))
+    assert skipped == 0
+    assert [(p.row, p.caption) for p in pairs] == [(0, "a red cat"), (1, "caf\u00e9 au lait"), (3, "")]
+    # a binary caption column keys the cache apart from caches built when such captions were read as "b'...'"
+    plain = PairSource(data_cfg(write_pairs(tmp_path / "s.parquet", n=2, labels=[1.0, 1.0])))
+    assert src.identity().get("captions") == "utf-8" and "captions" not in plain.identity()
+
+
+def test_empty_captions_and_fractional_labels_are_counted_with_one_warning_each(tmp_path, caplog):
+    import logging
+
+    from diffusion_pref.data.pairs import PairSource
+
+    labels = [1.0, 0.3, 0.8, 0.0, 1.0, 0.5]
+    path = write_pairs(tmp_path / "p.parquet", n=6, labels=labels, captions=["", None, "  ", "ok", "fine", ""])
+    with caplog.at_level(logging.WARNING, logger="diffusion_pref.data.pairs"):
+        src = PairSource(data_cfg(path, "data.shuffle=false"))
+    # the tie (row 5) is dropped before counting; rows 0, 1, 2 have no caption; rows 1 and 2 are fractional
+    assert src.stats.empty_captions == 3 and src.stats.fractional_labels == 2
+    assert "3 null or empty captions" in src.summary() and "2 fractional labels" in src.summary()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2
+    assert "3 kept pairs have a null or empty caption" in warnings[0]
+    assert "2 kept pairs have a fractional label_0" in warnings[1] and "max(label_0, 1 - label_0)" in warnings[1]
+    pairs, _ = src.read(src.order(0))
+    by_row = {p.row: p for p in pairs}
+    assert by_row[1].caption == "" and by_row[3].caption == "ok"
+    # 0.3: image 1 (bright, 200 - 10) is the winner with P = 0.7; 0.8: image 0 (dark, 20) wins with P = 0.8
+    assert abs(by_row[1].image_w.getpixel((20, 20))[0] - 190) <= 3 and by_row[1].soft_label == pytest.approx(0.7)
+    assert abs(by_row[2].image_w.getpixel((20, 20))[0] - 20) <= 3 and by_row[2].soft_label == pytest.approx(0.8)
+
+
+def test_a_file_that_is_not_parquet_or_is_damaged_is_named(tmp_path):
+    from diffusion_pref.data.pairs import DataError, PairSource
+
+    fake = tmp_path / "fake.parquet"
+    fake.write_bytes(b"caption,label_0\na cat,1\n")
+    with pytest.raises(DataError, match=rf"{fake}: could not be read as parquet \(.*magic bytes"):
+        PairSource(data_cfg(fake))
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    write_pairs(folder / "a.parquet", n=2)
+    (folder / "b.parquet").write_bytes(b"\x00" * 64)
+    with pytest.raises(DataError, match=rf"{folder / 'b.parquet'}: could not be read as parquet"):
+        PairSource(data_cfg(folder))
+    # Damaged data pages: pyarrow raises OSError (not even a ValueError) without the file's name.
+    damaged = tmp_path / "damaged.parquet"
+    data = bytearray(write_pairs(tmp_path / "good.parquet", n=2).read_bytes())
+    data[4:20] = bytes(b ^ 0xFF for b in data[4:20])
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"{damaged}: row group 0 could not be read"):
+        PairSource(data_cfg(damaged))
+
+
+def test_nan_scores_stop_only_runs_whose_loss_uses_scores(tmp_path):
+    from diffusion_pref.data.pairs import DataError, PairSource, scores_used
+
+    def used(*overrides):
+        return scores_used(load_config(None, list(overrides)))
+
+    assert not used("loss.name=dpo") and not used("loss.name=ipo")
+    assert used("loss.name=smpo") and used("loss.name=sppo", "data.soft_labels=scores")
+    assert not used("loss.name=smpo", "data.soft_labels=label")
+    assert not used("loss.name=smpo", "loss.soft_label_scores=reward_model")
+
+    path = write_pairs(tmp_path / "nan.parquet", n=3, scores=[(1.0, 0.0), (math.nan, 0.0), (0.5, math.inf)])
+    with pytest.raises(DataError, match=r"row 1 .*score is NaN"):
+        PairSource(data_cfg(path), check_scores=True)
+    src = PairSource(data_cfg(path, "data.shuffle=false"), check_scores=False)
+    assert len(src) == 3 and src.stats.unused_bad_scores == 2 and src.stats.bad_labels_skipped == 0
+    assert "2 rows with NaN/infinite scores kept" in src.summary()
+    # other kept rows than a checked scan: a cache built by one must not be read by the other
+    checked = PairSource(data_cfg(path, "data.on_bad_row=skip"), check_scores=True)
+    assert len(checked) == 1 and src.identity() != checked.identity()
+    clean = write_pairs(tmp_path / "clean.parquet", n=2, scores=[(1.0, 0.0), (0.5, 0.1)])
+    assert "scores_checked" not in PairSource(data_cfg(clean), check_scores=True).identity()
+
+
+@pytest.mark.parametrize("kind", ["image", "caption"])
+def test_a_bad_row_met_in_a_loader_worker_is_the_one_line_message(tmp_path, kind):
+    from diffusion_pref.data.loader import PairBatches, collate_pixels, make_loader
+    from diffusion_pref.data.pairs import DataError, PairSource
+
+    path = write_pairs(tmp_path / "p.parquet", n=8, bad_rows=(5,) if kind == "image" else ())
+    cfg = data_cfg(path, "data.resolution=16", "data.shuffle=false")
+    src = PairSource(cfg, seed=0)
+    if kind == "caption":  # passes the scan, then the file changes under the run (read checks again)
+        write_pairs(path, n=8, captions=[f"cap {i}" if i != 5 else b"\xff" for i in range(8)])
+        src._cache_key = None
+        import pyarrow.parquet as pq
+
+        captions = pq.read_table(path, columns=["caption"]).column(0).to_pylist()
+        assert captions[5] == b"\xff" and captions[0] == b"cap 0"
+
+    def first_error(num_workers):
+        batches = PairBatches(src, lambda items: collate_pixels(src, cfg, items, 0), batch_size=2)
+        with pytest.raises(DataError) as err:
+            for _ in zip(range(8), make_loader(batches, num_workers)):  # two epochs: the loader never ends
+                pass
+        return re.sub(r"0x[0-9a-f]+", "0x", str(err.value))  # PIL names an object's address
+
+    alone = first_error(0)
+    assert "row 5 " in alone and ("jpg_1" if kind == "image" else "caption bytes are not UTF-8") in alone
+    assert first_error(2) == alone  # not "Caught DataError in DataLoader worker process 1. Original Traceback..."
+
+
+def test_texts_cut_counts_either_tokenizer_of_a_model():
+    from types import SimpleNamespace
+
+    from diffusion_pref.pipelines import texts_cut, token_limit
+    from diffusion_pref.testing import tiny_clip_tokenizer
+
+    first, second = tiny_clip_tokenizer(), tiny_clip_tokenizer(model_max_length=8)
+    texts = ["a cat", "a red cat on a blue mat", "a red cat on a blue mat with a green hat and a yellow bat ok"]
+    lengths = [len(first(t).input_ids) for t in texts]  # the same byte-level BPE for both
+    assert lengths[0] <= 8 < lengths[1] <= 16 < lengths[2]
+    assert texts_cut(SimpleNamespace(tokenizer=first), texts) == [False, False, True]
+    assert texts_cut(SimpleNamespace(tokenizer=first, tokenizer_2=second), texts) == [False, True, True]
+    assert token_limit(SimpleNamespace(tokenizer=first, tokenizer_2=second)) == 8
+    assert texts_cut(SimpleNamespace(), texts) == [False] * 3 and texts_cut(SimpleNamespace(tokenizer=first), []) == []

@@ -507,3 +507,19 @@ def test_a_reward_model_that_cannot_load_stops_the_run_before_any_sample(tiny_sd
     assert code == 2 and len(err) == 1, err
     assert "could not load reward model 'pickscore'" in err[0] and "set reward.pretrained.pickscore" in err[0]
     assert not (out / "media").exists()  # no sample was generated
+
+
+def test_prompts_longer_than_the_text_encoder_takes_are_counted(tiny_sd_dir, tmp_path, capsys):
+    from transformers import CLIPTokenizer
+
+    long = "a red cat on a blue mat with a green hat and a yellow bat"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"a red cat\n{long}\n")
+    tokenizer = CLIPTokenizer.from_pretrained(str(tiny_sd_dir / "tokenizer"))
+    assert len(tokenizer(long).input_ids) > tokenizer.model_max_length >= len(tokenizer("a red cat").input_ids)
+    overrides = _overrides(tiny_sd_dir, prompts, tmp_path / "out", **{"eval.seeds": "[0]"})
+    metrics = run(load_config(None, overrides), scorers=_scorers())
+    assert metrics["run"]["prompts_cut"] == {"base": 1}
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["run"]["prompts_cut"] == {"base": 1}
+    printed = capsys.readouterr().out
+    assert printed.count("longer than the text encoder") == 1 and "1 of 2 prompts" in printed

@@ -505,3 +505,18 @@ def test_images_blocked_by_the_pipelines_safety_checker_never_enter_pairs(tmp_pa
     # prompts 0, 2, 4 keep one pair of their two other samples, prompts 1 and 3 all three pairs.
     assert len(rows) == 3 * 1 + 2 * 3
     assert summary["samples_blocked_by_safety_checker"] == 3 and summary["samples"] == 15
+
+
+def test_prompts_longer_than_the_text_encoder_takes_are_counted_once(tmp_path, capsys):
+    from diffusion_pref.testing import tiny_clip_tokenizer
+
+    pipeline = SeedColourPipeline()
+    pipeline.tokenizer = tokenizer = tiny_clip_tokenizer()  # cuts at 16 tokens, as a pipeline's encode_prompt does
+    long = "a red cat on a blue mat with a green hat and a yellow bat"
+    prompts = ["a red cat", long, "a blue dog", long + " again"]
+    assert [len(tokenizer(p).input_ids) > tokenizer.model_max_length for p in prompts] == [False, True, False, True]
+    summary = generate(_config(tmp_path, "unused", prompts=prompts), pipeline=pipeline, reward=MeanPixel())
+    assert summary["prompts_cut"] == 2
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["prompts_cut"] == 2
+    printed = capsys.readouterr().out
+    assert printed.count("longer than the text encoder takes") == 1 and "warning: 2 prompts" in printed

@@ -333,3 +333,56 @@ def test_a_diverging_run_stops_with_a_clear_error(tiny_sd_dir, pairs_path, tmp_p
         run(make_cfg(tiny_sd_dir, pairs_path, tmp_path, "train.learning_rate=1e30", "train.max_steps=4",
                      "train.max_grad_norm=0"))
     assert not (tmp_path / "pytorch_lora_weights.safetensors").exists()  # no NaN weights saved as a result
+
+
+# ------------------------------------------------------------------------------ bad input (issue 13, items 4 10 16)
+
+
+def test_captions_cut_by_the_text_encoder_are_counted_once_cached_or_not(tiny_sd_dir, tmp_path, caplog):
+    import logging
+
+    from transformers import CLIPTokenizer
+
+    from diffusion_pref.training.trainer import Trainer
+
+    long = "a red cat on a blue mat with a green hat and a yellow bat"
+    captions = [long if i in (1, 2, 6) else f"a cat {i}" for i in range(8)]
+    data = write_pairs(tmp_path / "long.parquet", n=8, captions=captions)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tiny_sd_dir / "tokenizer"))
+    over = [len(tokenizer(c).input_ids) > tokenizer.model_max_length for c in captions]
+    assert over == [i in (1, 2, 6) for i in range(8)]
+    expected = sum(over[:4])  # shuffle off, 2 steps of 2 pairs: rows 0-3 are trained on
+    for name, extra in (("plain", ()), ("cached", ("data.cache=true",))):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="diffusion_pref.training.trainer"):
+            summary = Trainer(make_cfg(tiny_sd_dir, data, tmp_path / name, "data.shuffle=false", *extra)).train()
+        assert summary["captions_cut"] == expected == 2, name
+        assert json.loads((tmp_path / name / "train_summary.json").read_text())["captions_cut"] == expected
+        cut_warnings = [r for r in caplog.records if "cut to that length" in r.getMessage()]
+        assert len(cut_warnings) == 1 and "16 tokens" in cut_warnings[0].getMessage(), name
+
+
+def test_nan_scores_stop_only_losses_that_use_scores(tiny_sd_dir, tmp_path):
+    from diffusion_pref.data.pairs import DataError
+    from diffusion_pref.training.trainer import Trainer
+
+    scores = [(1.0, 0.0), (math.nan, 0.2), (0.5, 0.1), (0.3, 0.9)]
+    data = write_pairs(tmp_path / "nan.parquet", n=4, scores=scores)
+    summary = Trainer(make_cfg(tiny_sd_dir, data, tmp_path / "dpo", "train.max_steps=1")).train()
+    assert "1 rows with NaN/infinite scores kept" in summary["data"] and "kept 4 of 4" in summary["data"]
+    with pytest.raises(DataError, match=r"row 1 .*score is NaN"):
+        Trainer(make_cfg(tiny_sd_dir, data, tmp_path / "smpo", "loss.name=smpo"))
+
+
+def test_cli_reports_a_bad_row_met_in_a_loader_worker_in_one_line(tiny_sd_dir, tmp_path):
+    bad = write_pairs(tmp_path / "bad.parquet", n=4, bad_rows=(1,))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "diffusion_pref.cli", "train", f"model.pretrained={tiny_sd_dir}",
+                           f"data.source={bad}", "data.num_workers=2", "data.shuffle=false", "data.resolution=32",
+                           "train.batch_size=2", "train.logger=none", f"output.dir={tmp_path / 'out'}"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "row 1 " in errors[0] and "column jpg_1" in errors[0], proc.stderr[-2000:]
+    assert errors[0].endswith("set data.on_bad_row=skip to skip such rows (they are counted)")
+    assert "Traceback" not in proc.stderr and "DataLoader worker" not in proc.stderr

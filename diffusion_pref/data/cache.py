@@ -112,6 +112,7 @@ def _encode_block(cfg, source, backbone, block_index: int, device, weight_dtype,
     import torch
 
     from diffusion_pref.data.loader import collate_pixels
+    from diffusion_pref.pipelines import texts_cut
 
     block = source.blocks[block_index]
     items = [(block_index, i) for i in range(len(block.rows))]
@@ -129,8 +130,10 @@ def _encode_block(cfg, source, backbone, block_index: int, device, weight_dtype,
             pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]]).to(device)
             latents_w, latents_l = backbone.encode_media(pixels).to(weight_dtype).chunk(2)
             text = backbone.encode_text(batch["captions"])
+        # whether the text encoder cut each caption, for the trainer's count (the captions are not stored)
+        cut = torch.tensor(texts_cut(backbone, batch["captions"]), dtype=torch.bool)
         fields = {"latents_w": latents_w, "latents_l": latents_l, "soft_label": batch["soft_label"],
-                  "rows": batch["rows"], "original_size": batch["original_size"],
+                  "rows": batch["rows"], "caption_cut": cut, "original_size": batch["original_size"],
                   "crop_top_left": batch["crop_top_left"], **{f"text.{k}": v for k, v in text.items()}}
         if "score_w" in batch:
             fields.update(score_w=batch["score_w"], score_l=batch["score_l"])
@@ -215,14 +218,14 @@ def run(cfg) -> None:
     import torch
     from accelerate import Accelerator
 
-    from diffusion_pref.data.pairs import PairSource
+    from diffusion_pref.data.pairs import PairSource, scores_used
     from diffusion_pref.losses import TAKES_SOFT_LABEL
     from diffusion_pref.pipelines import check_resolution, load_backbone, torch_dtype
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     check_resolution(cfg.model, cfg.data.resolution)
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
-    source = PairSource(cfg.data, seed=cfg.train.seed)
+    source = PairSource(cfg.data, seed=cfg.train.seed, check_scores=scores_used(cfg))
     if cfg.loss.name in TAKES_SOFT_LABEL and cfg.data.soft_labels != "label":
         from diffusion_pref.soft_labels import soft_labels_for_run
 

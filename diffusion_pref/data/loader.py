@@ -5,6 +5,8 @@ The epoch order of :class:`~diffusion_pref.data.pairs.PairSource` is split betwe
 ``(epoch, index)``, so the data position saved in a checkpoint is two integers, and DataLoader workers can build
 batches independently (worker ``k`` builds every ``k``-th batch; the DataLoader returns them in order).
 Undecodable rows skipped under ``data.on_bad_row=skip`` make their batch smaller and are counted in ``skipped``.
+A bad row met in a worker stops the run with the same one-line :class:`DataError` as without workers (not
+torch's re-raise of it, which prepends the worker's traceback to the message).
 
 Example::
 
@@ -16,6 +18,10 @@ Example::
 from __future__ import annotations
 
 from typing import Callable, Dict, List, Sequence, Tuple
+
+from diffusion_pref.data.pairs import DataError
+
+_DATA_ERROR = "data_error"  # the key of the one batch a worker sends in place of raising
 
 
 def batches_per_epoch(num_items: int, batch_size: int, rank: int = 0, world: int = 1) -> int:
@@ -86,7 +92,13 @@ class PairBatches:
             items = self._epoch_items(epoch)
             while index < self.num_batches:
                 if k % workers == worker:
-                    batch = self.make_batch(items[index * self.batch_size:(index + 1) * self.batch_size])
+                    try:
+                        batch = self.make_batch(items[index * self.batch_size:(index + 1) * self.batch_size])
+                    except DataError as err:
+                        if info is None:
+                            raise
+                        yield {_DATA_ERROR: str(err)}  # raised again, message alone, by the main process
+                        return
                     batch["epoch"], batch["next_index"] = epoch, index + 1
                     yield batch
                 index += 1
@@ -95,11 +107,26 @@ class PairBatches:
 
 
 def make_loader(batches: PairBatches, num_workers: int = 0):
+    """An iterable over ``batches`` through a torch DataLoader with ``num_workers`` worker processes."""
     import torch
 
     class _Dataset(torch.utils.data.IterableDataset):
         def __iter__(self):
             return iter(batches)
 
-    return torch.utils.data.DataLoader(_Dataset(), batch_size=None, num_workers=num_workers,
-                                       pin_memory=torch.cuda.is_available(), persistent_workers=False)
+    loader = torch.utils.data.DataLoader(_Dataset(), batch_size=None, num_workers=num_workers,
+                                         pin_memory=torch.cuda.is_available(), persistent_workers=False)
+    return _WorkerErrors(loader)
+
+
+class _WorkerErrors:
+    """Iterates a DataLoader, raising a worker's :class:`DataError` again with its message alone."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        for batch in self.loader:
+            if _DATA_ERROR in batch:
+                raise DataError(batch[_DATA_ERROR])
+            yield batch

@@ -69,8 +69,11 @@ class ScanStats:
     rows: int = 0
     kept: int = 0
     ties_dropped: int = 0
-    bad_labels_skipped: int = 0
+    bad_labels_skipped: int = 0  # rows skipped (data.on_bad_row=skip) for a bad label, score or caption
     files: int = 0
+    empty_captions: int = 0  # kept rows whose caption is null, empty or only whitespace
+    fractional_labels: int = 0  # kept rows whose label_0 is neither 0, 0.5 nor 1
+    unused_bad_scores: int = 0  # kept rows with a NaN/infinite score that this run does not use
 
 
 def resolve_parquet_files(source: str, split: str) -> Tuple[List[str], object]:
@@ -117,19 +120,45 @@ def _hub_parquet_files(repo_id: str, split: str):
     return split_files, fs
 
 
-class PairSource:
-    """The kept rows of a dataset, their epoch order, and decoding of a list of them into pairs."""
+def scores_used(cfg) -> bool:
+    """Whether a training run with ``cfg`` reads the score columns: only a loss that takes a soft label, with its
+    labels from the dataset's scores (``data.soft_labels`` auto or scores, ``loss.soft_label_scores`` auto or
+    dataset). Other runs keep rows with NaN scores (counted) instead of stopping on them."""
+    from diffusion_pref.losses import TAKES_SOFT_LABEL
 
-    def __init__(self, data_cfg, seed: int = 0):
+    return (cfg.loss.name in TAKES_SOFT_LABEL and cfg.data.soft_labels in ("auto", "scores")
+            and cfg.loss.soft_label_scores in ("auto", "dataset"))
+
+
+def caption_text(value) -> str:
+    """A caption cell as text: bytes (a binary column) are decoded as UTF-8 (``UnicodeDecodeError`` if they are
+    not), null becomes ``""``."""
+    if value is None:
+        return ""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8")
+    return value if isinstance(value, str) else str(value)
+
+
+class PairSource:
+    """The kept rows of a dataset, their epoch order, and decoding of a list of them into pairs.
+
+    ``check_scores=False`` (the trainer passes :func:`scores_used`): NaN or infinite scores are counted, not a
+    bad row, since the run never reads them.
+    """
+
+    def __init__(self, data_cfg, seed: int = 0, check_scores: bool = True):
         if not data_cfg.source:
             raise DataError("data.source is not set; give a parquet file, a folder of parquet shards or a hub dataset id")
         self.cfg = data_cfg
         self.seed = seed
+        self.check_scores = check_scores
         self.columns = {name: data_cfg.columns.get(name, name) for name in REQUIRED_COLUMNS + OPTIONAL_COLUMNS}
         self.files, self.fs = resolve_parquet_files(data_cfg.source, data_cfg.split)
         self.stats = ScanStats(files=len(self.files))
         self.blocks: List[Block] = []
         self.has_scores = False
+        self.binary_captions = False
         self._scan()
         self._cache_key: Optional[Tuple[str, int]] = None
         self._cache_table = None
@@ -138,9 +167,19 @@ class PairSource:
     def _open(self, file: str):
         import pyarrow.parquet as pq
 
-        if self.fs is None:
-            return pq.ParquetFile(file)
-        return pq.ParquetFile(self.fs.open(file, "rb"))
+        try:
+            return pq.ParquetFile(file if self.fs is None else self.fs.open(file, "rb"))
+        except Exception as err:  # pyarrow raises several types for a file that is not parquet; none names it
+            raise DataError(f"{file}: could not be read as parquet ({type(err).__name__}: {err}); remove it from "
+                            "data.source or rewrite it as parquet") from None
+
+    @staticmethod
+    def _read_row_group(pf, file: str, rg: int, columns):
+        try:
+            return pf.read_row_group(rg, columns=columns)
+        except Exception as err:  # a truncated or corrupt file: name it, or the user cannot tell which shard
+            raise DataError(f"{file}: row group {rg} could not be read ({type(err).__name__}: {err}); the file is "
+                            "damaged; rewrite it or remove it from data.source") from None
 
     def _check_schema(self, file: str, names: Sequence[str]) -> None:
         missing = [ours for ours in REQUIRED_COLUMNS if self.columns[ours] not in names]
@@ -157,6 +196,7 @@ class PairSource:
 
     def _scan(self) -> None:
         import numpy as np
+        import pyarrow as pa
 
         cfg = self.cfg
         row_base = 0
@@ -171,14 +211,19 @@ class PairSource:
                 self.has_scores = has_scores
             elif has_scores != self.has_scores:
                 raise DataError(f"{file}: score columns present in some files and not others; make all shards alike")
-            wanted = [self.columns["label_0"]] + ([self.columns["score_0"], self.columns["score_1"]] if has_scores else [])
+            caption_type = pf.schema_arrow.field(self.columns["caption"]).type
+            self.binary_captions |= pa.types.is_binary(caption_type) or pa.types.is_large_binary(caption_type)
+            # Captions are read here too (small next to the images): bad ones fail before any model loads.
+            wanted = [self.columns["label_0"], self.columns["caption"]]
+            wanted += [self.columns["score_0"], self.columns["score_1"]] if has_scores else []
             for rg in range(pf.num_row_groups):
                 if self._full():
                     break
-                table = pf.read_row_group(rg, columns=wanted)
+                table = self._read_row_group(pf, file, rg, wanted)
                 labels = table.column(0).to_numpy(zero_copy_only=False).astype("float64")
-                scores = (np.stack([table.column(1).to_numpy(zero_copy_only=False).astype("float64"),
-                                    table.column(2).to_numpy(zero_copy_only=False).astype("float64")], 1)
+                captions = table.column(1).to_pylist()
+                scores = (np.stack([table.column(2).to_numpy(zero_copy_only=False).astype("float64"),
+                                    table.column(3).to_numpy(zero_copy_only=False).astype("float64")], 1)
                           if has_scores else None)
                 block = Block(file=file, row_group=rg, local_rows=[], rows=[], swap=[], soft_labels=[],
                               scores=[] if has_scores else None)
@@ -188,10 +233,17 @@ class PairSource:
                     row = row_base + local
                     self.stats.rows += 1
                     problem = None
+                    bad_scores = scores is not None and not np.isfinite(scores[local]).all()
+                    caption = None
                     if not math.isfinite(label) or not 0.0 <= label <= 1.0:
                         problem = f"{self.columns['label_0']}={label} is not a probability in [0, 1]"
-                    elif scores is not None and not np.isfinite(scores[local]).all():
+                    elif bad_scores and self.check_scores:
                         problem = f"score is NaN or infinite ({self.columns['score_0']}={scores[local][0]}, {self.columns['score_1']}={scores[local][1]})"
+                    else:
+                        try:
+                            caption = caption_text(captions[local])
+                        except UnicodeDecodeError as err:
+                            problem = f"{self.columns['caption']} holds bytes that are not UTF-8 text ({err})"
                     if problem:
                         if cfg.on_bad_row == "skip":
                             self.stats.bad_labels_skipped += 1
@@ -201,6 +253,9 @@ class PairSource:
                     if label == 0.5 and cfg.ties == "drop":
                         self.stats.ties_dropped += 1
                         continue
+                    self.stats.empty_captions += not caption.strip()
+                    self.stats.fractional_labels += label not in (0.0, 0.5, 1.0)
+                    self.stats.unused_bad_scores += bool(bad_scores)
                     block.local_rows.append(local)
                     block.rows.append(row)
                     block.swap.append(bool(label < 0.5))
@@ -212,6 +267,17 @@ class PairSource:
                 if block.rows:
                     self.blocks.append(block)
         logger.info(self.summary())
+        from diffusion_pref.losses import TAKES_SOFT_LABEL
+
+        if self.stats.empty_captions:
+            logger.warning("%d kept pairs have a null or empty caption; they train as unconditional pairs (as caption "
+                           "dropout does)", self.stats.empty_captions)
+        if self.stats.fractional_labels:
+            logger.warning("%d kept pairs have a fractional %s (not 0, 0.5 or 1): the image above 0.5 is the winner; "
+                           "losses with hard labels train them as hard pairs, %s with data.soft_labels=label take "
+                           "max(%s, 1 - %s) as P(winner preferred)", self.stats.fractional_labels,
+                           self.columns["label_0"], "/".join(sorted(TAKES_SOFT_LABEL)), self.columns["label_0"],
+                           self.columns["label_0"])
         if self.stats.kept == 0:
             raise DataError(f"data.source={cfg.source}: no pairs left after filtering ({self.summary()}); "
                             + ("set data.ties=soft to keep ties" if self.stats.ties_dropped else "check the label column"))
@@ -225,7 +291,13 @@ class PairSource:
         if s.ties_dropped:
             parts.append(f"dropped {s.ties_dropped} ties (data.ties=soft keeps them)")
         if s.bad_labels_skipped:
-            parts.append(f"skipped {s.bad_labels_skipped} rows with bad labels/scores")
+            parts.append(f"skipped {s.bad_labels_skipped} rows with bad labels/scores/captions")
+        if s.empty_captions:
+            parts.append(f"{s.empty_captions} null or empty captions (trained as unconditional)")
+        if s.fractional_labels:
+            parts.append(f"{s.fractional_labels} fractional labels (the side above 0.5 wins)")
+        if s.unused_bad_scores:
+            parts.append(f"{s.unused_bad_scores} rows with NaN/infinite scores kept (this loss does not use scores)")
         return "; ".join(parts)
 
     def __len__(self) -> int:
@@ -249,7 +321,7 @@ class PairSource:
         key = (block.file, block.row_group)
         if self._cache_key != key:
             cols = [self.columns[c] for c in ("caption", "jpg_0", "jpg_1")]
-            self._cache_table = self._open(block.file).read_row_group(block.row_group, columns=cols)
+            self._cache_table = self._read_row_group(self._open(block.file), block.file, block.row_group, cols)
             self._cache_key = key
         return self._cache_table
 
@@ -260,9 +332,9 @@ class PairSource:
             block = self.blocks[b]
             table = self._row_group(block)
             local = block.local_rows[i]
-            caption = table.column(0)[local].as_py()
             raw = [table.column(1)[local].as_py(), table.column(2)[local].as_py()]
             try:
+                caption = self._caption(table.column(0)[local].as_py(), block, i)
                 images = [self._decode(raw[k], block, i, self.columns[f"jpg_{k}"]) for k in (0, 1)]
             except DataError:
                 if self.cfg.on_bad_row == "skip":
@@ -275,7 +347,7 @@ class PairSource:
                 s0, s1 = block.scores[i]
                 score_w, score_l = (s1, s0) if swap else (s0, s1)
             pairs.append(PreferencePair(
-                caption=caption if isinstance(caption, str) else ("" if caption is None else str(caption)),
+                caption=caption,
                 image_w=images[1] if swap else images[0],
                 image_l=images[0] if swap else images[1],
                 soft_label=block.soft_labels[i],
@@ -285,12 +357,23 @@ class PairSource:
             ))
         return pairs, skipped
 
+    @staticmethod
+    def _where(block: Block, i: int) -> str:
+        return f"{block.file}: row {block.local_rows[i]} of row group {block.row_group} (dataset row {block.rows[i]})"
+
+    def _caption(self, value, block: Block, i: int) -> str:
+        try:
+            return caption_text(value)
+        except UnicodeDecodeError as err:  # the scan checked it: the file changed since
+            raise DataError(f"{self._where(block, i)}, column {self.columns['caption']}: caption bytes are not UTF-8 "
+                            f"text ({err}); set data.on_bad_row=skip to skip such rows (they are counted)") from None
+
     def _decode(self, value, block: Block, i: int, column: str):
         from PIL import Image
 
         if isinstance(value, dict):  # the datasets Image feature: {"bytes": ..., "path": ...}
             value = value.get("bytes")
-        where = f"{block.file}: row {block.local_rows[i]} of row group {block.row_group} (dataset row {block.rows[i]}), column {column}"
+        where = f"{self._where(block, i)}, column {column}"
         if not isinstance(value, (bytes, bytearray)):
             raise DataError(f"{where}: expected encoded image bytes, got {type(value).__name__}; "
                             "set data.on_bad_row=skip to skip such rows (they are counted)")
@@ -311,5 +394,10 @@ class PairSource:
                 files.append([f, st.st_size, int(st.st_mtime)])
             else:
                 files.append([f])
-        return {"files": files, "columns": self.columns, "ties": self.cfg.ties, "on_bad_row": self.cfg.on_bad_row,
-                "max_pairs": self.cfg.max_pairs, "split": self.cfg.split}
+        ident = {"files": files, "columns": self.columns, "ties": self.cfg.ties, "on_bad_row": self.cfg.on_bad_row,
+                 "max_pairs": self.cfg.max_pairs, "split": self.cfg.split}
+        if self.has_scores and not self.check_scores:  # rows with NaN scores are kept: other rows than a checked scan
+            ident["scores_checked"] = False
+        if self.binary_captions:  # decoded as UTF-8 (older versions trained on the text "b'...'")
+            ident["captions"] = "utf-8"
+        return ident

@@ -24,6 +24,29 @@ def torch_dtype(name: str):
     return {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
+def texts_cut(model, texts) -> list:
+    """Per text, whether a text encoder of ``model`` sees it cut: more tokens than its tokenizer's
+    ``model_max_length`` (the tokenizers of a backbone or diffusers pipeline: ``tokenizer``, and SDXL's
+    ``tokenizer_2``). Encoding truncates such a text without a word, so callers count these."""
+    flags = [False] * len(texts)
+    for name in ("tokenizer", "tokenizer_2"):
+        tokenizer = getattr(model, name, None)
+        limit = getattr(tokenizer, "model_max_length", None)
+        if not texts or not isinstance(limit, int) or limit > 1_000_000:  # transformers' "no limit" is int(1e30)
+            continue
+        # verbose=False: no per-call "sequence length is longer than the maximum" warning; the caller counts
+        ids = tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]
+        flags = [flag or len(row) > limit for flag, row in zip(flags, ids)]
+    return flags
+
+
+def token_limit(model):
+    """The smallest ``model_max_length`` of ``model``'s tokenizers (for messages), or None."""
+    limits = [getattr(getattr(model, name, None), "model_max_length", None) for name in ("tokenizer", "tokenizer_2")]
+    limits = [limit for limit in limits if isinstance(limit, int) and limit <= 1_000_000]
+    return min(limits) if limits else None
+
+
 def resolve_pretrained(pretrained: str) -> str:
     """"toy" -> the shipped shapes-world weights; an existing folder -> its path; anything else is a hub id."""
     from diffusion_pref.pipelines.stable_diffusion import ModelLoadError

@@ -286,11 +286,31 @@ class PairEncoder:
 
     def __init__(self, backbone, device, weight_dtype):
         self.backbone, self.device, self.weight_dtype = backbone, device, weight_dtype
+        # Pairs whose caption the text encoder saw cut at its token limit, counted each time a pair is encoded;
+        # None once a cache from before this count was read (its shards do not say).
+        self.captions_cut = 0
+
+    def _count_cut(self, flags) -> None:
+        from diffusion_pref.pipelines import token_limit
+
+        if self.captions_cut is None:
+            return
+        cut = int(sum(bool(f) for f in flags))
+        if cut and not self.captions_cut:  # one warning per run; the total goes to train_summary.json
+            logger.warning("captions longer than the text encoder's %s tokens are cut to that length; the count is "
+                           "in train_summary.json (captions_cut)", token_limit(self.backbone))
+        self.captions_cut += cut
 
     def __call__(self, batch):
         import torch
 
+        from diffusion_pref.pipelines import texts_cut
+
         if "latents_w" in batch:
+            if "caption_cut" in batch:
+                self._count_cut(batch["caption_cut"].tolist())
+            else:
+                self.captions_cut = None
             # without a host wait for the GPU (the loader pins batches on CUDA): the next step's inputs can be
             # on their way while the GPU still runs this one
             latents_w = to_device(batch["latents_w"], self.device, self.weight_dtype)
@@ -300,6 +320,7 @@ class PairEncoder:
         pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]])  # [2B, 3, R, R]
         latents = self.backbone.encode_media(pixels).to(self.weight_dtype)
         latents_w, latents_l = latents.chunk(2)
+        self._count_cut(texts_cut(self.backbone, batch["captions"]))
         return latents_w, latents_l, self.backbone.encode_text(batch["captions"])
 
 
@@ -317,7 +338,7 @@ class Trainer:
 
         from diffusion_pref.config import ConfigError, check_loss, check_ranges
         from diffusion_pref.data.loader import collate_pixels
-        from diffusion_pref.data.pairs import PairSource
+        from diffusion_pref.data.pairs import PairSource, scores_used
         from diffusion_pref.losses import (DIFFUSION_DEFAULT_BETA, LOSSES, REFERENCE_FREE, TAKES_SOFT_LABEL,
                                            RunningMean, check_loss_params)
         from diffusion_pref.pipelines import check_resolution, load_backbone, torch_dtype
@@ -371,7 +392,7 @@ class Trainer:
                               "trajectory.invert_with=policy or set model.reference (adapter, copy)")
 
         # Data first: a bad dataset fails in seconds, before any model is loaded.
-        self.source = source = PairSource(cfg.data, seed=t.seed)
+        self.source = source = PairSource(cfg.data, seed=t.seed, check_scores=scores_used(cfg))
         self.soft_labels = self.soft_label_summary = None
         if self.takes_soft:
             from diffusion_pref.soft_labels import soft_label_summary
@@ -463,6 +484,7 @@ class Trainer:
             state = self.checkpointer.load(resume_from)
             self.step, self.epoch, self.next_index = int(state["step"]), int(state["epoch"]), int(state["next_index"])
             self.skipped_total = int(state.get("skipped_rows", 0))
+            self.encode.captions_cut = state.get("captions_cut", 0)
             if self.bco_shift is not None and state.get("bco_shift"):
                 self.bco_shift.load_state_dict(state["bco_shift"])
             logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, self.step, self.epoch,
@@ -646,12 +668,14 @@ class Trainer:
                 self.validate(step)
             if saving:
                 self.checkpointer.save(step, {"epoch": epoch, "next_index": next_index, "skipped_rows": skipped_total,
-                                         "bco_shift": bco_shift.state_dict() if bco_shift is not None else None})
+                                         "bco_shift": bco_shift.state_dict() if bco_shift is not None else None,
+                                         "captions_cut": self.encode.captions_cut})
         progress.close()
 
         accelerator.wait_for_everyone()
         summary = {"steps": step, "data": self.source.summary(), "skipped_rows": skipped_total, "reference": reference,
-                   "output": "lora" if cfg.model.finetune == "lora" else "pipeline", "beta": self.beta}
+                   "output": "lora" if cfg.model.finetune == "lora" else "pipeline", "beta": self.beta,
+                   "captions_cut": self._captions_cut_total()}
         if self.soft_label_summary is not None:
             summary["soft_labels"] = self.soft_label_summary
         # Full weights are gathered on every process (FSDP / ZeRO-3 shard them); LoRA weights are never sharded.
@@ -668,6 +692,15 @@ class Trainer:
         self.step, self.epoch, self.next_index, self.skipped_total = step, epoch, next_index, skipped_total
         return summary
 
+
+    def _captions_cut_total(self):
+        """Pairs whose caption was cut at the text encoder's token limit, over every process (None: unknown)."""
+        import torch
+
+        cut = self.encode.captions_cut
+        counts = torch.tensor([cut or 0, int(cut is None)], device=self.device)
+        total, unknown = self.accelerator.reduce(counts, "sum").tolist()
+        return None if unknown else int(total)
 
     def validate(self, step: int) -> Path:
         """Images for ``train.validation_prompts`` (seed i for prompt i), with and without the adapter.
