@@ -36,8 +36,12 @@ def test_recipes_keep_their_beta(recipe, beta):
 
 
 def test_quickstart_keeps_its_explicit_beta_for_any_loss():
+    from omegaconf import OmegaConf
+
     defaults = ROOT / "diffusion_pref" / "quickstart.yaml"
-    assert load_config(None, ["loss.name=smpo"], defaults=defaults).loss.beta == 2500.0
+    explicit = OmegaConf.load(defaults).loss.beta  # the recipe's own number, not smpo's default (1000)
+    assert explicit != 1000.0
+    assert load_config(None, ["loss.name=smpo"], defaults=defaults).loss.beta == explicit
 
 
 @pytest.mark.parametrize("overrides, beta", [([], 1000.0), (["loss.beta=300"], 300.0)])
