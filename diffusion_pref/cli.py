@@ -177,14 +177,17 @@ def choose_cpu_threads(
     1-minute load average leaves idle. A choice the user made (OMP_NUM_THREADS, MKL_NUM_THREADS, or torch imported
     and possibly set before the command ran) is kept.
     """
+    def uses(n: int) -> str:
+        return f"torch uses {n} CPU thread{'' if n == 1 else 's'}"
+
     chosen = [k for k in _THREAD_ENV if environ.get(k)]
     if chosen:
-        return None, f"torch uses {torch_threads} CPU threads ({chosen[0]}={environ[chosen[0]]} is set)"
+        return None, f"{uses(torch_threads)} ({chosen[0]}={environ[chosen[0]]} is set)"
     if torch_preloaded:
-        return None, f"torch uses {torch_threads} CPU threads (set before diffusion-pref started)"
+        return None, f"{uses(torch_threads)} (set before diffusion-pref started)"
     usable = usable_cpus(affinity, quota)
     if usable is None:
-        return None, f"torch uses {torch_threads} CPU threads (usable CPUs unknown)"
+        return None, f"{uses(torch_threads)} (usable CPUs unknown)"
     why = [f"{affinity} CPUs in the affinity mask"] if affinity else []
     if quota is not None:
         why.append(f"cgroup quota {quota:g} CPUs")
@@ -194,7 +197,7 @@ def choose_cpu_threads(
     if host_cpus and load is not None and threads > max(1, round(host_cpus - load)):
         threads = max(1, round(host_cpus - load))
         why.append(f"load {load:.1f} on {host_cpus} cores")
-    return threads, f"torch uses {threads} CPU threads ({', '.join(why)}; set OMP_NUM_THREADS to choose)"
+    return threads, f"{uses(threads)} ({', '.join(why)}; set OMP_NUM_THREADS to choose)"
 
 
 def _size_cpu_threads(torch_preloaded: bool) -> None:
