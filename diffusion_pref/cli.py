@@ -194,7 +194,8 @@ def _interrupted(command: str, cfg, argv: Sequence[str]) -> str:
         if not found:
             return (f"interrupted before the first checkpoint (train.checkpoint_every={cfg.train.checkpoint_every}); "
                     "nothing to resume: run the same command again")
-        launcher = "accelerate launch -m diffusion_pref.cli" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "diffusion-pref"
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        launcher = "accelerate launch -m diffusion_pref.cli" if distributed else "diffusion-pref"
         kept = [a for a in argv if not a.startswith(("train.resume=", "train.resume_force="))]
         return (f"interrupted; the last checkpoint is {found[-1]}; resume with: "
                 f"{launcher} {shlex.join([*kept, 'train.resume=latest'])}")

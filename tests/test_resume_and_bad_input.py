@@ -158,7 +158,8 @@ def test_a_lora_of_another_base_model_gives_a_short_error_in_evaluate(tiny_sd_di
         load_variant(cfg, variant)
     message = str(caught.value)
     assert message.startswith(f"eval.variants.dpo={checkpointed_run}: the LoRA does not fit")
-    assert f"{ADAPTER_TENSORS_OF_ANOTHER_SHAPE} tensors differ in shape (e.g. " in message and "another base model" in message
+    assert f"{ADAPTER_TENSORS_OF_ANOTHER_SHAPE} tensors differ in shape (e.g. " in message
+    assert "another base model" in message
     assert len(message) < 600 and "\n" not in message
     load_variant(load_config(None, [f"model.pretrained={tiny_sd_dir}", "eval.device=cpu"]), variant)  # its own base
 
@@ -304,7 +305,7 @@ def test_ctrl_c_in_train_prints_where_the_checkpoint_is_and_the_resume_command(t
     save = Checkpointer.save
 
     def save_then_interrupt(self, step, state):
-        path = save(self, step, state)
+        save(self, step, state)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Checkpointer, "save", save_then_interrupt)

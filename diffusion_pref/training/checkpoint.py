@@ -69,10 +69,8 @@ def is_disk_full(err: BaseException) -> bool:
     """The errors torch.save and safetensors raise when a write runs out of space (torch's never says so)."""
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
-    text = str(err)
-    return isinstance(err, Exception) and any(mark in text for mark in (
+    return any(mark in str(err) for mark in (
         "No space left", "unexpected pos", "file write failed", "StorageFull", "Disk quota exceeded"))
-
 
 
 def list_checkpoints(root: Path):
@@ -123,10 +121,12 @@ class Checkpointer:
                     extra = sorted(state.keys() - trainable)
                     shapes = [n for n in sorted(trainable & state.keys()) if state[n].shape != params[n].shape]
                     if missing or extra or shapes:
-                        parts = [f"{len(shapes)} tensors differ in shape (e.g. {shapes[0]}: "
-                                 f"{list(state[shapes[0]].shape)} saved, {list(params[shapes[0]].shape)} now)"] if shapes else []
-                        parts += [f"{len(names)} {label} (e.g. {names[0]})"
-                                  for label, names in (("missing", missing), ("not in this model", extra)) if names]
+                        parts = [f"{len(names)} {label} (e.g. {names[0]})" for label, names in (
+                            ("tensors differ in shape", shapes), ("missing", missing), ("not in this model", extra))
+                            if names]
+                        if shapes:
+                            parts[0] = (f"{len(shapes)} tensors differ in shape (e.g. {shapes[0]}: "
+                                        f"{list(state[shapes[0]].shape)} saved, {list(params[shapes[0]].shape)} now)")
                         raise ValueError(f"cannot resume from {input_dir}: its adapter does not fit this model "
                                          f"({'; '.join(parts)}); it was written with another model.lora_rank, "
                                          "model.lora_targets or base model (train.resume_force cannot bridge that)")
@@ -153,7 +153,7 @@ class Checkpointer:
                 from diffusion_pref.config import to_yaml
 
                 (tmp / CONFIG_FILE).write_text(to_yaml(self.config))
-        except (OSError, RuntimeError) as err:
+        except Exception as err:  # torch: RuntimeError, safetensors: SafetensorError, plain writes: OSError
             if not is_disk_full(err):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # the half-written folder would only hold on to the space
