@@ -293,6 +293,14 @@ def test_a_full_disk_while_checkpointing_says_so_and_keeps_the_last_checkpoint(t
 # ---------------------------------------------------------------------------------------------------- 12: Ctrl-C
 
 
+def main_without_escaping_interrupt(argv):
+    """cli.main, with a KeyboardInterrupt that escapes it failing this test instead of stopping the whole session."""
+    try:
+        return cli.main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped cli.main as a KeyboardInterrupt (a traceback for the user)")
+
+
 def test_ctrl_c_in_train_prints_where_the_checkpoint_is_and_the_resume_command(tiny_sd_dir, pairs_path, tmp_path,
                                                                                capsys, monkeypatch):
     from diffusion_pref.training.checkpoint import Checkpointer
@@ -309,7 +317,7 @@ def test_ctrl_c_in_train_prints_where_the_checkpoint_is_and_the_resume_command(t
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Checkpointer, "save", save_then_interrupt)
-    assert cli.main(argv) == 130
+    assert main_without_escaping_interrupt(argv) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     [line] = [x for x in err.splitlines() if x.startswith("diffusion-pref train:")]
@@ -330,10 +338,10 @@ def test_ctrl_c_before_a_checkpoint_and_in_generate_prints_one_line(tmp_path, ca
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setattr(diffusion_pref.training.trainer, "run", interrupt)
-    assert cli.main(["train", f"output.dir={tmp_path}", "train.checkpoint_every=50"]) == 130
+    assert main_without_escaping_interrupt(["train", f"output.dir={tmp_path}", "train.checkpoint_every=50"]) == 130
     assert capsys.readouterr().err == ("\ndiffusion-pref train: interrupted before the first checkpoint "
                                        "(train.checkpoint_every=50); nothing to resume: run the same command again\n")
     monkeypatch.setattr(diffusion_pref.generate, "run", interrupt)
-    assert cli.main(["generate", f"output.dir={tmp_path}"]) == 130
+    assert main_without_escaping_interrupt(["generate", f"output.dir={tmp_path}"]) == 130
     assert capsys.readouterr().err == (f"\ndiffusion-pref generate: interrupted; the finished shards stay in "
                                        f"{tmp_path}: the same command continues from them\n")
