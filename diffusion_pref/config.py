@@ -169,6 +169,8 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     resume: Optional[str] = None  # latest | a checkpoint folder
+    # Resume although the checkpoint's model, loss, data, batch or optimizer settings differ from this config's.
+    resume_force: bool = False
     log_every: int = 1
     logger: str = "tensorboard"  # tensorboard | wandb | none
     validate_every: int = 0  # 0 = no validation images during training
@@ -553,11 +555,27 @@ def to_yaml(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, directory: str | Path) -> Path:
-    """Write the resolved config as ``config.yaml``; ``--config`` on that file reproduces the run."""
+    """Write the resolved config as ``config.yaml``; ``--config`` on that file reproduces the run.
+
+    A different ``config.yaml`` already there, the record of an earlier run in the folder, is never overwritten:
+    it is kept as ``config.<its date>.yaml``.
+    """
+    import os
+    import sys
+    import time
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "config.yaml"
-    path.write_text(to_yaml(cfg))
+    text = to_yaml(cfg)
+    if path.is_file() and path.read_text() != text:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+        kept, n = directory / f"config.{stamp}.yaml", 1
+        while kept.exists():
+            kept, n = directory / f"config.{stamp}-{n}.yaml", n + 1
+        os.replace(path, kept)
+        print(f"diffusion-pref: note: {path} held another run's config; kept it as {kept.name}", file=sys.stderr)
+    path.write_text(text)
     return path
 
 

@@ -11,7 +11,7 @@ Run it::
         data.source=/data/pickapic_v2 train.max_steps=2000
     accelerate launch -m diffusion_pref.cli train --config configs/sdxl_dpo_lora.yaml
 
-Writes into ``output.dir``: ``config.yaml`` (by the CLI), ``metrics.jsonl`` (one line per logged step),
+Writes into ``output.dir``: ``config.yaml`` (once the checks have passed), ``metrics.jsonl`` (one line per logged step),
 TensorBoard logs under ``logs/``, ``checkpoints/step-N``, ``train_summary.json``, and the result: a LoRA in the
 diffusers format (``pipe.load_lora_weights(output.dir)``) or, for ``model.finetune=full``, a pipeline folder
 (``StableDiffusionPipeline.from_pretrained(output.dir)``).
@@ -391,6 +391,12 @@ class Trainer:
                               f"{cfg.loss.name!r} with model.reference={cfg.model.reference!r} has none; use "
                               "trajectory.invert_with=policy or set model.reference (adapter, copy)")
 
+        self.checkpointer = Checkpointer(accelerator, out, keep=t.keep_checkpoints, config=cfg)
+        # A resume from another run's checkpoint fails here, before any data or model is loaded.
+        resume_from = self.checkpointer.find(t.resume)
+        if resume_from is not None:
+            self.checkpointer.check_config(resume_from, force=t.resume_force)
+
         # Data first: a bad dataset fails in seconds, before any model is loaded.
         self.source = source = PairSource(cfg.data, seed=t.seed, check_scores=scores_used(cfg))
         self.soft_labels = self.soft_label_summary = None
@@ -473,13 +479,11 @@ class Trainer:
         optimizer = _optimizer(cfg, self.trainable)
         lr_scheduler = _lr_scheduler(cfg, optimizer, accelerator.num_processes)
         self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(backbone.unet, optimizer, lr_scheduler)
-        self.checkpointer = Checkpointer(accelerator, out, keep=t.keep_checkpoints)
         if cfg.model.finetune == "lora":
             self.checkpointer.register_trainable_only(self.unet)
         self.bco_shift = RunningMean() if cfg.loss.name == "bco" else None
 
         self.step, self.epoch, self.next_index, self.skipped_total = 0, 0, 0, 0
-        resume_from = self.checkpointer.find(t.resume)
         if resume_from is not None:
             state = self.checkpointer.load(resume_from)
             self.step, self.epoch, self.next_index = int(state["step"]), int(state["epoch"]), int(state["next_index"])
@@ -743,4 +747,11 @@ class Trainer:
 
 def run(cfg) -> None:
     """``diffusion-pref train``: see the module docstring."""
-    Trainer(cfg).train()
+    from diffusion_pref.config import save_config
+
+    trainer = Trainer(cfg)
+    if trainer.accelerator.is_main_process:
+        # Only now, after the config, data, model and resume checks: a run that fails them leaves the folder's
+        # record of an earlier run alone.
+        save_config(cfg, cfg.output.dir)
+    trainer.train()
