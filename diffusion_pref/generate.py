@@ -557,6 +557,9 @@ def generate(
         summary = None
     else:
         summary = summarize(folder, total_prompts=len(records))
+        if prompts_cut is None and (folder / SUMMARY_FILE).is_file():
+            # nothing was left to sample, so no model was loaded to count with: keep the finished run's count
+            prompts_cut = json.loads((folder / SUMMARY_FILE).read_text()).get("prompts_cut")
         if prompts_cut is not None:
             summary["prompts_cut"] = prompts_cut
         _atomic_write(folder / SUMMARY_FILE, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))

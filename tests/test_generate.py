@@ -520,3 +520,5 @@ def test_prompts_longer_than_the_text_encoder_takes_are_counted_once(tmp_path, c
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["prompts_cut"] == 2
     printed = capsys.readouterr().out
     assert printed.count("longer than the text encoder takes") == 1 and "warning: 2 prompts" in printed
+    again = generate(_config(tmp_path, "unused", prompts=prompts), pipeline=None, reward=MeanPixel())
+    assert again["prompts_cut"] == 2  # nothing left to sample, no model loaded: the finished run's count stays

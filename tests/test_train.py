@@ -360,6 +360,12 @@ def test_captions_cut_by_the_text_encoder_are_counted_once_cached_or_not(tiny_sd
         assert json.loads((tmp_path / name / "train_summary.json").read_text())["captions_cut"] == expected
         cut_warnings = [r for r in caplog.records if "cut to that length" in r.getMessage()]
         assert len(cut_warnings) == 1 and "16 tokens" in cut_warnings[0].getMessage(), name
+    # a resumed run continues the count from its checkpoint (step 1: rows 0-1), then encodes rows 2-3
+    cfg = make_cfg(tiny_sd_dir, data, tmp_path / "resumed", "data.shuffle=false", "train.checkpoint_every=1")
+    Trainer(cfg).train()
+    resumed = Trainer(make_cfg(tiny_sd_dir, data, tmp_path / "resumed", "data.shuffle=false", "train.resume=latest"))
+    assert resumed.step == 1 and resumed.pair_encoder.captions_cut == sum(over[:2]) == 1
+    assert resumed.train()["captions_cut"] == expected
 
 
 def test_nan_scores_stop_only_losses_that_use_scores(tiny_sd_dir, tmp_path):

@@ -447,7 +447,8 @@ class Trainer:
                 logger.info("train.cuda_graphs: torch.compile's %s mode records CUDA graphs itself", t.compile_mode)
             else:
                 self.graphs = CudaGraphCalls()
-        self.encode = PairEncoder(backbone, self.device, self.weight_dtype)
+        # self.encode may be wrapped (tests do); the caption count stays on the encoder itself
+        self.encode = self.pair_encoder = PairEncoder(backbone, self.device, self.weight_dtype)
         if cfg.data.cache:
             from diffusion_pref.data.cache import build_cache
 
@@ -488,7 +489,7 @@ class Trainer:
             state = self.checkpointer.load(resume_from)
             self.step, self.epoch, self.next_index = int(state["step"]), int(state["epoch"]), int(state["next_index"])
             self.skipped_total = int(state.get("skipped_rows", 0))
-            self.encode.captions_cut = state.get("captions_cut", 0)
+            self.pair_encoder.captions_cut = state.get("captions_cut", 0)
             if self.bco_shift is not None and state.get("bco_shift"):
                 self.bco_shift.load_state_dict(state["bco_shift"])
             logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, self.step, self.epoch,
@@ -673,7 +674,7 @@ class Trainer:
             if saving:
                 self.checkpointer.save(step, {"epoch": epoch, "next_index": next_index, "skipped_rows": skipped_total,
                                          "bco_shift": bco_shift.state_dict() if bco_shift is not None else None,
-                                         "captions_cut": self.encode.captions_cut})
+                                         "captions_cut": self.pair_encoder.captions_cut})
         progress.close()
 
         accelerator.wait_for_everyone()
@@ -701,7 +702,7 @@ class Trainer:
         """Pairs whose caption was cut at the text encoder's token limit, over every process (None: unknown)."""
         import torch
 
-        cut = self.encode.captions_cut
+        cut = self.pair_encoder.captions_cut
         counts = torch.tensor([cut or 0, int(cut is None)], device=self.device)
         total, unknown = self.accelerator.reduce(counts, "sum").tolist()
         return None if unknown else int(total)
