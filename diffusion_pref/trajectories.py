@@ -466,20 +466,35 @@ def _reg_options(steps, lambda_kl, lambda_ac, ac_rolls):
 
 
 def ddim_sample(scheduler, predict_fn: Callable, z: torch.Tensor, cond, timesteps: Sequence[int]) -> torch.Tensor:
-    """Deterministic DDIM sampling from ``z`` at ``timesteps[-1]`` down the same grid to the clean latent (float32)."""
+    """Deterministic DDIM sampling from ``z`` at ``timesteps[-1]`` down the same grid to the clean latent (float32).
+
+    A v-prediction output gives x0_hat = sqrt(abar) z - sqrt(1 - abar) v directly (as diffusers' DDIMScheduler
+    computes it), with no division by sqrt(abar): zero-terminal-SNR schedules (abar = 0 at the last timestep) then
+    sample fine. An epsilon output there does not determine x0 at all (diffusers divides by zero): refused.
+    """
     import torch
 
     prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
     n = z.shape[0]
     steps = [int(g) for g in timesteps]
+    if prediction_type == "epsilon":
+        zero = [g for g in steps if float(scheduler.alphas_cumprod[g]) <= 0.0]
+        if zero:
+            raise ValueError(f"ddim_sample: abar is 0 at t={zero[0]} (a zero-terminal-SNR schedule), where an "
+                             "epsilon-prediction model's output does not determine x0; use a v_prediction model or "
+                             "a grid that ends below that timestep.")
     with torch.no_grad():
         z = z.float()
         for j in reversed(range(len(steps))):
             g = torch.full((n,), steps[j], dtype=torch.long, device=z.device)
             s = torch.full((n,), steps[j - 1] if j > 0 else -1, dtype=torch.long, device=z.device)
             abar_g, abar_s = _alpha_bar(scheduler, g), _alpha_bar(scheduler, s)
-            eps = _as_eps(predict_fn(z, g, cond).float(), z, abar_g, prediction_type)
-            z = _ddim_move(z, eps, abar_g, abar_s)
+            output = predict_fn(z, g, cond).float()
+            if prediction_type == "v_prediction":
+                x0_hat = abar_g.sqrt() * z - (1 - abar_g).sqrt() * output
+                z = abar_s.sqrt() * x0_hat + (1 - abar_s).sqrt() * _as_eps(output, z, abar_g, prediction_type)
+            else:
+                z = _ddim_move(z, _as_eps(output, z, abar_g, prediction_type), abar_g, abar_s)
     return z
 
 

@@ -177,6 +177,34 @@ def test_ddim_sample_step_equals_diffusers_ddim_scheduler_step():
     torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-4)
 
 
+def test_ddim_sample_on_a_zero_terminal_snr_v_prediction_schedule_equals_diffusers_and_is_finite():
+    from diffusers import DDIMScheduler
+
+    # the toy model's schedule: zero terminal SNR (abar_999 = 0), trailing spacing, v-prediction
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=True, rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                          prediction_type="v_prediction")
+    assert float(sched.alphas_cumprod[999]) == 0.0
+    sched.set_timesteps(5)  # 999, 799, ..., 199; the last step goes to abar = 1, like our clean latent
+    grid = sorted(sched.timesteps.tolist())
+    assert grid[-1] == 999
+    z = torch.randn(1, *SHAPE, generator=torch.Generator().manual_seed(5))
+
+    def model(x, t):  # a v that depends on the input and the timestep
+        return 0.5 * torch.tanh(x) - t / 2000.0
+
+    ours = ddim_sample(sched, lambda x, t, c: model(x, t.float().reshape(-1, 1, 1, 1)), z, None, grid)
+    want = z
+    for step_t in sched.timesteps:
+        want = sched.step(model(want, float(step_t)), step_t, want).prev_sample
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-4)
+    # an epsilon model cannot give x0 where abar = 0: a clear error instead of NaN
+    eps_sched = DDIMScheduler.from_config(sched.config, prediction_type="epsilon")
+    with pytest.raises(ValueError, match="abar is 0 at t=999"):
+        ddim_sample(eps_sched, lambda x, t, c: x, z, None, grid)
+
+
 def _constant_noise_predictor(noise):
     # a "perfect" denoiser for images that were noised with `noise`: DDIM inversion then reproduces add_noise
     return lambda x, t, c: noise
