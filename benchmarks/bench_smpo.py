@@ -5,7 +5,8 @@ One optimizer step on a batch of pairs, same UNet, same batch, same timesteps (t
 - ``dpo``: forward trajectory; reference UNet forward (no_grad) and policy forward + backward over ``[w; l]``;
 - ``smpo-exact`` / ``smpo-grid_below``: the same step plus ReNoise inversion of x0 with the policy under no_grad
   (K = 1, both predictions averaged, the 5-point grid [1, 201, 401, 601, 801] of SD1.5), with
-  ``trajectory.t_mode`` exact (one more step to t) or grid_below (the released SmPO code);
+  ``trajectory.t_mode`` exact (one more step to t) or grid_below (stops at the grid point below t; the released
+  SmPO code, ``smpo_released``, runs one step more for most t);
 - ``smpo-cached-exact`` / ``smpo-cached-grid_below``: ``trajectory.invert_with=reference`` with
   ``trajectory.cache_inverted``: the frozen reference's ReNoise inversion of the batch to every grid point is
   made once before the timed steps (its time is ``precompute_s``), as the data cache does; a step reads x_t

@@ -111,8 +111,10 @@ class TrajectoryConfig:
     steps: int = 50  # inversion grid size for ddim / renoise (DDIMInverseScheduler.set_timesteps(steps))
     # How the sampled t meets the grid. exact: invert along the grid points below t, then one last step to t, so
     # x_t really sits at the noise level the UNet is told. grid_below: stop at the last grid point below t and
-    # feed that latent as if it were at t (what the released SmPO code does; cheaper by one step).
-    t_mode: str = "exact"  # exact | grid_below
+    # feed that latent as if it were at t (cheaper by one step; SmPO's loop on diffusers >= 0.22). smpo_released:
+    # the released SmPO code on the diffusers 0.20.0 it pins: the latent ends at the grid point at or above t
+    # (capped at the grid's last point) and is fed as if it were at t (trajectories.py).
+    t_mode: str = "exact"  # exact | grid_below | smpo_released
     # Which model inverts x0: policy (the model being trained, as SmPO does) or reference (the frozen reference:
     # the adapter-off UNet or the reference copy). With the reference, a pair's inverted latents no longer change
     # during training; otherwise the same computation. A variant, measured in the shapes world (README).
@@ -283,7 +285,7 @@ CHOICES: Dict[str, Sequence[str]] = {
     "loss.soft_label_winner": ("reward", "human"),
     "loss.soft_label_scores": ("auto", "dataset", "reward_model"),
     "trajectory.kind": ("forward", "ddim", "renoise"),
-    "trajectory.t_mode": ("exact", "grid_below"),
+    "trajectory.t_mode": ("exact", "grid_below", "smpo_released"),
     "trajectory.invert_with": ("policy", "reference"),
     "train.optimizer": ("adamw", "adamw8bit", "adafactor"),
     "train.mixed_precision": ("no", "fp16", "bf16"),

@@ -23,10 +23,19 @@ Inversion grid and the sampled t (a deliberate choice, see ``trajectory.t_mode``
 as for ``forward``; the grid is ``DDIMInverseScheduler.set_timesteps(steps)`` of the model's scheduler config
 (SD1.5, steps=5: [1, 201, 401, 601, 801]). ``exact`` (default) inverts along the grid points below t and then
 takes one more step to t itself, so x~_t sits at the noise level the UNet is told. ``grid_below`` stops at the
-last grid point below t and feeds that latent as if it were at t: the released SmPO code, one step cheaper, but
-the target then mixes in x0. With an ideal denoiser (x~_g = forward noising with noise eps) grid_below gives
-tau_t = a x0 + b eps with, for SD1.5's 5-point grid, a = 0.13 and b = 0.76 on average over t, and a = 0.16,
-b = 0.16 for t <= 201; exact gives tau_t = eps. x0 is the clean latent (abar = 1); diffusers' SD
+last grid point below t and feeds that latent as if it were at t: one step cheaper, but the target then mixes in
+x0. This is what SmPO's loop does on diffusers >= 0.22, not what the released SmPO code computes: it pins
+diffusers 0.20.0, whose ``DDIMInverseScheduler`` (changed in diffusers PR #5145, first released in 0.22.0) has
+the timesteps [-199, 1, 201, 401, 601] for 5 steps, steps each source s to s + 200 and is called with the UNet
+output at the source s (also at -199). ``smpo_released`` reproduces that arithmetic (:func:`released_smpo_steps`):
+the loop runs over the sources s < t, the model is told s, a v-prediction output is read against the step's
+source latent and abar_s, the clean latent has the scheduler's ``initial_alpha_cumprod`` (abar_0 = 0.99915 for
+SD's ``set_alpha_to_one=false``), so x~ sits at the first grid point at or above t (capped at 801 for SD1.5, 901
+for SDXL's 10 steps) and is fed as if it were at t. ``clip_sample`` is not applied (the SD and SDXL configs
+switch it off), and the arithmetic stays float32 (the released code computes tau with fp16 abar). With an ideal
+denoiser (x~_g = forward noising with noise eps) the target is tau_t = a x0 + b eps with, for SD1.5's 5-point
+grid on average over t: grid_below a = 0.13, b = 0.76 (a = 0.16, b = 0.16 for t <= 201); smpo_released
+a = -0.15, b = 1.26; exact tau_t = eps. For exact and grid_below x0 is the clean latent (abar = 1); diffusers' SD
 configs put it at abar_0 = 0.99915 instead, a difference far below the inversion error.
 
 The model is called as ``predict_fn(x, t, cond)`` with x ``[n, C, H, W]``, t ``[n]``: at each step only the n <= 2B
@@ -38,6 +47,13 @@ latent and the timestep the model was given, so a converged ReNoise step is the 
 sampling step (diffusers' DDIMInverseScheduler uses the source latent's abar instead; both agree for epsilon).
 Not implemented: ReNoise's noise correction (only for stochastic samplers) and its "first steps" special case
 (with K = 1 and the default window it changes nothing).
+
+The noise regularisation (only with ``noise_reg_steps > 0``) follows ReNoise's code (garibida/ReNoise-Inversion,
+``noise_regularization``): per outer step one patch-KL step (gradient clipped to +-100), then ``ac_rolls``
+auto-correlation steps; 1e-6 added to the patch variances; one random shift per channel and pyramid level; the KL
+reference is the model's prediction on x0 forward-noised to the step's level with one noise drawn per inversion.
+Differences: it regularises the noise estimate (for v-prediction the eps computed from v, where ReNoise takes
+the raw model output), and a batch draws its shifts sample after sample (ReNoise inverts one image at a time).
 
 Example::
 
@@ -68,13 +84,14 @@ __all__ = [
     "invert_grid",
     "invert_latents",
     "make_trajectory",
+    "released_smpo_steps",
     "shared_noise_and_timesteps",
     "trajectory_options",
 ]
 
 SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")
 KINDS = ("forward", "ddim", "renoise")
-T_MODES = ("exact", "grid_below")
+T_MODES = ("exact", "grid_below", "smpo_released")
 
 
 @dataclass
@@ -187,6 +204,43 @@ def inversion_grid(scheduler, steps: int) -> list[int]:
     return sorted({min(max(int(g), 0), total - 1) for g in inverse.timesteps.tolist()})
 
 
+def released_smpo_steps(scheduler, steps: int):
+    """The inversion steps of diffusers 0.20.0's ``DDIMInverseScheduler`` (the version the SmPO code pins) on
+    ``scheduler``'s config: ``(sources, targets, initial_abar)``.
+
+    Step j maps the latent from ``sources[j]`` to ``targets[j] = sources[j] + T // steps`` and is told
+    ``sources[j]``; the sources are the ``leading`` / ``trailing`` grid rolled by one, its first entry replaced by
+    ``grid[0] - step_ratio`` (SD1.5, 5 steps: sources [-199, 1, 201, 401, 601], targets [1, 201, 401, 601, 801]).
+    A negative source has the abar ``initial_abar`` (``DDIMInverseScheduler.initial_alpha_cumprod``: 1 with
+    ``set_alpha_to_one``, else abar_0). Computed here rather than with the installed diffusers, whose scheduler
+    since 0.22.0 steps along the grid itself.
+    """
+    import numpy as np
+    from diffusers import DDIMInverseScheduler
+
+    config = scheduler.config
+    total, n = int(config.num_train_timesteps), int(steps)
+    if not 1 <= n <= total:
+        raise ValueError(f"trajectory.steps={steps} must be between 1 and the scheduler's {total} training timesteps.")
+    spacing = getattr(config, "timestep_spacing", "leading")
+    if spacing == "leading":
+        ratio = total // n
+        grid = (np.arange(0, n) * ratio).round().astype(np.int64) + int(getattr(config, "steps_offset", 0))
+    elif spacing == "trailing":
+        ratio = total / n
+        grid = np.round(np.arange(total, 0, -ratio)[::-1]).astype(np.int64) - 1
+    else:
+        raise ValueError(f"trajectory.t_mode=smpo_released: the scheduler's timestep_spacing={spacing!r} is not one "
+                         "that diffusers 0.20.0's DDIMInverseScheduler supports (leading, trailing).")
+    sources = [int(grid[0] - ratio)] + [int(g) for g in grid[:-1]]
+    targets = [src + total // n for src in sources]
+    if targets[-1] > total - 1:
+        raise ValueError(f"trajectory.t_mode=smpo_released: steps={steps} makes diffusers 0.20's last inversion "
+                         f"step end at {targets[-1]}, past the last training timestep {total - 1}.")
+    initial = DDIMInverseScheduler.from_config(config).initial_alpha_cumprod
+    return sources, targets, float(initial)
+
+
 def _abar_table(scheduler, device) -> torch.Tensor:
     """The scheduler's alphas_cumprod as float32 on ``device``, copied without making the host wait."""
     import torch
@@ -196,14 +250,14 @@ def _abar_table(scheduler, device) -> torch.Tensor:
     return to_device(scheduler.alphas_cumprod, device, torch.float32)
 
 
-def _alpha_bar(scheduler, t: torch.Tensor, table: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """abar_t as float32 ``[N, 1, 1, 1]``; t = -1 stands for the clean latent (abar = 1). ``table``: the
+def _alpha_bar(scheduler, t: torch.Tensor, table: Optional[torch.Tensor] = None, clean: float = 1.0) -> torch.Tensor:
+    """abar_t as float32 ``[N, 1, 1, 1]``; t < 0 stands for the clean latent (abar = ``clean``). ``table``: the
     scheduler's alphas_cumprod already on t's device (a loop passes it, so the host copies it once)."""
     import torch
 
     if table is None:
         table = _abar_table(scheduler, t.device)
-    abar = torch.where(t < 0, torch.ones((), device=t.device), table[t.clamp(min=0)])
+    abar = torch.where(t < 0, torch.full((), clean, device=t.device), table[t.clamp(min=0)])
     return abar.reshape(-1, 1, 1, 1)
 
 
@@ -235,61 +289,85 @@ def _patch_stats(x, patch: int = 4):
     return patches.mean(-1), patches.var(-1)
 
 
-def _patch_kl(eps, ref_eps):
-    """ReNoise's patch-KL term: per 4x4 patch and channel, |log(v1/v0) + (v0 + (m0 - m1)^2) / v1 - 1|, summed."""
+def _patch_kl(eps, ref_eps, eps_var: float = 1e-6):
+    """ReNoise's patch-KL term: per 4x4 patch and channel, |log(v1/v0) + (v0 + (m0 - m1)^2) / v1 - 1|, summed, with
+    ``eps_var`` added to both variances (as ReNoise does)."""
     m0, v0 = _patch_stats(eps)
     m1, v1 = _patch_stats(ref_eps)
+    v0, v1 = v0 + eps_var, v1 + eps_var
     return (v1.log() - v0.log() + (v0 + (m0 - m1) ** 2) / v1 - 1).abs().sum()
 
 
 def _auto_correlation(eps, generator):
-    """pix2pix-zero / ReNoise auto-correlation term over a pyramid, per sample and channel, one random shift."""
+    """pix2pix-zero / ReNoise auto-correlation term over a pyramid (avg-pool by 2 until H <= 8), per sample and
+    channel. Each sample, channel and level has its own random shift in [0, H/2), drawn sample by sample, channel
+    by channel, levels innermost: ReNoise's order for its one sample."""
     import torch
     import torch.nn.functional as F
 
+    n, c, h, w = eps.shape
+    sizes = [h]
+    while sizes[-1] > 8 and min(h, w) >= 2:  # ReNoise stops at H <= 8; a pool needs 2 pixels
+        h, w = h // 2, w // 2
+        sizes.append(h)
+    shifts = torch.tensor([[[int(torch.randint(0, max(size // 2, 1), (1,), generator=generator)) for size in sizes]
+                            for _ in range(c)] for _ in range(n)], dtype=torch.long)  # [N, C, L], host draws
+    shifts = shifts.to(eps.device)
     loss = eps.new_zeros(())
     noise = eps
-    while True:
-        size = noise.shape[2]
-        shift = int(torch.randint(0, max(size // 2, 1), (1,), generator=generator).item())
-        loss = loss + (noise * noise.roll(shift, dims=2)).mean(dim=(2, 3)).pow(2).sum()
-        loss = loss + (noise * noise.roll(shift, dims=3)).mean(dim=(2, 3)).pow(2).sum()
-        if size <= 8 or min(noise.shape[2:]) < 2:
-            return loss
-        noise = F.avg_pool2d(noise, kernel_size=2)
+    for level in range(len(sizes)):
+        if level:
+            noise = F.avg_pool2d(noise, kernel_size=2)
+        hh, ww = noise.shape[2:]
+        shift = shifts[:, :, level, None]  # [N, C, 1]
+        # torch.roll with a per-(sample, channel) shift: out[i] = in[(i - shift) mod size]
+        rows = (torch.arange(hh, device=eps.device) - shift) % hh  # [N, C, H]
+        cols = (torch.arange(ww, device=eps.device) - shift) % ww  # [N, C, W]
+        rolled_h = noise.gather(2, rows[..., None].expand(-1, -1, -1, ww))
+        rolled_w = noise.gather(3, cols[:, :, None, :].expand(-1, -1, hh, -1))
+        loss = loss + (noise * rolled_h).mean(dim=(2, 3)).pow(2).sum()
+        loss = loss + (noise * rolled_w).mean(dim=(2, 3)).pow(2).sum()
+    return loss
 
 
 def _regularise(eps, ref_eps, reg: dict, generator):
-    """ReNoise's editability regularisation of a noise estimate: gradient steps on the two terms above."""
+    """ReNoise's editability regularisation of a noise estimate: per outer step, one clipped gradient step on the
+    patch-KL term, then ``ac_rolls`` steps on the auto-correlation term (ReNoise's order)."""
     import torch
 
     with torch.enable_grad():
         for _ in range(reg["steps"]):
+            if reg["lambda_kl"] > 0 and ref_eps is not None:
+                var = eps.detach().clone().requires_grad_(True)
+                (grad,) = torch.autograd.grad(_patch_kl(var, ref_eps), var)
+                eps = eps - reg["lambda_kl"] * grad.clamp(-100, 100)
             if reg["lambda_ac"] > 0:
                 for _ in range(reg["ac_rolls"]):
                     var = eps.detach().clone().requires_grad_(True)
                     (grad,) = torch.autograd.grad(_auto_correlation(var, generator), var)
                     eps = eps - reg["lambda_ac"] * grad / reg["ac_rolls"]
-            if reg["lambda_kl"] > 0 and ref_eps is not None:
-                var = eps.detach().clone().requires_grad_(True)
-                (grad,) = torch.autograd.grad(_patch_kl(var, ref_eps), var)
-                eps = eps - reg["lambda_kl"] * grad.clamp(-100, 100)
     return eps.detach()
 
 
 def _renoise_step(predict, z_s, abar_s, g, abar_g, iters: int, window: Sequence[int], prediction_type: str,
-                  reg: Optional[dict], ref_eps, generator):
+                  reg: Optional[dict], ref_eps, generator, told=None):
     """One inversion step z_s -> z_g with K = ``iters`` renoise iterations (K = 0: plain DDIM inversion).
 
     Prediction k is made at the current estimate z_g^(k) (z_g^(0) = z_s) and the next estimate is always a DDIM
     move from z_s: z_g^(k+1) = move(z_s, eps(z_g^(k), g)), a fixed-point iteration for the implicit equation a
     DDIM sampling step would have to satisfy. The predictions with index in ``window`` are averaged for the
     final move.
+
+    ``told``: the timesteps the model is told instead of g, with a v-prediction output read against z_s and abar_s
+    (diffusers 0.20's DDIMInverseScheduler, ``t_mode=smpo_released``).
     """
     start, end = int(window[0]), int(window[1])
     z_k, total, count, eps = z_s, None, 0, None
     for k in range(iters + 1):
-        eps = _as_eps(predict(z_k, g), z_k, abar_g, prediction_type)
+        if told is None:
+            eps = _as_eps(predict(z_k, g), z_k, abar_g, prediction_type)
+        else:
+            eps = _as_eps(predict(z_k, told), z_s, abar_s, prediction_type)
         if start <= k < end:
             total = eps if total is None else total + eps
             count += 1
@@ -304,23 +382,34 @@ def _renoise_step(predict, z_s, abar_s, g, abar_g, iters: int, window: Sequence[
     return _ddim_move(z_s, eps_mean, abar_s, abar_g)
 
 
-def _paths(grid: Sequence[int], t: torch.Tensor, t_mode: str):
-    """Per-sample ascending target timesteps ``[N, L]`` on t's device (padded with the last entry), and their
-    lengths ``[N]`` on the host, where the inversion loop decides which samples are still running."""
+def _paths(grid: Sequence[int], t: torch.Tensor, t_mode: str, released=None):
+    """Per-sample ascending target timesteps ``[N, L]`` on t's device (padded with the last entry), their
+    lengths ``[N]`` on the host, where the inversion loop decides which samples are still running, and (for
+    ``smpo_released``, ``released`` = :func:`released_smpo_steps`) the source timesteps the model is told ``[N, L]``,
+    else None."""
     import torch
 
     if t_mode not in T_MODES:
         raise ValueError(f"trajectory.t_mode={t_mode!r} is not one of {', '.join(T_MODES)}.")
-    rows = []
+    rows, told = [], []
     for ti in t.tolist():
+        if t_mode == "smpo_released":  # SmPO's loop: every step whose source is below t
+            steps = [(src, dst) for src, dst in zip(released[0], released[1]) if src < ti]
+            rows.append([dst for _, dst in steps])
+            told.append([src for src, _ in steps])
+            continue
         path = [g for g in grid if g < ti]
         if t_mode == "exact":
             path.append(int(ti))
         rows.append(path)
     length = max(1, max(len(r) for r in rows))
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
-    padded = [(r + [r[-1] if r else 0] * (length - len(r))) for r in rows]
-    return torch.tensor(padded, dtype=torch.long, device=t.device), lengths
+
+    def pad(table):
+        return torch.tensor([r + [r[-1] if r else 0] * (length - len(r)) for r in table], dtype=torch.long,
+                            device=t.device)
+
+    return pad(rows), lengths, (pad(told) if told else None)
 
 
 def _rows(value, index, n: int):
@@ -335,9 +424,13 @@ def _rows(value, index, n: int):
 
 
 def _invert(scheduler, predict_fn, x0, cond, paths, lengths, *, renoise_iters=0, average_window=(0, 1),
-            noise_reg=None, generator=None, start=None, start_t=None):
+            noise_reg=None, generator=None, start=None, start_t=None, told=None, initial_abar=1.0, reg_noise=None):
     """Invert ``x0`` ``[N, ...]`` along per-sample paths (``lengths``: a CPU tensor); float32 result at each
     sample's last path entry.
+
+    ``told`` ``[N, L]``: diffusers 0.20's arithmetic (``t_mode=smpo_released``): step j starts from the noise
+    level of ``told[:, j]`` (``initial_abar`` where negative), whatever the latent's own, and the model is told
+    ``told[:, j]``. ``reg_noise``: the noise of ReNoise's KL reference (drawn here, once, if None).
 
     Each step runs the model only on the samples whose path is not finished yet (their rows of ``cond`` too, for
     tensors and dicts of tensors with first dim N), so a batch costs the mean path length, not the longest.
@@ -355,6 +448,10 @@ def _invert(scheduler, predict_fn, x0, cond, paths, lengths, *, renoise_iters=0,
     source = (torch.full((n,), -1, dtype=torch.long, device=x0.device) if start_t is None  # -1: the clean latent
               else start_t.to(x0.device))
     table = _abar_table(scheduler, x0.device)
+    if noise_reg is not None and noise_reg["lambda_kl"] > 0 and reg_noise is None:
+        # ReNoise's KL reference noise: one draw for the whole inversion and batch
+        draw_device = generator.device if generator is not None else x0.device
+        reg_noise = torch.randn(x0.shape, generator=generator, device=draw_device).to(x0.device)
     # Which samples are still inverting is decided on the host: on a GPU, testing a device tensor at every step
     # would make the host wait for each UNet call before it may queue the next one.
     for j in range(paths.shape[1]):
@@ -362,28 +459,26 @@ def _invert(scheduler, predict_fn, x0, cond, paths, lengths, *, renoise_iters=0,
         if not bool(active_host.any()):
             break
         active = to_device(active_host, x0.device)
-        noise = None
-        if noise_reg is not None and noise_reg["lambda_kl"] > 0:
-            # drawn for the whole batch every step, so the numbers do not depend on which samples are active
-            draw_device = generator.device if generator is not None else x0.device
-            noise = torch.randn(x0.shape, generator=generator, device=draw_device).to(x0.device)
         index = to_device(active_host.nonzero().squeeze(1), x0.device)
         every = index.numel() == n
         sub = (lambda v: v) if every else (lambda v: v[index])
         step_cond = cond if every else _rows(cond, index, n)
         g, z_s, x0_s = sub(paths[:, j]), sub(z), sub(x0.float())
-        abar_s, abar_g = _alpha_bar(scheduler, sub(source), table), _alpha_bar(scheduler, g, table)
+        told_j = None if told is None else sub(told[:, j])
+        abar_s = (_alpha_bar(scheduler, sub(source), table) if told is None
+                  else _alpha_bar(scheduler, told_j, table, clean=initial_abar))
+        abar_g = _alpha_bar(scheduler, g, table)
 
         def predict(x, timesteps):
             return predict_fn(x.to(dtype), timesteps, step_cond).float()
 
         ref_eps = None
-        if noise is not None:
+        if reg_noise is not None and noise_reg is not None:
             # ReNoise's KL reference: the model's prediction on a forward-noised x0 at the same level.
-            x_fwd = abar_g.sqrt() * x0_s + (1 - abar_g).sqrt() * sub(noise)
+            x_fwd = abar_g.sqrt() * x0_s + (1 - abar_g).sqrt() * sub(reg_noise)
             ref_eps = _as_eps(predict(x_fwd, g), x_fwd, abar_g, prediction_type)
         z_new = _renoise_step(predict, z_s, abar_s, g, abar_g, renoise_iters, average_window, prediction_type,
-                              noise_reg, ref_eps, generator)
+                              noise_reg, ref_eps, generator, told=told_j)
         if every:
             z = z_new
         else:
@@ -428,14 +523,16 @@ def invert_latents(scheduler, predict_fn: Callable, x0: torch.Tensor, cond, time
 def invert_grid(kind: str, scheduler, predict_fn: Callable, x0: torch.Tensor, cond, *, steps: int = 50,
                 renoise_iters: int = 1, average_window: Sequence[int] = (0, 2), noise_reg_steps: int = 0,
                 noise_reg_lambda_kl: float = 0.065, noise_reg_lambda_ac: float = 20.0, noise_reg_ac_rolls: int = 5,
-                generator=None, **_unused) -> torch.Tensor:
+                generator=None, t_mode: str = "exact", **_unused) -> torch.Tensor:
     """Every point of the inversion grid at once: ``[N, G, C, H, W]`` float32, the latent inverted to
     ``inversion_grid(scheduler, steps)[g]`` (``kind`` ddim or renoise, options as in :func:`make_trajectory`).
 
     With a model that does not change (the frozen reference), these are all a trajectory needs: pass them to
-    :func:`make_trajectory` as ``inverted`` and ``grid_below`` costs no model call, ``exact`` one step. The data
-    cache stores them (``trajectory.cache_inverted``). ``_unused`` takes the options that do not apply here
-    (``t_mode``), so ``trajectory_options(cfg.trajectory)`` can be passed whole.
+    :func:`make_trajectory` as ``inverted`` and ``grid_below`` / ``smpo_released`` cost no model call, ``exact``
+    one step. The data cache stores them (``trajectory.cache_inverted``). ``t_mode``: exact and grid_below share
+    one grid; ``smpo_released`` inverts with diffusers 0.20's arithmetic and stores the latent after each of its
+    steps (at :func:`released_smpo_steps`' targets). ``_unused`` takes the options that do not apply here, so
+    ``trajectory_options(cfg.trajectory)`` can be passed whole.
     """
     import torch
 
@@ -445,14 +542,25 @@ def invert_grid(kind: str, scheduler, predict_fn: Callable, x0: torch.Tensor, co
     iters, window = (0, (0, 1)) if kind == "ddim" else (int(renoise_iters), average_window)
     reg = None if kind == "ddim" else _reg_options(noise_reg_steps, noise_reg_lambda_kl, noise_reg_lambda_ac,
                                                    noise_reg_ac_rolls)
+    if t_mode not in T_MODES:
+        raise ValueError(f"trajectory.t_mode={t_mode!r} is not one of {', '.join(T_MODES)}.")
     n = x0.shape[0]
+    if t_mode == "smpo_released":
+        sources, grid, initial_abar = released_smpo_steps(scheduler, steps)
+    else:
+        grid, sources, initial_abar = inversion_grid(scheduler, steps), None, 1.0
+    reg_noise = None
+    if reg is not None and reg["lambda_kl"] > 0:  # one KL reference noise for the whole inversion, as ReNoise
+        draw_device = generator.device if generator is not None else x0.device
+        reg_noise = torch.randn(x0.shape, generator=generator, device=draw_device).to(x0.device)
     z, source, points = x0.float(), torch.full((n,), -1, dtype=torch.long, device=x0.device), []
     with torch.no_grad():
-        for g in inversion_grid(scheduler, steps):  # one step at a time, keeping each grid point's latent
+        for j, g in enumerate(grid):  # one step at a time, keeping each grid point's latent
             target = torch.full((n, 1), g, dtype=torch.long, device=x0.device)
+            told = None if sources is None else torch.full((n, 1), sources[j], dtype=torch.long, device=x0.device)
             z = _invert(scheduler, predict_fn, x0, cond, target, torch.ones(n, dtype=torch.long),
                         renoise_iters=iters, average_window=window, noise_reg=reg, generator=generator,
-                        start=z, start_t=source)
+                        start=z, start_t=source, told=told, initial_abar=initial_abar, reg_noise=reg_noise)
             source = target[:, 0]
             points.append(z)
     return torch.stack(points, dim=1)
@@ -466,20 +574,35 @@ def _reg_options(steps, lambda_kl, lambda_ac, ac_rolls):
 
 
 def ddim_sample(scheduler, predict_fn: Callable, z: torch.Tensor, cond, timesteps: Sequence[int]) -> torch.Tensor:
-    """Deterministic DDIM sampling from ``z`` at ``timesteps[-1]`` down the same grid to the clean latent (float32)."""
+    """Deterministic DDIM sampling from ``z`` at ``timesteps[-1]`` down the same grid to the clean latent (float32).
+
+    A v-prediction output gives x0_hat = sqrt(abar) z - sqrt(1 - abar) v directly (as diffusers' DDIMScheduler
+    computes it), with no division by sqrt(abar): zero-terminal-SNR schedules (abar = 0 at the last timestep) then
+    sample fine. An epsilon output there does not determine x0 at all (diffusers divides by zero): refused.
+    """
     import torch
 
     prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
     n = z.shape[0]
     steps = [int(g) for g in timesteps]
+    if prediction_type == "epsilon":
+        zero = [g for g in steps if float(scheduler.alphas_cumprod[g]) <= 0.0]
+        if zero:
+            raise ValueError(f"ddim_sample: abar is 0 at t={zero[0]} (a zero-terminal-SNR schedule), where an "
+                             "epsilon-prediction model's output does not determine x0; use a v_prediction model or "
+                             "a grid that ends below that timestep.")
     with torch.no_grad():
         z = z.float()
         for j in reversed(range(len(steps))):
             g = torch.full((n,), steps[j], dtype=torch.long, device=z.device)
             s = torch.full((n,), steps[j - 1] if j > 0 else -1, dtype=torch.long, device=z.device)
             abar_g, abar_s = _alpha_bar(scheduler, g), _alpha_bar(scheduler, s)
-            eps = _as_eps(predict_fn(z, g, cond).float(), z, abar_g, prediction_type)
-            z = _ddim_move(z, eps, abar_g, abar_s)
+            output = predict_fn(z, g, cond).float()
+            if prediction_type == "v_prediction":
+                x0_hat = abar_g.sqrt() * z - (1 - abar_g).sqrt() * output
+                z = abar_s.sqrt() * x0_hat + (1 - abar_s).sqrt() * _as_eps(output, z, abar_g, prediction_type)
+            else:
+                z = _ddim_move(z, _as_eps(output, z, abar_g, prediction_type), abar_g, abar_s)
     return z
 
 
@@ -513,7 +636,8 @@ def make_trajectory(kind: str, scheduler, latents_w: torch.Tensor, latents_l: to
 
     ``inverted``: x0 already inverted to every grid point, ``[2B, G, C, H, W]`` from :func:`invert_grid` with the
     same kind and options and the model ``predict_fn`` stands for (e.g. read from the data cache). Each sample
-    then starts from its last grid point below t: ``grid_below`` needs no model call, ``exact`` one step to t.
+    then starts from its last grid point below t: ``grid_below`` needs no model call, ``exact`` one step to t;
+    ``smpo_released`` (``inverted`` made with that t_mode) takes the point its released loop ends at, no call.
     """
     import torch
 
@@ -526,7 +650,10 @@ def make_trajectory(kind: str, scheduler, latents_w: torch.Tensor, latents_l: to
         raise ValueError(f"trajectory.kind={kind} inverts x0 with the model: pass predict_fn(x_t, t, cond).")
     _check_pair_shapes("make_trajectory", latents_w, latents_l)
     _check_options(renoise_iters, average_window, noise_reg_steps, noise_reg_ac_rolls)
-    grid = inversion_grid(scheduler, steps)
+    if t_mode not in T_MODES:
+        raise ValueError(f"trajectory.t_mode={t_mode!r} is not one of {', '.join(T_MODES)}.")
+    released = released_smpo_steps(scheduler, steps) if t_mode == "smpo_released" else None
+    grid = inversion_grid(scheduler, steps) if released is None else released[1]
     x0 = torch.cat([latents_w, latents_l])  # [2B, C, H, W]
     _, t = shared_noise_and_timesteps(latents_w, scheduler.config.num_train_timesteps, generator,
                                       process_index=process_index, num_processes=num_processes)
@@ -535,15 +662,20 @@ def make_trajectory(kind: str, scheduler, latents_w: torch.Tensor, latents_l: to
     else:
         iters, window = int(renoise_iters), average_window
         reg = _reg_options(noise_reg_steps, noise_reg_lambda_kl, noise_reg_lambda_ac, noise_reg_ac_rolls)
-    start = start_t = None
+    start = start_t = told = None
+    if inverted is not None and (inverted.shape[:2] != (x0.shape[0], len(grid)) or inverted.shape[2:] != x0.shape[1:]):
+        raise ValueError(f"make_trajectory: inverted has shape {tuple(inverted.shape)}, expected "
+                         f"{(x0.shape[0], len(grid), *x0.shape[1:])} (the {len(grid)}-point grid of steps={steps}).")
     if inverted is None:
-        paths, lengths = _paths(grid, t, t_mode)
+        paths, lengths, told = _paths(grid, t, t_mode, released)
+    elif released is not None:
+        # the released loop runs every step whose source is below t and ends at that step's target
+        sources = torch.tensor(released[0], device=t.device)
+        done = (sources[None, :] < t[:, None]).sum(1)  # [2B] steps run
+        last = inverted.to(x0.device)[torch.arange(len(t), device=t.device), (done - 1).clamp(min=0)].float()
+        start = torch.where((done > 0).reshape(-1, 1, 1, 1), last, x0.float())
+        paths, lengths = t[:, None], torch.zeros(len(t), dtype=torch.long)
     else:
-        if inverted.shape[:2] != (x0.shape[0], len(grid)) or inverted.shape[2:] != x0.shape[1:]:
-            raise ValueError(f"make_trajectory: inverted has shape {tuple(inverted.shape)}, expected "
-                             f"{(x0.shape[0], len(grid), *x0.shape[1:])} (the {len(grid)}-point grid of steps={steps}).")
-        if t_mode not in T_MODES:
-            raise ValueError(f"trajectory.t_mode={t_mode!r} is not one of {', '.join(T_MODES)}.")
         grid_t = torch.tensor(grid, device=t.device)
         below = (grid_t[None, :] < t[:, None]).sum(1)  # [2B] grid points below t (their last is the start)
         clean = x0.float()
@@ -555,7 +687,8 @@ def make_trajectory(kind: str, scheduler, latents_w: torch.Tensor, latents_l: to
         lengths = torch.ones(len(t), dtype=torch.long) if t_mode == "exact" else torch.zeros(len(t), dtype=torch.long)
     with torch.no_grad():
         x_t = _invert(scheduler, predict_fn, x0, cond, paths, lengths, renoise_iters=iters, average_window=window,
-                      noise_reg=reg, generator=generator, start=start, start_t=start_t)  # [2B, C, H, W] float32
+                      noise_reg=reg, generator=generator, start=start, start_t=start_t, told=told,
+                      initial_abar=1.0 if released is None else released[2])  # [2B, C, H, W] float32
         abar_t = _alpha_bar(scheduler, t)
         tau = (x_t - abar_t.sqrt() * x0.float()) / (1 - abar_t).sqrt()
         target = denoising_target(scheduler, x0.float(), tau, t)

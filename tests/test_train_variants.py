@@ -229,7 +229,7 @@ def test_cache_command_then_cached_training_reuses_it(tiny_sd_dir, tmp_path):
     assert (built / "manifest.json").stat().st_mtime_ns == stamp and len(list((tmp_path / "cache").iterdir())) == 1
 
 
-@pytest.mark.parametrize("t_mode", ["grid_below", "exact"])
+@pytest.mark.parametrize("t_mode", ["grid_below", "exact", "smpo_released"])
 def test_cached_reference_inversion_trains_like_inverting_in_the_step(tiny_sd_dir, tmp_path, monkeypatch, t_mode):
     """trajectory.cache_inverted: the reference model's inversion of every pair, stored once by `diffusion-pref
     cache`, gives the losses of inverting with the reference in each step, with at most one inversion step left

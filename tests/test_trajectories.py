@@ -18,6 +18,7 @@ from diffusion_pref.trajectories import (
     invert_grid,
     invert_latents,
     make_trajectory,
+    released_smpo_steps,
     shared_noise_and_timesteps,
     trajectory_options,
 )
@@ -177,6 +178,34 @@ def test_ddim_sample_step_equals_diffusers_ddim_scheduler_step():
     torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-4)
 
 
+def test_ddim_sample_on_a_zero_terminal_snr_v_prediction_schedule_equals_diffusers_and_is_finite():
+    from diffusers import DDIMScheduler
+
+    # the toy model's schedule: zero terminal SNR (abar_999 = 0), trailing spacing, v-prediction
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=True, rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                          prediction_type="v_prediction")
+    assert float(sched.alphas_cumprod[999]) == 0.0
+    sched.set_timesteps(5)  # 999, 799, ..., 199; the last step goes to abar = 1, like our clean latent
+    grid = sorted(sched.timesteps.tolist())
+    assert grid[-1] == 999
+    z = torch.randn(1, *SHAPE, generator=torch.Generator().manual_seed(5))
+
+    def model(x, t):  # a v that depends on the input and the timestep
+        return 0.5 * torch.tanh(x) - t / 2000.0
+
+    ours = ddim_sample(sched, lambda x, t, c: model(x, t.float().reshape(-1, 1, 1, 1)), z, None, grid)
+    want = z
+    for step_t in sched.timesteps:
+        want = sched.step(model(want, float(step_t)), step_t, want).prev_sample
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-4)
+    # an epsilon model cannot give x0 where abar = 0: a clear error instead of NaN
+    eps_sched = DDIMScheduler.from_config(sched.config, prediction_type="epsilon")
+    with pytest.raises(ValueError, match="abar is 0 at t=999"):
+        ddim_sample(eps_sched, lambda x, t, c: x, z, None, grid)
+
+
 def _constant_noise_predictor(noise):
     # a "perfect" denoiser for images that were noised with `noise`: DDIM inversion then reproduces add_noise
     return lambda x, t, c: noise
@@ -221,6 +250,93 @@ def test_ddim_with_a_perfect_denoiser_reproduces_forward_noising_and_its_noise(t
     for i, ti in enumerate(traj.t.tolist()):
         seen = [t[(ids == i).nonzero()].item() for t, ids in calls if bool((ids == i).any())]
         assert seen == [g for g in grid if g < ti] + ([ti] if t_mode == "exact" else [])
+
+
+def test_released_smpo_steps_are_diffusers_020_inverse_scheduler_timesteps():
+    # diffusers 0.20.0 DDIMInverseScheduler.set_timesteps: the leading/trailing grid, np.roll by one, first entry
+    # int(grid[1] - step_ratio); step() maps s to s + T // n
+    assert released_smpo_steps(sd_scheduler(), 5) == ([-199, 1, 201, 401, 601], [1, 201, 401, 601, 801],
+                                                      pytest.approx(float(sd_scheduler().alphas_cumprod[0])))
+    sources, targets, _ = released_smpo_steps(sd_scheduler(), 10)  # SmPO's SDXL setting
+    assert sources == [-99] + [1 + 100 * i for i in range(9)] and targets == [1 + 100 * i for i in range(10)]
+    # trailing, 3 steps: grid [332, 666, 999], ratio 333.33 -> int(-1.33) = -1; steps of 1000 // 3 = 333
+    assert released_smpo_steps(sd_scheduler(timestep_spacing="trailing"), 3)[:2] == ([-1, 332, 666], [332, 665, 999])
+    assert released_smpo_steps(DDPMScheduler(), 5)[2] == 1.0  # set_alpha_to_one defaults to true
+    with pytest.raises(ValueError, match="timestep_spacing"):
+        released_smpo_steps(sd_scheduler(timestep_spacing="linspace"), 5)
+
+
+def _smpo_diffusers020(abar, initial, predict, x0, t, prediction_type, n=5, total=1000, offset=1):
+    """Hand computation of the released SmPO inversion loop on diffusers 0.20.0 (float64, one sample): the
+    timesteps of DDIMInverseScheduler.set_timesteps (leading), then for each s < t one ReNoise iteration,
+    both noise predictions made at s and averaged, each DDIMInverseScheduler.step(out, s, z) of 0.20.0."""
+    ratio = total // n
+    grid = [i * ratio + offset for i in range(n)]
+    timesteps = [grid[0] - ratio] + grid[:-1]
+
+    def step(out, s, z):
+        a_s = abar[s] if s >= 0 else initial
+        a_p = abar[s + ratio]
+        if prediction_type == "epsilon":
+            x0_hat, eps = (z - (1 - a_s) ** 0.5 * out) / a_s ** 0.5, out
+        else:
+            x0_hat, eps = a_s ** 0.5 * z - (1 - a_s) ** 0.5 * out, a_s ** 0.5 * out + (1 - a_s) ** 0.5 * z
+        return a_p ** 0.5 * x0_hat + (1 - a_p) ** 0.5 * eps
+
+    z = x0
+    for s in [ts for ts in timesteps if ts < t]:
+        e1 = predict(z, s)
+        e2 = predict(step(e1, s, z), s)
+        z = step((e1 + e2) / 2, s, z)
+    return z
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_smpo_released_reproduces_the_pinned_diffusers_020_loop(prediction_type):
+    sched = sd_scheduler(prediction_type=prediction_type)
+    abar = sched.alphas_cumprod.double()
+    initial = float(abar[0])  # set_alpha_to_one=False, as in SD's config
+
+    def model(x, s):  # nonlinear in x and strongly dependent on the timestep it is told (also negative ones)
+        return 0.3 * torch.tanh(x) + (s + 250.0) / 1000.0 * x
+
+    calls = []
+
+    def predict(x, t, c):
+        calls.append(t.clone())
+        return model(x.double(), t.double().reshape(-1, 1, 1, 1)).float()
+
+    pairs = 16
+    x0_w, x0_l = torch.randn(2, pairs, *SHAPE, generator=torch.Generator().manual_seed(5))
+    for seed in range(2):
+        traj = make_trajectory("renoise", sched, x0_w, x0_l, predict_fn=predict, cond=None, steps=5,
+                               t_mode="smpo_released", renoise_iters=1, average_window=[0, 2],
+                               generator=torch.Generator().manual_seed(seed))
+        x0 = torch.cat([x0_w, x0_l]).double()
+        for i, ti in enumerate(traj.t.tolist()):
+            want = _smpo_diffusers020(abar, initial, lambda z, s: model(z, float(s)), x0[i], ti, prediction_type)
+            torch.testing.assert_close(traj.x_t[i].double(), want, rtol=1e-5, atol=1e-5)
+            # the target: tau at the sampled t (not at the grid point the latent sits at)
+            tau = (want - abar[ti].sqrt() * x0[i]) / (1 - abar[ti]).sqrt()
+            torch.testing.assert_close(traj.noise[i].double(), tau, rtol=1e-4, atol=1e-4)
+    assert min(int(c.min()) for c in calls) == -199  # the first step is told its source, -199
+
+
+def test_smpo_released_latent_sits_at_the_grid_point_at_or_above_t():
+    # a perfect denoiser of forward noise `noise` with x0 at abar = 1: exact DDIM inversion gives add_noise at
+    # the grid point reached; with set_alpha_to_one=True the first source is the clean latent itself
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                          beta_end=0.012, steps_offset=1)
+    x0_w, x0_l = torch.randn(2, 24, *SHAPE, generator=torch.Generator().manual_seed(2))
+    noise = torch.randn(48, *SHAPE, generator=torch.Generator().manual_seed(3))
+    traj = make_trajectory("ddim", sched, x0_w, x0_l, predict_fn=lambda x, t, c: noise[c], cond=torch.arange(48),
+                           steps=5, t_mode="smpo_released", generator=torch.Generator().manual_seed(4))
+    x0 = torch.cat([x0_w, x0_l])
+    assert bool((traj.t > 801).any()) and bool((traj.t <= 201).any())
+    for i, ti in enumerate(traj.t.tolist()):
+        reached = min([g for g in [1, 201, 401, 601, 801] if g >= ti] or [801])
+        want = sched.add_noise(x0[i:i + 1], noise[i:i + 1], torch.tensor([reached]))[0]
+        torch.testing.assert_close(traj.x_t[i], want, rtol=1e-4, atol=1e-4)
 
 
 def test_inversion_v_prediction_target_is_the_velocity_of_tau():
@@ -340,7 +456,7 @@ def test_renoise_trajectory_on_tiny_sd_has_pair_layout_and_consistent_target(tin
 
 
 @pytest.mark.parametrize("kind", ["ddim", "renoise"])
-@pytest.mark.parametrize("t_mode", ["exact", "grid_below"])
+@pytest.mark.parametrize("t_mode", ["exact", "grid_below", "smpo_released"])
 def test_pre_inverted_grid_gives_the_trajectory_of_inverting_on_the_fly(tiny_sd, kind, t_mode):
     """invert_grid + make_trajectory(inverted=...) is what the data cache runs: with the same model it must give
     the x_t, t and target of inverting in the step, for every t (many pairs: t on both sides of grid points)."""
@@ -351,12 +467,12 @@ def test_pre_inverted_grid_gives_the_trajectory_of_inverting_on_the_fly(tiny_sd,
     pairs = 12
     x0_w, x0_l = torch.randn(2, pairs, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     options = {"steps": 5, "renoise_iters": 1, "average_window": [0, 2]}
-    grid_latents = invert_grid(kind, sched, predict, torch.cat([x0_w, x0_l]), hidden, **options)
+    grid_latents = invert_grid(kind, sched, predict, torch.cat([x0_w, x0_l]), hidden, t_mode=t_mode, **options)
     assert grid_latents.shape == (2 * pairs, 5, 4, 8, 8) and grid_latents.dtype == torch.float32
-    # the last grid point is plain inversion along the whole grid
-    torch.testing.assert_close(grid_latents[:, -1], invert_latents(
-        sched, predict, torch.cat([x0_w, x0_l]), hidden, inversion_grid(sched, 5),
-        renoise_iters=0 if kind == "ddim" else 1, average_window=[0, 2]), rtol=1e-4, atol=1e-5)
+    if t_mode != "smpo_released":  # the last grid point is plain inversion along the whole grid
+        torch.testing.assert_close(grid_latents[:, -1], invert_latents(
+            sched, predict, torch.cat([x0_w, x0_l]), hidden, inversion_grid(sched, 5),
+            renoise_iters=0 if kind == "ddim" else 1, average_window=[0, 2]), rtol=1e-4, atol=1e-5)
     calls = []
 
     def counting(x, t, c):
@@ -395,6 +511,82 @@ def test_noise_regularisation_lowers_both_terms():
     ac_before = _auto_correlation(smooth, torch.Generator().manual_seed(2))
     ac_after = _auto_correlation(out, torch.Generator().manual_seed(2))
     assert float(ac_after) < float(ac_before)
+
+
+def _renoise_regularisation_reference(e, ref, lambda_kl, lambda_ac, steps, rolls, gen):
+    """ReNoise's noise regularisation of one sample [1, C, H, W], written out from its description with plain
+    loops: per outer step one KL step (gradient clipped to +-100), then `rolls` auto-correlation steps; the KL per
+    channel and 4x4 patch with 1e-6 added to both variances; the auto-correlation per channel over a pyramid
+    (avg-pool by 2 until H <= 8), one random shift in [0, H // 2) per channel and level."""
+    import math
+
+    import torch.nn.functional as F
+
+    def kl(x, y):
+        total = x.new_zeros(())
+        for c in range(x.shape[1]):
+            for i in range(0, x.shape[2], 4):
+                for j in range(0, x.shape[3], 4):
+                    a, b = x[0, c, i:i + 4, j:j + 4].reshape(-1), y[0, c, i:i + 4, j:j + 4].reshape(-1)
+                    v0, v1 = a.var() + 1e-6, b.var() + 1e-6
+                    total = total + (torch.log(v1 / v0) + (v0 + (a.mean() - b.mean()) ** 2) / v1 - 1).abs()
+        return total
+
+    def auto_corr(x):
+        total = x.new_zeros(())
+        for c in range(x.shape[1]):
+            noise = x[:, c:c + 1]
+            while True:
+                shift = torch.randint(0, noise.shape[2] // 2, (1,), generator=gen).item()
+                total = total + (noise * torch.roll(noise, shifts=shift, dims=2)).mean() ** 2
+                total = total + (noise * torch.roll(noise, shifts=shift, dims=3)).mean() ** 2
+                if noise.shape[2] <= 8:
+                    break
+                noise = F.avg_pool2d(noise, kernel_size=2)
+        return total
+
+    assert math.isfinite(lambda_kl)
+    for _ in range(steps):
+        var = e.detach().clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(kl(var, ref), var)
+        e = e - lambda_kl * grad.clamp(-100, 100)
+        for _ in range(rolls):
+            var = e.detach().clone().requires_grad_(True)
+            (grad,) = torch.autograd.grad(auto_corr(var), var)
+            e = e - lambda_ac * grad / rolls
+    return e.detach()
+
+
+def test_noise_regularisation_matches_renoise_written_out():
+    gen = torch.Generator().manual_seed(0)
+    eps = (torch.randn(1, 4, 32, 32, generator=gen).cumsum(-1) / 4).double()  # auto-correlated, 3 pyramid levels
+    ref = torch.randn(1, 4, 32, 32, generator=gen).double()
+    ref[0, 1, :4, :4] = 0.5  # a constant patch: variance 0, finite only with ReNoise's 1e-6
+    reg = {"steps": 2, "lambda_kl": 0.065, "lambda_ac": 20.0, "ac_rolls": 3}
+    ours = _regularise(eps, ref, reg, torch.Generator().manual_seed(7))
+    want = _renoise_regularisation_reference(eps, ref, 0.065, 20.0, 2, 3, torch.Generator().manual_seed(7))
+    assert torch.isfinite(ours).all() and float((ours - eps).abs().max()) > 1e-3  # it did move
+    torch.testing.assert_close(ours, want, rtol=1e-9, atol=1e-9)
+
+
+def test_renoise_kl_reference_noise_is_drawn_once_per_inversion():
+    sched = sd_scheduler()
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    calls = []
+
+    def predict(x, t, c):
+        calls.append((x.clone(), t.clone()))
+        return 0.5 * x
+
+    invert_latents(sched, predict, x0, None, [1, 201, 401], renoise_iters=1, noise_reg_steps=1,
+                   generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 9  # per step: the KL reference, then the two renoise predictions
+    noises = []
+    for x_fwd, t in calls[::3]:  # x_fwd = sqrt(abar_g) x0 + sqrt(1 - abar_g) noise
+        abar = sched.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+        noises.append((x_fwd - abar.sqrt() * x0) / (1 - abar).sqrt())
+    torch.testing.assert_close(noises[1], noises[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(noises[2], noises[0], rtol=1e-4, atol=1e-4)
 
 
 def test_renoise_with_regularisation_runs_through_make_trajectory():

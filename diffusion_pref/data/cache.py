@@ -46,12 +46,13 @@ def model_identity(model_cfg) -> Dict[str, object]:
 
 
 def inversion_identity(traj_cfg) -> Dict[str, object]:
-    """What the cached inverted latents depend on besides the model and data (t_mode does not: every grid point
-    is stored)."""
+    """What the cached inverted latents depend on besides the model and data (exact and grid_below share every
+    grid point; smpo_released inverts with other arithmetic, so it keys its own cache)."""
     from diffusion_pref.trajectories import trajectory_options
 
     options = trajectory_options(traj_cfg)
-    options.pop("t_mode")
+    if options["t_mode"] != "smpo_released":
+        options.pop("t_mode")
     return {"kind": traj_cfg.kind, "with": traj_cfg.invert_with, **options}
 
 

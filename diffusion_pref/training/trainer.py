@@ -613,6 +613,10 @@ class Trainer:
                         generator=generator, process_index=accelerator.process_index,
                         num_processes=accelerator.num_processes, **trajectory_options(cfg.trajectory),
                     )
+                # The gradient forward gets its own autocast region: leaving this one clears autocast's weight-cast
+                # cache. Torch before PR #165068 would otherwise hand the policy forward the casts the no-grad
+                # inversion cached, without gradient (full fine-tuning would train only the norms).
+                with accelerator.autocast():
                     ref_w = ref_l = None
                     if reference != "none":
                         with torch.no_grad():
