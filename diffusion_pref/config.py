@@ -66,8 +66,9 @@ class DataConfig:
     shuffle: bool = True
     num_workers: int = 0
     # Where a loss that takes P(winner preferred) (smpo, sppo) gets it. label: from label_0 (1.0 for hard labels,
-    # 0.5 for ties kept with ties=soft, max(label_0, 1 - label_0) for a fractional one). scores: SmPO's sigmoid of the min-max-normalised score gap, from the
-    # score_0/score_1 columns or reward.models (diffusion_pref.soft_labels; its settings are loss.soft_label_*).
+    # 0.5 for ties kept with ties=soft, max(label_0, 1 - label_0) for a fractional one). scores: SmPO's sigmoid of
+    # the min-max-normalised score gap, from the score_0/score_1 columns or reward.models
+    # (diffusion_pref.soft_labels; its settings are loss.soft_label_*).
     # auto: scores when the dataset has score columns, else label.
     soft_labels: str = "auto"  # auto | label | scores
 
