@@ -12,7 +12,8 @@ a gap of at least 0.25) over the same 78 training captions and the same total nu
 Every arm is evaluated on the held-out captions with the same seeds (so ``base`` is the same in all of them).
 The number of pairs an arm trains on is what its rounds' filters let through (written down per round). Arms run
 as separate processes, ``--jobs`` at a time; the results JSON holds every arm's iterate summary, commands, wall
-times, the machine's load and the code identity.
+times, the machine's load and the code identity. Arms are ``iterate`` runs, so the same command run again after an
+interruption resumes each arm at the stage where it stopped (``--work`` must be the same).
 
 Run::
 
@@ -56,7 +57,7 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--jobs", type=int, default=1, help="arms run at the same time")
     parser.add_argument("--total-steps", type=int, default=300, help="training steps of an arm, all rounds together")
-    parser.add_argument("--work", default="outputs/iterate_rounds", help="the arms' output folders")
+    parser.add_argument("--work", default="outputs/iterate_rounds", help="the arms' output folders (kept: resumable)")
     parser.add_argument("--out", default="iterate_rounds.json")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every arm (e.g. loss.beta=250)")
     args = parser.parse_args()
@@ -81,7 +82,9 @@ def main() -> None:
             if proc.returncode != 0:
                 raise SystemExit(f"arm {arm} failed (exit {proc.returncode}); see {log.name}")
             summary = json.loads((work / arm / "iterate_summary.json").read_text())
-            results[arm] = {"wall_s": time.perf_counter() - started, "summary": summary}
+            # The stages' own times survive a resumed run (the process's wall time would only count the last attempt).
+            stage_s = sum(sum(row["seconds"].values()) for row in summary["rounds"])
+            results[arm] = {"wall_s": time.perf_counter() - started, "stage_s": stage_s, "summary": summary}
             print(f"{arm}: done in {results[arm]['wall_s']:.0f} s", flush=True)
 
     rows = []
@@ -92,8 +95,8 @@ def main() -> None:
         rows.append(f"| {arm} | {sum(r['pairs'] for r in summary['rounds'])} | "
                     f"{sum(r['train_steps'] for r in summary['rounds'])} | {summary['base_reward_mean']['toy-fidelity']:.3f} | "
                     + " ".join(f"{r['reward_mean']['toy-fidelity']:.3f}" for r in summary["rounds"])
-                    + f" | {win['win_rate']:.3f} [{win['ci_low']:.3f}, {win['ci_high']:.3f}] | {results[arm]['wall_s']:.0f} |")
-    table = ["| arm | pairs | steps | base fidelity | fidelity after each round | win rate over base (last round) | wall s |",
+                    + f" | {win['win_rate']:.3f} [{win['ci_low']:.3f}, {win['ci_high']:.3f}] | {results[arm]['stage_s']:.0f} |")
+    table = ["| arm | pairs | steps | base fidelity | fidelity after each round | win rate over base (last round) | stages s |",
              "|---|---|---|---|---|---|---|", *rows]
     print("\n".join(table))
     record = {

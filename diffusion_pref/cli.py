@@ -2,7 +2,9 @@
 
 Every command reads one config: the defaults of :mod:`diffusion_pref.config`, then a YAML recipe, then
 ``section.key=value`` overrides. The resolved config is printed with ``--print-config`` and saved as
-``config.yaml`` in ``output.dir`` before the command runs, so the run can be repeated from that file::
+``config.yaml`` in ``output.dir`` (by ``train`` once its checks have passed; by the other commands before they
+run, taken back if they stop on bad input; a different one already there is kept, see ``save_config``), so the
+run can be repeated from that file::
 
     diffusion-pref train --config configs/sd15_dpo_lora.yaml model.pretrained=runwayml/stable-diffusion-v1-5
     diffusion-pref train --config outputs/run/config.yaml          # the same run again
@@ -31,6 +33,7 @@ class Command:
     help: str
     issue: Optional[int]  # the issue that builds it, named when it has not landed yet (None: not filed yet)
     trains: bool = False  # loss settings are checked before the module (and any model) is loaded
+    saves_config: bool = False  # the module writes config.yaml itself, once its own checks have passed
     defaults: Optional[str] = None  # a recipe inside the package, applied before --config (path from the package)
     # Short flags for the settings a command is mostly run with: (flag, config key, help, choices or None).
     # A flag is only a spelling of its key=value override; a flag with no value key (store_true) sets it to true.
@@ -48,7 +51,8 @@ _EVALUATE_FLAGS = (("--no-cache", "eval.no_cache", "generate every sample again 
 COMMANDS = {
     "generate": Command("diffusion_pref.generate", "sample a model and write reward-ranked preference pairs (parquet)", 4),
     "cache": Command("diffusion_pref.data.cache", "precompute VAE latents and text embeddings of a pair dataset", 3),
-    "train": Command("diffusion_pref.training.trainer", "fine-tune on preference pairs (DPO, SmPO, IPO, KTO, ...)", 3, trains=True),
+    "train": Command("diffusion_pref.training.trainer", "fine-tune on preference pairs (DPO, SmPO, IPO, KTO, ...)", 3, trains=True,
+                     saves_config=True),
     "evaluate": Command("diffusion_pref.evaluate", "compare base and tuned models: reward scores, win rates, HTML report", 5,
                         flags=_EVALUATE_FLAGS),
     "invert": Command("diffusion_pref.invert", "DDIM / ReNoise inversion and reconstruction of an image", 6,
@@ -177,14 +181,17 @@ def choose_cpu_threads(
     1-minute load average leaves idle. A choice the user made (OMP_NUM_THREADS, MKL_NUM_THREADS, or torch imported
     and possibly set before the command ran) is kept.
     """
+    def uses(n: int) -> str:
+        return f"torch uses {n} CPU thread{'' if n == 1 else 's'}"
+
     chosen = [k for k in _THREAD_ENV if environ.get(k)]
     if chosen:
-        return None, f"torch uses {torch_threads} CPU threads ({chosen[0]}={environ[chosen[0]]} is set)"
+        return None, f"{uses(torch_threads)} ({chosen[0]}={environ[chosen[0]]} is set)"
     if torch_preloaded:
-        return None, f"torch uses {torch_threads} CPU threads (set before diffusion-pref started)"
+        return None, f"{uses(torch_threads)} (set before diffusion-pref started)"
     usable = usable_cpus(affinity, quota)
     if usable is None:
-        return None, f"torch uses {torch_threads} CPU threads (usable CPUs unknown)"
+        return None, f"{uses(torch_threads)} (usable CPUs unknown)"
     why = [f"{affinity} CPUs in the affinity mask"] if affinity else []
     if quota is not None:
         why.append(f"cgroup quota {quota:g} CPUs")
@@ -194,7 +201,7 @@ def choose_cpu_threads(
     if host_cpus and load is not None and threads > max(1, round(host_cpus - load)):
         threads = max(1, round(host_cpus - load))
         why.append(f"load {load:.1f} on {host_cpus} cores")
-    return threads, f"torch uses {threads} CPU threads ({', '.join(why)}; set OMP_NUM_THREADS to choose)"
+    return threads, f"{uses(threads)} ({', '.join(why)}; set OMP_NUM_THREADS to choose)"
 
 
 def _size_cpu_threads(torch_preloaded: bool) -> None:
@@ -220,6 +227,78 @@ def _size_cpu_threads(torch_preloaded: bool) -> None:
         print(f"diffusion-pref: {line}", file=sys.stderr)
 
 
+def _check_output_dir(directory: str) -> None:
+    """output.dir must be a folder this process can write: say so with the key, before anything runs."""
+    import tempfile
+
+    from diffusion_pref.config import ConfigError
+
+    path = Path(directory).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output.dir={directory} is a file, not a folder; give a folder path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise ConfigError(f"output.dir={directory}: cannot write there ({_os_error_line(err)})") from None
+
+
+def _os_error_line(err: OSError) -> str:
+    """An OSError as one line naming its path(s): 'Read-only file system: /data/out'."""
+    if err.strerror and err.filename:
+        paths = f"{err.filename} -> {err.filename2}" if err.filename2 else f"{err.filename}"
+        return f"{err.strerror}: {paths}"
+    return err.strerror or str(err)
+
+
+class _ConfigRecord:
+    """config.yaml written before a command runs, and taken back if the command stops on bad input."""
+
+    def __init__(self, cfg):
+        from diffusion_pref.config import save_config
+
+        self.path = Path(cfg.output.dir) / "config.yaml"
+        self.before = set(self.path.parent.glob("config.*.yaml"))
+        self.previous = self.path.read_text() if self.path.is_file() else None
+        save_config(cfg, cfg.output.dir)
+
+    def undo(self) -> None:
+        if self.previous is None:
+            self.path.unlink(missing_ok=True)
+            return
+        for kept in set(self.path.parent.glob("config.*.yaml")) - self.before:
+            if kept.read_text() == self.previous:
+                os.replace(kept, self.path)
+                return
+
+
+def _interrupted(command: str, cfg, argv: Sequence[str]) -> str:
+    """The line printed for Ctrl-C: for train, where the last checkpoint is and the command that resumes."""
+    import shlex
+
+    if cfg is None:
+        return "interrupted"
+    out = Path(cfg.output.dir)
+    if command == "train":
+        from diffusion_pref.training.checkpoint import list_checkpoints
+
+        found = list_checkpoints(out / "checkpoints")
+        if not found:
+            return (f"interrupted before the first checkpoint (train.checkpoint_every={cfg.train.checkpoint_every}); "
+                    "nothing to resume: run the same command again")
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        launcher = "accelerate launch -m diffusion_pref.cli" if distributed else "diffusion-pref"
+        kept = [a for a in argv if not a.startswith(("train.resume=", "train.resume_force="))]
+        return (f"interrupted; the last checkpoint is {found[-1]}; resume with: "
+                f"{launcher} {shlex.join([*kept, 'train.resume=latest'])}")
+    if command == "generate":
+        return f"interrupted; the finished shards stay in {out}: the same command continues from them"
+    if command == "evaluate":
+        return f"interrupted; the samples made so far are kept in {out / 'media'}: the same command reuses them"
+    return "interrupted"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -228,8 +307,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     command = COMMANDS[args.command]
 
-    from diffusion_pref.config import ConfigError, check_loss, load_config, save_config, to_yaml
+    from diffusion_pref.config import ConfigError, check_loss, load_config, to_yaml
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = record = None
     try:
         defaults = Path(__file__).parent / command.defaults if command.defaults else None
         cfg = load_config(args.config, [*args.overrides, *_flag_overrides(command, args)], defaults=defaults)
@@ -245,19 +326,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch_preloaded = "torch" in sys.modules  # then the caller may have set torch's threads
         module = importlib.import_module(command.module)
         if os.environ.get("RANK", "0") == "0":  # under accelerate/torchrun only the main process writes it
-            save_config(cfg, cfg.output.dir)
+            _check_output_dir(cfg.output.dir)
+            if not command.saves_config:
+                record = _ConfigRecord(cfg)
         _size_cpu_threads(torch_preloaded)
         module.run(cfg)
     except ConfigError as err:
+        if record is not None:
+            record.undo()
         print(f"diffusion-pref {args.command}: config error: {err}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as err:
-        # Our own input checks raise these with a message meant for the user; a traceback would bury it.
+    except (ValueError, OSError) as err:
+        # Our own input checks raise these with a message meant for the user, and an OSError names its path
+        # (output.dir on a read-only disk, a full disk); a traceback would bury either.
+        if record is not None:
+            record.undo()
         if os.environ.get("DIFFUSION_PREF_TRACEBACK"):
             raise
-        print(f"diffusion-pref {args.command}: error: {err}", file=sys.stderr)
+        print(f"diffusion-pref {args.command}: error: {_os_error_line(err) if isinstance(err, OSError) else err}",
+              file=sys.stderr)
         print("(set DIFFUSION_PREF_TRACEBACK=1 to see the full traceback)", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        if os.environ.get("DIFFUSION_PREF_TRACEBACK"):
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            # on a line of its own: a progress bar interrupted mid-line has left the cursor after it
+            print(f"\ndiffusion-pref {args.command}: {_interrupted(args.command, cfg, argv)}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -66,10 +66,10 @@ class DataConfig:
     shuffle: bool = True
     num_workers: int = 0
     # Where a loss that takes P(winner preferred) (smpo, sppo) gets it. label: from label_0 (1.0 for hard labels,
-    # 0.5 for ties kept with ties=soft, max(label_0, 1 - label_0) for a fractional one). scores: SmPO's sigmoid of
-    # the min-max-normalised score gap, from the score_0/score_1 columns or reward.models
-    # (diffusion_pref.soft_labels; its settings are loss.soft_label_*).
-    # auto: scores when the dataset has score columns, else label.
+    # 0.5 for ties kept with ties=soft, max(label_0, 1 - label_0) for a fractional one; with hard labels smpo is
+    # dpo with a gamma-fold logit, so it warns). scores: SmPO's sigmoid of the min-max-normalised score gap, from
+    # the score_0/score_1 columns or, without them, from reward.models, scored once and stored beside the data
+    # cache (diffusion_pref.soft_labels; settings loss.soft_label_*). auto: scores (label only when asked for).
     soft_labels: str = "auto"  # auto | label | scores
 
 
@@ -88,14 +88,18 @@ class LossConfig:
     name: str = "dpo"  # any key of diffusion_pref.losses.LOSSES
     # Our beta equals the diffusers train_diffusion_dpo.py beta (2500 there) and is half of the beta of the
     # original Diffusion-DPO code and the diffusers SDXL script (5000 there = 2500 here); see DESIGN.md.
-    beta: float = 2500.0
+    # None: the loss's own starting beta (losses.DIFFUSION_DEFAULT_BETA: 1000 for smpo and kto, 2500 for the
+    # rest), written here by load_config so --print-config and the saved config.yaml hold the number used.
+    beta: Optional[float] = None
     # Loss-specific keyword arguments (gamma for smpo, flip_rate for robust, ...), checked against the chosen
     # loss's signature before any model is loaded.
     params: Dict[str, Any] = field(default_factory=dict)
     # SmPO soft labels (data.soft_labels=scores): which side is the winner (reward: the reward model decides, as
     # SmPO does; human: label_0 decides and the score gap only sets the confidence), where scores come from
     # (auto: score columns if present, else reward.models), and a fixed [min, max] for the min-max normalisation
-    # instead of the dataset's own range (SmPO's PickScore range is [0.11543526500463486, 0.28201571106910706]).
+    # instead of the dataset's own range, in the units of the scores (a score outside it is an error naming the
+    # row). SmPO's PickScore range is [0.11543526500463486, 0.28201571106910706] in raw cosine; our pickscore
+    # returns 100 x cosine (exp(logit_scale) = 100), so there it is [11.543526500463486, 28.201571106910706].
     soft_label_winner: str = "reward"  # reward | human
     soft_label_scores: str = "auto"  # auto | dataset | reward_model
     soft_label_range: Optional[List[float]] = None
@@ -165,6 +169,8 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     resume: Optional[str] = None  # latest | a checkpoint folder
+    # Resume although the checkpoint's model, loss, data, batch or optimizer settings differ from this config's.
+    resume_force: bool = False
     log_every: int = 1
     logger: str = "tensorboard"  # tensorboard | wandb | none
     validate_every: int = 0  # 0 = no validation images during training
@@ -494,6 +500,10 @@ def load_config(
     except OmegaConfBaseException as err:
         raise ConfigError(f"config is incomplete: {str(err).splitlines()[0]}") from None
     _check_choices(cfg)
+    if cfg.loss.beta is None:  # an unknown loss.name keeps None; check_loss names the valid ones
+        from diffusion_pref.losses import DIFFUSION_DEFAULT_BETA
+
+        cfg.loss.beta = DIFFUSION_DEFAULT_BETA.get(cfg.loss.name)
     check_ranges(cfg)
     return cfg
 
@@ -545,11 +555,27 @@ def to_yaml(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, directory: str | Path) -> Path:
-    """Write the resolved config as ``config.yaml``; ``--config`` on that file reproduces the run."""
+    """Write the resolved config as ``config.yaml``; ``--config`` on that file reproduces the run.
+
+    A different ``config.yaml`` already there, the record of an earlier run in the folder, is never overwritten:
+    it is kept as ``config.<its date>.yaml``.
+    """
+    import os
+    import sys
+    import time
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "config.yaml"
-    path.write_text(to_yaml(cfg))
+    text = to_yaml(cfg)
+    if path.is_file() and path.read_text() != text:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+        kept, n = directory / f"config.{stamp}.yaml", 1
+        while kept.exists():
+            kept, n = directory / f"config.{stamp}-{n}.yaml", n + 1
+        os.replace(path, kept)
+        print(f"diffusion-pref: note: {path} held another run's config; kept it as {kept.name}", file=sys.stderr)
+    path.write_text(text)
     return path
 
 

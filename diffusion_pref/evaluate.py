@@ -244,8 +244,16 @@ def load_variant(cfg: Config, variant: Variant):
         try:
             backbone.pipe.load_lora_weights(str(variant.path))
         except Exception as err:
+            from diffusion_pref.pipelines import summarize_mismatch
+
+            # PyTorch lists every mismatched tensor (128 lines for an SD UNet): one count and one example say it
+            summary = summarize_mismatch(str(err))
+            if summary is not None:
+                raise ValueError(f"eval.variants.{variant.name}={variant.spec}: the LoRA does not fit "
+                                 f"model.pretrained={cfg.model.pretrained} ({summary}); it was most likely trained "
+                                 "on another base model") from None
             raise ValueError(f"eval.variants.{variant.name}={variant.spec}: could not load the LoRA onto "
-                             f"{cfg.model.pretrained} ({type(err).__name__}: {err}); "
+                             f"{cfg.model.pretrained} ({type(err).__name__}: {str(err).splitlines()[0][:300]}); "
                              "was it trained on this base model?") from None
     device, dtype = _torch_device_and_dtype(cfg)
     if hasattr(backbone, "pipe"):

@@ -751,6 +751,7 @@ LOSSES: dict[str, Callable[..., tuple[Any, Metrics]]] = {
 # Starting betas for image diffusion (our convention). Sourced: dpo (diffusers SD1.5 script), smpo (SmPO code's
 # SD1.5 2000, halved), kto (Diffusion-KTO code default; its scale convention is assumed, not verified). The rest
 # reuse dpo's 2500 untuned: their logit or target has the same scale as dpo's. LM runs want about 0.1.
+# The trainer's loss.beta when the config leaves it unset (load_config writes the value into the config).
 DIFFUSION_DEFAULT_BETA: dict[str, float] = {name: 2500.0 for name in LOSSES}
 DIFFUSION_DEFAULT_BETA.update({"smpo": 1000.0, "kto": 1000.0})
 

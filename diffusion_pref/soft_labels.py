@@ -2,8 +2,12 @@
 
 SmPO (Lu et al., arXiv 2506.02698) scales each pair's DPO logit by ``gamma * (2p - 1)`` with
 ``p = sigmoid(r'_w - r'_l)``, where ``r'`` are reward scores min-max normalised over the whole dataset (both
-images of every kept pair). The SmPO code scores Pick-a-Pic with PickScore (raw cosine) and hard-codes the
-dataset range [0.11543526500463486, 0.28201571106910706]; pass that as ``score_range`` to reproduce it.
+images of every kept pair). The SmPO code scores Pick-a-Pic with PickScore as a raw cosine and hard-codes the
+dataset range [0.11543526500463486, 0.28201571106910706] in those units. Our ``pickscore`` scorer returns
+``exp(logit_scale) * cosine`` (the official PickScore score; exp(logit_scale) = 100 for PickScore_v1, CLIP's cap), so
+the same range in our units is :data:`SMPO_PICKSCORE_RANGE` = [11.543526500463486, 28.201571106910706]. A fixed
+``score_range`` is always in the units of the scores it normalises; a score outside it (beyond
+:data:`RANGE_SLACK` of its width) is an error naming the row, which is how a range in the wrong units shows up.
 
 Which image is the winner (``winner``):
 
@@ -17,9 +21,11 @@ Which image is the winner (``winner``):
 
 Scores come from the dataset's ``score_0`` / ``score_1`` columns (``scores="dataset"``) or from a reward model
 run over every kept pair before training (``scores="reward_model"``, any spec ``load_reward`` takes);
-``"auto"`` uses the columns when the dataset has them. The result is written to ``soft_labels.parquet``
-(row, score_w, score_l, p) plus ``soft_labels.json`` (range, settings, data identity) in the run folder and
-read back on resume, so an expensive reward pass runs once per run.
+``"auto"`` uses the columns when the dataset has them. A reward model's raw scores are stored once per dataset and
+reward model (:class:`ScoreCache`; the trainer keeps them beside the data cache, ``data.cache_dir`` or
+``output.dir/cache``) and reused by every later run, whatever its winner or range settings. The run's labels are
+written to ``soft_labels.parquet`` (row, score_w, score_l, p) plus ``soft_labels.json`` (range, settings, data
+identity) in the run folder and read back on resume.
 
 Example (the trainer calls ``soft_labels_for_run(cfg, source)``, which reads these settings from the config)::
 
@@ -32,15 +38,25 @@ Example (the trainer calls ``soft_labels_for_run(cfg, source)``, which reads the
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+logger = logging.getLogger(__name__)
 
 WINNER_MODES = ("reward", "human")
 SCORE_SOURCES = ("auto", "dataset", "reward_model")
 TABLE_FILE = "soft_labels.parquet"
 META_FILE = "soft_labels.json"
+# The SmPO code's hard-coded PickScore range (raw cosine, the dataset's min and max), and the same range in the
+# units of our pickscore scorer (exp(logit_scale) * cosine with exp(logit_scale) = 100).
+SMPO_PICKSCORE_RANGE_COSINE = (0.11543526500463486, 0.28201571106910706)
+SMPO_PICKSCORE_RANGE = (11.543526500463486, 28.201571106910706)
+# How far outside a fixed range (as a fraction of its width) a score may lie: scores recomputed on other hardware
+# or in another precision than the range differ by rounding; a range in other units misses by orders of magnitude.
+RANGE_SLACK = 0.01
 
 
 def minmax_range(scores_w: Sequence[float], scores_l: Sequence[float]) -> Tuple[float, float]:
@@ -55,6 +71,35 @@ def minmax_range(scores_w: Sequence[float], scores_l: Sequence[float]) -> Tuple[
         raise ValueError(f"soft labels: every reward score equals {low}; min-max normalisation needs a spread of "
                          "scores (is the score column constant?).")
     return low, high
+
+
+def _where(source, row: int) -> str:
+    """A dataset row as the data layer names it: file, row group, row, global id."""
+    for block in source.blocks:
+        if row in block.rows:
+            i = block.rows.index(row)
+            return f"{block.file}: row {block.local_rows[i]} of row group {block.row_group} (dataset row {row})"
+    return f"dataset row {row}"
+
+
+def check_score_range(rows, scores_w, scores_l, low: float, high: float, *, units: str = "the scores' units",
+                      where: Callable[[int], str] = lambda row: f"dataset row {row}") -> None:
+    """Raise ``ValueError`` naming the first row whose score lies outside ``[low, high]`` (widened by
+    :data:`RANGE_SLACK` of its width): a fixed range must be in the units of the scores it normalises."""
+    import numpy as np
+
+    slack = RANGE_SLACK * (high - low)
+    for side, values in (("winner", scores_w), ("loser", scores_l)):
+        values = np.asarray(values, dtype=np.float64)
+        outside = np.flatnonzero((values < low - slack) | (values > high + slack))
+        if outside.size:
+            k = int(outside[0])
+            raise ValueError(
+                f"soft labels: {where(int(rows[k]))}: the {side}'s score {values[k]:.6g} is outside "
+                f"loss.soft_label_range [{low:.6g}, {high:.6g}] ({outside.size} {side} score(s) outside in all). The "
+                f"range must be in the units of the scores ({units}); SmPO's raw-cosine PickScore range "
+                f"{list(SMPO_PICKSCORE_RANGE_COSINE)} is {list(SMPO_PICKSCORE_RANGE)} in our pickscore's units "
+                "(100 x cosine). Fix the range, or unset loss.soft_label_range to normalise by the data's own min/max.")
 
 
 def soft_label_probs(scores_w, scores_l, low: float, high: float, winner: str = "reward"):
@@ -140,6 +185,49 @@ class SoftLabels:
                    high=meta["high"], winner=meta["winner"], scores=meta["scores"])
 
 
+@dataclass
+class ScoreCache:
+    """A reward model's raw scores of a dataset's kept pairs, in ``directory`` (``scores.parquet`` with row,
+    score_w, score_l, and ``manifest.json`` holding ``key``, written last). ``key`` names the data and the reward
+    model; scores stored under another key, or half written, are not read."""
+
+    directory: Path
+    key: Dict[str, Any]
+
+    @staticmethod
+    def make_key(reward_id: Any, data_identity: Dict[str, Any]) -> Dict[str, Any]:
+        return json.loads(json.dumps({"kind": "soft label scores", "version": 1, "reward": reward_id,
+                                      "data": data_identity}, default=str))
+
+    def read(self):
+        """(rows, score_w, score_l, units) when complete scores for ``key`` are stored, else None."""
+        import pyarrow.parquet as pq
+
+        manifest = Path(self.directory) / "manifest.json"
+        if not manifest.is_file():
+            return None
+        stored = json.loads(manifest.read_text())
+        if stored.get("key") != json.loads(json.dumps(self.key, default=str)):
+            return None
+        table = pq.read_table(Path(self.directory) / "scores.parquet")
+        columns = [table.column(name).to_numpy().tolist() for name in ("row", "score_w", "score_l")]
+        return (*columns, stored.get("units", "the stored scores' units"))
+
+    def write(self, rows, scores_w, scores_l, units: str = "") -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        directory = Path(self.directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        table = pa.table({"row": pa.array(rows, pa.int64()), "score_w": pa.array(scores_w, pa.float64()),
+                          "score_l": pa.array(scores_l, pa.float64())})
+        tmp = directory / ".scores.parquet.tmp"
+        pq.write_table(table, tmp)
+        tmp.replace(directory / "scores.parquet")
+        (directory / "manifest.json").write_text(json.dumps({"key": self.key, "pairs": len(rows), "units": units},
+                                                            indent=2, default=str))
+
+
 def _dataset_scores(source):
     """(rows, score_w, score_l) from the score columns, without decoding any image."""
     rows, s_w, s_l = [], [], []
@@ -174,13 +262,16 @@ def _reward_model_scores(source, reward, batch_size: int):
 
 
 def compute_soft_labels(source, *, winner: str = "reward", scores: str = "auto", reward=None,
-                        score_range: Optional[Sequence[float]] = None, batch_size: int = 16) -> SoftLabels:
+                        score_range: Optional[Sequence[float]] = None, batch_size: int = 16,
+                        score_cache: Optional[ScoreCache] = None) -> SoftLabels:
     """Soft labels for every kept pair of ``source`` (a :class:`~diffusion_pref.data.pairs.PairSource`).
 
     ``reward``: an object with ``score(prompts, images)``, a spec for ``load_reward`` (name or ``{name:
     weight}``), or a zero-argument function returning a scorer (so nothing loads when the columns suffice);
     needed when ``scores`` is ``reward_model`` (or ``auto`` without score columns).
-    ``score_range``: fixed ``[low, high]`` instead of the dataset's min/max (the SmPO code's PickScore range).
+    ``score_range``: fixed ``[low, high]`` instead of the dataset's min/max, in the units of the scores (for our
+    pickscore, SmPO's range is :data:`SMPO_PICKSCORE_RANGE`); a score outside it is an error naming the row.
+    ``score_cache``: where a reward model's scores are read from if stored, else stored after scoring.
     """
     import numpy as np
 
@@ -195,19 +286,35 @@ def compute_soft_labels(source, *, winner: str = "reward", scores: str = "auto",
             raise ValueError(f"soft labels: data.source={source.cfg.source} has no score columns (score_0, score_1; "
                              "map yours with data.columns.score_0=...); score the pairs with a reward model instead.")
         rows, s_w, s_l = _dataset_scores(source)
+        units = "the dataset's score columns"
     else:
         if reward is None:
             raise ValueError("soft labels: the dataset has no score columns and no reward model was given; set the "
                              "reward models (reward.models) or add score_0/score_1 columns.")
-        if callable(reward) and not hasattr(reward, "score"):
-            reward = reward()
-        elif not hasattr(reward, "score"):
-            from diffusion_pref.reward_models import load_reward
+        stored = score_cache.read() if score_cache is not None else None
+        if stored is not None:
+            rows, s_w, s_l, units = stored
+            logger.info("soft labels: reusing the reward scores of %d pairs stored in %s", len(rows),
+                        score_cache.directory)
+        else:
+            if callable(reward) and not hasattr(reward, "score"):
+                reward = reward()
+            elif not hasattr(reward, "score"):
+                from diffusion_pref.reward_models import load_reward
 
-            reward = load_reward(reward)
-        rows, s_w, s_l = _reward_model_scores(source, reward, batch_size)
+                reward = load_reward(reward)
+            rows, s_w, s_l = _reward_model_scores(source, reward, batch_size)
+            units = f"{getattr(reward, 'name', 'the reward model')}: {getattr(reward, 'scale', 'its own scale')}"
+            if score_cache is not None:
+                score_cache.write(rows, s_w, s_l, units=units)
     if score_range is not None:
+        if len(score_range) != 2 or not all(math.isfinite(float(v)) for v in score_range):
+            raise ValueError(f"soft labels: loss.soft_label_range={list(score_range)} must be two finite numbers "
+                             "[low, high].")
         low, high = (float(v) for v in score_range)
+        if not high > low:
+            raise ValueError(f"soft labels: loss.soft_label_range [{low}, {high}] is empty; high must exceed low.")
+        check_score_range(rows, s_w, s_l, low, high, units=units, where=lambda row: _where(source, row))
     else:
         low, high = minmax_range(s_w, s_l)
     p = soft_label_probs(s_w, s_l, low, high, winner)
@@ -217,10 +324,12 @@ def compute_soft_labels(source, *, winner: str = "reward", scores: str = "auto",
 
 def prepare_soft_labels(source, out_dir, *, winner: str = "reward", scores: str = "auto", reward=None,
                         score_range: Optional[Sequence[float]] = None, batch_size: int = 16,
-                        reward_id: Any = None) -> SoftLabels:
+                        reward_id: Any = None, score_cache_dir: Any = None) -> SoftLabels:
     """Load the run's stored soft labels if they match these settings and data, else compute and store them.
 
     ``reward_id`` names the reward model in the stored settings (default: the spec, or the scorer's ``name``).
+    ``score_cache_dir``: a folder for the reward model's raw scores (:class:`ScoreCache`), read by later runs on
+    the same data with the same reward model; None keeps them only in this run's ``soft_labels.parquet``.
     """
     out = Path(out_dir)
     if reward_id is None:
@@ -235,8 +344,11 @@ def prepare_soft_labels(source, out_dir, *, winner: str = "reward", scores: str 
             return SoftLabels.load(out)
         raise ValueError(f"soft labels: {out / META_FILE} was built with other settings or data than this run; "
                          f"use another output.dir or delete {META_FILE} and {TABLE_FILE} there to rebuild them.")
+    score_cache = None
+    if score_cache_dir is not None:
+        score_cache = ScoreCache(Path(score_cache_dir), ScoreCache.make_key(settings["reward"], settings["data"]))
     labels = compute_soft_labels(source, winner=winner, scores=scores, reward=reward, score_range=score_range,
-                                 batch_size=batch_size)
+                                 batch_size=batch_size, score_cache=score_cache)
     labels.save(out, extra_meta={"settings": settings})
     return labels
 
@@ -244,25 +356,64 @@ def prepare_soft_labels(source, out_dir, *, winner: str = "reward", scores: str 
 def soft_labels_for_run(cfg, source, device: Any = "cpu") -> SoftLabels:
     """The trainer's one call: soft labels for ``source`` stored in ``cfg.output.dir``, settings from ``cfg``.
 
-    Reads ``loss.soft_label_winner``, ``loss.soft_label_scores``, ``loss.soft_label_range`` ([low, high], or None
-    for the dataset's min/max) and ``cfg.reward``; the reward model is loaded only if the scores must be computed.
+    Reads ``loss.soft_label_winner``, ``loss.soft_label_scores``, ``loss.soft_label_range`` ([low, high] in the
+    scores' units, or None for the dataset's min/max) and ``cfg.reward``; the reward model is loaded only if the
+    scores must be computed, and its scores are stored beside the data cache (``data.cache_dir``, default
+    ``output.dir/cache``) for every later run on the same data with the same reward model.
     """
+    from diffusion_pref.config import ConfigError
+    from diffusion_pref.data.cache import cache_dir
     from diffusion_pref.reward_models import load_reward_from_config, reward_spec
 
     loss = cfg.loss
+    spec = reward_spec(cfg.reward)
+
+    def load_reward():
+        try:
+            return load_reward_from_config(cfg.reward, device)
+        except ConfigError as err:
+            message = " ".join(str(err).split())  # one line: the hub's errors span several
+            raise ConfigError(
+                f"soft labels for loss {loss.name}: the pairs are scored with reward.models (data.source has no "
+                f"score columns, or loss.soft_label_scores=reward_model), which failed: {message}. Alternatively add "
+                "score_0/score_1 columns (data.columns.score_0=... maps yours), or train on the human labels with "
+                "data.soft_labels=label (p = 1 for every pair)"
+            ) from err
+
     return prepare_soft_labels(
         source, cfg.output.dir, winner=loss.soft_label_winner, scores=loss.soft_label_scores,
-        reward=lambda: load_reward_from_config(cfg.reward, device),
+        reward=load_reward,
         score_range=list(loss.soft_label_range) if loss.soft_label_range is not None else None,
-        batch_size=cfg.reward.batch_size, reward_id=reward_spec(cfg.reward),
+        batch_size=cfg.reward.batch_size, reward_id=spec,
+        score_cache_dir=cache_dir(cfg, ScoreCache.make_key(spec, source.identity())),
     )
 
 
+def soft_label_summary(source, labels: Optional[SoftLabels] = None) -> Dict[str, Any]:
+    """Where the run's p comes from and how many pairs have p = 1 (a hard label: smpo then is dpo with a
+    gamma-fold logit), for the log and ``train_summary.json``. ``labels`` None: p from ``label_0``."""
+    import numpy as np
+
+    if labels is None:
+        p = np.asarray([v for block in source.blocks for v in block.soft_labels], dtype=np.float64)
+        origin = "label"
+    else:
+        p, origin = np.asarray(labels.p, dtype=np.float64), labels.scores
+    return {"from": origin, "pairs": int(p.size), "p_one": int((p == 1.0).sum()),
+            "p_mean": float(p.mean()) if p.size else math.nan}
+
+
 __all__ = [
+    "RANGE_SLACK",
+    "SMPO_PICKSCORE_RANGE",
+    "SMPO_PICKSCORE_RANGE_COSINE",
+    "ScoreCache",
     "SoftLabels",
+    "check_score_range",
     "compute_soft_labels",
     "minmax_range",
     "prepare_soft_labels",
     "soft_label_probs",
+    "soft_label_summary",
     "soft_labels_for_run",
 ]

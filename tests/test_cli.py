@@ -128,7 +128,7 @@ def test_threads_come_from_affinity_quota_processes_and_load_unless_the_user_cho
     threads, line = _choose(torch_threads=5, preloaded=True, quota=1.0)  # torch.set_num_threads may have run
     assert threads is None and "5 CPU threads (set before diffusion-pref started)" in line
     threads, line = _choose(affinity=16, quota=0.5, host=64, load=10.0)
-    assert threads == 1 and line == ("torch uses 1 CPU threads (16 CPUs in the affinity mask, cgroup quota 0.5 CPUs; "
+    assert threads == 1 and line == ("torch uses 1 CPU thread (16 CPUs in the affinity mask, cgroup quota 0.5 CPUs; "
                                      "set OMP_NUM_THREADS to choose)")
 
 
@@ -156,7 +156,7 @@ def test_a_command_sizes_torch_threads_from_the_cgroup_quota_and_logs_one_line(t
     script = _THREADS_SCRIPT.format(root=str(tmp_path), out=str(tmp_path / "out"))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
-    lines = [line for line in result.stderr.splitlines() if "CPU threads" in line]
+    lines = [line for line in result.stderr.splitlines() if "CPU thread" in line]
     if omp:
         assert "threads 2" in result.stdout and lines == ["diffusion-pref: torch uses 2 CPU threads (OMP_NUM_THREADS=2 is set)"]
     else:

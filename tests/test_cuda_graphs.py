@@ -15,6 +15,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_data import write_pairs  # noqa: E402
 from test_train import make_cfg, read_metrics  # noqa: E402
 
+# smpo on pairs without score columns: the human labels and beta 2500, the settings these tolerances were set for
+HARD_LABELS = ["data.soft_labels=label", "loss.beta=2500"]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 
 
@@ -47,7 +49,8 @@ def test_trainer_sends_the_no_grad_calls_through_the_graphs_by_name(tiny_sd_dir,
         return fn(*args)
 
     data = write_pairs(tmp_path / "p.parquet", n=4)
-    flags = ["loss.name=smpo", "trajectory.kind=renoise", "trajectory.steps=5", "train.learning_rate=1e-2"]
+    flags = ["loss.name=smpo", *HARD_LABELS, "trajectory.kind=renoise", "trajectory.steps=5",
+             "train.learning_rate=1e-2"]
     losses = {}
     for name, extra in (("eager", []), ("graphs", ["train.cuda_graphs=true"])):
         if extra:
@@ -143,7 +146,8 @@ def test_smpo_training_with_cuda_graphs_matches_eager(tiny_sd_dir, tmp_path, fin
     assert torch.cuda.is_available()
     data = write_pairs(tmp_path / "p.parquet", n=4)
     extra = ["model.finetune=full", "model.reference=copy"] if finetune == "full" else []
-    flags = ["loss.name=smpo", "trajectory.kind=renoise", "trajectory.steps=5", "train.mixed_precision=bf16",
+    flags = ["loss.name=smpo", *HARD_LABELS, "trajectory.kind=renoise", "trajectory.steps=5",
+             "train.mixed_precision=bf16",
              "train.max_steps=3", *extra]
     runs = {}
     for name, option in (("eager", []), ("graphs", ["train.cuda_graphs=true"])):
@@ -170,7 +174,8 @@ def test_building_the_inversion_cache_records_no_graphs(tiny_sd_dir, tmp_path, m
 
     monkeypatch.setattr(cuda_graphs.CudaGraphCalls, "__call__", spy)
     data = write_pairs(tmp_path / "p.parquet", n=4)
-    trainer = Trainer(make_cfg(tiny_sd_dir, data, tmp_path / "out", "loss.name=smpo", "trajectory.kind=renoise",
+    trainer = Trainer(make_cfg(tiny_sd_dir, data, tmp_path / "out", "loss.name=smpo", *HARD_LABELS,
+                               "trajectory.kind=renoise",
                                "trajectory.steps=5", "trajectory.t_mode=grid_below", "trajectory.invert_with=reference",
                                "data.cache=true", "trajectory.cache_inverted=true", "train.cuda_graphs=true"))
     assert seen == []  # the cache (with its inversion) is built by now

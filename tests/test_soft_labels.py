@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,10 @@ from diffusion_pref.soft_labels import (
     prepare_soft_labels,
     soft_label_probs,
 )
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_data import write_pairs  # noqa: E402
+from test_train import make_cfg  # noqa: E402
 
 
 def sigmoid(x):
@@ -251,3 +257,171 @@ def test_soft_labels_for_run_uses_the_columns_without_loading_a_reward_model(pai
     human = soft_labels_for_run(cfg, _source(pairs_file))
     assert (human.winner, human.scores, human.low, human.high) == ("human", "dataset", 0.0, 2.0)
     assert human.p.tolist() == pytest.approx([sigmoid(abs(w - l) / 2.0) for w, l in zip(EXPECTED_W, EXPECTED_L)])
+
+
+# ------------------------------------------------------------------------------ units of a fixed score range
+
+
+def _scored_pairs(path, scores):
+    """A parquet of hard-labelled pairs (image 0 red, image 1 green, image 0 wins) with these score columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = len(scores)
+    pq.write_table(pa.table({
+        "caption": [f"pair {i}" for i in range(n)], "jpg_0": [_png((200, 0, 0))] * n,
+        "jpg_1": [_png((0, 200, 0))] * n, "label_0": [1.0] * n,
+        "score_0": [float(s[0]) for s in scores], "score_1": [float(s[1]) for s in scores],
+    }), path)
+    return path
+
+
+def test_a_fixed_range_is_in_the_units_of_the_scores(tmp_path):
+    from diffusion_pref.soft_labels import SMPO_PICKSCORE_RANGE, SMPO_PICKSCORE_RANGE_COSINE
+
+    # PickScore points as our scorer returns them (100 x cosine): a one-point gap, a 10-point gap
+    data = _scored_pairs(tmp_path / "pick.parquet", [(21.0, 20.0), (25.0, 15.0)])
+    labels = compute_soft_labels(_source(data), scores="dataset", score_range=list(SMPO_PICKSCORE_RANGE))
+    width = 0.28201571106910706 - 0.11543526500463486  # the SmPO code's range, raw cosine
+    assert labels.p.tolist() == pytest.approx([sigmoid(0.01 / width), sigmoid(0.10 / width)], abs=1e-9)
+    assert labels.p[0] == pytest.approx(0.515, abs=5e-4)  # not the 0.9975 of mixing the units
+    # the raw-cosine range on these scores: an error naming the file and row, with the range in our units
+    with pytest.raises(ValueError, match=r"pick\.parquet: row 0 of row group 0 \(dataset row 0\).*11\.5435"):
+        compute_soft_labels(_source(data), scores="dataset", score_range=list(SMPO_PICKSCORE_RANGE_COSINE))
+
+
+def test_out_of_range_scores_name_the_row_beyond_rounding_slack(tmp_path):
+    from diffusion_pref.soft_labels import RANGE_SLACK
+
+    # row 2's loser lies 2% of the width below the range [0, 1]; rows 0 and 1 inside or within the slack
+    data = _scored_pairs(tmp_path / "s.parquet", [(0.5, 0.0), (1.0 + RANGE_SLACK / 2, 0.2), (0.7, -0.02)])
+    with pytest.raises(ValueError, match=r"dataset row 2\).*loser's score -0\.02 is outside .*\[0, 1\]"):
+        compute_soft_labels(_source(data), scores="dataset", score_range=[0.0, 1.0])
+    ok = compute_soft_labels(_source(data), scores="dataset", score_range=[-0.05, 1.0])  # all inside
+    assert ok.p[1] == pytest.approx(sigmoid((1.0 + RANGE_SLACK / 2 - 0.2) / 1.05))
+    with pytest.raises(ValueError, match="empty"):
+        compute_soft_labels(_source(data), scores="dataset", score_range=[1.0, 0.0])
+
+
+# ------------------------------------------------------------------------- scores stored once, reused by runs
+
+
+def test_reward_scores_are_stored_with_the_cache_and_reused_by_another_run(pairs_file, tmp_path):
+    import pyarrow.parquet as pq
+
+    bare = tmp_path / "bare.parquet"
+    pq.write_table(pq.read_table(pairs_file).drop(["score_0", "score_1"]), bare)
+    reward, cache = ScoreByCaption(), tmp_path / "cache" / "scores"
+    first = prepare_soft_labels(_source(bare), tmp_path / "run1", reward=reward, batch_size=2, reward_id="known",
+                                score_cache_dir=cache)
+    assert first.scores == "reward_model" and reward.calls == 2
+    assert first.p.tolist() == pytest.approx([sigmoid((w - l) / 0.8) for w, l in zip(EXPECTED_W, EXPECTED_L)])
+    # another run (other output folder, other winner rule) on the same data and reward model: no scoring
+    second = prepare_soft_labels(_source(bare), tmp_path / "run2", winner="human", reward=reward, batch_size=2,
+                                 reward_id="known", score_cache_dir=cache)
+    assert reward.calls == 2
+    assert second.scores_w.tolist() == pytest.approx(EXPECTED_W)
+    assert second.scores_l.tolist() == pytest.approx(EXPECTED_L)
+    assert second.p.tolist() == pytest.approx([sigmoid(abs(w - l) / 0.8) for w, l in zip(EXPECTED_W, EXPECTED_L)])
+    # another reward model's name: its scores are not the stored ones
+    prepare_soft_labels(_source(bare), tmp_path / "run3", reward=reward, batch_size=2, reward_id="other",
+                        score_cache_dir=cache)
+    assert reward.calls == 4
+
+
+def test_summary_counts_the_pairs_with_p_one(pairs_file):
+    from diffusion_pref.config import load_config
+    from diffusion_pref.data.pairs import PairSource
+    from diffusion_pref.soft_labels import soft_label_summary
+
+    # labels 1, 0, 1 and a tie kept as 0.5: three hard pairs
+    source = PairSource(load_config(None, [f"data.source={pairs_file}", "data.ties=soft"]).data)
+    assert soft_label_summary(source) == {"from": "label", "pairs": 4, "p_one": 3, "p_mean": pytest.approx(3.5 / 4)}
+    scored = soft_label_summary(_source(pairs_file), compute_soft_labels(_source(pairs_file), scores="dataset"))
+    assert scored["from"] == "dataset" and scored["pairs"] == 3 and scored["p_one"] == 0
+
+
+# ----------------------------------------------------------------------------------------------- in training
+
+@pytest.fixture
+def tiny_pickscore(tmp_path_factory):
+    from diffusion_pref.testing_rewards import tiny_reward_kwargs
+
+    return tiny_reward_kwargs("pickscore", tmp_path_factory.mktemp("rewards"))["pretrained"]
+
+
+def test_smpo_without_score_columns_scores_the_pairs_with_the_recipes_reward_model(tiny_sd_dir, tiny_pickscore,
+                                                                                     tmp_path, monkeypatch):
+    """What the SmPO recipes do on Pick-a-Pic (no score columns): p from the reward model they name, scored once
+    beside the data cache and reused by the next run, never p = 1 for every pair."""
+    from diffusion_pref.reward_models import load_reward_model
+    from diffusion_pref.reward_models.pickscore import PickScore
+    from diffusion_pref.training.trainer import Trainer
+
+    data = write_pairs(tmp_path / "p.parquet", n=4)
+    flags = ["loss.name=smpo", "train.max_steps=1", "reward.models={pickscore: 1.0}", "reward.device=cpu",
+             f"reward.pretrained.pickscore={tiny_pickscore}", f"data.cache_dir={tmp_path / 'cache'}"]
+    trainer = Trainer(make_cfg(tiny_sd_dir, data, tmp_path / "run1", *flags))
+    labels = trainer.soft_labels
+    assert labels is not None and labels.scores == "reward_model"
+    # independently: score each pair's winner and loser with the same tiny PickScore, normalise, sigmoid
+    pairs, _ = trainer.source.read(trainer.source.order(0))
+    scorer = load_reward_model("pickscore", pretrained=tiny_pickscore, device="cpu")
+    s_w = scorer.score([p.caption for p in pairs], [p.image_w for p in pairs])
+    s_l = scorer.score([p.caption for p in pairs], [p.image_l for p in pairs])
+    low, high = min(s_w.min(), s_l.min()).item(), max(s_w.max(), s_l.max()).item()
+    want = torch.sigmoid((s_w - s_l).double() / (high - low)).float()
+    got = labels.lookup(torch.tensor([p.row for p in pairs]))
+    # scores near 10 in float32 (batched differently here) differ by ~1e-6; over a range of a few points p by less
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert (got != 1).all()
+    trainer.train()
+    summary = json.loads((tmp_path / "run1" / "train_summary.json").read_text())
+    assert summary["soft_labels"]["from"] == "reward_model" and summary["soft_labels"]["p_one"] == 0
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("the stored scores should have been reused")
+
+    monkeypatch.setattr(PickScore, "score", not_again)
+    again = Trainer(make_cfg(tiny_sd_dir, data, tmp_path / "run2", *flags))
+    assert again.soft_labels.lookup(torch.tensor([p.row for p in pairs])).tolist() == got.tolist()
+
+
+def test_smpo_hard_labels_only_when_asked_for_with_a_warning_and_counted(tiny_sd_dir, tmp_path, caplog):
+    from diffusion_pref.config import ConfigError
+    from diffusion_pref.training.trainer import Trainer
+
+    data = write_pairs(tmp_path / "p.parquet", n=4)
+    # no score columns and a reward model whose weights are not here: stop, and say how to get soft labels
+    with pytest.raises(ConfigError, match=r"no score columns.*score_0/score_1.*data\.soft_labels=label"):
+        Trainer(make_cfg(tiny_sd_dir, data, tmp_path / "none", "loss.name=smpo", "reward.models={pickscore: 1.0}",
+                         f"reward.pretrained.pickscore={tmp_path / 'no-such-folder'}"))
+    with caplog.at_level("WARNING"):
+        trainer = Trainer(make_cfg(tiny_sd_dir, data, tmp_path / "hard", "loss.name=smpo", "data.soft_labels=label",
+                                   "train.max_steps=1"))
+    assert any("p = 1" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    trainer.train()
+    summary = json.loads((tmp_path / "hard" / "train_summary.json").read_text())
+    assert summary["soft_labels"] == {"from": "label", "pairs": 4, "p_one": 4, "p_mean": 1.0}
+
+
+def test_the_cache_command_scores_the_pairs_for_later_training_runs(tiny_sd_dir, tiny_pickscore, tmp_path,
+                                                                    monkeypatch):
+    """`diffusion-pref cache` scores the pairs once in one process; a (distributed) training run then reads them."""
+    from diffusion_pref.data import cache
+    from diffusion_pref.reward_models.pickscore import PickScore
+    from diffusion_pref.training.trainer import Trainer
+
+    data = write_pairs(tmp_path / "p.parquet", n=4)
+    flags = ["loss.name=smpo", "reward.models={pickscore: 1.0}", "reward.device=cpu",
+             f"reward.pretrained.pickscore={tiny_pickscore}", f"data.cache_dir={tmp_path / 'cache'}"]
+    cache.run(make_cfg(tiny_sd_dir, data, tmp_path / "cached", *flags))
+    stored = SoftLabels.load(tmp_path / "cached")
+    assert stored.scores == "reward_model" and len(stored) == 4
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("the scores stored by the cache command should have been reused")
+
+    monkeypatch.setattr(PickScore, "score", not_again)
+    trainer = Trainer(make_cfg(tiny_sd_dir, data, tmp_path / "train", *flags))
+    assert trainer.soft_labels.p.tolist() == stored.p.tolist()

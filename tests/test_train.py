@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from diffusion_pref.config import load_config
-from diffusion_pref.losses import LOSSES
+from diffusion_pref.losses import LOSSES, TAKES_SOFT_LABEL
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_data import write_pairs  # noqa: E402
@@ -79,7 +79,9 @@ def snapshot(named):
 def test_every_loss_trains_only_its_trainable_parameters(loss, tiny_sd_dir, pairs_path, tmp_path):
     from diffusion_pref.training.trainer import Trainer
 
-    trainer = Trainer(make_cfg(tiny_sd_dir, pairs_path, tmp_path, f"loss.name={loss}"))
+    # the pairs have no score columns: smpo and sppo take p from the human labels here (no reward model to load)
+    soft = ["data.soft_labels=label"] if loss in TAKES_SOFT_LABEL else []
+    trainer = Trainer(make_cfg(tiny_sd_dir, pairs_path, tmp_path, f"loss.name={loss}", *soft))
     unet = trainer.accelerator.unwrap_model(trainer.unet)
     trainable = snapshot((n, p) for n, p in unet.named_parameters() if p.requires_grad)
     frozen = snapshot((n, p) for n, p in unet.named_parameters() if not p.requires_grad)

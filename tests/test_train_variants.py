@@ -241,7 +241,9 @@ def test_cached_reference_inversion_trains_like_inverting_in_the_step(tiny_sd_di
     from diffusion_pref.training.trainer import Trainer
 
     data = write_pairs(tmp_path / "p.parquet", n=4)
-    flags = ["loss.name=smpo", "trajectory.kind=renoise", "trajectory.steps=5", f"trajectory.t_mode={t_mode}",
+    # hard labels (no score columns) and beta 2500: the settings these tolerances were set for
+    flags = ["loss.name=smpo", "data.soft_labels=label", "loss.beta=2500",
+             "trajectory.kind=renoise", "trajectory.steps=5", f"trajectory.t_mode={t_mode}",
              "trajectory.invert_with=reference", "train.max_steps=3"]
     cached_flags = ["data.cache=true", f"data.cache_dir={tmp_path / 'cache'}", "trajectory.cache_inverted=true"]
     cache.run(cfg_for(tiny_sd_dir, data, tmp_path / "cached", *flags, *cached_flags))

@@ -1,5 +1,8 @@
 """``diffusion-pref cache`` (and ``data.cache=true`` in train): VAE latents and text embeddings, computed once.
 
+For a loss that takes soft labels (smpo, sppo) the command also scores the pairs with ``reward.models`` when the
+data has no score columns (:mod:`diffusion_pref.soft_labels`), stored under the same root and reused by training.
+
 The pairs are decoded, augmented (the same deterministic paired augmentation as uncached training) and encoded
 once; training then reads latents and embeddings and never runs the VAE or the text encoder. One safetensors
 shard per streaming block (a parquet row group's kept rows), so the cached run sees its pairs in exactly the
@@ -216,12 +219,22 @@ def run(cfg) -> None:
     from accelerate import Accelerator
 
     from diffusion_pref.data.pairs import PairSource, scores_used
+    from diffusion_pref.losses import TAKES_SOFT_LABEL
     from diffusion_pref.pipelines import check_resolution, load_backbone, torch_dtype
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     check_resolution(cfg.model, cfg.data.resolution)
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
     source = PairSource(cfg.data, seed=cfg.train.seed, check_scores=scores_used(cfg))
+    if cfg.loss.name in TAKES_SOFT_LABEL and cfg.data.soft_labels != "label":
+        from diffusion_pref.soft_labels import soft_labels_for_run
+
+        # Scored here, before the diffusion model takes memory, so that a distributed training run finds them
+        # stored instead of waiting on its main process (a long wait hits the process group's timeout).
+        with accelerator.main_process_first():
+            labels = soft_labels_for_run(cfg, source, device=accelerator.device)
+        if accelerator.is_main_process:
+            print(f"soft labels ready: {len(labels)} pairs, p from {labels.scores}")
     backbone = load_backbone(cfg.model)
     check_resolution(cfg.model, cfg.data.resolution, vae=backbone.vae)
     weight_dtype = torch_dtype(cfg.train.mixed_precision)

@@ -12,7 +12,9 @@ Example::
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Optional
 
 TOY_WEIGHTS = Path(__file__).resolve().parent.parent / "toy" / "weights"
 
@@ -45,6 +47,25 @@ def token_limit(model):
     limits = [getattr(getattr(model, name, None), "model_max_length", None) for name in ("tokenizer", "tokenizer_2")]
     limits = [limit for limit in limits if isinstance(limit, int) and limit <= 1_000_000]
     return min(limits) if limits else None
+
+
+def summarize_mismatch(text: str) -> Optional[str]:
+    """PyTorch's load_state_dict error (one line per tensor: 128 lines for an SD LoRA on another base model) -> one
+    line with the counts and one example; None when ``text`` is not such an error."""
+    shapes = re.findall(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
+                        r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)", text)
+    missing = re.search(r"Missing key\(s\) in state_dict: ([^\n]*)", text)
+    unexpected = re.search(r"Unexpected key\(s\) in state_dict: ([^\n]*)", text)
+    parts = []
+    if shapes:
+        name, old, new = shapes[0]
+        parts.append(f"{len(shapes)} tensors differ in shape (e.g. {name}: {old} saved, {new} in this model)")
+    for label, match in (("missing", missing), ("unexpected", unexpected)):
+        if match:
+            names = re.findall(r'"([^"]+)"', match.group(1))
+            if names:
+                parts.append(f"{len(names)} {label} (e.g. {names[0]})")
+    return "; ".join(parts) or None
 
 
 def resolve_pretrained(pretrained: str) -> str:

@@ -11,7 +11,7 @@ Run it::
         data.source=/data/pickapic_v2 train.max_steps=2000
     accelerate launch -m diffusion_pref.cli train --config configs/sdxl_dpo_lora.yaml
 
-Writes into ``output.dir``: ``config.yaml`` (by the CLI), ``metrics.jsonl`` (one line per logged step),
+Writes into ``output.dir``: ``config.yaml`` (once the checks have passed), ``metrics.jsonl`` (one line per logged step),
 TensorBoard logs under ``logs/``, ``checkpoints/step-N``, ``train_summary.json``, and the result: a LoRA in the
 diffusers format (``pipe.load_lora_weights(output.dir)``) or, for ``model.finetune=full``, a pipeline folder
 (``StableDiffusionPipeline.from_pretrained(output.dir)``).
@@ -339,7 +339,8 @@ class Trainer:
         from diffusion_pref.config import ConfigError, check_loss, check_ranges
         from diffusion_pref.data.loader import collate_pixels
         from diffusion_pref.data.pairs import PairSource, scores_used
-        from diffusion_pref.losses import LOSSES, REFERENCE_FREE, TAKES_SOFT_LABEL, RunningMean, check_loss_params
+        from diffusion_pref.losses import (DIFFUSION_DEFAULT_BETA, LOSSES, REFERENCE_FREE, TAKES_SOFT_LABEL,
+                                           RunningMean, check_loss_params)
         from diffusion_pref.pipelines import check_resolution, load_backbone, torch_dtype
         from diffusion_pref.training.checkpoint import Checkpointer
 
@@ -375,6 +376,8 @@ class Trainer:
         self.loss_params = check_loss_params(cfg.loss.name, dict(cfg.loss.params))
         self.loss_params.pop("reward_shift", None)
         self.loss_fn = LOSSES[cfg.loss.name]
+        # load_config writes the loss's own default into loss.beta; a Config built in code may still hold None
+        self.beta = cfg.loss.beta if cfg.loss.beta is not None else DIFFUSION_DEFAULT_BETA[cfg.loss.name]
         self.takes_soft = cfg.loss.name in TAKES_SOFT_LABEL
         self.reference = resolve_reference(cfg.model, needs_ref=cfg.loss.name not in REFERENCE_FREE)
         if cfg.trajectory.cache_inverted and not (cfg.data.cache and cfg.trajectory.kind in ("ddim", "renoise")
@@ -388,13 +391,21 @@ class Trainer:
                               f"{cfg.loss.name!r} with model.reference={cfg.model.reference!r} has none; use "
                               "trajectory.invert_with=policy or set model.reference (adapter, copy)")
 
+        self.checkpointer = Checkpointer(accelerator, out, keep=t.keep_checkpoints, config=cfg)
+        # A resume from another run's checkpoint fails here, before any data or model is loaded.
+        resume_from = self.checkpointer.find(t.resume)
+        if resume_from is not None:
+            self.checkpointer.check_config(resume_from, force=t.resume_force)
+
         # Data first: a bad dataset fails in seconds, before any model is loaded.
         self.source = source = PairSource(cfg.data, seed=t.seed, check_scores=scores_used(cfg))
-        self.soft_labels = None
+        self.soft_labels = self.soft_label_summary = None
         if self.takes_soft:
+            from diffusion_pref.soft_labels import soft_label_summary
+
             mode = cfg.data.soft_labels
-            if mode == "auto":
-                mode = "scores" if source.has_scores else "label"
+            if mode == "auto":  # p from reward scores (columns or reward.models); the human label only when asked
+                mode = "scores"
             if mode == "scores":
                 from diffusion_pref.soft_labels import soft_labels_for_run
 
@@ -402,6 +413,13 @@ class Trainer:
                 # main process writes them before the others read them.
                 with accelerator.main_process_first():
                     self.soft_labels = soft_labels_for_run(cfg, source, device=accelerator.device)
+            elif cfg.loss.name == "smpo":
+                logger.warning("data.soft_labels=label with loss smpo: every hard-labelled pair gets p = 1, so the "
+                               "loss is dpo with a gamma-fold logit and no reward smoothing; unset data.soft_labels "
+                               "for SmPO's soft labels from reward scores")
+            self.soft_label_summary = soft_label_summary(source, self.soft_labels)
+            logger.info("soft labels (p) from %s: %d pairs, %d with p = 1, mean p %.4f",
+                        *(self.soft_label_summary[k] for k in ("from", "pairs", "p_one", "p_mean")))
         self.backbone = backbone = load_backbone(cfg.model)
         check_resolution(cfg.model, cfg.data.resolution, vae=backbone.vae)  # the exact factor, once it is loaded
         self.weight_dtype = torch_dtype(t.mixed_precision)
@@ -462,13 +480,11 @@ class Trainer:
         optimizer = _optimizer(cfg, self.trainable)
         lr_scheduler = _lr_scheduler(cfg, optimizer, accelerator.num_processes)
         self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(backbone.unet, optimizer, lr_scheduler)
-        self.checkpointer = Checkpointer(accelerator, out, keep=t.keep_checkpoints)
         if cfg.model.finetune == "lora":
             self.checkpointer.register_trainable_only(self.unet)
         self.bco_shift = RunningMean() if cfg.loss.name == "bco" else None
 
         self.step, self.epoch, self.next_index, self.skipped_total = 0, 0, 0, 0
-        resume_from = self.checkpointer.find(t.resume)
         if resume_from is not None:
             state = self.checkpointer.load(resume_from)
             self.step, self.epoch, self.next_index = int(state["step"]), int(state["epoch"]), int(state["next_index"])
@@ -532,6 +548,7 @@ class Trainer:
             accelerator.init_trackers("train", config=_flat_hparams(cfg) if t.logger == "tensorboard" else None)
             logger.info("data: %s; reference: %s; trainable parameters: %d", self.source.summary(), reference,
                         sum(p.numel() for p in trainable))
+            logger.info("loss %s: beta %g", cfg.loss.name, self.beta)
         metrics_file = out / "metrics.jsonl"
         if accelerator.is_main_process and metrics_file.is_file():
             # Keep the lines up to the step this run starts from: a fresh run in an old folder starts a new log, a
@@ -611,7 +628,7 @@ class Trainer:
                     extra["soft_label"] = batch["soft_label"]
                 if bco_shift is not None:
                     extra["reward_shift"] = bco_shift.mean
-                loss_per_pair, metrics = self.loss_fn(policy_w, policy_l, ref_w, ref_l, beta=cfg.loss.beta,
+                loss_per_pair, metrics = self.loss_fn(policy_w, policy_l, ref_w, ref_l, beta=self.beta,
                                                        **self.loss_params, **extra)
                 loss = loss_per_pair.mean()
                 accelerator.backward(loss)
@@ -662,8 +679,10 @@ class Trainer:
 
         accelerator.wait_for_everyone()
         summary = {"steps": step, "data": self.source.summary(), "skipped_rows": skipped_total, "reference": reference,
-                   "output": "lora" if cfg.model.finetune == "lora" else "pipeline",
+                   "output": "lora" if cfg.model.finetune == "lora" else "pipeline", "beta": self.beta,
                    "captions_cut": self._captions_cut_total()}
+        if self.soft_label_summary is not None:
+            summary["soft_labels"] = self.soft_label_summary
         # Full weights are gathered on every process (FSDP / ZeRO-3 shard them); LoRA weights are never sharded.
         full_state = accelerator.get_state_dict(unet) if save_outputs and cfg.model.finetune == "full" else None
         if accelerator.is_main_process and save_outputs:
@@ -729,4 +748,11 @@ class Trainer:
 
 def run(cfg) -> None:
     """``diffusion-pref train``: see the module docstring."""
-    Trainer(cfg).train()
+    from diffusion_pref.config import save_config
+
+    trainer = Trainer(cfg)
+    if trainer.accelerator.is_main_process:
+        # Only now, after the config, data, model and resume checks: a run that fails them leaves the folder's
+        # record of an earlier run alone.
+        save_config(cfg, cfg.output.dir)
+    trainer.train()
