@@ -66,10 +66,10 @@ class DataConfig:
     shuffle: bool = True
     num_workers: int = 0
     # Where a loss that takes P(winner preferred) (smpo, sppo) gets it. label: from label_0 (1.0 for hard labels,
-    # 0.5 for ties kept with ties=soft; smpo then is dpo with a gamma-fold logit, so it warns). scores: SmPO's
-    # sigmoid of the min-max-normalised score gap, from the score_0/score_1 columns or, without them, from
-    # reward.models, scored once and stored beside the data cache (diffusion_pref.soft_labels; settings
-    # loss.soft_label_*). auto: scores (label only when asked for).
+    # 0.5 for ties kept with ties=soft, max(label_0, 1 - label_0) for a fractional one; with hard labels smpo is
+    # dpo with a gamma-fold logit, so it warns). scores: SmPO's sigmoid of the min-max-normalised score gap, from
+    # the score_0/score_1 columns or, without them, from reward.models, scored once and stored beside the data
+    # cache (diffusion_pref.soft_labels; settings loss.soft_label_*). auto: scores (label only when asked for).
     soft_labels: str = "auto"  # auto | label | scores
 
 

@@ -2,7 +2,10 @@
 
 A row holds a caption, two encoded images (``jpg_0``, ``jpg_1``: raw bytes, or the ``{"bytes": ...}`` struct the
 ``datasets`` Image feature writes) and ``label_0`` = P(image 0 preferred); ``score_0``/``score_1`` are optional.
-``data.columns`` maps our names to a dataset's own. Every pair comes out winner first.
+``data.columns`` maps our names to a dataset's own. Every pair comes out winner first: the image whose side of
+``label_0`` is above 0.5, so a fractional label (0.3) is a pair with a winner (image 1) and a soft label
+max(label_0, 1 - label_0) (0.7) that only soft-label losses read; such labels and null or empty captions are
+counted in the summary. A caption column stored as binary is decoded as UTF-8.
 
 Large datasets are streamed: one pass reads only the label/score columns (to drop ties, find NaN and count
 pairs before any model loads), then training reads one parquet row group at a time. The order of an epoch is a
