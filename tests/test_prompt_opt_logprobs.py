@@ -185,3 +185,21 @@ def test_a_row_with_all_token_weights_zero_cannot_be_averaged(lm):
         completion_logprobs(model, batch, token_weight=weight, average=True)
     with pytest.raises(ValueError, match="token_weight has shape"):
         completion_logprobs(model, batch, token_weight=weight[:, :-1])
+
+
+def test_chat_split_matches_trl_preference_formatting(lm):
+    # TRL's DPO data formatting renders the prompt with the generation prompt and takes the chosen text as what the
+    # full conversation adds after it; our prompt/completion split must be the same texts
+    data_utils = pytest.importorskip("trl.data_utils", reason="trl is a test extra")
+    from diffusion_pref.prompt_opt.logprobs import _split_chat
+
+    _, tokenizer = tiny_causal_lm(seed=0)  # a fresh tokenizer: the fixture's stays without a template
+    tokenizer.chat_template = CHAT_TEMPLATE
+    for prompt, completion in zip(PROMPTS, COMPLETIONS):
+        example = {
+            "prompt": [{"role": "user", "content": prompt}],
+            "chosen": [{"role": "assistant", "content": completion}],
+            "rejected": [{"role": "assistant", "content": "x"}],
+        }
+        trl_texts = data_utils.apply_chat_template(example, tokenizer)
+        assert _split_chat(tokenizer, prompt, completion, 0) == (trl_texts["prompt"], trl_texts["chosen"])
