@@ -203,3 +203,23 @@ def test_chat_split_matches_trl_preference_formatting(lm):
         }
         trl_texts = data_utils.apply_chat_template(example, tokenizer)
         assert _split_chat(tokenizer, prompt, completion, 0) == (trl_texts["prompt"], trl_texts["chosen"])
+
+
+def test_lora_policy_trains_only_its_adapters_and_the_disabled_adapter_is_the_reference():
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = tiny_causal_lm(seed=0)
+    batch = encode_completions(tokenizer, PROMPTS, COMPLETIONS)
+    with torch.no_grad():
+        base = completion_logprobs(model, batch)
+    policy = get_peft_model(model, LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False  # GPT-2 uses Conv1D
+    ))
+    policy.train(False)
+    logprob = completion_logprobs(policy, batch)
+    assert not torch.allclose(logprob, base)  # random (non-zero) adapters change the policy
+    logprob.sum().backward()
+    changed = {name for name, p in policy.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert changed and all("lora_" in name for name in changed)
+    with torch.no_grad(), policy.disable_adapter():
+        torch.testing.assert_close(completion_logprobs(policy, batch), base)
