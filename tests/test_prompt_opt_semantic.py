@@ -116,6 +116,8 @@ def test_bad_pair_files_name_the_file_column_and_row(tmp_path):
     empty_chosen = PAIRS.assign(chosen=["a small cat, soft light", " ", "a dog on grass", "a car"])
     with pytest.raises(ValueError, match=r"pairs.parquet: row 1, column 'chosen': expected non-empty text"):
         add_semantic_weights(write_pairs(tmp_path, empty_chosen), tmp_path / "o.parquet", HandEmbedder(), alpha=1.0)
+    with pytest.raises(ValueError, match="no rows to compare"):
+        cosine_similarities(HandEmbedder(), [], [])
     with pytest.raises(ValueError, match="row 0: the embedder gave a zero vector"):
         cosine_similarities(lambda texts: torch.zeros(len(texts), 3), ["a"], ["b"])
     with pytest.raises(ValueError, match="alpha must be"):

@@ -76,6 +76,8 @@ def cosine_similarities(embed: Embedder, prompts: Sequence[str], texts: Sequence
 
     if len(prompts) != len(texts):
         raise ValueError(f"semantic weight: {len(prompts)} prompts but {len(texts)} texts.")
+    if not prompts:
+        raise ValueError("semantic weight: no rows to compare.")
     table = _embed_unique(embed, [*prompts, *texts])
     a = torch.stack([table[p] for p in prompts])  # [N, d]
     b = torch.stack([table[t] for t in texts])
