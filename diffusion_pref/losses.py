@@ -28,6 +28,12 @@ For language models the usual beta is about 0.1 (TRL's default).
 All losses compute in float32 whatever the input dtype (bfloat16 inputs keep their gradient path) because
 ``beta * h`` with beta in the thousands and ``h`` around 1e-4 loses most of its digits in bfloat16.
 
+Per-pair weights: every loss takes ``weight`` (``[pairs]``, finite and >= 0, None = unweighted) and returns
+``weight * loss_per_pair`` (plus ``metrics["weight_mean"]``); the registry applies it, the same way for every loss
+(Sem-DPO's semantic weight, per-pair confidence). For kto and bco on unpaired data (``label`` given) the loss is per
+item, so ``weight`` is per item too. The trainer's mean over pairs is not divided by the weights' sum: weights
+below 1 also shrink the step, as in Sem-DPO's ``-E[W log sigmoid(beta h)]``.
+
 Adding a loss: write one function with the common signature, add one line to :data:`LOSSES`, and add a test
 against its formula in ``tests/test_losses.py``. Torch is imported inside functions so that importing this
 module (the config layer calls :func:`check_loss_params`) stays cheap.
@@ -36,6 +42,7 @@ module (the config layer calls :func:`check_loss_params`) stays cheap.
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import math
 from typing import TYPE_CHECKING, Any, Callable
@@ -170,11 +177,46 @@ def _pair_metrics(log_ratio_w, log_ratio_l, beta: float, **extra) -> Metrics:
     return metrics
 
 
-def _apply_weight(loss: str, loss_per_pair, weight):
-    if weight is None:
-        return loss_per_pair
+def _check_weight(loss: str, weight, loss_per_pair):
+    """Validated weights on the loss's device. Pass them on the host, as soft labels: the check then reads host
+    memory and the copy does not wait for the GPU."""
+    import torch
+
     weight = _as_float32("weight", loss, weight, loss_per_pair.shape[0])
-    return loss_per_pair * weight
+    bad = (~torch.isfinite(weight)) | (weight < 0)
+    if bool(bad.any()):
+        index = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{loss}: `weight` must be finite and >= 0 for every pair (0 drops a pair); entry {index} is "
+            f"{weight[index].item()!r}."
+        )
+    from diffusion_pref.transfer import to_device
+
+    return to_device(weight, loss_per_pair.device)
+
+
+def _with_weight(name: str, fn: Callable[..., tuple[Any, Metrics]]) -> Callable[..., tuple[Any, Metrics]]:
+    """``fn`` plus the keyword ``weight``, the one place where per-pair weights are applied.
+
+    A loss function computes its unweighted ``[pairs]`` loss; this multiplies it by ``weight`` (None: unweighted)
+    and adds ``metrics["weight_mean"]``. Doing it here, not in each loss, keeps it the same for every loss.
+    """
+
+    @functools.wraps(fn)
+    def weighted(*args, weight=None, **kwargs):
+        loss, metrics = fn(*args, **kwargs)
+        if weight is None:
+            return loss, metrics
+        weight = _check_weight(name, weight, loss)
+        metrics["weight_mean"] = weight.detach().mean()
+        return loss * weight, metrics
+
+    # help() and inspect show `weight` beside the loss's own keywords.
+    params = list(inspect.signature(fn).parameters.values())
+    at = [param.name for param in params].index("beta") + 1
+    params.insert(at, inspect.Parameter("weight", inspect.Parameter.KEYWORD_ONLY, default=None))
+    weighted.__signature__ = inspect.signature(fn).replace(parameters=params)
+    return weighted
 
 
 def _soft_label(loss: str, soft_label, pairs: int, *, required: bool, device=None):
@@ -228,7 +270,7 @@ def _param(loss: str, name: str, value) -> float:
 # ------------------------------------------------------------------------------------------------------- losses
 
 
-def dpo(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None, label=None):
+def dpo(policy_w, policy_l, ref_w, ref_l, *, beta, soft_label=None, label=None):
     """DPO, the sigmoid loss: ``-log sigmoid(beta * h)``, ``h = (policy_w - ref_w) - (policy_l - ref_l)``.
 
     Rafailov et al., arXiv 2305.18290, Eq. 7; for diffusion, Wallace et al. (Diffusion-DPO), arXiv 2311.12908,
@@ -243,10 +285,10 @@ def dpo(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None,
     policy_w, policy_l, ref_w, ref_l, beta = _prepare("dpo", policy_w, policy_l, ref_w, ref_l, beta)
     log_ratio_w, log_ratio_l = policy_w - ref_w, policy_l - ref_l
     loss = -F.logsigmoid(beta * (log_ratio_w - log_ratio_l))
-    return _apply_weight("dpo", loss, weight), _pair_metrics(log_ratio_w, log_ratio_l, beta)
+    return loss, _pair_metrics(log_ratio_w, log_ratio_l, beta)
 
 
-def smpo(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None, label=None, gamma=10.0):
+def smpo(policy_w, policy_l, ref_w, ref_l, *, beta, soft_label=None, label=None, gamma=10.0):
     """SmPO (smoothed preference optimisation): ``-log sigmoid(gamma * (2p - 1) * beta * h)``, per pair.
 
     Lu et al., arXiv 2506.02698 (ICML 2025; equation number not checked). The geometric-mixture preference
@@ -269,10 +311,10 @@ def smpo(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None
     scale = gamma * (2.0 * p - 1.0)  # [pairs]
     loss = -F.logsigmoid(scale * beta * (log_ratio_w - log_ratio_l))
     metrics = _pair_metrics(log_ratio_w, log_ratio_l, beta, soft_label_mean=p.mean())
-    return _apply_weight("smpo", loss, weight), metrics
+    return loss, metrics
 
 
-def ipo(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None, label=None):
+def ipo(policy_w, policy_l, ref_w, ref_l, *, beta, soft_label=None, label=None):
     """IPO: ``(h - 1/(2*beta))^2``, beta playing the role of IPO's tau.
 
     Azar et al., arXiv 2310.12036, Eq. 17. TRL averages LM log-probs per token for IPO; pass length-normalised
@@ -284,10 +326,10 @@ def ipo(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None,
     policy_w, policy_l, ref_w, ref_l, beta = _prepare("ipo", policy_w, policy_l, ref_w, ref_l, beta)
     log_ratio_w, log_ratio_l = policy_w - ref_w, policy_l - ref_l
     loss = (log_ratio_w - log_ratio_l - 1.0 / (2.0 * beta)).pow(2)
-    return _apply_weight("ipo", loss, weight), _pair_metrics(log_ratio_w, log_ratio_l, beta)
+    return loss, _pair_metrics(log_ratio_w, log_ratio_l, beta)
 
 
-def hinge(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None, label=None):
+def hinge(policy_w, policy_l, ref_w, ref_l, *, beta, soft_label=None, label=None):
     """Hinge (SLiC / RSO hinge-norm): ``max(0, 1 - beta * h)``; the margin is ``1/beta``.
 
     Zhao et al. (SLiC-HF), arXiv 2305.10425, the rank-calibration hinge term; Liu et al. (RSO), arXiv 2309.06657,
@@ -301,10 +343,10 @@ def hinge(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=Non
     policy_w, policy_l, ref_w, ref_l, beta = _prepare("hinge", policy_w, policy_l, ref_w, ref_l, beta)
     log_ratio_w, log_ratio_l = policy_w - ref_w, policy_l - ref_l
     loss = torch.relu(1.0 - beta * (log_ratio_w - log_ratio_l))
-    return _apply_weight("hinge", loss, weight), _pair_metrics(log_ratio_w, log_ratio_l, beta)
+    return loss, _pair_metrics(log_ratio_w, log_ratio_l, beta)
 
 
-def robust(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None, label=None, flip_rate=0.1):
+def robust(policy_w, policy_l, ref_w, ref_l, *, beta, soft_label=None, label=None, flip_rate=0.1):
     """Robust DPO (rDPO): ``[(1-e) L(w,l) - e L(l,w)] / (1 - 2e)`` with ``L(w,l) = -log sigmoid(beta h)``.
 
     Chowdhury et al., arXiv 2403.00409, the de-biased loss (equation number not checked): unbiased under label
@@ -321,10 +363,10 @@ def robust(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=No
     log_ratio_w, log_ratio_l = policy_w - ref_w, policy_l - ref_l
     logit = beta * (log_ratio_w - log_ratio_l)
     loss = ((1.0 - eps) * -F.logsigmoid(logit) - eps * -F.logsigmoid(-logit)) / (1.0 - 2.0 * eps)
-    return _apply_weight("robust", loss, weight), _pair_metrics(log_ratio_w, log_ratio_l, beta)
+    return loss, _pair_metrics(log_ratio_w, log_ratio_l, beta)
 
 
-def cdpo(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None, label=None, label_smoothing=0.1):
+def cdpo(policy_w, policy_l, ref_w, ref_l, *, beta, soft_label=None, label=None, label_smoothing=0.1):
     """Conservative DPO (label smoothing): ``-(1-e) log sigmoid(beta h) - e log sigmoid(-beta h)``.
 
     Mitchell, "A note on DPO with noisy preferences & relationship to IPO" (2023, no arXiv id):
@@ -341,10 +383,10 @@ def cdpo(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None
     log_ratio_w, log_ratio_l = policy_w - ref_w, policy_l - ref_l
     logit = beta * (log_ratio_w - log_ratio_l)
     loss = -(1.0 - eps) * F.logsigmoid(logit) - eps * F.logsigmoid(-logit)
-    return _apply_weight("cdpo", loss, weight), _pair_metrics(log_ratio_w, log_ratio_l, beta)
+    return loss, _pair_metrics(log_ratio_w, log_ratio_l, beta)
 
 
-def rpo(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None, label=None, alpha=1.0):
+def rpo(policy_w, policy_l, ref_w, ref_l, *, beta, soft_label=None, label=None, alpha=1.0):
     """RPO: dpo plus ``alpha`` times the winner's negative log-likelihood, ``-log sigmoid(beta h) - alpha policy_w``.
 
     Pang et al. (iterative reasoning preference optimisation), arXiv 2404.19733, the DPO + NLL loss with
@@ -364,10 +406,10 @@ def rpo(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None,
     nll_w = -policy_w
     loss = preference + alpha * nll_w
     metrics = _pair_metrics(log_ratio_w, log_ratio_l, beta, nll_w=nll_w.mean())
-    return _apply_weight("rpo", loss, weight), metrics
+    return loss, metrics
 
 
-def sft(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None, label=None):
+def sft(policy_w, policy_l, ref_w, ref_l, *, beta, soft_label=None, label=None):
     """SFT on winners: ``-policy_w`` (the loser and the reference do not enter the loss).
 
     Plain maximum likelihood (TRL ``loss_type="sft"``; the Diffusion-DPO code's ``--sft`` baseline,
@@ -381,7 +423,7 @@ def sft(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None,
         "sft", policy_w, policy_l, ref_w, ref_l, beta, ref_optional=True
     )
     loss = -policy_w
-    return _apply_weight("sft", loss, weight), _pair_metrics(policy_w - ref_w, policy_l - ref_l, beta)
+    return loss, _pair_metrics(policy_w - ref_w, policy_l - ref_l, beta)
 
 
 def _unpaired_metrics(log_ratio, desirable, z0, beta: float, **extra) -> Metrics:
@@ -440,7 +482,6 @@ def kto(
     ref_l,
     *,
     beta,
-    weight=None,
     soft_label=None,
     label=None,
     desirable_weight=1.0,
@@ -482,7 +523,7 @@ def kto(
             lam_u * (1.0 - torch.sigmoid(beta * (z0 - log_ratio))),
         )
         metrics = _unpaired_metrics(log_ratio, desirable, z0, beta, kl=z0)
-        return _apply_weight("kto", loss, weight), metrics
+        return loss, metrics
 
     policy_w, policy_l, ref_w, ref_l, beta = _prepare("kto", policy_w, policy_l, ref_w, ref_l, beta)
     log_ratio_w, log_ratio_l = policy_w - ref_w, policy_l - ref_l
@@ -490,7 +531,7 @@ def kto(
     loss_w = lam_d * (1.0 - torch.sigmoid(beta * (log_ratio_w - z0)))
     loss_l = lam_u * (1.0 - torch.sigmoid(beta * (z0 - log_ratio_l)))
     metrics = _pair_metrics(log_ratio_w, log_ratio_l, beta, kl=z0)
-    return _apply_weight("kto", loss_w + loss_l, weight), metrics
+    return loss_w + loss_l, metrics
 
 
 class RunningMean:
@@ -532,7 +573,6 @@ def bco(
     ref_l,
     *,
     beta,
-    weight=None,
     soft_label=None,
     label=None,
     reward_shift=0.0,
@@ -569,7 +609,7 @@ def bco(
         # An item is on its label's side when its reward is on that side of delta, i.e. l vs delta / beta.
         boundary = reward.new_tensor(delta / beta)
         metrics = _unpaired_metrics(policy - ref, desirable, boundary, beta, reward_batch_mean=reward.detach().mean())
-        return _apply_weight("bco", loss, weight), metrics
+        return loss, metrics
 
     policy_w, policy_l, ref_w, ref_l, beta = _prepare("bco", policy_w, policy_l, ref_w, ref_l, beta)
     log_ratio_w, log_ratio_l = policy_w - ref_w, policy_l - ref_l
@@ -577,10 +617,10 @@ def bco(
     loss = -F.logsigmoid(reward_w - delta) - F.logsigmoid(-(reward_l - delta))
     batch_mean = torch.cat([reward_w, reward_l]).detach().mean()
     metrics = _pair_metrics(log_ratio_w, log_ratio_l, beta, reward_batch_mean=batch_mean)
-    return _apply_weight("bco", loss, weight), metrics
+    return loss, metrics
 
 
-def sppo(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None, label=None):
+def sppo(policy_w, policy_l, ref_w, ref_l, *, beta, soft_label=None, label=None):
     """SPPO: ``(l_w - (P_w - 1/2)/beta)^2 + (l_l - (P_l - 1/2)/beta)^2`` with eta = 1/beta.
 
     Wu et al., arXiv 2405.00675, Eq. 4.7 of Algorithm 1 with the reference as the previous iterate pi_t.
@@ -599,10 +639,10 @@ def sppo(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None
     else:
         target_w, target_l = (p - 0.5) / beta, (0.5 - p) / beta
     loss = (log_ratio_w - target_w).pow(2) + (log_ratio_l - target_l).pow(2)
-    return _apply_weight("sppo", loss, weight), _pair_metrics(log_ratio_w, log_ratio_l, beta)
+    return loss, _pair_metrics(log_ratio_w, log_ratio_l, beta)
 
 
-def nca(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None, label=None):
+def nca(policy_w, policy_l, ref_w, ref_l, *, beta, soft_label=None, label=None):
     """NCA (pairwise): ``-log sigmoid(r_w) - 1/2 log sigmoid(-r_w) - 1/2 log sigmoid(-r_l)``, ``r = beta * l``.
 
     Chen et al., arXiv 2402.05369 (noise contrastive alignment), the pairwise (K = 2) NCA objective (equation number
@@ -618,10 +658,10 @@ def nca(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None,
     log_ratio_w, log_ratio_l = policy_w - ref_w, policy_l - ref_l
     reward_w, reward_l = beta * log_ratio_w, beta * log_ratio_l
     loss = -F.logsigmoid(reward_w) - 0.5 * F.logsigmoid(-reward_w) - 0.5 * F.logsigmoid(-reward_l)
-    return _apply_weight("nca", loss, weight), _pair_metrics(log_ratio_w, log_ratio_l, beta)
+    return loss, _pair_metrics(log_ratio_w, log_ratio_l, beta)
 
 
-def apo_zero(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None, label=None):
+def apo_zero(policy_w, policy_l, ref_w, ref_l, *, beta, soft_label=None, label=None):
     """APO-zero: ``(1 - sigmoid(beta l_w)) + sigmoid(beta l_l)``.
 
     D'Oosterlinck et al., arXiv 2408.06266, Eq. 7; equals TRL ``apo_zero``. For when winners are better than
@@ -635,10 +675,10 @@ def apo_zero(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=
     policy_w, policy_l, ref_w, ref_l, beta = _prepare("apo_zero", policy_w, policy_l, ref_w, ref_l, beta)
     log_ratio_w, log_ratio_l = policy_w - ref_w, policy_l - ref_l
     loss = (1.0 - torch.sigmoid(beta * log_ratio_w)) + torch.sigmoid(beta * log_ratio_l)
-    return _apply_weight("apo_zero", loss, weight), _pair_metrics(log_ratio_w, log_ratio_l, beta)
+    return loss, _pair_metrics(log_ratio_w, log_ratio_l, beta)
 
 
-def apo_down(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None, label=None):
+def apo_down(policy_w, policy_l, ref_w, ref_l, *, beta, soft_label=None, label=None):
     """APO-down: ``sigmoid(beta l_w) + (1 - sigmoid(beta h))``.
 
     D'Oosterlinck et al., arXiv 2408.06266, Eq. 8; equals TRL ``apo_down``. For when winners are worse than the
@@ -652,7 +692,7 @@ def apo_down(policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=
     policy_w, policy_l, ref_w, ref_l, beta = _prepare("apo_down", policy_w, policy_l, ref_w, ref_l, beta)
     log_ratio_w, log_ratio_l = policy_w - ref_w, policy_l - ref_l
     loss = torch.sigmoid(beta * log_ratio_w) + (1.0 - torch.sigmoid(beta * (log_ratio_w - log_ratio_l)))
-    return _apply_weight("apo_down", loss, weight), _pair_metrics(log_ratio_w, log_ratio_l, beta)
+    return loss, _pair_metrics(log_ratio_w, log_ratio_l, beta)
 
 
 def _log1mexp(x):
@@ -666,7 +706,7 @@ def _log1mexp(x):
 
 
 def asft(
-    policy_w, policy_l, ref_w, ref_l, *, beta, weight=None, soft_label=None, label=None, odds_weight=0.1
+    policy_w, policy_l, ref_w, ref_l, *, beta, soft_label=None, label=None, odds_weight=0.1
 ):
     """ASFT (aligned SFT, reference-free): ``-(1 + lam) log pi_w - lam log(1 - pi_l)``, ``lam = odds_weight``.
 
@@ -692,7 +732,7 @@ def asft(
         )
     log_pi_l = policy_l.clamp(max=-1e-6)
     loss = -(1.0 + lam) * policy_w - lam * _log1mexp(log_pi_l)
-    return _apply_weight("asft", loss, weight), _pair_metrics(policy_w - ref_w, policy_l - ref_l, beta)
+    return loss, _pair_metrics(policy_w - ref_w, policy_l - ref_l, beta)
 
 
 def redi(
@@ -702,7 +742,6 @@ def redi(
     ref_l,
     *,
     beta,
-    weight=None,
     soft_label=None,
     label=None,
     winner_coef=1.0,
@@ -724,7 +763,7 @@ def redi(
         "redi", policy_w, policy_l, ref_w, ref_l, beta, ref_optional=True
     )
     loss = -coef_w * policy_w + coef_l * policy_l
-    return _apply_weight("redi", loss, weight), _pair_metrics(policy_w - ref_w, policy_l - ref_l, beta)
+    return loss, _pair_metrics(policy_w - ref_w, policy_l - ref_l, beta)
 
 
 # ----------------------------------------------------------------------------------------------------- registry
@@ -747,6 +786,7 @@ LOSSES: dict[str, Callable[..., tuple[Any, Metrics]]] = {
     "asft": asft,
     "redi": redi,
 }
+LOSSES = {name: _with_weight(name, fn) for name, fn in LOSSES.items()}
 
 # Starting betas for image diffusion (our convention). Sourced: dpo (diffusers SD1.5 script), smpo (SmPO code's
 # SD1.5 2000, halved), kto (Diffusion-KTO code default; its scale convention is assumed, not verified). The rest

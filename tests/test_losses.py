@@ -301,9 +301,84 @@ def test_finite_loss_and_gradients_in_bfloat16(name):
 @pytest.mark.parametrize("name", PAIRED_LOSSES)
 def test_per_pair_weight_scales_the_loss(name):
     weight = t([0.25, 3.0])
-    plain, _ = run(name)
-    weighted, _ = run(name, weight=weight)
+    plain, plain_metrics = run(name)
+    weighted, metrics = run(name, weight=weight)
     torch.testing.assert_close(weighted, plain * weight)
+    torch.testing.assert_close(weighted, t([v * w for v, w in zip(expected(name), [0.25, 3.0])]), rtol=1e-5, atol=1e-6)
+    # the weight scales the loss only; what the metrics report about the pairs is unchanged
+    assert metrics.pop("weight_mean").item() == pytest.approx(1.625)
+    assert metrics.keys() == plain_metrics.keys()
+    for key in metrics:
+        assert torch.equal(metrics[key], plain_metrics[key]), key
+
+
+def loss_and_grads(name, **kwargs):
+    """The per-pair loss and the gradients of its sum with respect to policy_w and policy_l (zeros if unused)."""
+    pw, pl, rw, rl = inputs(grad=True)
+    loss, _ = run(name, pw, pl, rw, rl, **kwargs)
+    loss.sum().backward()
+    return loss.detach(), [g if g is not None else torch.zeros(2) for g in (pw.grad, pl.grad)]
+
+
+@pytest.mark.parametrize("name", PAIRED_LOSSES)
+def test_unit_weight_is_exactly_the_unweighted_loss(name):
+    plain, plain_grads = loss_and_grads(name)
+    weighted, grads = loss_and_grads(name, weight=torch.ones(2))
+    assert torch.equal(weighted, plain)
+    assert all(torch.equal(a, b) for a, b in zip(grads, plain_grads))
+
+
+@pytest.mark.parametrize("name", PAIRED_LOSSES)
+def test_weight_scales_each_pairs_gradient(name):
+    # each pair's loss depends only on its own estimates (kto's z0 and bco's batch mean are detached), so the
+    # gradient of sum(w * loss) with respect to pair i is w_i times the unweighted one
+    weight = t([0.25, 3.0])
+    _, plain_grads = loss_and_grads(name)
+    _, grads = loss_and_grads(name, weight=weight)
+    assert plain_grads[0].abs().sum() > 0
+    for plain, weighted in zip(plain_grads, grads):
+        torch.testing.assert_close(weighted, plain * weight)
+
+
+@pytest.mark.parametrize("name", ["kto", "bco"])
+def test_unpaired_weight_is_per_item(name):
+    pw, pl, rw, rl = inputs()
+    items = (torch.cat([pw, pl]), None, torch.cat([rw, rl]), None)
+    label = t([1, 1, 0, 0])
+    weight = t([0.5, 2.0, 0.0, 1.5])
+    plain, _ = LOSSES[name](*items, beta=BETA, label=label)
+    weighted, metrics = LOSSES[name](*items, beta=BETA, label=label, weight=weight)
+    assert weighted.shape == (4,)
+    torch.testing.assert_close(weighted, plain * weight)
+    assert metrics["weight_mean"].item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="`weight` has 2 entries"):
+        LOSSES[name](*items, beta=BETA, label=label, weight=t([1.0, 1.0]))
+
+
+@pytest.mark.parametrize(
+    "weight, message",
+    [
+        ([1.0, -0.5], r"dpo: `weight` must be finite and >= 0 .*entry 1 is -0.5"),
+        ([float("nan"), 1.0], r"dpo: `weight` must be finite and >= 0 .*entry 0 is nan"),
+        ([1.0, float("inf")], r"entry 1 is inf"),
+        ([1.0, 1.0, 1.0], r"dpo: `weight` has 3 entries but policy_w has 2"),
+        ([[1.0, 1.0]], r"dpo: `weight` must have shape \[pairs\]"),
+    ],
+)
+def test_bad_weight_is_refused_naming_the_entry(weight, message):
+    with pytest.raises(ValueError, match=message):
+        run("dpo", weight=t(weight))
+
+
+def test_weight_is_in_every_loss_signature_and_not_a_config_parameter():
+    import inspect
+
+    for name, fn in LOSSES.items():
+        param = inspect.signature(fn).parameters["weight"]
+        assert param.kind is inspect.Parameter.KEYWORD_ONLY and param.default is None, name
+        assert "weight" not in L.loss_params(name), name
+    with pytest.raises(UnknownLossError, match="'weight' is not a loss parameter"):
+        check_loss_params("dpo", {"weight": 1.0})
 
 
 @pytest.mark.parametrize("name", ["dpo", "robust", "kto"])
