@@ -223,7 +223,9 @@ def _size_cpu_threads(torch_preloaded: bool) -> None:
     )
     if threads is not None:
         torch.set_num_threads(threads)
-    if os.environ.get("RANK", "0") == "0":
+    # A caller that imported torch first (a script, the tests) owns its threads: nothing was chosen, so no line
+    # joins the one-line errors such a caller reads.
+    if not torch_preloaded and os.environ.get("RANK", "0") == "0":
         print(f"diffusion-pref: {line}", file=sys.stderr)
 
 
