@@ -61,9 +61,11 @@ def _check(cfg: Config) -> None:
 
 
 def _settings(cfg: Config) -> Dict[str, Any]:
-    """What a resumed run must share with the run that made the earlier rounds (all but the number of rounds)."""
+    """What a resumed run must share with the run that made the earlier rounds: all but the number of rounds and
+    where the folder is (a run folder may be moved and resumed there)."""
     settings = dataclasses.asdict(cfg)
     del settings["iterate"]["rounds"]
+    del settings["output"]["dir"]
     settings["train"].pop("resume")  # None and latest do the same here
     return json.loads(json.dumps(settings, default=str))
 

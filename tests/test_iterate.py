@@ -6,6 +6,7 @@ killed run would be; the second attempt must finish without redoing anything tha
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +97,7 @@ def test_two_rounds_run_and_a_stopped_run_resumes_at_the_stage_it_stopped(run_di
         assert [p["prompt"] for p in json.loads(Path(cfg.generate.prompts).read_text())] == records[4 * (r - 1):4 * r]
 
 
-def test_a_finished_run_is_not_redone_and_other_settings_are_refused(run_dir, monkeypatch):
+def test_a_finished_run_is_not_redone_and_other_settings_are_refused(run_dir, monkeypatch, tmp_path):
     out, _, _ = run_dir
 
     def fail(*args, **kwargs):
@@ -106,6 +107,9 @@ def test_a_finished_run_is_not_redone_and_other_settings_are_refused(run_dir, mo
         monkeypatch.setattr(module, name, fail)
     again = iterate.run(small_config(out))
     assert [row["round"] for row in again["rounds"]] == [1, 2]
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)  # a run folder moved elsewhere resumes there
+    assert [row["round"] for row in iterate.run(small_config(moved))["rounds"]] == [1, 2]
     beta = small_config(out).loss.beta  # the recipe's, whatever it is; any other value must be refused
     with pytest.raises(ConfigError, match=rf"other settings \(loss.beta: {beta} -> {2 * beta}\)"):
         iterate.run(small_config(out, f"loss.beta={2 * beta}"))
