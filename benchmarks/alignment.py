@@ -462,7 +462,8 @@ def write_report(out: Path, suite: str, results_dir: Path, note: str, planned: L
         if "dpo" in curves:
             target = curves["dpo"]["win_rate"][-1]
             lines += ["", f"Time to reach DPO's final win rate ({target:.3f}); checkpoints every "
-                      f"{curves['dpo']['steps'][0]} steps, win rate linear between them:", "",
+                      f"{curves['dpo']['steps'][0]} steps, win rate linear between them; seconds since the train command started "
+                      "(model loading and any cache building included):", "",
                       "| variant | win rate by step | seconds to DPO's final win rate |", "| --- | --- | --- |"]
             for g, c in curves.items():
                 reach = time_to_reach(c["train_s"], c["win_rate"], target)
