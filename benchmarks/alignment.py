@@ -45,6 +45,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 ROOT = Path(__file__).resolve().parents[1]
 REWARD = "toy-fidelity"
 REWARD_MAX = 1.0
+EVAL_OVERRIDES: List[str] = []  # --eval-override: smaller evaluations for smoke runs
 REWARD_TOLERANCE = 0.25  # toy-fidelity: a wrong colour costs 0.5, so "at the maximum" is within a quarter of 1
 
 
@@ -201,7 +202,7 @@ def evaluate_variant(out: Path, name: str, lora: Path) -> Dict:
     from diffusion_pref import evaluate
 
     shared = out / "eval"
-    cfg = _config([f"output.dir={shared}", "eval.baseline=base"])
+    cfg = _config([f"output.dir={shared}", "eval.baseline=base", *EVAL_OVERRIDES])
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, variants={"base": "base", name: str(lora)}))
     metrics = evaluate.run(cfg)
     import pandas as pd
@@ -257,7 +258,7 @@ def do_run(out: Path, run: Run) -> Dict:
     eval_s = 0.0
     for step, seconds, lora in points:
         t0 = time.perf_counter()
-        variant = run.name if lora == train_dir else f"{run.name}@{step}"
+        variant = run.name if lora == train_dir else f"{run.name}.step{step}"
         found = evaluate_variant(out, variant, lora)
         eval_s = time.perf_counter() - t0
         wins, pairs_n, paired = _outcomes(found["table"], variant)
@@ -461,7 +462,8 @@ def write_report(out: Path, suite: str, results_dir: Path, note: str, planned: L
         if "dpo" in curves:
             target = curves["dpo"]["win_rate"][-1]
             lines += ["", f"Time to reach DPO's final win rate ({target:.3f}); checkpoints every "
-                      f"{curves['dpo']['steps'][0]} steps, win rate linear between them:", "",
+                      f"{curves['dpo']['steps'][0]} steps, win rate linear between them; seconds since the train command started "
+                      "(model loading and any cache building included):", "",
                       "| variant | win rate by step | seconds to DPO's final win rate |", "| --- | --- | --- |"]
             for g, c in curves.items():
                 reach = time_to_reach(c["train_s"], c["win_rate"], target)
@@ -524,7 +526,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--only", nargs="*", help="only runs whose name contains one of these")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--note", default="")
+    p.add_argument("--eval-override", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="eval.* overrides, e.g. eval.max_prompts=2 eval.seeds=[0] for a smoke run")
     args = p.parse_args(argv)
+    EVAL_OVERRIDES[:] = args.eval_override
     out = Path(args.out)
     beta = args.beta if args.beta is not None else _config([]).loss.beta
     if args.suite == "recipe":
