@@ -137,6 +137,12 @@ def max_score_errors(scores, ref_scores, *, maximum: float, tolerance: float) ->
     }
 
 
+def errors_text(errors: Dict[str, Any]) -> str:
+    """``errors`` of a win rate (a reward with a known maximum) in words, for the printout and the report."""
+    return (f"base errors fixed {errors['fixed']}/{errors['baseline_errors']}, "
+            f"regressions {errors['regressions']} (right = within {errors['tolerance']:g} of {errors['maximum']:g})")
+
+
 def win_rate(
     table: "pd.DataFrame",
     reward: str,

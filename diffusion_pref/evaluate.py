@@ -587,12 +587,6 @@ def run(cfg: Config, scorers: Optional[Mapping[str, Any]] = None) -> Dict[str, A
     return metrics
 
 
-def errors_text(errors: Mapping[str, Any]) -> str:
-    """``errors`` of a win rate (a reward with a known maximum) in words, for the printout and the report."""
-    return (f"base errors fixed {errors['fixed']}/{errors['baseline_errors']}, "
-            f"regressions {errors['regressions']} (right = within {errors['tolerance']:g} of {errors['maximum']:g})")
-
-
 def _print_summary(metrics: Mapping[str, Any], out_dir: Path) -> None:
     for reward in metrics["rewards"]:
         for variant in metrics["variants"]:

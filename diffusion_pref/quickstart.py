@@ -65,7 +65,7 @@ def _summary_lines(metrics: dict, reward: str, tuned: str) -> list[str]:
         lines.append(f"  win rate of {tuned} over base: {win['win_rate']:.3f}  95% CI [{low:.3f}, {high:.3f}] "
                      f"({verdict} 0.5); wins/ties/losses {win['wins']}/{win['ties']}/{win['losses']}")
         if win.get("errors"):
-            from diffusion_pref.evaluate import errors_text
+            from diffusion_pref.eval_stats import errors_text
 
             lines.append(f"  {errors_text(win['errors'])}")
     return lines

@@ -161,7 +161,7 @@ def _summary_table(metrics: Dict[str, Any]) -> str:
             if w is not None and "wins" in w:
                 wr += f'<br><small>wins/ties/losses {w["wins"]}/{w["ties"]}/{w["losses"]}</small>'
             if w is not None and w.get("errors"):
-                from diffusion_pref.evaluate import errors_text
+                from diffusion_pref.eval_stats import errors_text
 
                 wr += f"<br><small>{html.escape(errors_text(w['errors']))}</small>"
             cells.append(f"<td>{_fmt(s['mean'])}</td><td>{_fmt(s['median'])}</td><td>{wr}</td>")

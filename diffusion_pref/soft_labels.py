@@ -353,16 +353,16 @@ def prepare_soft_labels(source, out_dir, *, winner: str = "reward", scores: str 
     return labels
 
 
-def soft_labels_for_run(cfg, source, device: Any = "cpu") -> SoftLabels:
+def soft_labels_for_run(cfg, source, device: Any = "cpu", score_cache_dir: Any = None) -> SoftLabels:
     """The trainer's one call: soft labels for ``source`` stored in ``cfg.output.dir``, settings from ``cfg``.
 
     Reads ``loss.soft_label_winner``, ``loss.soft_label_scores``, ``loss.soft_label_range`` ([low, high] in the
     scores' units, or None for the dataset's min/max) and ``cfg.reward``; the reward model is loaded only if the
-    scores must be computed, and its scores are stored beside the data cache (``data.cache_dir``, default
-    ``output.dir/cache``) for every later run on the same data with the same reward model.
+    scores must be computed, and its scores are stored in ``score_cache_dir`` (the callers pass
+    ``data.cache.soft_label_scores_dir``: beside the data cache) for every later run on the same data with the
+    same reward model.
     """
     from diffusion_pref.config import ConfigError
-    from diffusion_pref.data.cache import cache_dir
     from diffusion_pref.reward_models import load_reward_from_config, reward_spec
 
     loss = cfg.loss
@@ -385,7 +385,7 @@ def soft_labels_for_run(cfg, source, device: Any = "cpu") -> SoftLabels:
         reward=load_reward,
         score_range=list(loss.soft_label_range) if loss.soft_label_range is not None else None,
         batch_size=cfg.reward.batch_size, reward_id=spec,
-        score_cache_dir=cache_dir(cfg, ScoreCache.make_key(spec, source.identity())),
+        score_cache_dir=score_cache_dir,
     )
 
 

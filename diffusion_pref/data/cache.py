@@ -73,6 +73,15 @@ def cache_dir(cfg, key: Dict[str, object]) -> Path:
     return root / digest
 
 
+def soft_label_scores_dir(cfg, source) -> Path:
+    """Where a reward model's raw scores of ``source``'s pairs are kept for soft labels: beside the data cache,
+    keyed by the data and the reward model, so every later run on the same data reuses them."""
+    from diffusion_pref.reward_models import reward_spec
+    from diffusion_pref.soft_labels import ScoreCache
+
+    return cache_dir(cfg, ScoreCache.make_key(reward_spec(cfg.reward), source.identity()))
+
+
 class CachedPairs:
     """Reads batches from the cache; items are the same (block, index) pairs as :class:`PairSource` uses."""
 
@@ -233,7 +242,8 @@ def run(cfg) -> None:
         # Scored here, before the diffusion model takes memory, so that a distributed training run finds them
         # stored instead of waiting on its main process (a long wait hits the process group's timeout).
         with accelerator.main_process_first():
-            labels = soft_labels_for_run(cfg, source, device=accelerator.device)
+            labels = soft_labels_for_run(cfg, source, device=accelerator.device,
+                                         score_cache_dir=soft_label_scores_dir(cfg, source))
         if accelerator.is_main_process:
             print(f"soft labels ready: {len(labels)} pairs, p from {labels.scores}")
     backbone = load_backbone(cfg.model)

@@ -407,12 +407,14 @@ class Trainer:
             if mode == "auto":  # p from reward scores (columns or reward.models); the human label only when asked
                 mode = "scores"
             if mode == "scores":
+                from diffusion_pref.data.cache import soft_label_scores_dir
                 from diffusion_pref.soft_labels import soft_labels_for_run
 
                 # Scored once before training and stored in output.dir, so a resumed run reads them back; the
                 # main process writes them before the others read them.
                 with accelerator.main_process_first():
-                    self.soft_labels = soft_labels_for_run(cfg, source, device=accelerator.device)
+                    self.soft_labels = soft_labels_for_run(cfg, source, device=accelerator.device,
+                                                           score_cache_dir=soft_label_scores_dir(cfg, source))
             elif cfg.loss.name == "smpo":
                 logger.warning("data.soft_labels=label with loss smpo: every hard-labelled pair gets p = 1, so the "
                                "loss is dpo with a gamma-fold logit and no reward smoothing; unset data.soft_labels "
