@@ -588,6 +588,8 @@ def run(cfg: Config, scorers: Optional[Mapping[str, Any]] = None) -> Dict[str, A
 
 
 def _print_summary(metrics: Mapping[str, Any], out_dir: Path) -> None:
+    from diffusion_pref.eval_stats import errors_text
+
     for reward in metrics["rewards"]:
         for variant in metrics["variants"]:
             s = metrics["scores"][reward][variant]
