@@ -164,6 +164,71 @@ def test_saved_lora_loads_into_a_diffusers_pipeline_and_changes_its_output(tiny_
     assert not torch.allclose(base, tuned)
 
 
+
+def _unet_inputs(config, batch=2):
+    """Fixed random inputs for a UNet of this config; SDXL's text_time conditioning gets pooled embeds and time ids."""
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(batch, config.in_channels, config.sample_size, config.sample_size, generator=g),
+            torch.tensor([500] * batch), torch.randn(batch, 7, config.cross_attention_dim, generator=g))
+    extra = {}
+    if config.addition_embed_type == "text_time":
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled, generator=g),
+                                      "time_ids": torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * batch)}
+    return args, extra
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_saved_lora_with_alpha_other_than_rank_loads_at_the_trained_scale(family, pairs_path, tmp_path, request):
+    """lora_alpha=8 at rank 4 scales the adapter by 2 in training; diffusers' loader must apply the same 2.
+
+    Without the adapter's config in the file, the loader assumes alpha = rank (scale 1) and the loaded UNet moves by
+    half the trained delta. With it, trained and loaded UNets hold equal weights and the same scale, so they differ
+    only where their float32 sums may be ordered differently (another attention processor): a few ulps of the output,
+    far below the 1e-4 of the delta's size allowed here, and far below the half delta a wrong scale gives.
+    """
+    import diffusers
+
+    from diffusion_pref.training.trainer import Trainer
+
+    model_dir = request.getfixturevalue("tiny_sd_dir" if family == "sd" else "tiny_sdxl_dir")
+    trainer = Trainer(make_cfg(model_dir, pairs_path, tmp_path, "model.lora_rank=4", "model.lora_alpha=8",
+                               "train.learning_rate=1e-2", "train.max_steps=1"))
+    trainer.train()
+    trained = trainer.accelerator.unwrap_model(trainer.unet).eval()
+    args, extra = _unet_inputs(trained.config)
+    pipeline_class = diffusers.StableDiffusionPipeline if family == "sd" else diffusers.StableDiffusionXLPipeline
+    pipe = pipeline_class.from_pretrained(model_dir)
+    with torch.no_grad():
+        base = pipe.unet(*args, **extra).sample
+        want = trained(*args, **extra).sample
+        pipe.load_lora_weights(str(tmp_path))
+        got = pipe.unet(*args, **extra).sample
+    delta = (want - base).abs().max().item()
+    assert delta > 1e-3 * base.abs().max().item()  # the adapter matters: a wrong scale would show
+    assert (got - want).abs().max().item() <= 1e-4 * delta
+
+
+
+def test_init_lora_continues_only_at_the_alpha_it_was_trained_with(tiny_sd_dir, pairs_path, tmp_path):
+    from peft.utils import get_peft_model_state_dict
+
+    from diffusion_pref.config import ConfigError
+    from diffusion_pref.training.trainer import Trainer
+
+    first = Trainer(make_cfg(tiny_sd_dir, pairs_path, tmp_path / "a", "model.lora_alpha=4", "train.max_steps=1",
+                             "train.learning_rate=1e-2"))
+    first.train()
+    saved = get_peft_model_state_dict(first.accelerator.unwrap_model(first.unet))
+    with pytest.raises(ConfigError, match=r"train.init_lora=.* model.lora_alpha=4.0, not 2") as err:
+        Trainer(make_cfg(tiny_sd_dir, pairs_path, tmp_path / "b", f"train.init_lora={tmp_path / 'a'}"))
+    assert "\n" not in str(err.value)
+    same = Trainer(make_cfg(tiny_sd_dir, pairs_path, tmp_path / "c", f"train.init_lora={tmp_path / 'a'}",
+                            "model.lora_alpha=4"))
+    start = get_peft_model_state_dict(same.accelerator.unwrap_model(same.unet))
+    assert set(start) == set(saved) and all(torch.equal(start[k], saved[k]) for k in saved)
+
+
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     import torch

@@ -143,7 +143,10 @@ class StableDiffusionBackbone:
         from peft.utils import get_peft_model_state_dict
 
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        self._pipeline_class().save_lora_weights(str(directory), unet_lora_layers=layers, safe_serialization=True)
+        # The adapter's config travels in the file's header, where the loader reads lora_alpha: without it the
+        # loader assumes alpha = rank, and an adapter trained with another alpha loads at the wrong scale.
+        self._pipeline_class().save_lora_weights(str(directory), unet_lora_layers=layers, safe_serialization=True,
+                                                 unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
 
     def save_full(self, directory, unet, state_dict=None) -> None:
         """A full pipeline folder with the trained UNet; the frozen parts are reloaded at their original precision.

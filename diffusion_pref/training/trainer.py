@@ -240,6 +240,8 @@ def load_init_lora(unet, folder) -> None:
     """
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from diffusion_pref.config import ConfigError
@@ -259,6 +261,14 @@ def load_init_lora(unet, folder) -> None:
                           f"{getattr(unet.peft_config['default'], 'r', '?')} and model.lora_targets: {len(missing)} "
                           f"weights missing, {len(extra)} extra, {len(shapes)} of another shape (first: {first}); "
                           "use the rank and targets it was trained with")
+    # The scale is not in the weights: an adapter continued with another alpha would start away from the saved model.
+    # Files written before save_lora stored the adapter's config carry no alpha to check.
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads((f.metadata() or {}).get(LORA_ADAPTER_METADATA_KEY, "{}"))
+    saved_alpha, alpha = header.get("unet.lora_alpha"), unet.peft_config["default"].lora_alpha
+    if saved_alpha is not None and float(saved_alpha) != float(alpha):
+        raise ConfigError(f"train.init_lora={folder} was trained with model.lora_alpha={saved_alpha}, not {alpha}; "
+                          "use the alpha it was trained with")
     set_peft_model_state_dict(unet, state, adapter_name="default")
 
 
