@@ -141,10 +141,14 @@ def test_round_2_samples_the_model_round_1_trained(run_dir):
         images, _ = generate._sample_images(pipe, list(captions), list(seeds), cfg.generate)
         pixels[name] = [np.asarray(im, dtype=np.int16) for im in images]
     saved = [np.asarray(Image.open(io.BytesIO(stored[key])), dtype=np.int16) for key in zip(captions, seeds)]
-    # The stored samples are what base + round 1's LoRA draws at their seeds (same call, same inputs), and the
-    # base draws other images there.
-    assert all(np.array_equal(a, b) for a, b in zip(saved, pixels["round_1"]))
-    assert any(np.abs(a - b).max() > 0 for a, b in zip(saved, pixels["base"]))
+    # The stored samples are what base + round 1's LoRA draws at their seeds, and the base draws other images
+    # there. generate sampled them in its own batches; here they are one batch, and another batch size or thread
+    # count may round a pixel to the next level (a reordered sum in the UNet, carried through 20 steps), so each
+    # stored image must be far nearer round 1's sample than the base's (mean |diff| in 8-bit levels).
+    near_round_1 = [float(np.abs(a - b).mean()) for a, b in zip(saved, pixels["round_1"])]
+    near_base = [float(np.abs(a - b).mean()) for a, b in zip(saved, pixels["base"])]
+    assert sum(near_base) > 0
+    assert all(r1 == 0 or r1 < 0.1 * b for r1, b in zip(near_round_1, near_base)), (near_round_1, near_base)
 
 
 def _lora_state(folder):
