@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from diffusion_pref.config import Config, ConfigError
-from diffusion_pref.quickstart import _step_config
+from diffusion_pref.quickstart import step_config
 
 STATE_FILE = "iterate_state.json"
 SUMMARY_FILE = "iterate_summary.json"
@@ -143,7 +143,7 @@ def _generate_stage(cfg: Config, folder: Path, round_number: int, prompts: Optio
         prompt_file.parent.mkdir(parents=True, exist_ok=True)
         prompt_file.write_text(json.dumps(prompts, indent=1))
         fields.update(prompts=str(prompt_file), prompt_column=None, max_prompts=None)
-    summary = generate.generate(_step_config(cfg, folder / "pairs", generate=fields))
+    summary = generate.generate(step_config(cfg, folder / "pairs", generate=fields))
     if not summary["pairs_written"]:
         raise ValueError(f"round {round_number} wrote no preference pairs ({summary['pairs_filtered']} filtered, "
                          f"{folder / 'pairs'}); lower generate.min_gap or sample more prompts or samples per prompt")
@@ -153,7 +153,7 @@ def _generate_stage(cfg: Config, folder: Path, round_number: int, prompts: Optio
 def _train_stage(cfg: Config, folder: Path, round_number: int, lora: Optional[str]) -> Dict[str, Any]:
     from diffusion_pref.training import trainer
 
-    step = _step_config(cfg, folder / "train", data={"source": str(folder / "pairs")},
+    step = step_config(cfg, folder / "train", data={"source": str(folder / "pairs")},
                         train={"init_lora": lora, "resume": "latest"},
                         model={"reference": _reference(cfg, round_number)})
     trainer.run(step)
@@ -165,7 +165,7 @@ def _evaluate_stage(cfg: Config, out: Path, round_number: int) -> Dict[str, Any]
     from diffusion_pref import evaluate
 
     variants = {"base": "base", **{f"round_{r}": str(out / f"round_{r}" / "train") for r in range(1, round_number + 1)}}
-    evaluate.run(_step_config(cfg, out / "eval", eval={"variants": variants, "baseline": "base"}))
+    evaluate.run(step_config(cfg, out / "eval", eval={"variants": variants, "baseline": "base"}))
     return {"variants": list(variants)}
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from diffusion_pref.config import Config, save_config
 
 
-def _step_config(cfg: Config, out: Path, **sections) -> Config:
+def step_config(cfg: Config, out: Path, **sections) -> Config:
     """``cfg`` with some sections' fields replaced, writing into ``out``; its config.yaml reruns the step alone."""
     changed = {name: dataclasses.replace(getattr(cfg, name), **fields) for name, fields in sections.items()}
     step = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(out)), **changed)
@@ -82,18 +82,18 @@ def run(cfg: Config) -> dict:
 
     started = time.perf_counter()
     pairs = out / "pairs"
-    generate.run(_step_config(cfg, pairs))
+    generate.run(step_config(cfg, pairs))
     timings["generate_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
     tuned = out / "train"
-    trainer.run(_step_config(cfg, tuned, data={"source": str(pairs)}))
+    trainer.run(step_config(cfg, tuned, data={"source": str(pairs)}))
     timings["train_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
     evaluation = out / "eval"
     variants = {"base": "base", cfg.loss.name: str(tuned)}
-    evaluate.run(_step_config(cfg, evaluation, eval={"variants": variants, "baseline": "base"}))
+    evaluate.run(step_config(cfg, evaluation, eval={"variants": variants, "baseline": "base"}))
     timings["evaluate_s"] = time.perf_counter() - started
 
     metrics = json.loads((evaluation / "metrics.json").read_text())
