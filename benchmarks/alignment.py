@@ -143,7 +143,7 @@ def _config(overrides: Sequence[str]):
 
 def ensure_pairs(out: Path, run: Run) -> Tuple[Path, float]:
     """The run's pair folder (generated once, flipped copies derived once); returns it and its generate time."""
-    from diffusion_pref import generate
+    from diffusion_pref.commands import generate
 
     folder = _pairs_dir(out, run.generate)
     timing = folder / "timing.json"
@@ -199,7 +199,7 @@ def _checkpoint_lora(train_cfg, checkpoint: Path, dest: Path) -> None:
 
 def evaluate_variant(out: Path, name: str, lora: Path) -> Dict:
     """Base vs ``lora`` on the held-out captions; the shared folder keeps the base's images for every run."""
-    from diffusion_pref import evaluate
+    from diffusion_pref.commands import evaluate
 
     shared = out / "eval"
     cfg = _config([f"output.dir={shared}", "eval.baseline=base", *EVAL_OVERRIDES])
@@ -213,7 +213,7 @@ def evaluate_variant(out: Path, name: str, lora: Path) -> Dict:
 
 def _outcomes(table, name: str):
     """Per-prompt summed outcomes and pair counts of ``name`` over base ([n_prompts] each, prompt order)."""
-    from diffusion_pref.eval_stats import paired_table
+    from diffusion_pref.evaluation.stats import paired_table
 
     paired = paired_table(table, REWARD, name, "base")
     per_prompt = paired.groupby("prompt_index", sort=True)["outcome"].agg(["sum", "count"])
@@ -392,7 +392,7 @@ def _machine() -> Dict:
 
 
 def _errors(final: Dict) -> Dict:
-    from diffusion_pref.eval_stats import max_score_errors
+    from diffusion_pref.evaluation.stats import max_score_errors
 
     return max_score_errors(final["scores"], final["base_scores"], maximum=REWARD_MAX, tolerance=REWARD_TOLERANCE)
 

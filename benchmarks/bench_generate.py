@@ -85,7 +85,7 @@ def bench(name: str, args, device: str) -> dict:
     import torch
 
     from diffusion_pref.config import load_config
-    from diffusion_pref.generate import _sample_images, generate
+    from diffusion_pref.commands.generate import _sample_images, generate
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     pipe = _pipeline(name, device, dtype)

@@ -2,7 +2,7 @@
 
 For each scorer (pickscore, hpsv21, clip, aesthetic, imagereward, clap, toy-fidelity, toy-size) it writes a tiny
 random-weight model in the scorer's official checkpoint layout to a temporary folder (``diffusion_pref.
-testing_rewards``: CLIP folders for PickScore/CLIP/aesthetic plus the aesthetic MLP ``.pth``, an open_clip
+testing.rewards``: CLIP folders for PickScore/CLIP/aesthetic plus the aesthetic MLP ``.pth``, an open_clip
 ``HPS_v2.1_compressed.pt``, an ``ImageReward.pt`` + ``med_config.json`` + ``vocab.txt`` folder, a CLAP
 folder), loads it through the public
 ``load_reward_model(name, ...)``, scores one warm-up batch, then times ``score`` on ``--n`` items ``--repeats``
@@ -81,7 +81,7 @@ def bench_one(name: str, root: Path, n: int, repeats: int, batch_size: int | Non
     import torch
 
     from diffusion_pref.reward_models import load_reward_model
-    from diffusion_pref.testing_rewards import tiny_reward_kwargs
+    from diffusion_pref.testing.rewards import tiny_reward_kwargs
 
     kwargs = tiny_reward_kwargs(name, root)
     if batch_size is not None:

@@ -49,20 +49,20 @@ _EVALUATE_FLAGS = (("--no-cache", "eval.no_cache", "generate every sample again 
 
 
 COMMANDS = {
-    "generate": Command("diffusion_pref.generate", "sample a model and write reward-ranked preference pairs (parquet)", 4),
+    "generate": Command("diffusion_pref.commands.generate", "sample a model and write reward-ranked preference pairs (parquet)", 4),
     "cache": Command("diffusion_pref.data.cache", "precompute VAE latents and text embeddings of a pair dataset", 3),
     "train": Command("diffusion_pref.training.trainer", "fine-tune on preference pairs (DPO, SmPO, IPO, KTO, ...)", 3, trains=True,
                      saves_config=True),
-    "evaluate": Command("diffusion_pref.evaluate", "compare base and tuned models: reward scores, win rates, HTML report", 5,
+    "evaluate": Command("diffusion_pref.commands.evaluate", "compare base and tuned models: reward scores, win rates, HTML report", 5,
                         flags=_EVALUATE_FLAGS),
-    "invert": Command("diffusion_pref.invert", "DDIM / ReNoise inversion and reconstruction of an image", 6,
+    "invert": Command("diffusion_pref.commands.invert", "DDIM / ReNoise inversion and reconstruction of an image", 6,
                       flags=_INVERT_FLAGS),
     "prompt-opt": Command("diffusion_pref.prompt_opt.train", "train a prompt-rewriting language model with Sem-DPO", None),
     "quickstart": Command(
-        "diffusion_pref.quickstart", "the whole loop (generate, train, evaluate) on a built-in model", 7,
+        "diffusion_pref.commands.quickstart", "the whole loop (generate, train, evaluate) on a built-in model", 7,
         trains=True, defaults="quickstart.yaml",
     ),
-    "iterate": Command("diffusion_pref.iterate", "online rounds: generate from the tuned model, train on, evaluate",
+    "iterate": Command("diffusion_pref.commands.iterate", "online rounds: generate from the tuned model, train on, evaluate",
                        17, trains=True),
 }
 

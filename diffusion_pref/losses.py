@@ -190,7 +190,7 @@ def _check_weight(loss: str, weight, loss_per_pair):
             f"{loss}: `weight` must be finite and >= 0 for every pair (0 drops a pair); entry {index} is "
             f"{weight[index].item()!r}."
         )
-    from diffusion_pref.transfer import to_device
+    from diffusion_pref.training.transfer import to_device
 
     return to_device(weight, loss_per_pair.device)
 
@@ -233,7 +233,7 @@ def _soft_label(loss: str, soft_label, pairs: int, *, required: bool, device=Non
     soft_label = _as_float32("soft_label", loss, soft_label, pairs)
     if bool(((soft_label < 0) | (soft_label > 1) | soft_label.isnan()).any()):
         raise ValueError(f"{loss}: `soft_label` must lie in [0, 1] (a probability), got {soft_label.tolist()}.")
-    from diffusion_pref.transfer import to_device
+    from diffusion_pref.training.transfer import to_device
 
     return to_device(soft_label.detach(), device if device is not None else soft_label.device)
 

@@ -138,7 +138,7 @@ def shared_noise_and_timesteps(latents_w: torch.Tensor, num_train_timesteps: int
     t_all = torch.randint(0, int(num_train_timesteps), (global_batch,), generator=generator, device=draw_device)
     noise_half = noise_all[process_index::num_processes]  # [B, ...]
     t_half = t_all[process_index::num_processes]  # [B]
-    from diffusion_pref.transfer import to_device  # the host need not wait for queued GPU work to hand these over
+    from diffusion_pref.training.transfer import to_device  # the host need not wait for queued GPU work to hand these over
 
     noise = to_device(torch.cat([noise_half, noise_half]), latents_w.device, latents_w.dtype)  # [2B, ...]
     t = to_device(torch.cat([t_half, t_half]), latents_w.device)  # [2B]
@@ -245,7 +245,7 @@ def _abar_table(scheduler, device) -> torch.Tensor:
     """The scheduler's alphas_cumprod as float32 on ``device``, copied without making the host wait."""
     import torch
 
-    from diffusion_pref.transfer import to_device
+    from diffusion_pref.training.transfer import to_device
 
     return to_device(scheduler.alphas_cumprod, device, torch.float32)
 
@@ -439,7 +439,7 @@ def _invert(scheduler, predict_fn, x0, cond, paths, lengths, *, renoise_iters=0,
     """
     import torch
 
-    from diffusion_pref.transfer import to_device
+    from diffusion_pref.training.transfer import to_device
 
     prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
     dtype = x0.dtype

@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 
 from diffusion_pref.config import ConfigError, load_config
-from diffusion_pref.eval_stats import bootstrap_ratio_ci, compute_metrics, pair_outcomes
-from diffusion_pref.evaluate import WEIGHTED_SUM, run, save_media
-from diffusion_pref.report import render_report
+from diffusion_pref.evaluation.stats import bootstrap_ratio_ci, compute_metrics, pair_outcomes
+from diffusion_pref.commands.evaluate import WEIGHTED_SUM, run, save_media
+from diffusion_pref.evaluation.report import render_report
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red cat", "a blue dog on the street", "a green tree", "a yellow car"]
@@ -245,7 +245,7 @@ def test_rerun_reuses_samples_and_no_cache_regenerates(evaluated):
 
 
 def test_cache_key_changes_with_settings_and_weights(evaluated):
-    from diffusion_pref.evaluate import model_fingerprint, resolve_variants, sample_key, sampling_settings
+    from diffusion_pref.commands.evaluate import model_fingerprint, resolve_variants, sample_key, sampling_settings
 
     cfg = evaluated["cfg"]
     variants = {v.name: v for v in resolve_variants(cfg)}
@@ -295,7 +295,7 @@ def test_report_is_self_contained_with_table_grid_and_charts(evaluated):
 
 
 def test_grid_png_places_each_sample_under_its_variant_and_seed(evaluated):
-    from diffusion_pref.report import write_grid_png
+    from diffusion_pref.evaluation.report import write_grid_png
 
     out = evaluated["out"]
     table = pd.read_parquet(out / "per_image.parquet")
@@ -411,7 +411,7 @@ def test_registered_reward_models_score_each_column(tmp_path, capsys):
 
 
 def test_max_score_errors_counts_fixed_and_regressed_pairs():
-    from diffusion_pref.eval_stats import max_score_errors
+    from diffusion_pref.evaluation.stats import max_score_errors
 
     ref = [1.0, 0.5, 0.5, 0.0, 0.9, 0.74]
     new = [0.5, 1.0, 0.5, 0.8, 1.0, 0.76]

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-import diffusion_pref.generate as generate_module
+import diffusion_pref.commands.generate as generate_module
 from diffusion_pref.config import ConfigError, load_config
-from diffusion_pref.generate import FILTER_REASONS, form_pairs, generate, read_shards, rso_select, sample_seed
+from diffusion_pref.commands.generate import FILTER_REASONS, form_pairs, generate, read_shards, rso_select, sample_seed
 from diffusion_pref.prompts import read_prompts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -250,7 +250,7 @@ import torch
 torch.set_num_threads({threads})  # the parent's count: the same float reductions, so the same images
 sys.path.insert(0, {repo!r})
 sys.path.insert(0, {tests!r})
-import diffusion_pref.generate as generate_module
+import diffusion_pref.commands.generate as generate_module
 import diffusion_pref.reward_models as reward_models
 from diffusion_pref.config import load_config
 from test_generate import MeanPixel

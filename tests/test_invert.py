@@ -56,7 +56,7 @@ def test_invert_cli_writes_the_reconstruction_and_prints_psnr(tiny_sd_dir, image
 
 
 def test_invert_run_ddim_and_config_errors(tiny_sd_dir, image_file, tmp_path, capsys):
-    from diffusion_pref.invert import psnr, run
+    from diffusion_pref.commands.invert import psnr, run
 
     cfg = load_config(None, [f"model.pretrained={tiny_sd_dir}", "trajectory.kind=ddim",
                              f"trajectory.invert_image={image_file}", "trajectory.steps=4", "data.resolution=32",
@@ -79,7 +79,7 @@ def test_invert_run_ddim_and_config_errors(tiny_sd_dir, image_file, tmp_path, ca
 
 
 def test_invert_on_sdxl_conditions_on_the_inverted_size(tiny_sdxl_dir, image_file, tmp_path, monkeypatch):
-    from diffusion_pref.invert import run
+    from diffusion_pref.commands.invert import run
     from diffusion_pref.pipelines.sdxl import SDXLBackbone
 
     seen = []
@@ -115,7 +115,7 @@ def test_a_resolution_the_vae_cannot_encode_is_one_line_before_loading(tiny_sd_d
 def test_invert_on_the_toy_model_with_zero_terminal_snr_gives_a_finite_sane_psnr(tmp_path):
     """The shipped toy model: v-prediction on a zero-terminal-SNR schedule whose grid ends at t = 999 (abar = 0),
     where sampling used to divide by sqrt(abar) and print PSNR nan."""
-    from diffusion_pref.invert import run
+    from diffusion_pref.commands.invert import run
     from diffusion_pref.toy.render import caption, place, render
 
     scene = place("red", "circle", "blue", seed=0)

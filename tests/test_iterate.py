@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import diffusion_pref
-from diffusion_pref import evaluate, generate, iterate
+from diffusion_pref.commands import evaluate, generate, iterate
 from diffusion_pref.config import ConfigError, load_config
 from diffusion_pref.training import trainer
 

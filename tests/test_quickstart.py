@@ -47,7 +47,8 @@ def test_reduced_quickstart_runs_end_to_end(tmp_path):
 
 
 def test_without_the_shapes_world_weights_it_falls_back_and_says_so(tmp_path, monkeypatch, capsys):
-    from diffusion_pref import pipelines, quickstart
+    from diffusion_pref import pipelines
+    from diffusion_pref.commands import quickstart
 
     monkeypatch.setattr(pipelines, "TOY_WEIGHTS", tmp_path / "missing")
     cfg, note = quickstart._built_in_model(load_config(), tmp_path)

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from diffusion_pref.eval_stats import compute_metrics
-from diffusion_pref.report import write_report
+from diffusion_pref.evaluation.stats import compute_metrics
+from diffusion_pref.evaluation.report import write_report
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = pytest.mark.skipif(

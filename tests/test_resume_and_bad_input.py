@@ -150,7 +150,7 @@ def test_resume_of_a_full_finetune_on_another_base_model_is_summarised(tiny_sd_d
 
 
 def test_a_lora_of_another_base_model_gives_a_short_error_in_evaluate(tiny_sd_dir, other_base_dir, checkpointed_run):
-    from diffusion_pref.evaluate import Variant, load_variant
+    from diffusion_pref.commands.evaluate import Variant, load_variant
 
     cfg = load_config(None, [f"model.pretrained={other_base_dir}", "eval.device=cpu", "eval.dtype=fp32"])
     variant = Variant("dpo", str(checkpointed_run), "lora", checkpointed_run)
@@ -242,12 +242,12 @@ def test_output_dir_that_is_a_file_or_read_only_gives_one_line(tmp_path, capsys,
 
 
 def test_an_os_error_during_a_command_is_one_line_naming_the_path(tmp_path, capsys, monkeypatch):
-    import diffusion_pref.generate
+    import diffusion_pref.commands.generate
 
     def fail(cfg):
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "out" / "shard-00000.parquet"))
 
-    monkeypatch.setattr(diffusion_pref.generate, "run", fail)
+    monkeypatch.setattr(diffusion_pref.commands.generate, "run", fail)
     assert cli.main(["generate", f"output.dir={tmp_path / 'out'}"]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[0] == f"diffusion-pref generate: error: Permission denied: {tmp_path / 'out' / 'shard-00000.parquet'}"
@@ -330,7 +330,7 @@ def test_ctrl_c_in_train_prints_where_the_checkpoint_is_and_the_resume_command(t
 
 
 def test_ctrl_c_before_a_checkpoint_and_in_generate_prints_one_line(tmp_path, capsys, monkeypatch):
-    import diffusion_pref.generate
+    import diffusion_pref.commands.generate
     import diffusion_pref.training.trainer
 
     def interrupt(cfg):
@@ -341,7 +341,7 @@ def test_ctrl_c_before_a_checkpoint_and_in_generate_prints_one_line(tmp_path, ca
     assert main_without_escaping_interrupt(["train", f"output.dir={tmp_path}", "train.checkpoint_every=50"]) == 130
     assert capsys.readouterr().err == ("\ndiffusion-pref train: interrupted before the first checkpoint "
                                        "(train.checkpoint_every=50); nothing to resume: run the same command again\n")
-    monkeypatch.setattr(diffusion_pref.generate, "run", interrupt)
+    monkeypatch.setattr(diffusion_pref.commands.generate, "run", interrupt)
     assert main_without_escaping_interrupt(["generate", f"output.dir={tmp_path}"]) == 130
     assert capsys.readouterr().err == (f"\ndiffusion-pref generate: interrupted; the finished shards stay in "
                                        f"{tmp_path}: the same command continues from them\n")

@@ -11,7 +11,7 @@ from PIL import Image
 
 from diffusion_pref.reward_models import REWARD_MODELS, load_reward, load_reward_model
 from diffusion_pref.reward_models.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from diffusion_pref.testing_rewards import (
+from diffusion_pref.testing.rewards import (
     TINY_OPEN_CLIP,
     save_tiny_clap,
     save_tiny_clip,
@@ -490,7 +490,7 @@ def test_clap_resamples_with_an_installed_resampler(clap_folder, monkeypatch):
 
 
 def test_tiny_reward_kwargs_load_and_score_every_registered_scorer(tmp_path):
-    from diffusion_pref.testing_rewards import tiny_reward_kwargs
+    from diffusion_pref.testing.rewards import tiny_reward_kwargs
 
     images = _random_images(2, seed=21, size=(64, 64))
     audio = [np.random.default_rng(0).standard_normal(48_000).astype(np.float32) * 0.1 for _ in range(2)]

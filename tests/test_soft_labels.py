@@ -345,7 +345,7 @@ def test_summary_counts_the_pairs_with_p_one(pairs_file):
 
 @pytest.fixture
 def tiny_pickscore(tmp_path_factory):
-    from diffusion_pref.testing_rewards import tiny_reward_kwargs
+    from diffusion_pref.testing.rewards import tiny_reward_kwargs
 
     return tiny_reward_kwargs("pickscore", tmp_path_factory.mktemp("rewards"))["pretrained"]
 

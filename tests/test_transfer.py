@@ -1,11 +1,11 @@
-"""diffusion_pref.transfer.to_device: host-to-device copies without a host wait."""
+"""diffusion_pref.training.transfer.to_device: host-to-device copies without a host wait."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from diffusion_pref.transfer import to_device
+from diffusion_pref.training.transfer import to_device
 
 
 def test_on_a_cpu_it_is_a_plain_conversion():

@@ -54,7 +54,7 @@ class SDXLBackbone(StableDiffusionBackbone):
     def conditioning(self, text: Dict[str, object], batch: Optional[Dict[str, object]] = None) -> Dict[str, object]:
         import torch
 
-        from diffusion_pref.transfer import to_device
+        from diffusion_pref.training.transfer import to_device
 
         hidden = text["encoder_hidden_states"]
         n = hidden.shape[0]

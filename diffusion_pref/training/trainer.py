@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Dict
 
-from diffusion_pref.transfer import to_device
+from diffusion_pref.training.transfer import to_device
 
 logger = logging.getLogger(__name__)
 

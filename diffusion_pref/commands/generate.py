@@ -40,7 +40,7 @@ Run::
 Example (Python)::
 
     from diffusion_pref.config import load_config
-    from diffusion_pref.generate import run
+    from diffusion_pref.commands.generate import run
     run(load_config("configs/toy_generate.yaml", ["output.dir=/tmp/toy-pairs"]))
     # datasets.load_dataset("parquet", data_files="/tmp/toy-pairs/*.parquet")
 """

@@ -10,7 +10,7 @@ give the very modules that were saved, for computing expected scores independent
 Example::
 
     from diffusion_pref.reward_models import load_reward_model
-    from diffusion_pref.testing_rewards import tiny_reward_kwargs
+    from diffusion_pref.testing.rewards import tiny_reward_kwargs
     scorer = load_reward_model("imagereward", device="cpu", **tiny_reward_kwargs("imagereward", "/tmp/rewards"))
     scorer.score(["a red cube"], [image])          # float32 [1]
 """

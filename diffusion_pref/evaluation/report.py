@@ -8,7 +8,7 @@ embedded as base64 PNG (JPEG thumbnails above 256 px); audio files (``.wav``/``.
 
 Example::
 
-    from diffusion_pref.report import write_report
+    from diffusion_pref.evaluation.report import write_report
     write_report("outputs/eval/report.html", metrics, table, media_root="outputs/eval", title="SD1.5 vs DPO")
 """
 
@@ -115,7 +115,7 @@ def histogram_svg(
     values_by_variant: Dict[str, List[float]], variants: Sequence[str], reward: str, bins: int = 20
 ) -> str:
     """Overlaid step histograms (shared bins) of each variant's scores on one reward model."""
-    from diffusion_pref.eval_stats import histogram
+    from diffusion_pref.evaluation.stats import histogram
 
     edges, counts = histogram(values_by_variant, bins=bins)
     left, top, width, height = 40, 24, 360, 150
@@ -161,7 +161,7 @@ def _summary_table(metrics: Dict[str, Any]) -> str:
             if w is not None and "wins" in w:
                 wr += f'<br><small>wins/ties/losses {w["wins"]}/{w["ties"]}/{w["losses"]}</small>'
             if w is not None and w.get("errors"):
-                from diffusion_pref.eval_stats import errors_text
+                from diffusion_pref.evaluation.stats import errors_text
 
                 wr += f"<br><small>{html.escape(errors_text(w['errors']))}</small>"
             cells.append(f"<td>{_fmt(s['mean'])}</td><td>{_fmt(s['median'])}</td><td>{wr}</td>")

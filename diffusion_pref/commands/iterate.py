@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from diffusion_pref.config import Config, ConfigError
-from diffusion_pref.quickstart import step_config
+from diffusion_pref.commands.quickstart import step_config
 
 STATE_FILE = "iterate_state.json"
 SUMMARY_FILE = "iterate_summary.json"
@@ -135,7 +135,7 @@ def _reference(cfg: Config, round_number: int) -> str:
 
 def _generate_stage(cfg: Config, folder: Path, round_number: int, prompts: Optional[List[dict]],
                     lora: Optional[str]) -> Dict[str, Any]:
-    from diffusion_pref import generate
+    from diffusion_pref.commands import generate
 
     fields: Dict[str, Any] = {"seed": cfg.generate.seed + round_number - 1, "lora": lora}
     if prompts is not None:
@@ -162,7 +162,7 @@ def _train_stage(cfg: Config, folder: Path, round_number: int, lora: Optional[st
 
 
 def _evaluate_stage(cfg: Config, out: Path, round_number: int) -> Dict[str, Any]:
-    from diffusion_pref import evaluate
+    from diffusion_pref.commands import evaluate
 
     variants = {"base": "base", **{f"round_{r}": str(out / f"round_{r}" / "train") for r in range(1, round_number + 1)}}
     evaluate.run(step_config(cfg, out / "eval", eval={"variants": variants, "baseline": "base"}))

@@ -1,6 +1,6 @@
 """Statistics of an evaluation: score summaries, paired win rates and prompt-level bootstrap intervals.
 
-Everything here is a pure function of the per-image table that ``diffusion_pref.evaluate`` writes (one row per
+Everything here is a pure function of the per-image table that ``diffusion_pref.commands.evaluate`` writes (one row per
 variant, prompt and seed, one column per reward model), so every number in ``metrics.json`` can be recomputed
 from that table alone.
 
@@ -21,7 +21,7 @@ Conventions:
 
 Example::
 
-    from diffusion_pref.eval_stats import compute_metrics
+    from diffusion_pref.evaluation.stats import compute_metrics
     metrics = compute_metrics(table, rewards=["pickscore"], baseline="base", bootstrap_samples=1000)
     metrics["win_rates"]["pickscore"]["tuned"]  # {"win_rate": 0.62, "ci_low": 0.55, "ci_high": 0.69, ...}
 """

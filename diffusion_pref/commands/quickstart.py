@@ -65,14 +65,14 @@ def _summary_lines(metrics: dict, reward: str, tuned: str) -> list[str]:
         lines.append(f"  win rate of {tuned} over base: {win['win_rate']:.3f}  95% CI [{low:.3f}, {high:.3f}] "
                      f"({verdict} 0.5); wins/ties/losses {win['wins']}/{win['ties']}/{win['losses']}")
         if win.get("errors"):
-            from diffusion_pref.eval_stats import errors_text
+            from diffusion_pref.evaluation.stats import errors_text
 
             lines.append(f"  {errors_text(win['errors'])}")
     return lines
 
 
 def run(cfg: Config) -> dict:
-    from diffusion_pref import evaluate, generate
+    from diffusion_pref.commands import evaluate, generate
     from diffusion_pref.training import trainer
 
     out = Path(cfg.output.dir)

@@ -10,8 +10,8 @@ reward model in ``reward.models`` separately (plus their weighted sum when there
   media (path relative to ``output.dir``) and one column per reward.
 - ``metrics.json``: per reward and variant the mean, median, std and per-category means; per reward the win rate
   of each variant over the baseline (per prompt and seed, ties count half) with a 95% bootstrap interval over
-  prompts. Every number is a function of ``per_image.parquet`` (see ``diffusion_pref.eval_stats``).
-- ``report.html``: one self-contained page (see ``diffusion_pref.report``).
+  prompts. Every number is a function of ``per_image.parquet`` (see ``diffusion_pref.evaluation.stats``).
+- ``report.html``: one self-contained page (see ``diffusion_pref.evaluation.report``).
 - ``grid.png`` (images only): the first prompts x seeds x variants side by side, for pasting elsewhere.
 
 Variants (``eval.variants``, name -> spec): ``base`` is ``model.pretrained``; a folder with LoRA weights
@@ -26,7 +26,7 @@ Run::
 Example (Python)::
 
     from diffusion_pref.config import load_config
-    from diffusion_pref.evaluate import run
+    from diffusion_pref.commands.evaluate import run
     run(load_config("configs/eval_sd15.yaml", ["eval.variants.dpo=outputs/sd15_dpo/lora"]))
 """
 
@@ -506,8 +506,8 @@ def run(cfg: Config, scorers: Optional[Mapping[str, Any]] = None) -> Dict[str, A
     ``scorers`` (name -> object with ``score(prompts, media)``) replaces the reward models of ``reward.models``;
     tests use it for scorers with known values. Returns the metrics.
     """
-    from diffusion_pref.eval_stats import compute_metrics
-    from diffusion_pref.report import write_grid_png, write_report
+    from diffusion_pref.evaluation.stats import compute_metrics
+    from diffusion_pref.evaluation.report import write_grid_png, write_report
 
     if cfg.eval.batch_size < 1:
         raise ConfigError(f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
@@ -588,7 +588,7 @@ def run(cfg: Config, scorers: Optional[Mapping[str, Any]] = None) -> Dict[str, A
 
 
 def _print_summary(metrics: Mapping[str, Any], out_dir: Path) -> None:
-    from diffusion_pref.eval_stats import errors_text
+    from diffusion_pref.evaluation.stats import errors_text
 
     for reward in metrics["rewards"]:
         for variant in metrics["variants"]:

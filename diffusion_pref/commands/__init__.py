@@ -1,0 +1,1 @@
+"""The commands of `diffusion-pref`: each module has a `run(cfg)` that the CLI calls."""

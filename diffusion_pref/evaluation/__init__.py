@@ -1,0 +1,1 @@
+"""Evaluation: paired statistics (win rates, intervals) and the HTML report."""
