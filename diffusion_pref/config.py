@@ -34,7 +34,7 @@ class ModelConfig:
     # A hub id, a local folder in the standard diffusers layout, or "toy" for the shapes-world model shipped
     # inside the package (the only one that works without a model hub).
     pretrained: str = "toy"
-    family: str = "auto"  # auto | sd | sdxl | tango: "auto" reads the pipeline's model_index.json
+    family: str = "auto"  # auto | sd | sdxl | sd3 | tango: "auto" reads the pipeline's model_index.json
     revision: Optional[str] = None
     variant: Optional[str] = None
     vae: Optional[str] = None  # another VAE, e.g. an fp16-safe SDXL VAE
@@ -276,7 +276,7 @@ class Config:
 # Fields whose value must be one of a fixed set. Kept as plain strings (not Enums) so YAML and code read the
 # same words; the check below gives the error a user can act on.
 CHOICES: Dict[str, Sequence[str]] = {
-    "model.family": ("auto", "sd", "sdxl", "tango"),
+    "model.family": ("auto", "sd", "sdxl", "sd3", "tango"),
     "model.finetune": ("lora", "full"),
     "model.reference": ("auto", "adapter", "copy", "copy_cpu", "none"),
     "data.ties": ("drop", "soft"),

@@ -152,6 +152,8 @@ def denoising_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.
         return noise
     if prediction_type == "v_prediction":
         return scheduler.get_velocity(x0, noise, t)
+    if prediction_type == "flow":  # a flow-matching schedule (SD3): the velocity eps - x0, until issue 14's Schedule
+        return scheduler.target(x0, noise, t)
     raise ValueError(
         f"Unsupported scheduler prediction_type {prediction_type!r} in {type(scheduler).__name__}; supported: "
         f"{', '.join(SUPPORTED_PREDICTION_TYPES)}. Load a scheduler config with one of these prediction types."

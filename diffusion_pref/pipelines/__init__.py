@@ -6,7 +6,7 @@ the family (``model.family``, or ``auto`` from ``model_index.json``) and returns
 Example::
 
     from diffusion_pref.pipelines import load_backbone
-    backbone = load_backbone(cfg.model)   # StableDiffusionBackbone or SDXLBackbone
+    backbone = load_backbone(cfg.model)   # StableDiffusionBackbone, SDXLBackbone or SD3Backbone
 """
 
 from __future__ import annotations
@@ -154,6 +154,8 @@ def detect_family(model_cfg) -> str:
                                  f"({type(err).__name__}); check the id and your network, or set model.family") from None
     if "XL" in class_name:
         return "sdxl"
+    if class_name.startswith("StableDiffusion3"):
+        return "sd3"
     if "Tango" in class_name or "AudioLDM" in class_name:
         return "tango"
     return "sd"
@@ -169,6 +171,10 @@ def load_backbone(model_cfg):
         from diffusion_pref.pipelines.sdxl import SDXLBackbone
 
         return SDXLBackbone.load(model_cfg)
+    if family == "sd3":
+        from diffusion_pref.pipelines.sd3 import SD3Backbone
+
+        return SD3Backbone.load(model_cfg)
     import importlib
 
     try:

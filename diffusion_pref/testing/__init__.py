@@ -317,6 +317,98 @@ def save_tiny_sdxl(path: str | Path, **kwargs) -> Path:
     return path
 
 
+# ---------------------------------------------------------------- Stable Diffusion 3 (MMDiT, rectified flow)
+
+# SD3's VAE constants (stabilityai/stable-diffusion-3-medium-diffusers, vae/config.json): latents are
+# (mean - shift_factor) * scaling_factor.
+SD3_VAE_SHIFT_FACTOR = 0.0609
+SD3_VAE_SCALING_FACTOR = 1.5305
+SD3_SCHEDULER_SHIFT = 3.0  # FlowMatchEulerDiscreteScheduler shift of SD3 medium's scheduler_config.json
+
+
+def tiny_sd3_pipeline(seed: int = 0, t5: bool = True):
+    """A ``StableDiffusion3Pipeline`` with SD3 structure and random weights.
+
+    Text: ``CLIPTextModelWithProjection`` x2 (CLIP-L-like width 32, CLIP-G-like width 48: different widths, so
+    code that mixes them up fails), and with ``t5=True`` a ``T5EncoderModel`` of width 96 = the transformer's
+    ``joint_attention_dim`` (the concatenated CLIP states, 80 wide, are zero-padded to it as in SD3); with
+    ``t5=False`` ``text_encoder_3`` and ``tokenizer_3`` are None and the pipeline feeds zeros in T5's place.
+    Transformer: ``SD3Transformer2DModel``, 2 joint blocks, 2 heads of 8, patch 2, 16 latent channels,
+    pooled projection 80 (= 32 + 48). VAE: 16 latent channels, no quant convs, SD3's shift and scaling factors,
+    images ``[B, 3, 32, 32]`` -> latents ``[B, 16, 8, 8]``. Scheduler: ``FlowMatchEulerDiscreteScheduler`` with
+    1000 training steps and shift 3.0, as SD3 medium.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    tokenizer = tiny_clip_tokenizer()
+    tokenizer_2 = tiny_clip_tokenizer(pad_token="!")
+    width_l, width_g, joint = 32, 48, 96
+    with _seeded(seed):
+        transformer = SD3Transformer2DModel(
+            sample_size=8,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=joint,
+            caption_projection_dim=16,  # = heads x head dim, as SD3 (1536 = 24 x 64)
+            pooled_projection_dim=width_l + width_g,
+            pos_embed_max_size=16,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(8, 8, 16),
+            layers_per_block=1,
+            latent_channels=16,
+            norm_num_groups=4,
+            sample_size=32,
+            scaling_factor=SD3_VAE_SCALING_FACTOR,
+            shift_factor=SD3_VAE_SHIFT_FACTOR,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+        text_encoder = CLIPTextModelWithProjection(
+            _clip_text_config(tokenizer, hidden_size=width_l, projection_dim=width_l))
+        text_encoder_2 = CLIPTextModelWithProjection(
+            _clip_text_config(tokenizer_2, hidden_size=width_g, projection_dim=width_g))
+        text_encoder_3 = tokenizer_3 = None
+        if t5:
+            tokenizer_3 = tiny_t5_tokenizer()
+            text_encoder_3 = T5EncoderModel(T5Config(
+                vocab_size=len(tokenizer_3), d_model=joint, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                relative_attention_num_buckets=8, relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
+                tie_word_embeddings=False, pad_token_id=tokenizer_3.pad_token_id, eos_token_id=tokenizer_3.eos_token_id,
+                decoder_start_token_id=tokenizer_3.pad_token_id))
+    _eval(*(m for m in (transformer, vae, text_encoder, text_encoder_2, text_encoder_3) if m is not None))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SD3_SCHEDULER_SHIFT)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_sd3(path: str | Path, **kwargs) -> Path:
+    """Save ``tiny_sd3_pipeline(**kwargs)`` as a diffusers pipeline folder (safetensors) and return the path."""
+    path = Path(path)
+    tiny_sd3_pipeline(**kwargs).save_pretrained(str(path), safe_serialization=True)
+    return path
+
+
 # ---------------------------------------------------------------- Tango-structured text-to-audio
 
 T5_MAX_LENGTH = 32

@@ -1,0 +1,294 @@
+"""Stable Diffusion 3 as a training backbone: an MMDiT transformer trained by rectified flow.
+
+A thin adapter over diffusers' ``StableDiffusion3Pipeline`` (``SD3Transformer2DModel``, ``AutoencoderKL`` with 16
+latent channels, ``FlowMatchEulerDiscreteScheduler``, text encoders CLIP-L, CLIP-G and optionally T5: a folder whose
+``model_index.json`` has no ``text_encoder_3`` loads with ``text_encoder_3=None``, and the pipeline feeds zeros in
+T5's place, as diffusers documents for SD3 without T5).
+
+What changes against the SD/SDXL UNet backbones, and nothing else does:
+
+- Noise: ``x_t = (1 - sigma) x0 + sigma eps`` with SD3's shifted sigmas (the scheduler's ``shift``, 3.0 for SD3),
+  target the velocity ``eps - x0``; ``schedule`` (a ``FlowMatchSchedule``) holds that arithmetic, and ``predict``
+  tells the transformer ``schedule.model_timestep(t) = sigma * 1000``, what the pipeline passes when sampling.
+- Latents: ``(vae mode - shift_factor) * scaling_factor`` (SD3: 0.0609, 1.5305), and back for decoding.
+- Text: the pipeline's own ``encode_prompt`` without classifier-free guidance: ``prompt_embeds`` ``[B, 77 + L_T5,
+  4096]`` (CLIP-L and CLIP-G penultimate states concatenated, zero-padded to T5's width, then T5's states) and
+  ``pooled_prompt_embeds`` ``[B, 2048]``.
+
+The per-sample log-likelihood estimate every loss consumes stays ``-mean_{C,H,W}(pred - target)^2``
+(``losses.denoising_log_likelihood``); with the velocity target it is ``-mean((v_pred - (eps - x0))^2)``. Weighting:
+uniform in the velocity error, no per-sigma factor. SD3's own training (diffusers' ``train_dreambooth_lora_sd3.py``,
+``--weighting_scheme logit_normal``) draws sigma from the logit-normal density and weights the velocity MSE by 1
+(``compute_loss_weighting_for_sd3`` returns ones for it): the non-uniform emphasis lives in the timestep density,
+not in a weight. Flow-DPO (Liu et al. 2025, arXiv 2501.13918; code released in yifan123/flow_grpo,
+``scripts/train_sd3_dpo.py``, linked from KwaiVGI/VideoAlign's README) does the same: logit-normal(0, 1) timesteps
+and unweighted per-sample velocity MSEs inside ``-logsigmoid(-beta/2 * diff)``, i.e. a constant beta, which that
+paper reports working better than a timestep-dependent one. So the Diffusion-DPO estimate carries over unchanged,
+and beta keeps the README's mapping (their ``beta`` 100 = our 50).
+
+Example::
+
+    backbone = load_backbone(cfg.model)            # model_index.json says StableDiffusion3Pipeline
+    text = backbone.encode_prompts(["a red cat"])   # prompt_embeds [1, S, D], pooled_prompt_embeds [1, P]
+    x0 = backbone.encode(pixels)                    # [B, 16, H/8, W/8] for the real VAE
+    v = backbone.predict(x_t, t, backbone.conditioning(text))   # t: schedule indices in [0, 1000)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from diffusion_pref.pipelines.stable_diffusion import load_pipeline
+
+# The attention projections of the joint (image + text) attention that Diffusion-DPO's UNet recipes adapt; the
+# context stream's add_{q,k,v}_proj / to_add_out can be added through model.lora_targets (Flow-DPO adapts both).
+SD3_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def flow_schedule(scheduler_config):
+    """The training schedule of a ``FlowMatchEulerDiscreteScheduler`` config (``diffusion_pref.schedules``)."""
+    try:
+        from diffusion_pref.schedules import schedule_from_scheduler
+    except ImportError:  # before the schedules module is merged (issue 14): the same arithmetic, provisional
+        return _ProvisionalFlowSchedule(scheduler_config)
+    return schedule_from_scheduler(scheduler_config)
+
+
+class _ProvisionalFlowSchedule:
+    """Flow matching on integer indices, CONTRACT.md's ``FlowMatchSchedule`` (the part forward training needs).
+
+    Index i in [0, N): s = (i + 1) / N, sigma = shift s / (1 + (shift - 1) s); x_t = (1 - sigma) x0 + sigma eps,
+    target eps - x0, the denoiser is told sigma * N. ``config`` lets today's trajectories read it like a diffusers
+    scheduler. To be replaced by ``schedules.FlowMatchSchedule`` when that lands.
+    """
+
+    prediction_type = "flow"
+    clean = (1.0, 0.0)
+
+    def __init__(self, config):
+        from types import SimpleNamespace
+
+        if getattr(config, "use_dynamic_shifting", False):
+            raise ValueError("scheduler.use_dynamic_shifting=true (resolution-dependent shift) is not supported for "
+                             "training; use a FlowMatchEulerDiscreteScheduler config with a fixed shift")
+        self.num_train_timesteps = int(config.num_train_timesteps)
+        self.shift = float(config.shift)
+        self.config = SimpleNamespace(num_train_timesteps=self.num_train_timesteps, prediction_type="flow")
+
+    def sigmas(self, t):
+        import torch
+
+        s = (t.to(torch.float64) + 1) / self.num_train_timesteps
+        return (self.shift * s / (1 + (self.shift - 1) * s)).to(torch.float32)
+
+    def coefficients(self, t):
+        sigma = self.sigmas(t)
+        return 1 - sigma, sigma
+
+    def add_noise(self, x0, noise, t):
+        a, b = (c.to(x0.device).view(-1, *([1] * (x0.ndim - 1))) for c in self.coefficients(t))
+        return (a * x0.float() + b * noise.float()).to(x0.dtype)
+
+    def target(self, x0, noise, t):
+        return noise - x0
+
+    def model_timestep(self, t):
+        return self.sigmas(t) * self.num_train_timesteps
+
+
+class SD3Backbone:
+    """SD3 / SD3.5: ``denoiser`` is the ``SD3Transformer2DModel``; see the module docstring."""
+
+    family = "sd3"
+    pipeline_class_name = "StableDiffusion3Pipeline"
+    default_lora_targets = SD3_LORA_TARGETS
+
+    def __init__(self, pipe, model_cfg=None, max_sequence_length: int = 256):
+        self.pipe = pipe
+        self.model_cfg = model_cfg
+        self.denoiser = pipe.transformer
+        self.frozen = {name: module for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+                       if (module := getattr(pipe, name)) is not None}
+        self.frozen_dtype: Dict[str, object] = {}
+        self.schedule = flow_schedule(pipe.scheduler.config)
+        # T5's sequence length: the pipeline's default 256, cut to a shorter tokenizer's limit (the test kit's 32)
+        limit = getattr(pipe.tokenizer_3, "model_max_length", None)
+        self.max_sequence_length = min(max_sequence_length, limit) if isinstance(limit, int) else max_sequence_length
+
+    @classmethod
+    def load(cls, model_cfg):
+        from diffusers import StableDiffusion3Pipeline
+
+        from diffusion_pref.pipelines import resolve_pretrained
+
+        extra = {}
+        index = Path(resolve_pretrained(model_cfg.pretrained)) / "model_index.json"
+        if index.is_file() and json.loads(index.read_text()).get("text_encoder_3", [None])[0] is None:
+            extra = {"text_encoder_3": None, "tokenizer_3": None}  # saved without T5: diffusers wants them named
+        return cls(load_pipeline(StableDiffusion3Pipeline, model_cfg, **extra), model_cfg)
+
+    # -- the names today's trainer reads (training/trainer.py before issue 14's loop; drop with it) -------------
+    @property
+    def unet(self):
+        return self.denoiser
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    @property
+    def frozen_modules(self) -> List[object]:
+        return list(self.frozen.values())  # the VAE first
+
+    @property
+    def scheduler(self):
+        return self.schedule
+
+    @property
+    def tokenizer(self):
+        return self.pipe.tokenizer
+
+    @property
+    def tokenizer_2(self):
+        return self.pipe.tokenizer_2
+
+    def encode_media(self, pixels):
+        return self.encode(pixels)
+
+    def encode_text(self, prompts):
+        return self.encode_prompts(prompts)
+
+    def generate(self, prompts, seeds, steps: int = 28, guidance_scale: float = 7.0, resolution=None,
+                 output_type: str = "pil"):
+        return self.sample(prompts, seeds, steps=steps, guidance_scale=guidance_scale, resolution=resolution,
+                           output_type=output_type)
+
+    # -- encoders ------------------------------------------------------------------------------------------
+    def encode(self, media):
+        """Pixels ``[B, 3, H, W]`` in [-1, 1] -> ``(posterior mode - shift_factor) * scaling_factor``."""
+        import torch
+
+        vae = self.pipe.vae
+        with torch.no_grad():
+            latents = vae.encode(media.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
+        return (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+
+    def decode(self, latents):
+        """The inverse of :meth:`encode`: latents -> pixels in about [-1, 1] (as the pipeline decodes)."""
+        import torch
+
+        vae = self.pipe.vae
+        with torch.no_grad():
+            z = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+            return vae.decode(z).sample
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Dict[str, object]:
+        """-> ``{"prompt_embeds": [B, S, D], "pooled_prompt_embeds": [B, P]}`` by the pipeline's ``encode_prompt``."""
+        import torch
+
+        device = self.pipe.text_encoder.device
+        with torch.no_grad():
+            embeds, _, pooled, _ = self.pipe.encode_prompt(
+                list(prompts), None, None, device=device, do_classifier_free_guidance=False,
+                max_sequence_length=self.max_sequence_length)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def _tokenizers(self):
+        pairs = [(self.pipe.tokenizer, None), (self.pipe.tokenizer_2, None)]
+        if self.pipe.text_encoder_3 is not None and self.pipe.tokenizer_3 is not None:
+            pairs.append((self.pipe.tokenizer_3, self.max_sequence_length))
+        return [(tok, limit or tok.model_max_length) for tok, limit in pairs]
+
+    def prompts_cut(self, prompts: Sequence[str]) -> List[bool]:
+        """Per prompt, whether an encoder sees it cut (CLIP at its 77 tokens, T5 at ``max_sequence_length``)."""
+        flags = [False] * len(prompts)
+        for tokenizer, limit in self._tokenizers():
+            if prompts:
+                ids = tokenizer(list(prompts), truncation=False, verbose=False)["input_ids"]
+                flags = [flag or len(row) > limit for flag, row in zip(flags, ids)]
+        return flags
+
+    def token_limit(self) -> Optional[int]:
+        limits = [limit for _, limit in self._tokenizers()]
+        return min(limits) if limits else None
+
+    def conditioning(self, text: Dict[str, object], batch: Optional[Dict[str, object]] = None) -> Dict[str, object]:
+        """The transformer's keyword inputs: SD3 has no size micro-conditioning, so ``batch`` adds nothing."""
+        return {"encoder_hidden_states": text["prompt_embeds"], "pooled_projections": text["pooled_prompt_embeds"]}
+
+    # -- the denoiser --------------------------------------------------------------------------------------
+    def predict(self, x_t, t, cond: Dict[str, object], denoiser=None, *, unet=None):
+        """Velocity for ``x_t`` ``[N, C, H, W]`` at schedule indices ``t`` ``[N]``; ``denoiser`` overrides the policy
+        (a reference copy). ``unet=`` is the name today's trainer passes."""
+        module = denoiser if denoiser is not None else unet if unet is not None else self.denoiser
+        timestep = self.schedule.model_timestep(t).to(x_t.device)
+        return module(hidden_states=x_t, timestep=timestep, encoder_hidden_states=cond["encoder_hidden_states"],
+                      pooled_projections=cond["pooled_projections"], return_dict=False)[0]
+
+    # -- sampling ------------------------------------------------------------------------------------------
+    def sample(self, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 28, guidance_scale: float = 7.0,
+               resolution: Optional[int] = None, scheduler: Optional[str] = None, safety_checker: bool = False,
+               output_type: str = "pil"):
+        """One image per (prompt, seed), each from its own seed's generator (independent of batching).
+
+        ``scheduler``: a diffusers scheduler class name used for this call instead of the checkpoint's (built from
+        its config); ``safety_checker``: SD3 ships none, so True is an error.
+        """
+        import torch
+
+        if safety_checker:
+            raise ValueError("sample.safety_checker=true: StableDiffusion3Pipeline has no safety checker; set it false")
+        original = self.pipe.scheduler
+        if scheduler:
+            import diffusers
+
+            cls = getattr(diffusers, scheduler, None)
+            if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+                raise ValueError(f"sample.scheduler={scheduler!r} is not a diffusers scheduler class; use e.g. "
+                                 "FlowMatchEulerDiscreteScheduler")
+            self.pipe.scheduler = cls.from_config(original.config)
+        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+        kwargs = {} if resolution is None else {"height": resolution, "width": resolution}
+        try:
+            return self.pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale,
+                             generator=generators, output_type=output_type,
+                             max_sequence_length=self.max_sequence_length, **kwargs).images
+        finally:
+            self.pipe.scheduler = original
+
+    def load_lora(self, folder) -> None:
+        self.pipe.load_lora_weights(str(folder))
+
+    def unload_lora(self) -> None:
+        self.pipe.unload_lora_weights()
+
+    # -- outputs -------------------------------------------------------------------------------------------
+    def save_lora(self, directory, denoiser) -> None:
+        """The adapter in the diffusers format ``StableDiffusion3Pipeline.load_lora_weights(directory)`` reads, with
+        the adapter's config (lora_alpha) in the file's header, so it loads at the trained scale."""
+        from diffusers import StableDiffusion3Pipeline
+        from peft.utils import get_peft_model_state_dict
+
+        StableDiffusion3Pipeline.save_lora_weights(
+            str(directory), transformer_lora_layers=get_peft_model_state_dict(denoiser), safe_serialization=True,
+            transformer_lora_adapter_metadata=denoiser.peft_config["default"].to_dict())
+
+    def save_full(self, directory, denoiser, state_dict=None) -> None:
+        """A full pipeline folder with the trained transformer; the frozen parts reloaded at their saved precision.
+
+        ``state_dict``: the gathered weights when the live module is sharded (FSDP, ZeRO-3).
+        """
+        from diffusers import StableDiffusion3Pipeline
+
+        if state_dict is not None:
+            denoiser = type(denoiser).from_config(denoiser.config)
+            denoiser.load_state_dict(state_dict)
+        extra = {"text_encoder_3": None, "tokenizer_3": None} if self.pipe.text_encoder_3 is None else {}
+        pipe = load_pipeline(StableDiffusion3Pipeline, self.model_cfg, transformer=denoiser, **extra)
+        pipe.save_pretrained(str(directory), safe_serialization=True)
+
+
+def load_backbone(model_cfg):
+    return SD3Backbone.load(model_cfg)
