@@ -1,0 +1,299 @@
+"""SD3 (rectified flow, MMDiT) as a backbone: loading, the flow arithmetic, encoders, predict, training, outputs.
+
+Tiny random-weight SD3 pipelines from ``diffusion_pref.testing`` (latents ``[B, 16, 8, 8]``, 32x32 images), with
+and without T5. Every number is checked against diffusers' own pieces (``FlowMatchEulerDiscreteScheduler``, the
+pipeline's ``encode_prompt`` and sampler, the VAE) or a formula written out here; training runs 1-2 steps of
+batch 1, so the file stays within seconds per test on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusion_pref.config import load_config
+from diffusion_pref.losses import LOSSES, TAKES_SOFT_LABEL
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_data import write_pairs  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory):
+    from diffusion_pref.testing import save_tiny_sd3
+
+    return save_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
+
+
+@pytest.fixture(scope="module")
+def sd3_no_t5_dir(tmp_path_factory):
+    from diffusion_pref.testing import save_tiny_sd3
+
+    return save_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3-no-t5"), t5=False)
+
+
+@pytest.fixture(scope="module")
+def pairs_path(tmp_path_factory):
+    return write_pairs(tmp_path_factory.mktemp("pairs") / "pairs.parquet", n=4)
+
+
+def make_cfg(model_dir, data, out, *overrides):
+    return load_config(None, [
+        f"model.pretrained={model_dir}", f"data.source={data}", "data.resolution=32", "train.batch_size=1",
+        "train.max_steps=2", "train.learning_rate=1e-2", "train.weight_decay=0", "train.logger=none",
+        "train.checkpoint_every=0", "model.lora_rank=2", f"output.dir={out}", *overrides,
+    ])
+
+
+def backbone_of(model_dir):
+    from diffusion_pref.pipelines import load_backbone
+
+    return load_backbone(load_config(None, [f"model.pretrained={model_dir}"]).model)
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------------------- loading
+
+
+@pytest.mark.parametrize("t5", [True, False])
+def test_tiny_sd3_loads_through_load_backbone(t5, sd3_dir, sd3_no_t5_dir):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    from diffusion_pref.pipelines import detect_family
+    from diffusion_pref.pipelines.sd3 import SD3Backbone
+
+    model_dir = sd3_dir if t5 else sd3_no_t5_dir
+    assert detect_family(load_config(None, [f"model.pretrained={model_dir}"]).model) == "sd3"
+    backbone = backbone_of(model_dir)
+    assert isinstance(backbone, SD3Backbone) and backbone.family == "sd3"
+    assert isinstance(backbone.denoiser, SD3Transformer2DModel)
+    assert isinstance(backbone.pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    names = ["vae", "text_encoder", "text_encoder_2"] + (["text_encoder_3"] if t5 else [])
+    assert list(backbone.frozen) == names
+    assert backbone.schedule.prediction_type == "flow"
+    assert backbone.schedule.num_train_timesteps == 1000
+    assert backbone.default_lora_targets == ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+# ------------------------------------------------------------------------------------------------ the flow
+
+
+def test_flow_schedule_matches_diffusers_flow_match_scheduler(sd3_dir):
+    """Index i <-> the scheduler's training sigmas read from the clean end; x_t as its scale_noise; sigma * 1000."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    schedule = backbone_of(sd3_dir).schedule
+    ref = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    t = torch.arange(1000)
+    a, b = schedule.coefficients(t)
+    sigmas = ref.sigmas[:1000].flip(0)  # diffusers lists them noisiest first
+    torch.testing.assert_close(b, sigmas.float(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(a, 1 - sigmas.float(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(schedule.model_timestep(t), ref.timesteps.flip(0).float(), rtol=1e-6, atol=1e-4)
+    # by hand at both ends: s = 1/1000 -> 3s / (1 + 2s); s = 1 -> 1
+    assert float(b[0]) == pytest.approx(0.003 / 1.002, rel=1e-6) and float(b[-1]) == pytest.approx(1.0)
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 16, 8, 8, generator=g), torch.randn(3, 16, 8, 8, generator=g)
+    idx = torch.tensor([0, 500, 999])
+    want = torch.stack([ref.scale_noise(x0[i:i + 1], ref.timesteps[999 - int(k)].reshape(1), noise[i:i + 1])[0]
+                        for i, k in enumerate(idx)])
+    torch.testing.assert_close(schedule.add_noise(x0, noise, idx), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(schedule.target(x0, noise, idx), noise - x0)
+
+
+# ------------------------------------------------------------------------------------------------ encoders
+
+
+def test_encode_and_decode_use_the_vae_shift_and_scaling_factors(sd3_dir):
+    backbone = backbone_of(sd3_dir)
+    vae = backbone.pipe.vae
+    assert (vae.config.latent_channels, vae.config.shift_factor, vae.config.scaling_factor) == (16, 0.0609, 1.5305)
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    latents = backbone.encode(pixels)
+    assert latents.shape == (2, 16, 8, 8)
+    with torch.no_grad():
+        mode = vae.encode(pixels).latent_dist.mode()
+        torch.testing.assert_close(latents, (mode - 0.0609) * 1.5305)
+        # decode inverts the scaling exactly as the pipeline does before vae.decode
+        torch.testing.assert_close(backbone.decode(latents), vae.decode(mode).sample, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("t5", [True, False])
+def test_encode_prompts_are_clip_states_padded_to_t5_width_then_t5(t5, sd3_dir, sd3_no_t5_dir):
+    """SD3's layout written out: CLIP-L and CLIP-G penultimate states side by side, zero-padded to the joint width,
+    followed by T5's last hidden state (zeros without T5); pooled = both CLIP projections side by side."""
+    backbone = backbone_of(sd3_dir if t5 else sd3_no_t5_dir)
+    pipe = backbone.pipe
+    prompts = ["a red cat", "a small blue house in the city"]
+    text = backbone.encode_prompts(prompts)
+    clip_len, joint, seq = 16, 96, backbone.max_sequence_length
+    # T5: the tiny tokenizer's limit of 32 cuts the pipeline's default 256; without T5 the pipeline's 256 zero rows
+    assert seq == (32 if t5 else 256)
+    assert text["prompt_embeds"].shape == (2, clip_len + seq, joint)
+    assert text["pooled_prompt_embeds"].shape == (2, 32 + 48)
+    with torch.no_grad():
+        states, pooled = [], []
+        for tok, enc in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+            ids = tok(prompts, padding="max_length", max_length=clip_len, truncation=True, return_tensors="pt").input_ids
+            out = enc(ids, output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+            pooled.append(out.text_embeds)
+        clip = torch.nn.functional.pad(torch.cat(states, -1), (0, joint - 80))
+        if t5:
+            ids = pipe.tokenizer_3(prompts, padding="max_length", max_length=seq, truncation=True,
+                                   return_tensors="pt").input_ids
+            t5_states = pipe.text_encoder_3(ids)[0]
+        else:
+            t5_states = torch.zeros(2, seq, joint)
+    torch.testing.assert_close(text["prompt_embeds"], torch.cat([clip, t5_states], 1))
+    torch.testing.assert_close(text["pooled_prompt_embeds"], torch.cat(pooled, -1))
+    assert backbone.conditioning(text).keys() == {"encoder_hidden_states", "pooled_projections"}
+    assert backbone.prompts_cut(["a red cat", "cat " * 40]) == [False, True]
+    assert backbone.token_limit() == 16
+
+
+# ------------------------------------------------------------------------------------------------- predict
+
+
+def test_predict_is_the_velocity_the_pipeline_samples_with(sd3_dir):
+    """One Euler step of the pipeline from sigma 1 to 0 without guidance is x - v(x, 1000): predict at index 999
+    must give the same v, so the timestep scale and the conditioning keys are the pipeline's."""
+    backbone = backbone_of(sd3_dir)
+    text = backbone.encode_prompts(["a red cat", "a dog"])
+    cond = backbone.conditioning(text)
+    noise = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        v = backbone.predict(noise, torch.tensor([999, 999]), cond)
+        assert v.shape == (2, 16, 8, 8)
+        want = backbone.pipe(prompt_embeds=text["prompt_embeds"], pooled_prompt_embeds=text["pooled_prompt_embeds"],
+                             latents=noise, num_inference_steps=1, guidance_scale=1.0, output_type="latent",
+                             height=32, width=32).images
+        torch.testing.assert_close(noise - v, want, rtol=1e-5, atol=1e-5)
+        # index 0 tells the transformer sigma_0 * 1000, not 0 or 1
+        sigma0 = 3 * 0.001 / (1 + 2 * 0.001)
+        direct = backbone.denoiser(hidden_states=noise, timestep=torch.full((2,), sigma0 * 1000),
+                                   encoder_hidden_states=cond["encoder_hidden_states"],
+                                   pooled_projections=cond["pooled_projections"]).sample
+        torch.testing.assert_close(backbone.predict(noise, torch.tensor([0, 0]), cond), direct)
+
+
+def test_sample_draws_each_image_from_its_own_seed(sd3_dir):
+    backbone = backbone_of(sd3_dir)
+    both = backbone.sample(["a red cat", "a dog"], [3, 4], steps=2, guidance_scale=2.0, resolution=32, output_type="pt")
+    one = backbone.sample(["a dog"], [4], steps=2, guidance_scale=2.0, resolution=32, output_type="pt")
+    assert both.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(both[1:], one, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="sample.safety_checker"):
+        backbone.sample(["a"], [0], steps=1, safety_checker=True)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def snapshot(named):
+    return {n: p.detach().clone() for n, p in named}
+
+
+def test_dpo_trains_the_lora_not_the_reference_and_the_lora_loads_in_diffusers(sd3_dir, pairs_path, tmp_path):
+    """Two DPO steps on forward (velocity) trajectories: LoRA weights move, the transformer's own weights (the
+    adapter reference) and the frozen encoders do not; step 1 is at log 2 exactly (reference = adapter off). The
+    saved file loads with StableDiffusion3Pipeline.load_lora_weights at the trained scale (alpha 4 at rank 2)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from diffusion_pref.training.trainer import Trainer
+
+    trainer = Trainer(make_cfg(sd3_dir, pairs_path, tmp_path, "model.lora_alpha=4"))
+    model = trainer.accelerator.unwrap_model(trainer.unet)
+    assert model is trainer.backbone.denoiser
+    trainable = snapshot((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    frozen = snapshot((n, p) for n, p in model.named_parameters() if not p.requires_grad)
+    for name, module in trainer.backbone.frozen.items():
+        frozen.update(snapshot((f"{name}.{n}", p) for n, p in module.named_parameters()))
+    assert trainable and all("lora" in n for n in trainable)
+    assert any(".attn.to_q." in n for n in trainable) and not any("add_q_proj" in n for n in trainable)
+    trainer.train()
+
+    rows = read_metrics(tmp_path)
+    assert rows[0]["mse_w"] == rows[0]["ref_mse_w"] and rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    params = dict(model.named_parameters())
+    for name, module in trainer.backbone.frozen.items():
+        params.update({f"{name}.{n}": p for n, p in module.named_parameters()})
+    assert not [n for n, p in trainable.items() if torch.equal(params[n], p)]
+    assert not [n for n, p in frozen.items() if not torch.equal(params[n], p)]
+
+    model.eval()
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_dir)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 16, 8, 8, generator=g)
+    kwargs = dict(timestep=torch.tensor([500.0]), encoder_hidden_states=torch.randn(1, 48, 96, generator=g),
+                  pooled_projections=torch.randn(1, 80, generator=g))
+
+    def image():
+        return pipe("a red cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0), height=32,
+                    width=32, max_sequence_length=32, output_type="pt").images
+
+    with torch.no_grad():
+        base, base_out = image(), pipe.transformer(x, **kwargs).sample
+        want = model(x, **kwargs).sample
+        pipe.load_lora_weights(str(tmp_path))
+        tuned, got = image(), pipe.transformer(x, **kwargs).sample
+    delta = (want - base_out).abs().max().item()
+    assert delta > 1e-3 * base_out.abs().max().item()
+    assert (got - want).abs().max().item() <= 1e-4 * delta  # a wrong scale (alpha = rank) would be off by delta / 2
+    assert not torch.allclose(base, tuned)
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_every_loss_trains_on_sd3(loss, sd3_no_t5_dir, pairs_path, tmp_path):
+    from diffusion_pref.training.trainer import Trainer
+
+    soft = ["data.soft_labels=label"] if loss in TAKES_SOFT_LABEL else []
+    trainer = Trainer(make_cfg(sd3_no_t5_dir, pairs_path, tmp_path, f"loss.name={loss}", *soft))
+    model = trainer.accelerator.unwrap_model(trainer.unet)
+    trainable = snapshot((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    frozen = snapshot((n, p) for n, p in model.named_parameters() if not p.requires_grad)
+    trainer.train()
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path))
+    params = dict(model.named_parameters())
+    assert not [n for n, p in trainable.items() if torch.equal(params[n], p)], f"{loss}: LoRA did not move"
+    assert not [n for n, p in frozen.items() if not torch.equal(params[n], p)], f"{loss}: base weights moved"
+    assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_full_finetune_saves_an_sd3_pipeline_with_the_trained_transformer(sd3_no_t5_dir, pairs_path, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    from diffusion_pref.training.trainer import Trainer
+
+    trainer = Trainer(make_cfg(sd3_no_t5_dir, pairs_path, tmp_path, "model.finetune=full", "train.max_steps=1",
+                               "train.learning_rate=1e-4"))
+    model = trainer.accelerator.unwrap_model(trainer.unet)
+    ref_before = snapshot(trainer.ref_unet.named_parameters())
+    trainer.train()
+    assert all(torch.equal(p, ref_before[n]) for n, p in trainer.ref_unet.named_parameters())
+    pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path, text_encoder_3=None, tokenizer_3=None)
+    saved = dict(pipe.transformer.named_parameters())
+    assert all(torch.equal(saved[n], p.detach()) for n, p in model.named_parameters())
+    assert backbone_of(tmp_path).family == "sd3"  # the written folder is a backbone again
+
+
+def test_ddim_trajectories_run_on_sd3(sd3_no_t5_dir, pairs_path, tmp_path):
+    """Euler inversion along the flow (trajectory.kind=ddim) once trajectories take a Schedule (issue 14)."""
+    pytest.importorskip("diffusion_pref.schedules")
+    from diffusion_pref.training.trainer import Trainer
+
+    trainer = Trainer(make_cfg(sd3_no_t5_dir, pairs_path, tmp_path, "trajectory.kind=ddim", "trajectory.steps=2",
+                               "train.max_steps=1"))
+    trainer.train()
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path))
