@@ -72,9 +72,9 @@ def bench(model: str, method: str, steps: int, batch_size: int, latent: int, dty
           built=None, finetune: str = "full", compile_mode: str | None = None, warmup: int = 1,
           cuda_graphs: bool = False) -> dict:
     import torch
-    from diffusers import DDPMScheduler
 
     from diffusion_pref.losses import LOSSES, denoising_log_likelihood
+    from diffusion_pref.schedules import DDPMSchedule
     from diffusion_pref.trajectories import make_trajectory
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
@@ -99,7 +99,7 @@ def bench(model: str, method: str, steps: int, batch_size: int, latent: int, dty
         unet.compile(mode=compile_mode)
         ref_unet.compile(mode=compile_mode)
     optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-6)
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
+    scheduler = DDPMSchedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
     g = torch.Generator().manual_seed(0)
     latents_w = torch.randn(batch_size, 4, latent, latent, generator=g).to(device)
     latents_l = torch.randn(batch_size, 4, latent, latent, generator=g).to(device)

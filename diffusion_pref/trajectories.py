@@ -7,21 +7,26 @@ loser, and sharing removes the noise and timestep variance from that difference 
 
 Kinds (one entry point, :func:`make_trajectory`):
 
-- ``forward``: x_t from the forward process, ``scheduler.add_noise(x0, noise, t)``, as in Diffusion-DPO.
+- ``forward``: x_t from the forward process, ``schedule.add_noise(x0, noise, t)``, as in Diffusion-DPO.
 - ``ddim``: x_t from deterministic DDIM inversion of x0 under a model (SmPO's "numerical upper bound": the
-  trajectory the model itself would take, instead of random noise).
+  trajectory the model itself would take, instead of random noise); Euler inversion for flow matching.
 - ``renoise``: ReNoise inversion (Garibi et al., arXiv 2403.14602): each inversion step re-evaluates the model at
   its own output K times (a fixed-point iteration towards the exact DDIM inverse) and averages a window of
   those noise predictions; optional noise regularisation (patch-KL and auto-correlation). K = 1 with both
   predictions averaged is what the SmPO code runs.
 
-For the inversion kinds the target is the image-dependent "noise" of the inverted latent,
-``tau_t = (x~_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)`` (or the v built from it for v-prediction models), so
-``noise`` differs between winner and loser; t is still shared within a pair.
+Every function takes a :class:`~diffusion_pref.schedules.Schedule` (``backbone.schedule``): DDPM-type (epsilon,
+v-prediction) or rectified flow; t are its integer indices. Below, abar_t stands for the level of index t, in
+general ``x_t = a_t x0 + b_t eps`` (DDPM: a = sqrt(abar), b = sqrt(1 - abar); flow: a = 1 - sigma, b = sigma).
 
-Inversion grid and the sampled t (a deliberate choice, see ``trajectory.t_mode``): t ~ U{0..T-1} is drawn exactly
-as for ``forward``; the grid is ``DDIMInverseScheduler.set_timesteps(steps)`` of the model's scheduler config
-(SD1.5, steps=5: [1, 201, 401, 601, 801]). ``exact`` (default) inverts along the grid points below t and then
+For the inversion kinds the target is the image-dependent "noise" of the inverted latent,
+``tau_t = (x~_t - a_t x0) / b_t`` (or the v / flow velocity built from it, ``schedule.target``), so ``noise``
+differs between winner and loser; t is still shared within a pair.
+
+Inversion grid and the sampled t (a deliberate choice, see ``trajectory.t_mode``): t is drawn exactly as for
+``forward`` (``schedule.sample_timesteps``); the grid is ``schedule.inversion_grid(steps)``, for DDPM
+``DDIMInverseScheduler.set_timesteps(steps)`` of the model's scheduler config (SD1.5, steps=5: [1, 201, 401, 601,
+801]). ``exact`` (default) inverts along the grid points below t and then
 takes one more step to t itself, so x~_t sits at the noise level the UNet is told. ``grid_below`` stops at the
 last grid point below t and feeds that latent as if it were at t: one step cheaper, but the target then mixes in
 x0. This is what SmPO's loop does on diffusers >= 0.22, not what the released SmPO code computes: it pins
@@ -36,7 +41,12 @@ switch it off), and the arithmetic stays float32 (the released code computes tau
 denoiser (x~_g = forward noising with noise eps) the target is tau_t = a x0 + b eps with, for SD1.5's 5-point
 grid on average over t: grid_below a = 0.13, b = 0.76 (a = 0.16, b = 0.16 for t <= 201); smpo_released
 a = -0.15, b = 1.26; exact tau_t = eps. For exact and grid_below x0 is the clean latent (abar = 1); diffusers' SD
-configs put it at abar_0 = 0.99915 instead, a difference far below the inversion error.
+configs put it at abar_0 = 0.99915 instead, a difference far below the inversion error. ``smpo_released`` is
+DDPM-only.
+
+Flow matching: a step holds the velocity fixed (Euler, ``z_g = z_s + (sigma_g - sigma_s) v``) where DDPM holds
+the noise estimate (DDIM); ReNoise's fixed point is then the exact inverse of an Euler sampling step. The noise
+regularisation is DDPM-only.
 
 The model is called as ``predict_fn(x, t, cond)`` with x ``[n, C, H, W]``, t ``[n]``: at each step only the n <= 2B
 samples whose inversion path is not finished yet, with the matching rows of ``cond`` (tensors, and dicts of
@@ -57,9 +67,9 @@ the raw model output), and a batch draws its shifts sample after sample (ReNoise
 
 Example::
 
-    from diffusers import DDPMScheduler
+    from diffusion_pref.schedules import DDPMSchedule
     from diffusion_pref.trajectories import make_trajectory
-    traj = make_trajectory("renoise", DDPMScheduler(), latents_w, latents_l, steps=5, renoise_iters=1,
+    traj = make_trajectory("renoise", DDPMSchedule(), latents_w, latents_l, steps=5, renoise_iters=1,
                            predict_fn=lambda x, t, c: unet(x, t, **c).sample, cond=cond,
                            generator=torch.Generator().manual_seed(0))
     pred = unet(traj.x_t, traj.t, **cond).sample        # [2B, C, H, W]
@@ -71,6 +81,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
+from diffusion_pref.schedules import DDPMSchedule, Schedule
+
 if TYPE_CHECKING:
     import torch
 
@@ -78,7 +90,6 @@ __all__ = [
     "ForwardTrajectory",
     "Trajectory",
     "ddim_sample",
-    "denoising_target",
     "forward_trajectory",
     "inversion_grid",
     "invert_grid",
@@ -89,7 +100,6 @@ __all__ = [
     "trajectory_options",
 ]
 
-SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")
 KINDS = ("forward", "ddim", "renoise")
 T_MODES = ("exact", "grid_below", "smpo_released")
 
@@ -100,19 +110,20 @@ class ForwardTrajectory:
 
     x_t: torch.Tensor  # [2B, C, H, W] noisy latents fed to the UNet
     t: torch.Tensor  # [2B] integer timesteps, t[i] == t[i + B]
-    target: torch.Tensor  # [2B, C, H, W] epsilon or v, per the scheduler's prediction_type
+    target: torch.Tensor  # [2B, C, H, W] schedule.target: epsilon, v or the flow velocity eps - x0
     noise: torch.Tensor  # [2B, C, H, W] forward: the shared noise; ddim/renoise: tau_t of each inverted latent
 
 
 Trajectory = ForwardTrajectory  # the same record for every kind
 
 
-def shared_noise_and_timesteps(latents_w: torch.Tensor, num_train_timesteps: int, generator=None, *,
+def shared_noise_and_timesteps(latents_w: torch.Tensor, schedule: Schedule, generator=None, *,
                                process_index: int = 0, num_processes: int = 1):
     """Draw noise and timesteps for B pairs and repeat them for the two sides: ``([2B, ...], [2B])``.
 
-    ``t ~ U{0, ..., num_train_timesteps - 1}``. Noise is drawn in float32 on the generator's device (so a CPU
-    generator gives the same numbers whatever the latents' device and dtype), then moved to the latents.
+    t from ``schedule.sample_timesteps`` (DDPM: ``t ~ U{0, ..., N - 1}``; flow: SD3's logit-normal), drawn after
+    the noise. Noise is drawn in float32 on the generator's device (so a CPU generator gives the same numbers
+    whatever the latents' device and dtype), then moved to the latents.
 
     Data parallel: every process passes the same generator state and its own ``process_index`` of
     ``num_processes``; the draw is made for the global micro-batch (``num_processes * B`` pairs) and this process
@@ -125,8 +136,6 @@ def shared_noise_and_timesteps(latents_w: torch.Tensor, num_train_timesteps: int
         raise ValueError(
             f"shared_noise_and_timesteps: latents_w must be [B, ...], got shape {tuple(latents_w.shape)}."
         )
-    if int(num_train_timesteps) < 1:
-        raise ValueError(f"shared_noise_and_timesteps: num_train_timesteps must be >= 1, got {num_train_timesteps}.")
     if not 0 <= process_index < num_processes:
         raise ValueError(f"shared_noise_and_timesteps: process_index={process_index} is outside "
                          f"0..{num_processes - 1} (num_processes={num_processes}).")
@@ -135,29 +144,12 @@ def shared_noise_and_timesteps(latents_w: torch.Tensor, num_train_timesteps: int
     global_batch = batch * num_processes
     noise_all = torch.randn((global_batch, *latents_w.shape[1:]), generator=generator, device=draw_device,
                             dtype=torch.float32)
-    t_all = torch.randint(0, int(num_train_timesteps), (global_batch,), generator=generator, device=draw_device)
+    t_all = schedule.sample_timesteps(global_batch, generator, draw_device)
     noise_half = noise_all[process_index::num_processes]  # [B, ...]
     t_half = t_all[process_index::num_processes]  # [B]
-    from diffusion_pref.training.transfer import to_device  # the host need not wait for queued GPU work to hand these over
-
-    noise = to_device(torch.cat([noise_half, noise_half]), latents_w.device, latents_w.dtype)  # [2B, ...]
-    t = to_device(torch.cat([t_half, t_half]), latents_w.device)  # [2B]
+    noise = torch.cat([noise_half, noise_half]).to(latents_w.device, latents_w.dtype)  # [2B, ...]
+    t = torch.cat([t_half, t_half]).to(latents_w.device)  # [2B]
     return noise, t
-
-
-def denoising_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The regression target for the UNet: the noise (``epsilon``) or ``v`` (``scheduler.get_velocity``)."""
-    prediction_type = getattr(scheduler.config, "prediction_type", None)
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return scheduler.get_velocity(x0, noise, t)
-    if prediction_type == "flow":  # a flow-matching schedule (SD3): the velocity eps - x0, until issue 14's Schedule
-        return scheduler.target(x0, noise, t)
-    raise ValueError(
-        f"Unsupported scheduler prediction_type {prediction_type!r} in {type(scheduler).__name__}; supported: "
-        f"{', '.join(SUPPORTED_PREDICTION_TYPES)}. Load a scheduler config with one of these prediction types."
-    )
 
 
 def _check_pair_shapes(where: str, latents_w: torch.Tensor, latents_l: torch.Tensor) -> None:
@@ -169,7 +161,7 @@ def _check_pair_shapes(where: str, latents_w: torch.Tensor, latents_l: torch.Ten
 
 
 def forward_trajectory(
-    scheduler, latents_w: torch.Tensor, latents_l: torch.Tensor, generator=None, *, process_index: int = 0,
+    schedule: Schedule, latents_w: torch.Tensor, latents_l: torch.Tensor, generator=None, *, process_index: int = 0,
     num_processes: int = 1,
 ) -> ForwardTrajectory:
     """Forward-noise winners and losers with shared noise and t: ``x_t = add_noise([x0_w; x0_l], noise, t)``.
@@ -180,35 +172,29 @@ def forward_trajectory(
 
     _check_pair_shapes("forward_trajectory", latents_w, latents_l)
     x0 = torch.cat([latents_w, latents_l])  # [2B, C, H, W]
-    noise, t = shared_noise_and_timesteps(latents_w, scheduler.config.num_train_timesteps, generator,
-                                          process_index=process_index, num_processes=num_processes)
-    x_t = scheduler.add_noise(x0, noise, t)
-    target = denoising_target(scheduler, x0, noise, t)
+    noise, t = shared_noise_and_timesteps(latents_w, schedule, generator, process_index=process_index,
+                                          num_processes=num_processes)
+    x_t = schedule.add_noise(x0, noise, t)
+    target = schedule.target(x0, noise, t)
     return ForwardTrajectory(x_t=x_t, t=t, target=target, noise=noise)
 
 
 # ------------------------------------------------------------------------------------------------ inversion
 
 
-def inversion_grid(scheduler, steps: int) -> list[int]:
-    """Ascending inversion timesteps: ``DDIMInverseScheduler.set_timesteps(steps)`` on ``scheduler``'s config.
+def inversion_grid(schedule: Schedule, steps: int) -> list[int]:
+    """Ascending inversion timesteps: ``schedule.inversion_grid(steps)``.
 
-    Using diffusers' own spacing (``leading`` + ``steps_offset`` for SD) keeps the grid identical to what the
-    SmPO code and diffusers' inversion pipelines use (SD1.5, 5 steps: [1, 201, 401, 601, 801]).
+    DDPM: ``DDIMInverseScheduler.set_timesteps(steps)`` on the config, diffusers' own spacing (``leading`` +
+    ``steps_offset`` for SD), the grid the SmPO code and diffusers' inversion pipelines use (SD1.5, 5 steps:
+    [1, 201, 401, 601, 801]). Flow: evenly spaced in the unshifted noise fraction up to pure noise.
     """
-    from diffusers import DDIMInverseScheduler
-
-    total = int(scheduler.config.num_train_timesteps)
-    if not 1 <= int(steps) <= total:
-        raise ValueError(f"trajectory.steps={steps} must be between 1 and the scheduler's {total} training timesteps.")
-    inverse = DDIMInverseScheduler.from_config(scheduler.config)
-    inverse.set_timesteps(int(steps))
-    return sorted({min(max(int(g), 0), total - 1) for g in inverse.timesteps.tolist()})
+    return schedule.inversion_grid(steps)
 
 
-def released_smpo_steps(scheduler, steps: int):
+def released_smpo_steps(schedule: Schedule, steps: int):
     """The inversion steps of diffusers 0.20.0's ``DDIMInverseScheduler`` (the version the SmPO code pins) on
-    ``scheduler``'s config: ``(sources, targets, initial_abar)``.
+    ``schedule``'s config (a :class:`DDPMSchedule`): ``(sources, targets, initial_abar)``.
 
     Step j maps the latent from ``sources[j]`` to ``targets[j] = sources[j] + T // steps`` and is told
     ``sources[j]``; the sources are the ``leading`` / ``trailing`` grid rolled by one, its first entry replaced by
@@ -218,9 +204,11 @@ def released_smpo_steps(scheduler, steps: int):
     since 0.22.0 steps along the grid itself.
     """
     import numpy as np
-    from diffusers import DDIMInverseScheduler
 
-    config = scheduler.config
+    if not isinstance(schedule, DDPMSchedule):
+        raise ValueError(f"trajectory.t_mode=smpo_released reproduces diffusers 0.20's DDIM inversion and needs a "
+                         f"DDPM-type schedule, not {schedule!r}; use t_mode=exact or grid_below.")
+    config = schedule.config
     total, n = int(config.num_train_timesteps), int(steps)
     if not 1 <= n <= total:
         raise ValueError(f"trajectory.steps={steps} must be between 1 and the scheduler's {total} training timesteps.")
@@ -239,50 +227,20 @@ def released_smpo_steps(scheduler, steps: int):
     if targets[-1] > total - 1:
         raise ValueError(f"trajectory.t_mode=smpo_released: steps={steps} makes diffusers 0.20's last inversion "
                          f"step end at {targets[-1]}, past the last training timestep {total - 1}.")
-    initial = DDIMInverseScheduler.from_config(config).initial_alpha_cumprod
-    return sources, targets, float(initial)
+    return sources, targets, schedule.initial_alpha_cumprod
 
 
-def _abar_table(scheduler, device) -> torch.Tensor:
-    """The scheduler's alphas_cumprod as float32 on ``device``, copied without making the host wait."""
+def _levels(schedule: Schedule, t: torch.Tensor, ndim: int, clean=(1.0, 0.0)):
+    """``(a, b)`` float32 ``[N, 1, ...]`` (``ndim`` dims) at indices ``t``; t < 0 stands for the clean latent, whose
+    level is ``clean`` ((1, 0), or the schedule's ``clean`` for ``smpo_released``)."""
     import torch
 
-    from diffusion_pref.training.transfer import to_device
-
-    return to_device(scheduler.alphas_cumprod, device, torch.float32)
-
-
-def _alpha_bar(scheduler, t: torch.Tensor, table: Optional[torch.Tensor] = None, clean: float = 1.0) -> torch.Tensor:
-    """abar_t as float32 ``[N, 1, 1, 1]``; t < 0 stands for the clean latent (abar = ``clean``). ``table``: the
-    scheduler's alphas_cumprod already on t's device (a loop passes it, so the host copies it once)."""
-    import torch
-
-    if table is None:
-        table = _abar_table(scheduler, t.device)
-    abar = torch.where(t < 0, torch.full((), clean, device=t.device), table[t.clamp(min=0)])
-    return abar.reshape(-1, 1, 1, 1)
-
-
-def _ddim_move(z_from, eps, abar_from, abar_to):
-    """The deterministic DDIM move between noise levels given a noise estimate (DDIM Eq. 12 with sigma = 0).
-
-    The same formula serves inversion (abar_to < abar_from) and sampling: x0_hat from the source latent, then
-    re-noised to the target level with the same eps.
-    """
-    x0_hat = (z_from - (1 - abar_from).sqrt() * eps) / abar_from.sqrt()
-    return abar_to.sqrt() * x0_hat + (1 - abar_to).sqrt() * eps
-
-
-def _as_eps(output, x_in, abar_in, prediction_type: str):
-    """A model output -> its noise estimate; v is read relative to the model's own input and timestep."""
-    if prediction_type == "epsilon":
-        return output
-    if prediction_type == "v_prediction":
-        return abar_in.sqrt() * output + (1 - abar_in).sqrt() * x_in
-    raise ValueError(
-        f"Unsupported scheduler prediction_type {prediction_type!r} for inversion; supported: "
-        f"{', '.join(SUPPORTED_PREDICTION_TYPES)}."
-    )
+    a, b = schedule.coefficients(t.clamp(min=0))
+    negative = t < 0
+    a = torch.where(negative, torch.full((), clean[0], device=t.device), a)
+    b = torch.where(negative, torch.full((), clean[1], device=t.device), b)
+    shape = (-1, *([1] * (ndim - 1)))
+    return a.reshape(shape), b.reshape(shape)
 
 
 def _patch_stats(x, patch: int = 4):
@@ -351,37 +309,38 @@ def _regularise(eps, ref_eps, reg: dict, generator):
     return eps.detach()
 
 
-def _renoise_step(predict, z_s, abar_s, g, abar_g, iters: int, window: Sequence[int], prediction_type: str,
+def _renoise_step(schedule: Schedule, predict, z_s, level_s, g, level_g, iters: int, window: Sequence[int],
                   reg: Optional[dict], ref_eps, generator, told=None):
-    """One inversion step z_s -> z_g with K = ``iters`` renoise iterations (K = 0: plain DDIM inversion).
+    """One inversion step z_s -> z_g with K = ``iters`` renoise iterations (K = 0: plain DDIM / Euler inversion).
 
-    Prediction k is made at the current estimate z_g^(k) (z_g^(0) = z_s) and the next estimate is always a DDIM
-    move from z_s: z_g^(k+1) = move(z_s, eps(z_g^(k), g)), a fixed-point iteration for the implicit equation a
-    DDIM sampling step would have to satisfy. The predictions with index in ``window`` are averaged for the
-    final move.
+    Prediction k is made at the current estimate z_g^(k) (z_g^(0) = z_s) and read as the quantity the step holds
+    (``schedule.held``: the noise estimate for DDPM, the velocity for flow); the next estimate is always a move
+    from z_s: z_g^(k+1) = move(z_s, h(z_g^(k), g)), a fixed-point iteration for the implicit equation a DDIM /
+    Euler sampling step would have to satisfy. The predictions with index in ``window`` are averaged for the
+    final move. ``level_s`` / ``level_g``: the ``(a, b)`` of the two noise levels.
 
-    ``told``: the timesteps the model is told instead of g, with a v-prediction output read against z_s and abar_s
-    (diffusers 0.20's DDIMInverseScheduler, ``t_mode=smpo_released``).
+    ``told``: the timesteps the model is told instead of g, with a v-prediction output read against z_s and its
+    level (diffusers 0.20's DDIMInverseScheduler, ``t_mode=smpo_released``).
     """
     start, end = int(window[0]), int(window[1])
-    z_k, total, count, eps = z_s, None, 0, None
+    z_k, total, count, h = z_s, None, 0, None
     for k in range(iters + 1):
         if told is None:
-            eps = _as_eps(predict(z_k, g), z_k, abar_g, prediction_type)
+            h = schedule.held(predict(z_k, g), z_k, *level_g)
         else:
-            eps = _as_eps(predict(z_k, told), z_s, abar_s, prediction_type)
+            h = schedule.held(predict(z_k, told), z_s, *level_s)
         if start <= k < end:
-            total = eps if total is None else total + eps
+            total = h if total is None else total + h
             count += 1
         if reg is not None and k >= start:
-            eps = _regularise(eps, ref_eps, reg, generator)
-        z_k = _ddim_move(z_s, eps, abar_s, abar_g)
+            h = _regularise(h, ref_eps, reg, generator)
+        z_k = schedule.move_held(z_s, h, level_s, level_g)
     if count == 0:
         return z_k  # the window holds no prediction: the last iterate
-    eps_mean = total / count
+    h_mean = total / count
     if reg is not None:
-        eps_mean = _regularise(eps_mean, ref_eps, reg, generator)
-    return _ddim_move(z_s, eps_mean, abar_s, abar_g)
+        h_mean = _regularise(h_mean, ref_eps, reg, generator)
+    return schedule.move_held(z_s, h_mean, level_s, level_g)
 
 
 def _paths(grid: Sequence[int], t: torch.Tensor, t_mode: str, released=None):
@@ -425,13 +384,13 @@ def _rows(value, index, n: int):
     return value
 
 
-def _invert(scheduler, predict_fn, x0, cond, paths, lengths, *, renoise_iters=0, average_window=(0, 1),
-            noise_reg=None, generator=None, start=None, start_t=None, told=None, initial_abar=1.0, reg_noise=None):
+def _invert(schedule: Schedule, predict_fn, x0, cond, paths, lengths, *, renoise_iters=0, average_window=(0, 1),
+            noise_reg=None, generator=None, start=None, start_t=None, told=None, clean=(1.0, 0.0), reg_noise=None):
     """Invert ``x0`` ``[N, ...]`` along per-sample paths (``lengths``: a CPU tensor); float32 result at each
     sample's last path entry.
 
     ``told`` ``[N, L]``: diffusers 0.20's arithmetic (``t_mode=smpo_released``): step j starts from the noise
-    level of ``told[:, j]`` (``initial_abar`` where negative), whatever the latent's own, and the model is told
+    level of ``told[:, j]`` (the level ``clean`` where negative), whatever the latent's own, and the model is told
     ``told[:, j]``. ``reg_noise``: the noise of ReNoise's KL reference (drawn here, once, if None).
 
     Each step runs the model only on the samples whose path is not finished yet (their rows of ``cond`` too, for
@@ -441,15 +400,14 @@ def _invert(scheduler, predict_fn, x0, cond, paths, lengths, *, renoise_iters=0,
     """
     import torch
 
-    from diffusion_pref.training.transfer import to_device
-
-    prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
+    if noise_reg is not None and not isinstance(schedule, DDPMSchedule):
+        raise ValueError(f"trajectory.noise_reg_steps > 0 (ReNoise's noise regularisation) needs a DDPM-type "
+                         f"schedule, not {schedule!r}; set trajectory.noise_reg_steps=0.")
     dtype = x0.dtype
     n = x0.shape[0]
     z = x0.float() if start is None else start.float()
     source = (torch.full((n,), -1, dtype=torch.long, device=x0.device) if start_t is None  # -1: the clean latent
               else start_t.to(x0.device))
-    table = _abar_table(scheduler, x0.device)
     if noise_reg is not None and noise_reg["lambda_kl"] > 0 and reg_noise is None:
         # ReNoise's KL reference noise: one draw for the whole inversion and batch
         draw_device = generator.device if generator is not None else x0.device
@@ -460,16 +418,16 @@ def _invert(scheduler, predict_fn, x0, cond, paths, lengths, *, renoise_iters=0,
         active_host = lengths > j  # [N]
         if not bool(active_host.any()):
             break
-        active = to_device(active_host, x0.device)
-        index = to_device(active_host.nonzero().squeeze(1), x0.device)
+        active = active_host.to(x0.device, non_blocking=True)
+        index = active_host.nonzero().squeeze(1).to(x0.device, non_blocking=True)
         every = index.numel() == n
         sub = (lambda v: v) if every else (lambda v: v[index])
         step_cond = cond if every else _rows(cond, index, n)
         g, z_s, x0_s = sub(paths[:, j]), sub(z), sub(x0.float())
         told_j = None if told is None else sub(told[:, j])
-        abar_s = (_alpha_bar(scheduler, sub(source), table) if told is None
-                  else _alpha_bar(scheduler, told_j, table, clean=initial_abar))
-        abar_g = _alpha_bar(scheduler, g, table)
+        level_s = _levels(schedule, sub(source) if told is None else told_j, z.ndim,
+                          clean=(1.0, 0.0) if told is None else clean)
+        level_g = _levels(schedule, g, z.ndim)
 
         def predict(x, timesteps):
             return predict_fn(x.to(dtype), timesteps, step_cond).float()
@@ -477,9 +435,9 @@ def _invert(scheduler, predict_fn, x0, cond, paths, lengths, *, renoise_iters=0,
         ref_eps = None
         if reg_noise is not None and noise_reg is not None:
             # ReNoise's KL reference: the model's prediction on a forward-noised x0 at the same level.
-            x_fwd = abar_g.sqrt() * x0_s + (1 - abar_g).sqrt() * sub(reg_noise)
-            ref_eps = _as_eps(predict(x_fwd, g), x_fwd, abar_g, prediction_type)
-        z_new = _renoise_step(predict, z_s, abar_s, g, abar_g, renoise_iters, average_window, prediction_type,
+            x_fwd = level_g[0] * x0_s + level_g[1] * sub(reg_noise)
+            ref_eps = schedule.held(predict(x_fwd, g), x_fwd, *level_g)
+        z_new = _renoise_step(schedule, predict, z_s, level_s, g, level_g, renoise_iters, average_window,
                               noise_reg, ref_eps, generator, told=told_j)
         if every:
             z = z_new
@@ -501,13 +459,14 @@ def _check_options(renoise_iters, average_window, noise_reg_steps, noise_reg_ac_
         raise ValueError("trajectory.noise_reg_steps must be >= 0 and trajectory.noise_reg_ac_rolls >= 1.")
 
 
-def invert_latents(scheduler, predict_fn: Callable, x0: torch.Tensor, cond, timesteps: Sequence[int], *,
+def invert_latents(schedule: Schedule, predict_fn: Callable, x0: torch.Tensor, cond, timesteps: Sequence[int], *,
                    renoise_iters: int = 0, average_window: Sequence[int] = (0, 2), noise_reg_steps: int = 0,
                    noise_reg_lambda_kl: float = 0.065, noise_reg_lambda_ac: float = 20.0, noise_reg_ac_rolls: int = 5,
                    generator=None) -> torch.Tensor:
     """Invert clean latents ``x0`` ``[N, C, H, W]`` along ascending ``timesteps``; returns z at the last one (float32).
 
-    ``renoise_iters=0`` is plain DDIM inversion. Reconstruct with :func:`ddim_sample` on the same timesteps.
+    ``renoise_iters=0`` is plain DDIM inversion (Euler for flow). Reconstruct with :func:`ddim_sample` on the same
+    timesteps.
     """
     import torch
 
@@ -518,16 +477,16 @@ def invert_latents(scheduler, predict_fn: Callable, x0: torch.Tensor, cond, time
     lengths = torch.full((x0.shape[0],), len(timesteps), dtype=torch.long)
     reg = _reg_options(noise_reg_steps, noise_reg_lambda_kl, noise_reg_lambda_ac, noise_reg_ac_rolls)
     with torch.no_grad():
-        return _invert(scheduler, predict_fn, x0, cond, paths, lengths, renoise_iters=int(renoise_iters),
+        return _invert(schedule, predict_fn, x0, cond, paths, lengths, renoise_iters=int(renoise_iters),
                        average_window=average_window, noise_reg=reg, generator=generator)
 
 
-def invert_grid(kind: str, scheduler, predict_fn: Callable, x0: torch.Tensor, cond, *, steps: int = 50,
+def invert_grid(kind: str, schedule: Schedule, predict_fn: Callable, x0: torch.Tensor, cond, *, steps: int = 50,
                 renoise_iters: int = 1, average_window: Sequence[int] = (0, 2), noise_reg_steps: int = 0,
                 noise_reg_lambda_kl: float = 0.065, noise_reg_lambda_ac: float = 20.0, noise_reg_ac_rolls: int = 5,
                 generator=None, t_mode: str = "exact", **_unused) -> torch.Tensor:
     """Every point of the inversion grid at once: ``[N, G, C, H, W]`` float32, the latent inverted to
-    ``inversion_grid(scheduler, steps)[g]`` (``kind`` ddim or renoise, options as in :func:`make_trajectory`).
+    ``inversion_grid(schedule, steps)[g]`` (``kind`` ddim or renoise, options as in :func:`make_trajectory`).
 
     With a model that does not change (the frozen reference), these are all a trajectory needs: pass them to
     :func:`make_trajectory` as ``inverted`` and ``grid_below`` / ``smpo_released`` cost no model call, ``exact``
@@ -548,9 +507,9 @@ def invert_grid(kind: str, scheduler, predict_fn: Callable, x0: torch.Tensor, co
         raise ValueError(f"trajectory.t_mode={t_mode!r} is not one of {', '.join(T_MODES)}.")
     n = x0.shape[0]
     if t_mode == "smpo_released":
-        sources, grid, initial_abar = released_smpo_steps(scheduler, steps)
+        sources, grid, _ = released_smpo_steps(schedule, steps)
     else:
-        grid, sources, initial_abar = inversion_grid(scheduler, steps), None, 1.0
+        grid, sources = inversion_grid(schedule, steps), None
     reg_noise = None
     if reg is not None and reg["lambda_kl"] > 0:  # one KL reference noise for the whole inversion, as ReNoise
         draw_device = generator.device if generator is not None else x0.device
@@ -560,9 +519,9 @@ def invert_grid(kind: str, scheduler, predict_fn: Callable, x0: torch.Tensor, co
         for j, g in enumerate(grid):  # one step at a time, keeping each grid point's latent
             target = torch.full((n, 1), g, dtype=torch.long, device=x0.device)
             told = None if sources is None else torch.full((n, 1), sources[j], dtype=torch.long, device=x0.device)
-            z = _invert(scheduler, predict_fn, x0, cond, target, torch.ones(n, dtype=torch.long),
+            z = _invert(schedule, predict_fn, x0, cond, target, torch.ones(n, dtype=torch.long),
                         renoise_iters=iters, average_window=window, noise_reg=reg, generator=generator,
-                        start=z, start_t=source, told=told, initial_abar=initial_abar, reg_noise=reg_noise)
+                        start=z, start_t=source, told=told, clean=schedule.clean, reg_noise=reg_noise)
             source = target[:, 0]
             points.append(z)
     return torch.stack(points, dim=1)
@@ -575,8 +534,10 @@ def _reg_options(steps, lambda_kl, lambda_ac, ac_rolls):
             "ac_rolls": int(ac_rolls)}
 
 
-def ddim_sample(scheduler, predict_fn: Callable, z: torch.Tensor, cond, timesteps: Sequence[int]) -> torch.Tensor:
-    """Deterministic DDIM sampling from ``z`` at ``timesteps[-1]`` down the same grid to the clean latent (float32).
+def ddim_sample(schedule: Schedule, predict_fn: Callable, z: torch.Tensor, cond,
+                timesteps: Sequence[int]) -> torch.Tensor:
+    """Deterministic DDIM sampling (Euler for flow) from ``z`` at ``timesteps[-1]`` down the same grid to the clean
+    latent (float32): each step is ``schedule.step_at`` with the output at the step's own source.
 
     A v-prediction output gives x0_hat = sqrt(abar) z - sqrt(1 - abar) v directly (as diffusers' DDIMScheduler
     computes it), with no division by sqrt(abar): zero-terminal-SNR schedules (abar = 0 at the last timestep) then
@@ -584,11 +545,11 @@ def ddim_sample(scheduler, predict_fn: Callable, z: torch.Tensor, cond, timestep
     """
     import torch
 
-    prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
     n = z.shape[0]
     steps = [int(g) for g in timesteps]
-    if prediction_type == "epsilon":
-        zero = [g for g in steps if float(scheduler.alphas_cumprod[g]) <= 0.0]
+    if schedule.prediction_type == "epsilon":
+        a_grid, _ = schedule.coefficients(torch.tensor(steps, dtype=torch.long))
+        zero = [g for g, a in zip(steps, a_grid.tolist()) if a <= 0.0]
         if zero:
             raise ValueError(f"ddim_sample: abar is 0 at t={zero[0]} (a zero-terminal-SNR schedule), where an "
                              "epsilon-prediction model's output does not determine x0; use a v_prediction model or "
@@ -598,13 +559,8 @@ def ddim_sample(scheduler, predict_fn: Callable, z: torch.Tensor, cond, timestep
         for j in reversed(range(len(steps))):
             g = torch.full((n,), steps[j], dtype=torch.long, device=z.device)
             s = torch.full((n,), steps[j - 1] if j > 0 else -1, dtype=torch.long, device=z.device)
-            abar_g, abar_s = _alpha_bar(scheduler, g), _alpha_bar(scheduler, s)
             output = predict_fn(z, g, cond).float()
-            if prediction_type == "v_prediction":
-                x0_hat = abar_g.sqrt() * z - (1 - abar_g).sqrt() * output
-                z = abar_s.sqrt() * x0_hat + (1 - abar_s).sqrt() * _as_eps(output, z, abar_g, prediction_type)
-            else:
-                z = _ddim_move(z, _as_eps(output, z, abar_g, prediction_type), abar_g, abar_s)
+            z = schedule.step_at(z, output, _levels(schedule, g, z.ndim), _levels(schedule, s, z.ndim))
     return z
 
 
@@ -622,7 +578,7 @@ def trajectory_options(traj_cfg) -> dict:
     }
 
 
-def make_trajectory(kind: str, scheduler, latents_w: torch.Tensor, latents_l: torch.Tensor, *,
+def make_trajectory(kind: str, schedule: Schedule, latents_w: torch.Tensor, latents_l: torch.Tensor, *,
                     predict_fn: Optional[Callable] = None, cond=None, generator=None, steps: int = 50,
                     t_mode: str = "exact", renoise_iters: int = 1, average_window: Sequence[int] = (0, 2),
                     noise_reg_steps: int = 0, noise_reg_lambda_kl: float = 0.065, noise_reg_lambda_ac: float = 20.0,
@@ -646,7 +602,7 @@ def make_trajectory(kind: str, scheduler, latents_w: torch.Tensor, latents_l: to
     if kind not in KINDS:
         raise ValueError(f"trajectory.kind={kind!r} is not one of {', '.join(KINDS)}.")
     if kind == "forward":
-        return forward_trajectory(scheduler, latents_w, latents_l, generator=generator, process_index=process_index,
+        return forward_trajectory(schedule, latents_w, latents_l, generator=generator, process_index=process_index,
                                   num_processes=num_processes)
     if predict_fn is None:
         raise ValueError(f"trajectory.kind={kind} inverts x0 with the model: pass predict_fn(x_t, t, cond).")
@@ -654,11 +610,11 @@ def make_trajectory(kind: str, scheduler, latents_w: torch.Tensor, latents_l: to
     _check_options(renoise_iters, average_window, noise_reg_steps, noise_reg_ac_rolls)
     if t_mode not in T_MODES:
         raise ValueError(f"trajectory.t_mode={t_mode!r} is not one of {', '.join(T_MODES)}.")
-    released = released_smpo_steps(scheduler, steps) if t_mode == "smpo_released" else None
-    grid = inversion_grid(scheduler, steps) if released is None else released[1]
+    released = released_smpo_steps(schedule, steps) if t_mode == "smpo_released" else None
+    grid = inversion_grid(schedule, steps) if released is None else released[1]
     x0 = torch.cat([latents_w, latents_l])  # [2B, C, H, W]
-    _, t = shared_noise_and_timesteps(latents_w, scheduler.config.num_train_timesteps, generator,
-                                      process_index=process_index, num_processes=num_processes)
+    _, t = shared_noise_and_timesteps(latents_w, schedule, generator, process_index=process_index,
+                                      num_processes=num_processes)
     if kind == "ddim":
         iters, window, reg = 0, (0, 1), None
     else:
@@ -688,10 +644,10 @@ def make_trajectory(kind: str, scheduler, latents_w: torch.Tensor, latents_l: to
         paths = t[:, None]  # exact: the one step left, from the grid point below t to t itself
         lengths = torch.ones(len(t), dtype=torch.long) if t_mode == "exact" else torch.zeros(len(t), dtype=torch.long)
     with torch.no_grad():
-        x_t = _invert(scheduler, predict_fn, x0, cond, paths, lengths, renoise_iters=iters, average_window=window,
+        x_t = _invert(schedule, predict_fn, x0, cond, paths, lengths, renoise_iters=iters, average_window=window,
                       noise_reg=reg, generator=generator, start=start, start_t=start_t, told=told,
-                      initial_abar=1.0 if released is None else released[2])  # [2B, C, H, W] float32
-        abar_t = _alpha_bar(scheduler, t)
-        tau = (x_t - abar_t.sqrt() * x0.float()) / (1 - abar_t).sqrt()
-        target = denoising_target(scheduler, x0.float(), tau, t)
+                      clean=schedule.clean)  # [2B, C, H, W] float32
+        a_t, b_t = _levels(schedule, t, x_t.ndim)
+        tau = (x_t - a_t * x0.float()) / b_t
+        target = schedule.target(x0.float(), tau, t)
     return Trajectory(x_t=x_t.to(x0.dtype), t=t, target=target.to(x0.dtype), noise=tau.to(x0.dtype))

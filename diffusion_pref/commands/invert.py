@@ -87,8 +87,8 @@ def run(cfg) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for module in (backbone.unet, *backbone.frozen_modules):
         module.to(device)
-    scheduler = backbone.scheduler
-    grid = inversion_grid(scheduler, traj.steps)
+    schedule = backbone.schedule
+    grid = inversion_grid(schedule, traj.steps)
 
     x0 = backbone.encode_media(pixels.to(device)).float()  # [1, C, h, w]
     # SDXL's size / crop micro-conditioning: the image as it is fed, uncropped, as SDXL's pipeline generates at R
@@ -108,8 +108,8 @@ def run(cfg) -> None:
                        noise_reg_steps=traj.noise_reg_steps, noise_reg_lambda_kl=traj.noise_reg_lambda_kl,
                        noise_reg_lambda_ac=traj.noise_reg_lambda_ac, noise_reg_ac_rolls=traj.noise_reg_ac_rolls)
     generator = torch.Generator().manual_seed(cfg.train.seed)  # CPU: the regulariser draws its shifts there
-    z_top = invert_latents(scheduler, predict, x0, cond, grid, generator=generator, **options)
-    x0_rec = ddim_sample(scheduler, predict, z_top, cond, grid)
+    z_top = invert_latents(schedule, predict, x0, cond, grid, generator=generator, **options)
+    x0_rec = ddim_sample(schedule, predict, z_top, cond, grid)
 
     target = (pixels.to(device) + 1) / 2
     reconstruction = _decode(backbone, x0_rec)

@@ -175,7 +175,7 @@ def grid_inverter(cfg, backbone, predict_fn, autocast=contextlib.nullcontext):
     def invert(latents_w, latents_l, text, batch):
         cond = repeat_pair(backbone.conditioning(text, batch))
         with autocast():
-            return invert_grid(cfg.trajectory.kind, backbone.scheduler, predict_fn, torch.cat([latents_w, latents_l]),
+            return invert_grid(cfg.trajectory.kind, backbone.schedule, predict_fn, torch.cat([latents_w, latents_l]),
                                cond, **trajectory_options(cfg.trajectory))
 
     return invert

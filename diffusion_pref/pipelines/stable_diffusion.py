@@ -1,7 +1,7 @@
 """Stable Diffusion 1.x / 2.x as a training backbone: a thin adapter over a diffusers ``StableDiffusionPipeline``.
 
 The surface every backbone shares (DESIGN.md): ``encode_text``, ``encode_media`` (pixels -> latents),
-``predict(x_t, t, cond)``, ``target(x0, noise, t)`` (epsilon or v), ``scheduler`` (the training noise schedule),
+``predict(x_t, t, cond)``, ``target(x0, noise, t)`` (epsilon or v), ``schedule`` (the training noise schedule),
 ``generate(prompts, seeds, ...)``, plus ``save_lora`` / ``save_full`` for the trainer's outputs.
 
 Example::
@@ -54,7 +54,7 @@ class StableDiffusionBackbone:
     pipeline_class_name = "StableDiffusionPipeline"
 
     def __init__(self, pipe, model_cfg=None):
-        from diffusers import DDPMScheduler
+        from diffusion_pref.schedules import schedule_from_scheduler
 
         self.pipe = pipe
         self.model_cfg = model_cfg
@@ -62,8 +62,8 @@ class StableDiffusionBackbone:
         self.vae = pipe.vae
         self.text_encoder = pipe.text_encoder
         self.tokenizer = pipe.tokenizer
-        # Training noises with the DDPM forward process of the checkpoint's own betas and prediction type.
-        self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        # Training noises with the forward process of the checkpoint's own schedule and prediction type.
+        self.schedule = schedule_from_scheduler(pipe.scheduler.config)
 
     @classmethod
     def load(cls, model_cfg):
@@ -116,9 +116,7 @@ class StableDiffusionBackbone:
         return unet(x_t, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
 
     def target(self, x0, noise, t):
-        from diffusion_pref.trajectories import denoising_target
-
-        return denoising_target(self.scheduler, x0, noise, t)
+        return self.schedule.target(x0, noise, t)
 
     # -- sampling ------------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], steps: int = 25, guidance_scale: float = 7.5,

@@ -620,7 +620,7 @@ class Trainer:
                     # Noise and t of each pair do not depend on the process count; ddim / renoise invert x0 with
                     # the current model (SmPO) or the reference (invert_with), under no_grad in make_trajectory.
                     traj = make_trajectory(
-                        cfg.trajectory.kind, backbone.scheduler, latents_w, latents_l,
+                        cfg.trajectory.kind, backbone.schedule, latents_w, latents_l,
                         predict_fn=invert_predict, cond=cond, inverted=inverted,
                         generator=generator, process_index=accelerator.process_index,
                         num_processes=accelerator.num_processes, **trajectory_options(cfg.trajectory),
