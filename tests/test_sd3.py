@@ -110,6 +110,26 @@ def test_flow_schedule_matches_diffusers_flow_match_scheduler(sd3_dir):
     torch.testing.assert_close(schedule.target(x0, noise, idx), noise - x0)
 
 
+def test_forward_pairs_on_the_flow_give_dpo_the_velocity_error(sd3_dir):
+    """Forward trajectory on SD3's schedule: x_t = (1 - sigma) x0 + sigma eps with eps and t shared by a pair, target
+    eps - x0; the log-likelihood estimate every loss gets is -mean((v_pred - (eps - x0))^2), unweighted."""
+    from diffusion_pref.losses import denoising_log_likelihood
+    from diffusion_pref.trajectories import make_trajectory
+
+    schedule = backbone_of(sd3_dir).schedule
+    g = torch.Generator().manual_seed(0)
+    w, l = torch.randn(3, 16, 8, 8, generator=g), torch.randn(3, 16, 8, 8, generator=g)
+    traj = make_trajectory("forward", schedule, w, l, generator=torch.Generator().manual_seed(1))
+    x0 = torch.cat([w, l])
+    assert torch.equal(traj.t[:3], traj.t[3:]) and torch.equal(traj.noise[:3], traj.noise[3:])
+    sigma = (3 * (traj.t.double() + 1) / 1000 / (1 + 2 * (traj.t.double() + 1) / 1000)).float().view(-1, 1, 1, 1)
+    torch.testing.assert_close(traj.x_t, (1 - sigma) * x0 + sigma * traj.noise)
+    torch.testing.assert_close(traj.target, traj.noise - x0)
+    v_pred = torch.randn(6, 16, 8, 8, generator=g)
+    want = -((v_pred - (traj.noise - x0)) ** 2).flatten(1).mean(1)
+    torch.testing.assert_close(denoising_log_likelihood(v_pred, traj.target), want)
+
+
 # ------------------------------------------------------------------------------------------------ encoders
 
 

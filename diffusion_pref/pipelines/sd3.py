@@ -41,61 +41,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from diffusion_pref.pipelines.stable_diffusion import load_pipeline
+from diffusion_pref.schedules import schedule_from_scheduler
 
 # The attention projections of the joint (image + text) attention that Diffusion-DPO's UNet recipes adapt; the
 # context stream's add_{q,k,v}_proj / to_add_out can be added through model.lora_targets (Flow-DPO adapts both).
 SD3_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-
-
-def flow_schedule(scheduler_config):
-    """The training schedule of a ``FlowMatchEulerDiscreteScheduler`` config (``diffusion_pref.schedules``)."""
-    try:
-        from diffusion_pref.schedules import schedule_from_scheduler
-    except ImportError:  # before the schedules module is merged (issue 14): the same arithmetic, provisional
-        return _ProvisionalFlowSchedule(scheduler_config)
-    return schedule_from_scheduler(scheduler_config)
-
-
-class _ProvisionalFlowSchedule:
-    """Flow matching on integer indices, CONTRACT.md's ``FlowMatchSchedule`` (the part forward training needs).
-
-    Index i in [0, N): s = (i + 1) / N, sigma = shift s / (1 + (shift - 1) s); x_t = (1 - sigma) x0 + sigma eps,
-    target eps - x0, the denoiser is told sigma * N. ``config`` lets today's trajectories read it like a diffusers
-    scheduler. To be replaced by ``schedules.FlowMatchSchedule`` when that lands.
-    """
-
-    prediction_type = "flow"
-    clean = (1.0, 0.0)
-
-    def __init__(self, config):
-        from types import SimpleNamespace
-
-        if getattr(config, "use_dynamic_shifting", False):
-            raise ValueError("scheduler.use_dynamic_shifting=true (resolution-dependent shift) is not supported for "
-                             "training; use a FlowMatchEulerDiscreteScheduler config with a fixed shift")
-        self.num_train_timesteps = int(config.num_train_timesteps)
-        self.shift = float(config.shift)
-        self.config = SimpleNamespace(num_train_timesteps=self.num_train_timesteps, prediction_type="flow")
-
-    def sigmas(self, t):
-        import torch
-
-        s = (t.to(torch.float64) + 1) / self.num_train_timesteps
-        return (self.shift * s / (1 + (self.shift - 1) * s)).to(torch.float32)
-
-    def coefficients(self, t):
-        sigma = self.sigmas(t)
-        return 1 - sigma, sigma
-
-    def add_noise(self, x0, noise, t):
-        a, b = (c.to(x0.device).view(-1, *([1] * (x0.ndim - 1))) for c in self.coefficients(t))
-        return (a * x0.float() + b * noise.float()).to(x0.dtype)
-
-    def target(self, x0, noise, t):
-        return noise - x0
-
-    def model_timestep(self, t):
-        return self.sigmas(t) * self.num_train_timesteps
 
 
 class SD3Backbone:
@@ -112,7 +62,7 @@ class SD3Backbone:
         self.frozen = {name: module for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
                        if (module := getattr(pipe, name)) is not None}
         self.frozen_dtype: Dict[str, object] = {}
-        self.schedule = flow_schedule(pipe.scheduler.config)
+        self.schedule = schedule_from_scheduler(pipe.scheduler)  # FlowMatchSchedule: the scheduler's shift
         # T5's sequence length: the pipeline's default 256, cut to a shorter tokenizer's limit (the test kit's 32)
         limit = getattr(pipe.tokenizer_3, "model_max_length", None)
         self.max_sequence_length = min(max_sequence_length, limit) if isinstance(limit, int) else max_sequence_length
@@ -141,10 +91,6 @@ class SD3Backbone:
     @property
     def frozen_modules(self) -> List[object]:
         return list(self.frozen.values())  # the VAE first
-
-    @property
-    def scheduler(self):
-        return self.schedule
 
     @property
     def tokenizer(self):
