@@ -210,10 +210,17 @@ def test_sample_draws_each_image_from_its_own_seed(sd3_dir):
     backbone = backbone_of(sd3_dir)
     both = backbone.sample(["a red cat", "a dog"], [3, 4], steps=2, guidance_scale=2.0, resolution=32, output_type="pt")
     one = backbone.sample(["a dog"], [4], steps=2, guidance_scale=2.0, resolution=32, output_type="pt")
-    assert both.shape == (2, 3, 32, 32)
-    torch.testing.assert_close(both[1:], one, rtol=1e-5, atol=1e-5)
+    assert len(both) == 2 and both[0].shape == (3, 32, 32) and both.blocked == [False, False]
+    torch.testing.assert_close(both[1], one[0], rtol=1e-5, atol=1e-5)
+    # another diffusers scheduler for one call, then the model's own again
+    other = backbone.sample(["a dog"], [4], steps=2, guidance_scale=2.0, resolution=32, output_type="pt",
+                            scheduler="FlowMatchHeunDiscreteScheduler")
+    assert not torch.allclose(other[0], one[0])
+    assert type(backbone.pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    pil = backbone.sample(["a dog"], [4], steps=1, guidance_scale=1.0, resolution=32)
+    assert pil[0].size == (32, 32)
     with pytest.raises(ValueError, match="sample.safety_checker"):
-        backbone.sample(["a"], [0], steps=1, safety_checker=True)
+        backbone.sample(["a"], [0], steps=1, guidance_scale=1.0, safety_checker=True)
 
 
 # ------------------------------------------------------------------------------------------------ training

@@ -15,7 +15,7 @@ reward model in ``reward.models`` separately (plus their weighted sum when there
 - ``grid.png`` (images only): the first prompts x seeds x variants side by side, for pasting elsewhere.
 
 Variants (``eval.variants``, name -> spec): ``base`` is ``model.pretrained``; a folder with LoRA weights
-(``pytorch_lora_weights.safetensors``) is loaded on top of the base with ``pipe.load_lora_weights``; a folder with
+(``pytorch_lora_weights.safetensors``) is loaded on top of the base (``Backbone.load_lora``); a folder with
 ``model_index.json`` is a full pipeline. ``eval.images_dir`` instead scores images that already exist, in the HPDv2
 benchmark layout ``<style>/{index:05d}.jpg`` (or ``<model>/<style>/{index:05d}.jpg`` for several models).
 
@@ -242,7 +242,7 @@ def load_variant(cfg: Config, variant: Variant):
     backbone = load_backbone(model_cfg)
     if variant.kind == "lora":
         try:
-            backbone.pipe.load_lora_weights(str(variant.path))
+            backbone.load_lora(variant.path)
         except Exception as err:
             from diffusion_pref.pipelines import summarize_mismatch
 
@@ -256,11 +256,7 @@ def load_variant(cfg: Config, variant: Variant):
                              f"{cfg.model.pretrained} ({type(err).__name__}: {str(err).splitlines()[0][:300]}); "
                              "was it trained on this base model?") from None
     device, dtype = _torch_device_and_dtype(cfg)
-    if hasattr(backbone, "pipe"):
-        # Cast only when needed: diffusers warns about casting after loading, and fp32 on CPU needs none.
-        backbone.pipe.to(device=device, **({} if backbone.pipe.dtype == dtype else {"dtype": dtype}))
-        backbone.pipe.set_progress_bar_config(disable=True)
-    return backbone
+    return backbone.to(device, dtype)
 
 
 def save_media(item: Any, path: Path, sample_rate: Optional[int] = None) -> Path:
@@ -288,8 +284,6 @@ def generate_samples(cfg: Config, variants: Sequence[Variant], records: Sequence
     """
     from tqdm.auto import tqdm
 
-    from diffusion_pref.pipelines import texts_cut
-
     media_dir = out_dir / "media"
     cached = {} if cfg.eval.no_cache else _cached_media(media_dir)
     samples: List[Sample] = []
@@ -314,16 +308,16 @@ def generate_samples(cfg: Config, variants: Sequence[Variant], records: Sequence
             if not jobs:
                 continue
             backbone = load_variant(cfg, variant)
-            prompts_cut[variant.name] = sum(texts_cut(backbone, [r.prompt for r in records]))
+            prompts_cut[variant.name] = sum(backbone.prompts_cut([r.prompt for r in records]))
             settings = sampling_settings(cfg, variant.name)
             for start in range(0, len(jobs), cfg.eval.batch_size):
                 batch = jobs[start: start + cfg.eval.batch_size]
-                media = backbone.generate([s.prompt for s, _ in batch], [s.seed for s, _ in batch],
-                                          steps=settings["steps"], guidance_scale=settings["guidance_scale"],
-                                          resolution=settings["resolution"])
+                media = backbone.sample([s.prompt for s, _ in batch], [s.seed for s, _ in batch],
+                                        steps=settings["steps"], guidance_scale=settings["guidance_scale"],
+                                        resolution=settings["resolution"])
                 for (sample, key), item in zip(batch, media):
                     stem = media_dir / variant.name / f"{sample.prompt_index:05d}_s{sample.seed}_{key}"
-                    path = save_media(item, stem, getattr(backbone, "sample_rate", None))
+                    path = save_media(item, stem, backbone.sample_rate)
                     sample.media = str(path.relative_to(out_dir))
                 bar.update(len(batch))
             del backbone

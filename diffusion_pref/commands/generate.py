@@ -57,7 +57,6 @@ import re
 import signal
 import sys
 import threading
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,62 +180,34 @@ def _torch_dtype(name: str, device: Any):
     return torch_dtype(name)
 
 
-def _load_pipeline(cfg: Config, device: Any):
-    import diffusers
-    from diffusers import DiffusionPipeline
+def _load_backbone(cfg: Config, device: Any):
+    """The backbone generate samples with: ``model.*`` in ``generate.dtype`` on ``device``, with ``generate.lora``
+    on top. ``generate.scheduler`` is checked here, before a large model takes a while to load; ``sample`` uses it."""
+    from diffusion_pref.pipelines import load_backbone
+    from diffusion_pref.pipelines.base import scheduler_class
 
-    # The backbones' loader: "toy", hub ids and folders, model.revision/variant/vae, and readable errors.
-    from diffusion_pref.pipelines.stable_diffusion import load_pipeline
-
-    scheduler_class = None
-    if cfg.generate.scheduler:  # checked before loading: a large pipeline takes a while to load
-        scheduler_class = getattr(diffusers, cfg.generate.scheduler, None)
-        if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, diffusers.SchedulerMixin)):
-            raise ConfigError(
-                f"generate.scheduler={cfg.generate.scheduler!r} is not a diffusers scheduler class; use e.g. "
-                "DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler"
-            )
-    dtype = _torch_dtype(cfg.generate.dtype, device)
-    with warnings.catch_warnings():
-        # Newer diffusers renamed torch_dtype to dtype; the old name still works in every version we support.
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
-        pipe = load_pipeline(DiffusionPipeline, cfg.model, torch_dtype=dtype)
-    if cfg.model.vae:
-        pipe.vae.to(dtype=dtype)  # a VAE passed in as a component is not cast by torch_dtype
-    if scheduler_class is not None:
-        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    if cfg.generate.scheduler:
+        scheduler_class(cfg.generate.scheduler, "generate.scheduler")
+    backbone = load_backbone(cfg.model, dtype=_torch_dtype(cfg.generate.dtype, device))
     if cfg.generate.lora:
         try:
-            pipe.load_lora_weights(cfg.generate.lora)
+            backbone.load_lora(cfg.generate.lora)
         except Exception as err:
             raise ConfigError(f"generate.lora={cfg.generate.lora}: could not load a LoRA onto {cfg.model.pretrained} "
                               f"({type(err).__name__}: {err}); give the folder a LoRA training run of this base "
                               "model wrote") from None
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return backbone.to(device)
 
 
-def _sample_images(pipe: Any, prompts: List[str], seeds: List[int], gen: GenerateConfig) -> Tuple[List[Any], List[bool]]:
-    """PIL images, one per (prompt, seed), and whether the pipeline's safety checker blocked each one.
+def _sample(backbone: Any, prompts: List[str], seeds: List[int], gen: GenerateConfig):
+    """PIL images, one per (prompt, seed) (``.blocked``: whether the model's safety checker blocked each one).
 
-    Each sample's noise comes only from its own seed; the generators live on the CPU, so a seed gives the same
-    starting noise on any device. A pipeline that ships a safety checker (SD1.x) keeps it: a blocked image comes
-    back black, and is kept out of every pair by the caller rather than scored as a loser.
+    Each sample's noise comes only from its own seed (``Backbone.sample``). A model that ships a safety checker
+    (SD1.x) runs it: a blocked image comes back black, and is kept out of every pair by the caller rather than
+    scored as a loser.
     """
-    import torch
-
-    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-    size = {"height": gen.resolution, "width": gen.resolution} if gen.resolution else {}
-    output = pipe(
-        prompt=prompts,
-        num_inference_steps=gen.steps,
-        guidance_scale=gen.guidance_scale,
-        generator=generators,
-        output_type="pil",
-        **size,
-    )
-    flags = getattr(output, "nsfw_content_detected", None)
-    return list(output.images), [bool(f) for f in flags] if flags is not None else [False] * len(seeds)
+    return backbone.sample(prompts, seeds, steps=gen.steps, guidance_scale=gen.guidance_scale,
+                           resolution=gen.resolution, scheduler=gen.scheduler, safety_checker=None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -488,7 +459,7 @@ def _format_summary(summary: dict, folder: Path) -> str:
 def generate(
     cfg: Config,
     *,
-    pipeline: Any = None,
+    backbone: Any = None,
     reward: Any = None,
     process_index: Optional[int] = None,
     num_processes: Optional[int] = None,
@@ -496,7 +467,7 @@ def generate(
 ) -> Optional[dict]:
     """Run generation; returns the summary on the main process (None elsewhere).
 
-    ``pipeline`` and ``reward`` replace the configured model and reward model (tests, notebooks);
+    ``backbone`` and ``reward`` replace the configured model and reward model (tests, notebooks);
     ``process_index`` / ``num_processes`` replace accelerate's, to run one share of a multi-process job by hand.
     A run stopped by SIGTERM/SIGINT saves its finished prompts and returns the summary (``prompts_missing`` says
     what is left), or with ``raise_on_stop`` (the command line) exits with status 128 + the signal number.
@@ -537,16 +508,14 @@ def generate(
         # of a partly done group still runs, only without the bit-identical-batches guarantee.
         groups = [[i for i in g if i not in done] for g in _prompt_groups(mine, gen)]
         groups = [g for g in groups if g]
-        if groups and pipeline is None:
-            pipeline = _load_pipeline(cfg, state.device)
+        if groups and backbone is None:
+            backbone = _load_backbone(cfg, state.device)
         prompts_cut = None
-        if process == 0 and pipeline is not None:  # counted over every prompt of the run, once, by the main process
-            from diffusion_pref.pipelines import texts_cut
-
-            prompts_cut = sum(texts_cut(pipeline, [r.prompt for r in records]))
+        if process == 0 and backbone is not None:  # counted over every prompt of the run, once, by the main process
+            prompts_cut = sum(backbone.prompts_cut([r.prompt for r in records]))
         writer = _ShardWriter(folder, process, max(numbers, default=-1) + 1, settings)
         with _StopOnSignal() as stop:
-            _generate_groups(groups, records, cfg, pipeline, reward, reward_name, writer, show_progress=process == 0,
+            _generate_groups(groups, records, cfg, backbone, reward, reward_name, writer, show_progress=process == 0,
                              stop=stop)
         if stop.signal_name:
             print(f"generate: stopped by {stop.signal_name}: every finished prompt is saved in {folder}; run the same "
@@ -632,7 +601,7 @@ class _ShardWriter:
 
 
 def _generate_groups(
-    groups: List[List[int]], records: List[Any], cfg: Config, pipeline: Any, reward: Any, reward_name: str,
+    groups: List[List[int]], records: List[Any], cfg: Config, backbone: Any, reward: Any, reward_name: str,
     writer: _ShardWriter, show_progress: bool, stop: Optional[_StopOnSignal] = None,
 ) -> None:
     """Sample, score and pair every prompt of ``groups``; a shard is only ever written between groups.
@@ -662,7 +631,7 @@ def _generate_groups(
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="encode") as pool:
         previous: list = []
         for group in groups:
-            candidates = _sample_and_score(group, records, gen, pipeline, reward, reward_name)
+            candidates = _sample_and_score(group, records, gen, backbone, reward, reward_name)
             futures = [
                 (p, pool.submit(_pairs_rows, p, records[p], candidates[p], gen, cfg.model.pretrained, reward_name))
                 for p in group
@@ -677,7 +646,7 @@ def _generate_groups(
 
 
 def _sample_and_score(
-    group: List[int], records: List[Any], gen: GenerateConfig, pipeline: Any, reward: Any, reward_name: str
+    group: List[int], records: List[Any], gen: GenerateConfig, backbone: Any, reward: Any, reward_name: str
 ) -> Dict[int, List[_Candidate]]:
     jobs = [(p, s) for p in group for s in range(gen.samples_per_prompt)]
     candidates: Dict[int, List[_Candidate]] = {p: [] for p in group}
@@ -685,7 +654,8 @@ def _sample_and_score(
         batch = jobs[start:start + gen.batch_size]
         prompts = [records[p].prompt for p, _ in batch]
         seeds = [sample_seed(gen.seed, p, s) for p, s in batch]
-        images, blocked = _sample_images(pipeline, prompts, seeds, gen)
+        images = _sample(backbone, prompts, seeds, gen)
+        blocked = images.blocked
         scores = _as_floats(reward.score(prompts, images), len(batch), reward_name)
         for (p, s), seed, image, score, flag in zip(batch, seeds, images, scores, blocked):
             candidates[p].append(_Candidate(s, seed, image, score, flag))

@@ -49,13 +49,7 @@ def _load_image(path: str, resolution: int):
 
 def _decode(backbone, latents):
     """Scaled latents -> pixels [N, 3, H, W] in [0, 1]."""
-    import torch
-
-    vae = backbone.vae
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    with torch.no_grad():
-        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
-    return ((images.float() + 1) / 2).clamp(0, 1)
+    return ((backbone.decode(latents).float() + 1) / 2).clamp(0, 1)
 
 
 def psnr(a, b) -> float:
@@ -83,24 +77,23 @@ def run(cfg) -> None:
     check_resolution(cfg.model, cfg.data.resolution)
     image, pixels = _load_image(traj.invert_image, cfg.data.resolution)
     backbone = load_backbone(cfg.model)
-    check_resolution(cfg.model, cfg.data.resolution, vae=backbone.vae)
+    check_resolution(cfg.model, cfg.data.resolution, vae=backbone.frozen["vae"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    for module in (backbone.unet, *backbone.frozen_modules):
-        module.to(device)
+    backbone.to(device)
     schedule = backbone.schedule
     grid = inversion_grid(schedule, traj.steps)
 
-    x0 = backbone.encode_media(pixels.to(device)).float()  # [1, C, h, w]
+    x0 = backbone.encode(pixels.to(device)).float()  # [1, C, h, w]
     # SDXL's size / crop micro-conditioning: the image as it is fed, uncropped, as SDXL's pipeline generates at R
     # (SD1.x ignores it). Without it the UNet would be told its default size, whatever data.resolution is.
     size = torch.tensor([[cfg.data.resolution, cfg.data.resolution]])
-    cond = backbone.conditioning(backbone.encode_text([traj.invert_prompt]),
+    cond = backbone.conditioning(backbone.encode_prompts([traj.invert_prompt]),
                                  {"original_size": size, "crop_top_left": torch.zeros_like(size),
                                   "target_size": cfg.data.resolution})
 
     def predict(x, t, c):
         with torch.no_grad():
-            return backbone.predict(x.to(backbone.unet.dtype), t.to(device), c)
+            return backbone.predict(x.to(backbone.denoiser.dtype), t.to(device), c)
 
     options = {}
     if traj.kind == "renoise":

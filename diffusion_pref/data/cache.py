@@ -122,7 +122,6 @@ def _encode_block(cfg, source, backbone, block_index: int, device, weight_dtype,
     import torch
 
     from diffusion_pref.data.loader import collate_pixels
-    from diffusion_pref.pipelines import texts_cut
 
     block = source.blocks[block_index]
     items = [(block_index, i) for i in range(len(block.rows))]
@@ -138,10 +137,10 @@ def _encode_block(cfg, source, backbone, block_index: int, device, weight_dtype,
             continue
         with torch.no_grad():
             pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]]).to(device)
-            latents_w, latents_l = backbone.encode_media(pixels).to(weight_dtype).chunk(2)
-            text = backbone.encode_text(batch["captions"])
+            latents_w, latents_l = backbone.encode(pixels).to(weight_dtype).chunk(2)
+            text = backbone.encode_prompts(batch["captions"])
         # whether the text encoder cut each caption, for the trainer's count (the captions are not stored)
-        cut = torch.tensor(texts_cut(backbone, batch["captions"]), dtype=torch.bool)
+        cut = torch.tensor(backbone.prompts_cut(batch["captions"]), dtype=torch.bool)
         fields = {"latents_w": latents_w, "latents_l": latents_l, "soft_label": batch["soft_label"],
                   "rows": batch["rows"], "caption_cut": cut, "original_size": batch["original_size"],
                   "crop_top_left": batch["crop_top_left"], **{f"text.{k}": v for k, v in text.items()}}
@@ -169,7 +168,7 @@ def grid_inverter(cfg, backbone, predict_fn, autocast=contextlib.nullcontext):
     pair to every point of ``cfg.trajectory``'s grid, under ``autocast`` (the training precision)."""
     import torch
 
-    from diffusion_pref.pipelines.stable_diffusion import repeat_pair
+    from diffusion_pref.pipelines.base import repeat_pair
     from diffusion_pref.trajectories import invert_grid, trajectory_options
 
     def invert(latents_w, latents_l, text, batch):
@@ -202,7 +201,7 @@ def build_cache(cfg, source, backbone, accelerator=None, invert=None) -> CachedP
         return CachedPairs(directory, len(source.blocks))
     directory.mkdir(parents=True, exist_ok=True)
     weight_dtype = torch_dtype(cfg.train.mixed_precision)
-    device = backbone.vae.device
+    device = backbone.frozen["vae"].device
     logger.info("cache: encoding %d pairs into %s", len(source), directory)
     skipped = 0
     for b in range(rank, len(source.blocks), world):
@@ -225,7 +224,6 @@ def build_cache(cfg, source, backbone, accelerator=None, invert=None) -> CachedP
 
 def run(cfg) -> None:
     """``diffusion-pref cache``: build the cache for this config (same key as ``train`` with ``data.cache=true``)."""
-    import torch
     from accelerate import Accelerator
 
     from diffusion_pref.data.pairs import PairSource, scores_used
@@ -247,15 +245,13 @@ def run(cfg) -> None:
         if accelerator.is_main_process:
             print(f"soft labels ready: {len(labels)} pairs, p from {labels.scores}")
     backbone = load_backbone(cfg.model)
-    check_resolution(cfg.model, cfg.data.resolution, vae=backbone.vae)
+    check_resolution(cfg.model, cfg.data.resolution, vae=backbone.frozen["vae"])
     weight_dtype = torch_dtype(cfg.train.mixed_precision)
-    vae_dtype = torch.float32 if getattr(backbone, "vae_keeps_fp32", False) else weight_dtype
-    backbone.vae.to(accelerator.device, vae_dtype)
-    for module in backbone.frozen_modules[1:]:
-        module.to(accelerator.device, weight_dtype)
+    for name, module in backbone.frozen.items():
+        module.to(accelerator.device, backbone.frozen_dtype.get(name, weight_dtype))
     invert = None
     if cfg.trajectory.cache_inverted:  # the pretrained UNet is the reference model the trainer would invert with
-        backbone.unet.to(accelerator.device, weight_dtype).eval()
+        backbone.denoiser.to(accelerator.device, weight_dtype).eval()
         invert = grid_inverter(cfg, backbone, lambda x, t, c: backbone.predict(x, t, c), accelerator.autocast)
     cached = build_cache(cfg, source, backbone, accelerator, invert=invert)
     if accelerator.is_main_process:

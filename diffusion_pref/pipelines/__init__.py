@@ -1,12 +1,14 @@
-"""Backbone adapters: one thin class per model family over its diffusers pipeline.
+"""Backbones: one class per model family over its diffusers pipeline, each implementing the protocol of
+:mod:`diffusion_pref.pipelines.base` (``Backbone``).
 
 ``load_backbone(model_cfg)`` reads ``model.pretrained`` ("toy", a hub id, or a local diffusers folder), decides
-the family (``model.family``, or ``auto`` from ``model_index.json``) and returns the adapter.
+the family (``model.family``, or ``auto`` from ``model_index.json``) and returns the backbone.
 
 Example::
 
     from diffusion_pref.pipelines import load_backbone
     backbone = load_backbone(cfg.model)   # StableDiffusionBackbone, SDXLBackbone or SD3Backbone
+    images = backbone.sample(["a red cat"], [0], steps=25, guidance_scale=7.5)
 """
 
 from __future__ import annotations
@@ -24,29 +26,6 @@ def torch_dtype(name: str):
     import torch
 
     return {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-
-
-def texts_cut(model, texts) -> list:
-    """Per text, whether a text encoder of ``model`` sees it cut: more tokens than its tokenizer's
-    ``model_max_length`` (the tokenizers of a backbone or diffusers pipeline: ``tokenizer``, and SDXL's
-    ``tokenizer_2``). Encoding truncates such a text without a word, so callers count these."""
-    flags = [False] * len(texts)
-    for name in ("tokenizer", "tokenizer_2"):
-        tokenizer = getattr(model, name, None)
-        limit = getattr(tokenizer, "model_max_length", None)
-        if not texts or not isinstance(limit, int) or limit > 1_000_000:  # transformers' "no limit" is int(1e30)
-            continue
-        # verbose=False: no per-call "sequence length is longer than the maximum" warning; the caller counts
-        ids = tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]
-        flags = [flag or len(row) > limit for flag, row in zip(flags, ids)]
-    return flags
-
-
-def token_limit(model):
-    """The smallest ``model_max_length`` of ``model``'s tokenizers (for messages), or None."""
-    limits = [getattr(getattr(model, name, None), "model_max_length", None) for name in ("tokenizer", "tokenizer_2")]
-    limits = [limit for limit in limits if isinstance(limit, int) and limit <= 1_000_000]
-    return min(limits) if limits else None
 
 
 def summarize_mismatch(text: str) -> Optional[str]:
@@ -161,24 +140,26 @@ def detect_family(model_cfg) -> str:
     return "sd"
 
 
-def load_backbone(model_cfg):
+def load_backbone(model_cfg, dtype=None):
+    """The backbone of ``model_cfg``; ``dtype`` loads every module in that precision (sampling), None in the
+    checkpoint's (training casts per module itself)."""
     family = detect_family(model_cfg)
     if family == "sd":
         from diffusion_pref.pipelines.stable_diffusion import StableDiffusionBackbone
 
-        return StableDiffusionBackbone.load(model_cfg)
+        return StableDiffusionBackbone.load(model_cfg, dtype=dtype)
     if family == "sdxl":
         from diffusion_pref.pipelines.sdxl import SDXLBackbone
 
-        return SDXLBackbone.load(model_cfg)
+        return SDXLBackbone.load(model_cfg, dtype=dtype)
     if family == "sd3":
         from diffusion_pref.pipelines.sd3 import SD3Backbone
 
-        return SD3Backbone.load(model_cfg)
+        return SD3Backbone.load(model_cfg, dtype=dtype)
     import importlib
 
     try:
         module = importlib.import_module(f"diffusion_pref.pipelines.{family}")
     except ImportError:
         raise ValueError(f"model.family={family}: no backbone adapter for it in this version") from None
-    return module.load_backbone(model_cfg)
+    return module.load_backbone(model_cfg, **({} if dtype is None else {"dtype": dtype}))

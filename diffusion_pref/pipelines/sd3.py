@@ -40,6 +40,7 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from diffusion_pref.pipelines.base import Backbone, Samples, scheduler_class, smallest_token_limit, texts_over_limit
 from diffusion_pref.pipelines.stable_diffusion import load_pipeline
 from diffusion_pref.schedules import schedule_from_scheduler
 
@@ -48,7 +49,7 @@ from diffusion_pref.schedules import schedule_from_scheduler
 SD3_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-class SD3Backbone:
+class SD3Backbone(Backbone):
     """SD3 / SD3.5: ``denoiser`` is the ``SD3Transformer2DModel``; see the module docstring."""
 
     family = "sd3"
@@ -58,6 +59,7 @@ class SD3Backbone:
     def __init__(self, pipe, model_cfg=None, max_sequence_length: int = 256):
         self.pipe = pipe
         self.model_cfg = model_cfg
+        pipe.set_progress_bar_config(disable=True)
         self.denoiser = pipe.transformer
         self.frozen = {name: module for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
                        if (module := getattr(pipe, name)) is not None}
@@ -68,48 +70,16 @@ class SD3Backbone:
         self.max_sequence_length = min(max_sequence_length, limit) if isinstance(limit, int) else max_sequence_length
 
     @classmethod
-    def load(cls, model_cfg):
+    def load(cls, model_cfg, dtype=None):
         from diffusers import StableDiffusion3Pipeline
 
         from diffusion_pref.pipelines import resolve_pretrained
 
-        extra = {}
+        extra = {} if dtype is None else {"torch_dtype": dtype}
         index = Path(resolve_pretrained(model_cfg.pretrained)) / "model_index.json"
         if index.is_file() and json.loads(index.read_text()).get("text_encoder_3", [None])[0] is None:
-            extra = {"text_encoder_3": None, "tokenizer_3": None}  # saved without T5: diffusers wants them named
+            extra.update(text_encoder_3=None, tokenizer_3=None)  # saved without T5: diffusers wants them named
         return cls(load_pipeline(StableDiffusion3Pipeline, model_cfg, **extra), model_cfg)
-
-    # -- the names today's trainer reads (training/trainer.py before issue 14's loop; drop with it) -------------
-    @property
-    def unet(self):
-        return self.denoiser
-
-    @property
-    def vae(self):
-        return self.pipe.vae
-
-    @property
-    def frozen_modules(self) -> List[object]:
-        return list(self.frozen.values())  # the VAE first
-
-    @property
-    def tokenizer(self):
-        return self.pipe.tokenizer
-
-    @property
-    def tokenizer_2(self):
-        return self.pipe.tokenizer_2
-
-    def encode_media(self, pixels):
-        return self.encode(pixels)
-
-    def encode_text(self, prompts):
-        return self.encode_prompts(prompts)
-
-    def generate(self, prompts, seeds, steps: int = 28, guidance_scale: float = 7.0, resolution=None,
-                 output_type: str = "pil"):
-        return self.sample(prompts, seeds, steps=steps, guidance_scale=guidance_scale, resolution=resolution,
-                           output_type=output_type)
 
     # -- encoders ------------------------------------------------------------------------------------------
     def encode(self, media):
@@ -141,68 +111,59 @@ class SD3Backbone:
                 max_sequence_length=self.max_sequence_length)
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
-    def _tokenizers(self):
-        pairs = [(self.pipe.tokenizer, None), (self.pipe.tokenizer_2, None)]
-        if self.pipe.text_encoder_3 is not None and self.pipe.tokenizer_3 is not None:
-            pairs.append((self.pipe.tokenizer_3, self.max_sequence_length))
-        return [(tok, limit or tok.model_max_length) for tok, limit in pairs]
+    def _tokenizers(self) -> list:
+        tokenizers = [self.pipe.tokenizer, self.pipe.tokenizer_2]
+        if self.pipe.text_encoder_3 is not None:
+            tokenizers.append(_Limited(self.pipe.tokenizer_3, self.max_sequence_length))
+        return tokenizers
 
     def prompts_cut(self, prompts: Sequence[str]) -> List[bool]:
         """Per prompt, whether an encoder sees it cut (CLIP at its 77 tokens, T5 at ``max_sequence_length``)."""
-        flags = [False] * len(prompts)
-        for tokenizer, limit in self._tokenizers():
-            if prompts:
-                ids = tokenizer(list(prompts), truncation=False, verbose=False)["input_ids"]
-                flags = [flag or len(row) > limit for flag, row in zip(flags, ids)]
-        return flags
+        return texts_over_limit(self._tokenizers(), prompts)
 
     def token_limit(self) -> Optional[int]:
-        limits = [limit for _, limit in self._tokenizers()]
-        return min(limits) if limits else None
+        return smallest_token_limit(self._tokenizers())
 
     def conditioning(self, text: Dict[str, object], batch: Optional[Dict[str, object]] = None) -> Dict[str, object]:
         """The transformer's keyword inputs: SD3 has no size micro-conditioning, so ``batch`` adds nothing."""
         return {"encoder_hidden_states": text["prompt_embeds"], "pooled_projections": text["pooled_prompt_embeds"]}
 
     # -- the denoiser --------------------------------------------------------------------------------------
-    def predict(self, x_t, t, cond: Dict[str, object], denoiser=None, *, unet=None):
+    def predict(self, x_t, t, cond: Dict[str, object], denoiser=None):
         """Velocity for ``x_t`` ``[N, C, H, W]`` at schedule indices ``t`` ``[N]``; ``denoiser`` overrides the policy
-        (a reference copy). ``unet=`` is the name today's trainer passes."""
-        module = denoiser if denoiser is not None else unet if unet is not None else self.denoiser
+        (a reference copy)."""
+        module = self.denoiser if denoiser is None else denoiser
         timestep = self.schedule.model_timestep(t).to(x_t.device)
         return module(hidden_states=x_t, timestep=timestep, encoder_hidden_states=cond["encoder_hidden_states"],
                       pooled_projections=cond["pooled_projections"], return_dict=False)[0]
 
     # -- sampling ------------------------------------------------------------------------------------------
-    def sample(self, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 28, guidance_scale: float = 7.0,
-               resolution: Optional[int] = None, scheduler: Optional[str] = None, safety_checker: bool = False,
-               output_type: str = "pil"):
-        """One image per (prompt, seed), each from its own seed's generator (independent of batching).
-
-        ``scheduler``: a diffusers scheduler class name used for this call instead of the checkpoint's (built from
-        its config); ``safety_checker``: SD3 ships none, so True is an error.
-        """
+    def sample(self, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance_scale: float,
+               resolution: Optional[int] = None, scheduler: Optional[str] = None,
+               safety_checker: Optional[bool] = False, output_type: str = "pil") -> Samples:
+        """One image per (prompt, seed), each from its own seed's CPU generator (independent of batching), with
+        the T5 length training encodes with. See :meth:`Backbone.sample`; SD3 ships no safety checker, so
+        ``safety_checker=True`` is an error and None runs none."""
         import torch
 
+        if len(prompts) != len(seeds):
+            raise ValueError(f"sample: {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
         if safety_checker:
-            raise ValueError("sample.safety_checker=true: StableDiffusion3Pipeline has no safety checker; set it false")
-        original = self.pipe.scheduler
-        if scheduler:
-            import diffusers
-
-            cls = getattr(diffusers, scheduler, None)
-            if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
-                raise ValueError(f"sample.scheduler={scheduler!r} is not a diffusers scheduler class; use e.g. "
-                                 "FlowMatchEulerDiscreteScheduler")
-            self.pipe.scheduler = cls.from_config(original.config)
-        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
-        kwargs = {} if resolution is None else {"height": resolution, "width": resolution}
+            raise ValueError("safety_checker=true: StableDiffusion3Pipeline ships no safety checker; set "
+                             "sample.safety_checker=false")
+        sampler = scheduler_class(scheduler).from_config(self.pipe.scheduler.config) if scheduler else None
+        generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+        size = {} if resolution is None else {"height": resolution, "width": resolution}
+        pipe, model_scheduler = self.pipe, self.pipe.scheduler
         try:
-            return self.pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale,
-                             generator=generators, output_type=output_type,
-                             max_sequence_length=self.max_sequence_length, **kwargs).images
+            if sampler is not None:
+                pipe.scheduler = sampler
+            output = pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale,
+                          generator=generators, output_type=output_type,
+                          max_sequence_length=self.max_sequence_length, **size)
         finally:
-            self.pipe.scheduler = original
+            pipe.scheduler = model_scheduler
+        return Samples(list(output.images))
 
     def load_lora(self, folder) -> None:
         self.pipe.load_lora_weights(str(folder))
@@ -236,5 +197,15 @@ class SD3Backbone:
         pipe.save_pretrained(str(directory), safe_serialization=True)
 
 
-def load_backbone(model_cfg):
-    return SD3Backbone.load(model_cfg)
+class _Limited:
+    """A tokenizer seen with another ``model_max_length`` (T5 is cut at ``max_sequence_length``, not its own 512)."""
+
+    def __init__(self, tokenizer, limit: int):
+        self._tokenizer, self.model_max_length = tokenizer, limit
+
+    def __call__(self, *args, **kwargs):
+        return self._tokenizer(*args, **kwargs)
+
+
+def load_backbone(model_cfg, dtype=None):
+    return SD3Backbone.load(model_cfg, dtype=dtype)

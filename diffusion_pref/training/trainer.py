@@ -156,14 +156,11 @@ def setup_policy(cfg, backbone, weight_dtype, reference: str, device):
 
     import torch
 
-    unet = backbone.unet
-    for module in backbone.frozen_modules:
+    unet = backbone.denoiser
+    for name, module in backbone.frozen.items():
         module.requires_grad_(False)
         module.eval()
-    vae_dtype = torch.float32 if getattr(backbone, "vae_keeps_fp32", False) else weight_dtype
-    backbone.vae.to(device=device, dtype=vae_dtype)
-    for module in backbone.frozen_modules[1:]:
-        module.to(device=device, dtype=weight_dtype)
+        module.to(device=device, dtype=backbone.frozen_dtype.get(name, weight_dtype))
 
     def frozen_copy():
         ref = copy.deepcopy(unet).requires_grad_(False).eval()
@@ -301,20 +298,16 @@ class PairEncoder:
         self.captions_cut = 0
 
     def _count_cut(self, flags) -> None:
-        from diffusion_pref.pipelines import token_limit
-
         if self.captions_cut is None:
             return
         cut = int(sum(bool(f) for f in flags))
         if cut and not self.captions_cut:  # one warning per run; the total goes to train_summary.json
             logger.warning("captions longer than the text encoder's %s tokens are cut to that length; the count is "
-                           "in train_summary.json (captions_cut)", token_limit(self.backbone))
+                           "in train_summary.json (captions_cut)", self.backbone.token_limit())
         self.captions_cut += cut
 
     def __call__(self, batch):
         import torch
-
-        from diffusion_pref.pipelines import texts_cut
 
         if "latents_w" in batch:
             if "caption_cut" in batch:
@@ -328,10 +321,10 @@ class PairEncoder:
             text = {k[len("text."):]: to_device(v, self.device) for k, v in batch.items() if k.startswith("text.")}
             return latents_w, latents_l, text
         pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]])  # [2B, 3, R, R]
-        latents = self.backbone.encode_media(pixels).to(self.weight_dtype)
+        latents = self.backbone.encode(pixels).to(self.weight_dtype)
         latents_w, latents_l = latents.chunk(2)
-        self._count_cut(texts_cut(self.backbone, batch["captions"]))
-        return latents_w, latents_l, self.backbone.encode_text(batch["captions"])
+        self._count_cut(self.backbone.prompts_cut(batch["captions"]))
+        return latents_w, latents_l, self.backbone.encode_prompts(batch["captions"])
 
 
 class Trainer:
@@ -433,7 +426,7 @@ class Trainer:
             logger.info("soft labels (p) from %s: %d pairs, %d with p = 1, mean p %.4f",
                         *(self.soft_label_summary[k] for k in ("from", "pairs", "p_one", "p_mean")))
         self.backbone = backbone = load_backbone(cfg.model)
-        check_resolution(cfg.model, cfg.data.resolution, vae=backbone.vae)  # the exact factor, once it is loaded
+        check_resolution(cfg.model, cfg.data.resolution, vae=backbone.frozen["vae"])  # the exact factor, once loaded
         self.weight_dtype = torch_dtype(t.mixed_precision)
         self.device = accelerator.device
         if self.device.type == "cuda":
@@ -469,13 +462,13 @@ class Trainer:
                 from diffusion_pref.data.cache import grid_inverter
 
                 # the reference model never changes, so its inversion of each pair is computed once, here
-                invert = grid_inverter(cfg, backbone, functools.partial(self._reference_predict, backbone.unet,
+                invert = grid_inverter(cfg, backbone, functools.partial(self._reference_predict, backbone.denoiser,
                                                                         record=False), accelerator.autocast)
             cached = build_cache(cfg, source, backbone, accelerator=accelerator, invert=invert)
             self.make_batch = cached.read_batch
             self.num_workers = 0  # reading a shard is cheaper than forking workers
             if not (t.validate_every and t.validation_prompts):  # validation images still need the VAE
-                for module in backbone.frozen_modules:  # cached training never runs them again
+                for module in backbone.frozen.values():  # cached training never runs them again
                     module.to("cpu")
         else:
             def make_batch(items):
@@ -491,7 +484,7 @@ class Trainer:
             accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.batch_size
         optimizer = _optimizer(cfg, self.trainable)
         lr_scheduler = _lr_scheduler(cfg, optimizer, accelerator.num_processes)
-        self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(backbone.unet, optimizer, lr_scheduler)
+        self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(backbone.denoiser, optimizer, lr_scheduler)
         if cfg.model.finetune == "lora":
             self.checkpointer.register_trainable_only(self.unet)
         self.bco_shift = RunningMean() if cfg.loss.name == "bco" else None
@@ -514,8 +507,8 @@ class Trainer:
         module states that share one module: the adapter on or off). ``record=False``: eager, for one-off calls
         (building the cache) that a graph would only make slower."""
         if self.graphs is None or not record:
-            return self.backbone.predict(x, tt, c, unet=module)
-        return self.graphs(name, lambda *args: self.backbone.predict(*args, unet=module), x, tt, c)
+            return self.backbone.predict(x, tt, c, denoiser=module)
+        return self.graphs(name, lambda *args: self.backbone.predict(*args, denoiser=module), x, tt, c)
 
     def _reference_predict(self, policy, x, tt, c, record: bool = True):
         """The reference model's prediction (no grad): ``policy`` with its adapter switched off, or the copy."""
@@ -541,7 +534,7 @@ class Trainer:
 
         from diffusion_pref.data.loader import PairBatches, make_loader
         from diffusion_pref.losses import denoising_log_likelihood
-        from diffusion_pref.pipelines.stable_diffusion import repeat_pair
+        from diffusion_pref.pipelines.base import repeat_pair
         from diffusion_pref.training.step_readout import DeferredReadout
         from diffusion_pref.trajectories import make_trajectory, trajectory_options
 
@@ -634,7 +627,7 @@ class Trainer:
                         with torch.no_grad():
                             ref_pred = reference_predict(traj.x_t, traj.t, cond)
                             ref_w, ref_l = denoising_log_likelihood(ref_pred, traj.target).chunk(2)
-                    pred = backbone.predict(traj.x_t, traj.t, cond, unet=unet)  # [2B, C, H, W], one pass over [w; l]
+                    pred = backbone.predict(traj.x_t, traj.t, cond, denoiser=unet)  # [2B, C, H, W], one pass over [w; l]
                 policy_w, policy_l = denoising_log_likelihood(pred, traj.target).chunk(2)  # [B] each
                 extra = {}
                 # soft labels stay on the host: the loss checks their range there and then moves them
@@ -743,10 +736,10 @@ class Trainer:
             unwrapped.eval()
             panels = {}
             with torch.no_grad(), accelerator.autocast():
-                panels["tuned"] = self.backbone.generate(prompts, seeds, **kwargs)
+                panels["tuned"] = self.backbone.sample(prompts, seeds, **kwargs)
                 if cfg.model.finetune == "lora":
                     unwrapped.disable_adapters()
-                    panels["base"] = self.backbone.generate(prompts, seeds, **kwargs)
+                    panels["base"] = self.backbone.sample(prompts, seeds, **kwargs)
                     unwrapped.enable_adapters()
             unwrapped.train()
             folder.mkdir(parents=True, exist_ok=True)
