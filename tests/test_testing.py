@@ -197,6 +197,47 @@ def test_saved_sdxl_loads_with_diffusers_and_matches(tiny_sdxl_dir):
     _assert_same_up_to_rounding(_image(loaded), _image(pipe), _image(other))
 
 
+# ---------------------------------------------------------------- SD3
+
+
+def test_sd3_modules_fit_together_as_sd3_does():
+    pipe = testing.tiny_sd3_pipeline()
+    t = pipe.transformer.config
+    clip_width = pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
+    # CLIP-L and CLIP-G states side by side are padded to T5's width, the transformer's joint attention width
+    assert clip_width < t.joint_attention_dim == pipe.text_encoder_3.config.d_model
+    assert t.pooled_projection_dim == pipe.text_encoder.config.projection_dim + pipe.text_encoder_2.config.projection_dim
+    assert t.caption_projection_dim == t.num_attention_heads * t.attention_head_dim
+    assert pipe.vae.config.latent_channels == t.in_channels == 16
+    assert (pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor) == (0.0609, 1.5305)
+    assert pipe.scheduler.config.shift == 3.0 and not pipe.scheduler.config.use_dynamic_shifting
+    images = _image(pipe, height=32, width=32, max_sequence_length=testing.T5_MAX_LENGTH)
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("t5", [True, False])
+def test_saved_sd3_loads_with_diffusers_and_matches(t5, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = testing.tiny_sd3_pipeline(seed=0, t5=t5)
+    path = testing.save_tiny_sd3(tmp_path / "sd3", seed=0, t5=t5)
+    index = json.loads((path / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusion3Pipeline"
+    assert index["text_encoder_3"] == (["transformers", "T5EncoderModel"] if t5 else [None, None])
+    # without T5 diffusers wants the absent parts named, as for the real SD3 loaded without T5
+    loaded = StableDiffusion3Pipeline.from_pretrained(path, **({} if t5 else {"text_encoder_3": None,
+                                                                                "tokenizer_3": None}))
+    loaded.set_progress_bar_config(disable=True)
+    names = ["transformer", "vae", "text_encoder", "text_encoder_2"] + (["text_encoder_3"] if t5 else [])
+    for name in names:
+        assert _state_dicts_equal(getattr(loaded, name), getattr(pipe, name)), name
+    assert (loaded.text_encoder_3 is None) is (not t5)
+    other = testing.tiny_sd3_pipeline(seed=1, t5=t5)
+    assert not _state_dicts_equal(pipe.transformer, other.transformer)
+    kwargs = dict(height=32, width=32, max_sequence_length=testing.T5_MAX_LENGTH)
+    _assert_same_up_to_rounding(_image(loaded, **kwargs), _image(pipe, **kwargs), _image(other, **kwargs))
+
+
 # ---------------------------------------------------------------- Tango
 
 

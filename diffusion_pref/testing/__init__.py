@@ -15,6 +15,9 @@ as ``from_pretrained`` returns them):
   latents ``[B, 4, 8, 8]``, DDIM scheduler with the SD1.5 betas).
 - ``tiny_sdxl_pipeline(seed=0)`` -> ``StableDiffusionXLPipeline`` (two text encoders, ``text_time``
   micro-conditioning, 32x32 images).
+- ``tiny_sd3_pipeline(seed=0, t5=True)`` -> ``StableDiffusion3Pipeline`` (CLIP-L, CLIP-G and optionally T5 text
+  encoders, ``SD3Transformer2DModel``, 16-channel VAE with SD3's shift and scaling factors, 32x32 images, latents
+  ``[B, 16, 8, 8]``, ``FlowMatchEulerDiscreteScheduler`` with shift 3.0).
 - ``tiny_tango_components(seed=0)`` -> ``TinyTango`` (T5 encoder + tokenizer, cross-attention UNet with 8 latent
   channels, AudioLDM-style 1-channel mel VAE, ``SpeechT5HifiGan`` vocoder, v-prediction DDPM scheduler and the
   mel/STFT settings the vocoder expects).
@@ -25,6 +28,10 @@ Savers (write the standard layout into ``path`` and return it as a ``Path``):
 - ``save_tiny_sd(path, **kw)``, ``save_tiny_sdxl(path, **kw)``: a diffusers pipeline folder
   (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/`` ...);
   load it with ``StableDiffusionPipeline.from_pretrained(path)`` / ``StableDiffusionXLPipeline.from_pretrained``.
+- ``save_tiny_sd3(path, t5=True, **kw)``: the SD3 hub layout (``transformer/``, ``vae/``, ``text_encoder/``,
+  ``text_encoder_2/``, ``text_encoder_3/`` and ``tokenizer_3/`` with T5, ``scheduler/`` ...); load it with
+  ``StableDiffusion3Pipeline.from_pretrained(path)``, and a folder saved with ``t5=False`` with
+  ``from_pretrained(path, text_encoder_3=None, tokenizer_3=None)`` (as diffusers loads the real SD3 without T5).
 - ``save_tiny_tango(path, **kw)``: AudioLDM-style subfolders ``text_encoder/`` (``T5EncoderModel``),
   ``tokenizer/`` (``AutoTokenizer``), ``unet/`` (``UNet2DConditionModel``), ``vae/`` (``AutoencoderKL``),
   ``vocoder/`` (``SpeechT5HifiGan``), ``scheduler/`` (``DDPMScheduler``), plus ``stft_config.json`` at the top
