@@ -324,3 +324,20 @@ def test_ddim_trajectories_run_on_sd3(sd3_no_t5_dir, pairs_path, tmp_path):
                                "train.max_steps=1"))
     trainer.train()
     assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path))
+
+
+def test_init_lora_continues_an_sd3_lora(sd3_no_t5_dir, pairs_path, tmp_path):
+    """train.init_lora (iterate's rounds) reads the transformer LoRA save_lora wrote, at its alpha."""
+    from diffusion_pref.config import ConfigError
+    from diffusion_pref.training.trainer import Trainer
+
+    first = Trainer(make_cfg(sd3_no_t5_dir, pairs_path, tmp_path / "a", "model.lora_alpha=4", "train.max_steps=1"))
+    first.train()
+    trained = snapshot((n, p) for n, p in first.accelerator.unwrap_model(first.unet).named_parameters()
+                       if p.requires_grad)
+    second = Trainer(make_cfg(sd3_no_t5_dir, pairs_path, tmp_path / "b", "model.lora_alpha=4",
+                              f"train.init_lora={tmp_path / 'a'}"))
+    started = dict(second.accelerator.unwrap_model(second.unet).named_parameters())
+    assert trained and all(torch.equal(started[n], p) for n, p in trained.items())
+    with pytest.raises(ConfigError, match="lora_alpha=4"):
+        Trainer(make_cfg(sd3_no_t5_dir, pairs_path, tmp_path / "c", f"train.init_lora={tmp_path / 'a'}"))

@@ -248,7 +248,9 @@ def load_init_lora(unet, folder) -> None:
         raise ConfigError(f"train.init_lora={folder}: no {path.name} there; point it at the folder a LoRA training "
                           "run wrote")
     saved = load_file(str(path))
-    state = convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in saved.items() if k.startswith("unet.")})
+    # diffusers prefixes the denoiser's weights with its pipeline component: unet. (SD, SDXL), transformer. (SD3)
+    prefix = next((p for p in ("unet.", "transformer.") if any(k.startswith(p) for k in saved)), "unet.")
+    state = convert_unet_state_dict_to_peft({k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)})
     expected = get_peft_model_state_dict(unet)
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     shapes = [k for k in expected if k in state and state[k].shape != expected[k].shape]
@@ -262,7 +264,7 @@ def load_init_lora(unet, folder) -> None:
     # Files written before save_lora stored the adapter's config carry no alpha to check.
     with safe_open(str(path), framework="pt") as f:
         header = json.loads((f.metadata() or {}).get(LORA_ADAPTER_METADATA_KEY, "{}"))
-    saved_alpha, alpha = header.get("unet.lora_alpha"), unet.peft_config["default"].lora_alpha
+    saved_alpha, alpha = header.get(f"{prefix}lora_alpha"), unet.peft_config["default"].lora_alpha
     if saved_alpha is not None and float(saved_alpha) != float(alpha):
         raise ConfigError(f"train.init_lora={folder} was trained with model.lora_alpha={saved_alpha}, not {alpha}; "
                           "use the alpha it was trained with")
