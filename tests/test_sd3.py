@@ -18,6 +18,7 @@ import torch
 
 from diffusion_pref.config import load_config
 from diffusion_pref.losses import LOSSES, TAKES_SOFT_LABEL
+from diffusion_pref.training.trainer import Trainer  # the one place that names the training module
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_data import write_pairs  # noqa: E402
@@ -236,8 +237,6 @@ def test_dpo_trains_the_lora_not_the_reference_and_the_lora_loads_in_diffusers(s
     saved file loads with StableDiffusion3Pipeline.load_lora_weights at the trained scale (alpha 4 at rank 2)."""
     from diffusers import StableDiffusion3Pipeline
 
-    from diffusion_pref.training.trainer import Trainer
-
     trainer = Trainer(make_cfg(sd3_dir, pairs_path, tmp_path, "model.lora_alpha=4"))
     model = trainer.accelerator.unwrap_model(trainer.unet)
     assert model is trainer.backbone.denoiser
@@ -283,8 +282,6 @@ def test_dpo_trains_the_lora_not_the_reference_and_the_lora_loads_in_diffusers(s
 
 @pytest.mark.parametrize("loss", sorted(LOSSES))
 def test_every_loss_trains_on_sd3(loss, sd3_no_t5_dir, pairs_path, tmp_path):
-    from diffusion_pref.training.trainer import Trainer
-
     soft = ["data.soft_labels=label"] if loss in TAKES_SOFT_LABEL else []
     trainer = Trainer(make_cfg(sd3_no_t5_dir, pairs_path, tmp_path, f"loss.name={loss}", *soft))
     model = trainer.accelerator.unwrap_model(trainer.unet)
@@ -301,8 +298,6 @@ def test_every_loss_trains_on_sd3(loss, sd3_no_t5_dir, pairs_path, tmp_path):
 def test_full_finetune_saves_an_sd3_pipeline_with_the_trained_transformer(sd3_no_t5_dir, pairs_path, tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
-    from diffusion_pref.training.trainer import Trainer
-
     trainer = Trainer(make_cfg(sd3_no_t5_dir, pairs_path, tmp_path, "model.finetune=full", "train.max_steps=1",
                                "train.learning_rate=1e-4"))
     model = trainer.accelerator.unwrap_model(trainer.unet)
@@ -318,8 +313,6 @@ def test_full_finetune_saves_an_sd3_pipeline_with_the_trained_transformer(sd3_no
 def test_ddim_trajectories_run_on_sd3(sd3_no_t5_dir, pairs_path, tmp_path):
     """Euler inversion along the flow (trajectory.kind=ddim) once trajectories take a Schedule (issue 14)."""
     pytest.importorskip("diffusion_pref.schedules")
-    from diffusion_pref.training.trainer import Trainer
-
     trainer = Trainer(make_cfg(sd3_no_t5_dir, pairs_path, tmp_path, "trajectory.kind=ddim", "trajectory.steps=2",
                                "train.max_steps=1"))
     trainer.train()
@@ -329,8 +322,6 @@ def test_ddim_trajectories_run_on_sd3(sd3_no_t5_dir, pairs_path, tmp_path):
 def test_init_lora_continues_an_sd3_lora(sd3_no_t5_dir, pairs_path, tmp_path):
     """train.init_lora (iterate's rounds) reads the transformer LoRA save_lora wrote, at its alpha."""
     from diffusion_pref.config import ConfigError
-    from diffusion_pref.training.trainer import Trainer
-
     first = Trainer(make_cfg(sd3_no_t5_dir, pairs_path, tmp_path / "a", "model.lora_alpha=4", "train.max_steps=1"))
     first.train()
     trained = snapshot((n, p) for n, p in first.accelerator.unwrap_model(first.unet).named_parameters()
@@ -341,3 +332,26 @@ def test_init_lora_continues_an_sd3_lora(sd3_no_t5_dir, pairs_path, tmp_path):
     assert trained and all(torch.equal(started[n], p) for n, p in trained.items())
     with pytest.raises(ConfigError, match="lora_alpha=4"):
         Trainer(make_cfg(sd3_no_t5_dir, pairs_path, tmp_path / "c", f"train.init_lora={tmp_path / 'a'}"))
+
+
+def test_cached_sd3_training_matches_uncached(sd3_no_t5_dir, pairs_path, tmp_path):
+    """data.cache stores SD3's encode_prompts rows (prompt_embeds and pooled_prompt_embeds) and latents; step 1's
+    numbers equal the uncached run's up to the VAE's batch-size rounding (see test_train's cache test)."""
+    Trainer(make_cfg(sd3_no_t5_dir, pairs_path, tmp_path / "plain", "train.max_steps=1")).train()
+    cached = Trainer(make_cfg(sd3_no_t5_dir, pairs_path, tmp_path / "cached", "train.max_steps=1", "data.cache=true",
+                              f"data.cache_dir={tmp_path / 'cache'}"))
+    batch = cached.make_batch(cached.source.order(0)[:1])
+    assert {"text.prompt_embeds", "text.pooled_prompt_embeds"} <= set(batch)
+    assert batch["latents_w"].shape == (1, 16, 8, 8)
+    cached.train()
+    a, b = read_metrics(tmp_path / "plain")[0], read_metrics(tmp_path / "cached")[0]
+    for key in ("loss", "mse_w", "mse_l", "ref_mse_w", "ref_mse_l"):
+        assert a[key] == pytest.approx(b[key], rel=1e-5), key
+
+
+def test_validation_images_during_sd3_training(sd3_no_t5_dir, pairs_path, tmp_path):
+    trainer = Trainer(make_cfg(sd3_no_t5_dir, pairs_path, tmp_path, "train.max_steps=1", "train.validate_every=1",
+                               "train.validation_prompts=[a red cat]", "generate.steps=1"))
+    trainer.train()
+    folder = tmp_path / "validation" / "step-00000001"
+    assert sorted(p.name for p in folder.iterdir()) == ["00_base.png", "00_tuned.png"]
