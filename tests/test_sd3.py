@@ -355,3 +355,12 @@ def test_validation_images_during_sd3_training(sd3_no_t5_dir, pairs_path, tmp_pa
     trainer.train()
     folder = tmp_path / "validation" / "step-00000001"
     assert sorted(p.name for p in folder.iterdir()) == ["00_base.png", "00_tuned.png"]
+
+
+def test_bf16_training_keeps_the_sd3_vae_in_fp32(sd3_no_t5_dir, pairs_path, tmp_path):
+    trainer = Trainer(make_cfg(sd3_no_t5_dir, pairs_path, tmp_path, "train.mixed_precision=bf16", "train.max_steps=1"))
+    frozen = trainer.backbone.frozen
+    assert frozen["vae"].dtype == torch.float32
+    assert frozen["text_encoder"].dtype == frozen["text_encoder_2"].dtype == torch.bfloat16
+    trainer.train()
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path))

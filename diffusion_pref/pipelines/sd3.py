@@ -63,7 +63,9 @@ class SD3Backbone(Backbone):
         self.denoiser = pipe.transformer
         self.frozen = {name: module for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
                        if (module := getattr(pipe, name)) is not None}
-        self.frozen_dtype: Dict[str, object] = {}
+        # The VAE stays fp32 under fp16/bf16 training, as Flow-DPO's SD3 script keeps it (yifan123/flow_grpo,
+        # scripts/train_sd3_dpo.py: vae.to(..., dtype=torch.float32), the text encoders in the half dtype).
+        self.frozen_dtype: Dict[str, object] = {"vae": _float32()}
         self.schedule = schedule_from_scheduler(pipe.scheduler)  # FlowMatchSchedule: the scheduler's shift
         # T5's sequence length: the pipeline's default 256, cut to a shorter tokenizer's limit (the test kit's 32)
         limit = getattr(pipe.tokenizer_3, "model_max_length", None)
@@ -195,6 +197,12 @@ class SD3Backbone(Backbone):
         extra = {"text_encoder_3": None, "tokenizer_3": None} if self.pipe.text_encoder_3 is None else {}
         pipe = load_pipeline(StableDiffusion3Pipeline, self.model_cfg, transformer=denoiser, **extra)
         pipe.save_pretrained(str(directory), safe_serialization=True)
+
+
+def _float32():
+    import torch
+
+    return torch.float32
 
 
 class _Limited:
