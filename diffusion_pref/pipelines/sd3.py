@@ -22,9 +22,8 @@ uniform in the velocity error, no per-sigma factor. SD3's own training (diffuser
 (``compute_loss_weighting_for_sd3`` returns ones for it): the non-uniform emphasis lives in the timestep density,
 not in a weight. Flow-DPO (Liu et al. 2025, arXiv 2501.13918; code released in yifan123/flow_grpo,
 ``scripts/train_sd3_dpo.py``, linked from KwaiVGI/VideoAlign's README) does the same: logit-normal(0, 1) timesteps
-and unweighted per-sample velocity MSEs inside ``-logsigmoid(-beta/2 * diff)``, one beta for every timestep (the
-paper's KL derivation gives a timestep-dependent beta_t; the released code does not use one). So the Diffusion-DPO
-estimate carries over unchanged, and beta keeps the README's mapping (their ``beta`` 100 = our 50).
+and unweighted per-sample velocity MSEs inside ``-logsigmoid(-beta/2 * diff)``, one beta for every timestep. So
+the Diffusion-DPO estimate carries over unchanged, and beta keeps the README's mapping (their ``beta`` 100 = our 50).
 
 Example::
 
