@@ -7,7 +7,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from diffusion_pref.losses import denoising_log_likelihood
-from diffusion_pref.schedules import DDPMSchedule, FlowMatchSchedule
+from diffusion_pref.schedules import DDPMSchedule
 from diffusion_pref.schedules import schedule_from_scheduler as S
 from diffusion_pref.trajectories import (
     _auto_correlation,
