@@ -70,6 +70,9 @@ def test_ddpm_clean_end_and_config_keys_follow_diffusers_ddim_inversion():
     assert sd.initial_alpha_cumprod == pytest.approx(abar0)
     assert DDPMSchedule(num_train_timesteps=1000).clean == (1.0, 0.0)  # set_alpha_to_one defaults to true
     assert sd.inversion_grid(5) == [1, 201, 401, 601, 801]
+    # keyword arguments override the config, also keys diffusers recorded as defaults
+    v = DDPMSchedule(DDIMScheduler().config, prediction_type="v_prediction")
+    assert v.prediction_type == v.config.prediction_type == "v_prediction"
 
 
 def test_ddpm_timesteps_are_todays_random_stream():
