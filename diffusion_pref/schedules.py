@@ -141,8 +141,10 @@ class DDPMSchedule(Schedule):
         import torch
         from diffusers import DDIMInverseScheduler, DDPMScheduler
 
-        merged = {k: v for k, v in dict(config or {}).items() if k != "_use_default_values"}
+        merged = dict(config or {})
         merged.update(overrides)
+        if "_use_default_values" in merged:  # diffusers rebuilds the keys listed there with the class's defaults
+            merged["_use_default_values"] = [k for k in merged["_use_default_values"] if k not in overrides]
         prediction_type = merged.get("prediction_type", "epsilon")
         if prediction_type not in DDPM_PREDICTION_TYPES:
             raise ValueError(f"Unsupported scheduler prediction_type {prediction_type!r}; supported: "

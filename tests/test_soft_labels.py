@@ -208,9 +208,8 @@ REPO_CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[1] / "conf
     ("sdxl_smpo.yaml", 2500.0, 10, 901, "adafactor"),  # SmPO --beta_dpo 5000 (halved here)
 ])
 def test_smpo_recipes_carry_the_papers_settings_with_their_source(recipe, beta, steps, grid_top, optimizer):
-    from diffusers import DDPMScheduler
-
     from diffusion_pref.config import load_config
+    from diffusion_pref.schedules import DDPMSchedule
     from diffusion_pref.trajectories import inversion_grid
 
     path = REPO_CONFIGS / recipe
@@ -224,7 +223,7 @@ def test_smpo_recipes_carry_the_papers_settings_with_their_source(recipe, beta, 
     assert cfg.train.warmup_steps == 100 and cfg.train.optimizer == optimizer
     assert cfg.data.caption_dropout == 0.2 and cfg.data.ties == "drop"
     # the grid of the SD scheduler config (scaled_linear, leading, steps_offset 1)
-    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
+    sched = DDPMSchedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
     assert inversion_grid(sched, cfg.trajectory.steps)[-1] == grid_top
     text = path.read_text()
     assert "JaydenLyh/SmPO" in text and "2506.02698" in text  # the source is cited

@@ -7,12 +7,13 @@ import torch
 from diffusers import DDPMScheduler
 
 from diffusion_pref.losses import denoising_log_likelihood
+from diffusion_pref.schedules import DDPMSchedule
+from diffusion_pref.schedules import schedule_from_scheduler as S
 from diffusion_pref.trajectories import (
     _auto_correlation,
     _patch_kl,
     _regularise,
     ddim_sample,
-    denoising_target,
     forward_trajectory,
     inversion_grid,
     invert_grid,
@@ -24,6 +25,7 @@ from diffusion_pref.trajectories import (
 )
 
 B, SHAPE = 3, (4, 2, 2)
+S1000 = DDPMSchedule(num_train_timesteps=1000)
 
 
 def latents(seed):
@@ -31,7 +33,7 @@ def latents(seed):
 
 
 def test_noise_and_timesteps_shared_within_each_pair():
-    noise, t = shared_noise_and_timesteps(latents(0), 1000, generator=torch.Generator().manual_seed(1))
+    noise, t = shared_noise_and_timesteps(latents(0), S1000, generator=torch.Generator().manual_seed(1))
     assert noise.shape == (2 * B, *SHAPE) and t.shape == (2 * B,)
     torch.testing.assert_close(noise[:B], noise[B:], rtol=0, atol=0)
     assert torch.equal(t[:B], t[B:])
@@ -41,8 +43,8 @@ def test_noise_and_timesteps_shared_within_each_pair():
 
 
 def test_noise_is_reproducible_from_the_generator_and_follows_latent_dtype():
-    a, ta = shared_noise_and_timesteps(latents(0), 1000, generator=torch.Generator().manual_seed(7))
-    b, tb = shared_noise_and_timesteps(latents(0).bfloat16(), 1000, generator=torch.Generator().manual_seed(7))
+    a, ta = shared_noise_and_timesteps(latents(0), S1000, generator=torch.Generator().manual_seed(7))
+    b, tb = shared_noise_and_timesteps(latents(0).bfloat16(), S1000, generator=torch.Generator().manual_seed(7))
     assert b.dtype == torch.bfloat16
     torch.testing.assert_close(b.float(), a, rtol=1e-2, atol=1e-2)
     assert torch.equal(ta, tb)
@@ -58,7 +60,7 @@ def test_processes_split_one_global_draw_like_the_loader_splits_pairs(kind):
     options = {} if kind == "forward" else {"predict_fn": lambda x, t, c: 0.1 * x, "steps": 5}
 
     def traj(rows, **dp):
-        return make_trajectory(kind, scheduler, x0_w[rows], x0_l[rows], generator=torch.Generator().manual_seed(9),
+        return make_trajectory(kind, S(scheduler), x0_w[rows], x0_l[rows], generator=torch.Generator().manual_seed(9),
                                **options, **dp)
 
     one = traj(slice(None))
@@ -80,7 +82,7 @@ def _abar(scheduler, t):
 def test_forward_x_t_matches_closed_form_with_shared_noise_and_t():
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     x0_w, x0_l = latents(0), latents(1)
-    traj = forward_trajectory(scheduler, x0_w, x0_l, generator=torch.Generator().manual_seed(3))
+    traj = forward_trajectory(S(scheduler), x0_w, x0_l, generator=torch.Generator().manual_seed(3))
     assert traj.x_t.shape == (2 * B, *SHAPE) and traj.t.shape == (2 * B,)
     assert torch.equal(traj.t[:B], traj.t[B:])
     torch.testing.assert_close(traj.noise[:B], traj.noise[B:], rtol=0, atol=0)
@@ -95,7 +97,7 @@ def test_forward_x_t_matches_closed_form_with_shared_noise_and_t():
 def test_v_prediction_target_matches_closed_form():
     scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
     x0_w, x0_l = latents(0), latents(1)
-    traj = forward_trajectory(scheduler, x0_w, x0_l, generator=torch.Generator().manual_seed(4))
+    traj = forward_trajectory(S(scheduler), x0_w, x0_l, generator=torch.Generator().manual_seed(4))
     x0 = torch.cat([x0_w, x0_l]).double()
     abar = _abar(scheduler, traj.t)
     want = abar.sqrt() * traj.noise.double() - (1 - abar).sqrt() * x0
@@ -106,21 +108,20 @@ def test_identical_winner_and_loser_give_identical_log_likelihoods():
     # with shared noise and t, a pair of identical images must score identically under any model
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     x0 = latents(5)
-    traj = forward_trajectory(scheduler, x0, x0.clone(), generator=torch.Generator().manual_seed(6))
+    traj = forward_trajectory(S(scheduler), x0, x0.clone(), generator=torch.Generator().manual_seed(6))
     pred = traj.x_t * 0.3  # any deterministic per-sample "model"
     ll_w, ll_l = denoising_log_likelihood(pred, traj.target).chunk(2)
     torch.testing.assert_close(ll_w, ll_l, rtol=0, atol=0)
 
 
 def test_unsupported_prediction_type_and_shape_mismatch_raise():
-    scheduler = DDPMScheduler(num_train_timesteps=10, prediction_type="sample")
     x0 = latents(0)
     with pytest.raises(ValueError, match="epsilon, v_prediction"):
-        denoising_target(scheduler, x0, torch.randn_like(x0), torch.zeros(B, dtype=torch.long))
+        S(DDPMScheduler(num_train_timesteps=10, prediction_type="sample"))
     with pytest.raises(ValueError, match="forward_trajectory: .*latents_l"):
-        forward_trajectory(DDPMScheduler(num_train_timesteps=10), x0, x0[:1])
+        forward_trajectory(DDPMSchedule(num_train_timesteps=10), x0, x0[:1])
     with pytest.raises(ValueError, match="make_trajectory: .*latents_l"):
-        make_trajectory("ddim", DDPMScheduler(num_train_timesteps=10), x0, x0[:1], predict_fn=lambda x, t, c: x)
+        make_trajectory("ddim", DDPMSchedule(num_train_timesteps=10), x0, x0[:1], predict_fn=lambda x, t, c: x)
 
 
 # --------------------------------------------------------------------------------------------- inversion kinds
@@ -137,10 +138,10 @@ def sd_scheduler(**kw):
 
 
 def test_inversion_grid_matches_the_smpo_sd15_and_sdxl_grids():
-    assert inversion_grid(sd_scheduler(), 5) == [1, 201, 401, 601, 801]
-    assert inversion_grid(sd_scheduler(), 10) == [1 + 100 * i for i in range(10)]
+    assert inversion_grid(S(sd_scheduler()), 5) == [1, 201, 401, 601, 801]
+    assert inversion_grid(S(sd_scheduler()), 10) == [1 + 100 * i for i in range(10)]
     with pytest.raises(ValueError, match="trajectory.steps"):
-        inversion_grid(sd_scheduler(), 0)
+        inversion_grid(S(sd_scheduler()), 0)
 
 
 def test_one_ddim_inversion_step_equals_diffusers_inverse_scheduler_step():
@@ -155,11 +156,11 @@ def test_one_ddim_inversion_step_equals_diffusers_inverse_scheduler_step():
     def predict(x, t, c):  # a model that ignores its input
         return eps_fixed.expand_as(x)
 
-    z201 = invert_latents(sched, predict, x0, None, [201])
+    z201 = invert_latents(S(sched), predict, x0, None, [201])
     abar201 = sched.alphas_cumprod[201]
     # the first step leaves the clean latent (abar = 1), so its x0_hat is x0 itself
     torch.testing.assert_close(z201, abar201.sqrt() * x0 + (1 - abar201).sqrt() * eps_fixed, rtol=1e-5, atol=1e-5)
-    z401 = invert_latents(sched, predict, x0, None, [201, 401])
+    z401 = invert_latents(S(sched), predict, x0, None, [201, 401])
     torch.testing.assert_close(z401, inverse.step(eps_fixed, 401, z201).prev_sample, rtol=1e-5, atol=1e-5)
 
 
@@ -171,7 +172,7 @@ def test_ddim_sample_step_equals_diffusers_ddim_scheduler_step():
     sched.set_timesteps(5)  # 801, 601, ..., 1; the last step goes to abar = 1, like our clean latent
     eps = torch.randn(1, *SHAPE, generator=torch.Generator().manual_seed(4))
     z = torch.randn(1, *SHAPE, generator=torch.Generator().manual_seed(5))
-    ours = ddim_sample(sched, lambda x, t, c: eps.expand_as(x), z, None, [1, 201, 401, 601, 801])
+    ours = ddim_sample(S(sched), lambda x, t, c: eps.expand_as(x), z, None, [1, 201, 401, 601, 801])
     want = z
     for step_t in sched.timesteps:
         want = sched.step(eps, step_t, want).prev_sample
@@ -194,7 +195,7 @@ def test_ddim_sample_on_a_zero_terminal_snr_v_prediction_schedule_equals_diffuse
     def model(x, t):  # a v that depends on the input and the timestep
         return 0.5 * torch.tanh(x) - t / 2000.0
 
-    ours = ddim_sample(sched, lambda x, t, c: model(x, t.float().reshape(-1, 1, 1, 1)), z, None, grid)
+    ours = ddim_sample(S(sched), lambda x, t, c: model(x, t.float().reshape(-1, 1, 1, 1)), z, None, grid)
     want = z
     for step_t in sched.timesteps:
         want = sched.step(model(want, float(step_t)), step_t, want).prev_sample
@@ -203,7 +204,7 @@ def test_ddim_sample_on_a_zero_terminal_snr_v_prediction_schedule_equals_diffuse
     # an epsilon model cannot give x0 where abar = 0: a clear error instead of NaN
     eps_sched = DDIMScheduler.from_config(sched.config, prediction_type="epsilon")
     with pytest.raises(ValueError, match="abar is 0 at t=999"):
-        ddim_sample(eps_sched, lambda x, t, c: x, z, None, grid)
+        ddim_sample(S(eps_sched), lambda x, t, c: x, z, None, grid)
 
 
 def _constant_noise_predictor(noise):
@@ -226,9 +227,9 @@ def test_ddim_with_a_perfect_denoiser_reproduces_forward_noising_and_its_noise(t
 
     gen = torch.Generator().manual_seed(11)
     cond = {"ids": torch.arange(2 * B), "unbatched": torch.zeros(3)}
-    traj = make_trajectory("ddim", sched, x0_w, x0_l, predict_fn=predict, cond=cond, generator=gen, steps=5,
+    traj = make_trajectory("ddim", S(sched), x0_w, x0_l, predict_fn=predict, cond=cond, generator=gen, steps=5,
                            t_mode=t_mode)
-    fwd = forward_trajectory(sched, x0_w, x0_l, generator=torch.Generator().manual_seed(11))
+    fwd = forward_trajectory(S(sched), x0_w, x0_l, generator=torch.Generator().manual_seed(11))
     assert torch.equal(traj.t, fwd.t) and torch.equal(traj.t[:B], traj.t[B:])  # t drawn exactly as for forward
     x0 = torch.cat([x0_w, x0_l])
     grid = [1, 201, 401, 601, 801]
@@ -255,15 +256,15 @@ def test_ddim_with_a_perfect_denoiser_reproduces_forward_noising_and_its_noise(t
 def test_released_smpo_steps_are_diffusers_020_inverse_scheduler_timesteps():
     # diffusers 0.20.0 DDIMInverseScheduler.set_timesteps: the leading/trailing grid, np.roll by one, first entry
     # int(grid[1] - step_ratio); step() maps s to s + T // n
-    assert released_smpo_steps(sd_scheduler(), 5) == ([-199, 1, 201, 401, 601], [1, 201, 401, 601, 801],
+    assert released_smpo_steps(S(sd_scheduler()), 5) == ([-199, 1, 201, 401, 601], [1, 201, 401, 601, 801],
                                                       pytest.approx(float(sd_scheduler().alphas_cumprod[0])))
-    sources, targets, _ = released_smpo_steps(sd_scheduler(), 10)  # SmPO's SDXL setting
+    sources, targets, _ = released_smpo_steps(S(sd_scheduler()), 10)  # SmPO's SDXL setting
     assert sources == [-99] + [1 + 100 * i for i in range(9)] and targets == [1 + 100 * i for i in range(10)]
     # trailing, 3 steps: grid [332, 666, 999], ratio 333.33 -> int(-1.33) = -1; steps of 1000 // 3 = 333
-    assert released_smpo_steps(sd_scheduler(timestep_spacing="trailing"), 3)[:2] == ([-1, 332, 666], [332, 665, 999])
-    assert released_smpo_steps(DDPMScheduler(), 5)[2] == 1.0  # set_alpha_to_one defaults to true
+    assert released_smpo_steps(S(sd_scheduler(timestep_spacing="trailing")), 3)[:2] == ([-1, 332, 666], [332, 665, 999])
+    assert released_smpo_steps(S(DDPMScheduler()), 5)[2] == 1.0  # set_alpha_to_one defaults to true
     with pytest.raises(ValueError, match="timestep_spacing"):
-        released_smpo_steps(sd_scheduler(timestep_spacing="linspace"), 5)
+        released_smpo_steps(S(sd_scheduler(timestep_spacing="linspace")), 5)
 
 
 def _smpo_diffusers020(abar, initial, predict, x0, t, prediction_type, n=5, total=1000, offset=1):
@@ -309,7 +310,7 @@ def test_smpo_released_reproduces_the_pinned_diffusers_020_loop(prediction_type)
     pairs = 16
     x0_w, x0_l = torch.randn(2, pairs, *SHAPE, generator=torch.Generator().manual_seed(5))
     for seed in range(2):
-        traj = make_trajectory("renoise", sched, x0_w, x0_l, predict_fn=predict, cond=None, steps=5,
+        traj = make_trajectory("renoise", S(sched), x0_w, x0_l, predict_fn=predict, cond=None, steps=5,
                                t_mode="smpo_released", renoise_iters=1, average_window=[0, 2],
                                generator=torch.Generator().manual_seed(seed))
         x0 = torch.cat([x0_w, x0_l]).double()
@@ -329,7 +330,7 @@ def test_smpo_released_latent_sits_at_the_grid_point_at_or_above_t():
                           beta_end=0.012, steps_offset=1)
     x0_w, x0_l = torch.randn(2, 24, *SHAPE, generator=torch.Generator().manual_seed(2))
     noise = torch.randn(48, *SHAPE, generator=torch.Generator().manual_seed(3))
-    traj = make_trajectory("ddim", sched, x0_w, x0_l, predict_fn=lambda x, t, c: noise[c], cond=torch.arange(48),
+    traj = make_trajectory("ddim", S(sched), x0_w, x0_l, predict_fn=lambda x, t, c: noise[c], cond=torch.arange(48),
                            steps=5, t_mode="smpo_released", generator=torch.Generator().manual_seed(4))
     x0 = torch.cat([x0_w, x0_l])
     assert bool((traj.t > 801).any()) and bool((traj.t <= 201).any())
@@ -348,7 +349,7 @@ def test_inversion_v_prediction_target_is_the_velocity_of_tau():
         abar, eps = _abar(sched, t).float(), noise[c]
         return (abar.sqrt() * eps - (1 - abar).sqrt() * ((x - (1 - abar).sqrt() * eps) / abar.sqrt()))
 
-    traj = make_trajectory("ddim", sched, x0_w, x0_l, predict_fn=predict_v, cond=torch.arange(2 * B), steps=5,
+    traj = make_trajectory("ddim", S(sched), x0_w, x0_l, predict_fn=predict_v, cond=torch.arange(2 * B), steps=5,
                            generator=torch.Generator().manual_seed(1))
     x0 = torch.cat([x0_w, x0_l]).double()
     abar = _abar(sched, traj.t)
@@ -384,12 +385,12 @@ def test_renoise_fixed_point_converges_to_the_exact_inverse_of_a_linear_denoiser
         b = (1 - abar_g).sqrt() - abar_g.sqrt() * (1 - abar_s).sqrt() / abar_s.sqrt()
         want = a * want / (1 - b * c[g])
         abar_s = abar_g
-    exact = invert_latents(sched, predict, x0, None, grid, renoise_iters=30, average_window=[30, 31])
+    exact = invert_latents(S(sched), predict, x0, None, grid, renoise_iters=30, average_window=[30, 31])
     torch.testing.assert_close(exact.double(), want, rtol=1e-5, atol=1e-5)
-    plain = invert_latents(sched, predict, x0, None, grid, renoise_iters=0)
+    plain = invert_latents(S(sched), predict, x0, None, grid, renoise_iters=0)
     assert float((plain.double() - want).abs().max()) > 1e-2  # plain DDIM inversion is only approximate
     # and DDIM sampling from the exact inverse lands back on x0
-    torch.testing.assert_close(ddim_sample(sched, predict, exact, None, grid), x0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ddim_sample(S(sched), predict, exact, None, grid), x0, rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -422,19 +423,19 @@ def _rmse(a, b):
 
 def test_ddim_inversion_then_sampling_reconstructs_x0_on_a_tiny_sd(tiny_sd):
     pipe, predict, hidden = tiny_sd
-    assert inversion_grid(pipe.scheduler, 20)[:4] == TINY_GRID
+    assert inversion_grid(S(pipe.scheduler), 20)[:4] == TINY_GRID
     x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    z = invert_latents(pipe.scheduler, predict, x0, hidden, TINY_GRID)
+    z = invert_latents(S(pipe.scheduler), predict, x0, hidden, TINY_GRID)
     assert _rmse(z, x0) > 0.1  # it did move away from x0
-    ddim_error = _rmse(ddim_sample(pipe.scheduler, predict, z, hidden, TINY_GRID), x0)
+    ddim_error = _rmse(ddim_sample(S(pipe.scheduler), predict, z, hidden, TINY_GRID), x0)
     assert ddim_error < DDIM_TOLERANCE
     # ReNoise at the same number of inversion steps: the SmPO setting (K = 1, both predictions averaged) and
     # a converged one (K = 4, last prediction) both reconstruct better than plain DDIM inversion
     errors = {}
     for iters, window in ((1, [0, 2]), (4, [4, 5])):
-        z_re = invert_latents(pipe.scheduler, predict, x0, hidden, TINY_GRID, renoise_iters=iters,
+        z_re = invert_latents(S(pipe.scheduler), predict, x0, hidden, TINY_GRID, renoise_iters=iters,
                               average_window=window)
-        errors[iters] = _rmse(ddim_sample(pipe.scheduler, predict, z_re, hidden, TINY_GRID), x0)
+        errors[iters] = _rmse(ddim_sample(S(pipe.scheduler), predict, z_re, hidden, TINY_GRID), x0)
     assert errors[1] < 0.6 * ddim_error
     assert errors[4] < 1e-3 * ddim_error
 
@@ -445,7 +446,7 @@ def test_renoise_trajectory_on_tiny_sd_has_pair_layout_and_consistent_target(tin
 
     sched = Ddpm.from_config(pipe.scheduler.config)
     x0_w, x0_l = torch.randn(2, 1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    traj = make_trajectory("renoise", sched, x0_w, x0_l, predict_fn=predict, cond=hidden, steps=5,
+    traj = make_trajectory("renoise", S(sched), x0_w, x0_l, predict_fn=predict, cond=hidden, steps=5,
                            generator=torch.Generator().manual_seed(0))
     assert traj.x_t.shape == (2, 4, 8, 8) and torch.equal(traj.t[:1], traj.t[1:])
     assert not torch.equal(traj.noise[0], traj.noise[1])  # tau depends on the image, unlike forward noise
@@ -467,11 +468,11 @@ def test_pre_inverted_grid_gives_the_trajectory_of_inverting_on_the_fly(tiny_sd,
     pairs = 12
     x0_w, x0_l = torch.randn(2, pairs, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     options = {"steps": 5, "renoise_iters": 1, "average_window": [0, 2]}
-    grid_latents = invert_grid(kind, sched, predict, torch.cat([x0_w, x0_l]), hidden, t_mode=t_mode, **options)
+    grid_latents = invert_grid(kind, S(sched), predict, torch.cat([x0_w, x0_l]), hidden, t_mode=t_mode, **options)
     assert grid_latents.shape == (2 * pairs, 5, 4, 8, 8) and grid_latents.dtype == torch.float32
     if t_mode != "smpo_released":  # the last grid point is plain inversion along the whole grid
         torch.testing.assert_close(grid_latents[:, -1], invert_latents(
-            sched, predict, torch.cat([x0_w, x0_l]), hidden, inversion_grid(sched, 5),
+            S(sched), predict, torch.cat([x0_w, x0_l]), hidden, inversion_grid(S(sched), 5),
             renoise_iters=0 if kind == "ddim" else 1, average_window=[0, 2]), rtol=1e-4, atol=1e-5)
     calls = []
 
@@ -480,10 +481,10 @@ def test_pre_inverted_grid_gives_the_trajectory_of_inverting_on_the_fly(tiny_sd,
         return predict(x, t, c)
 
     for seed in range(3):
-        on_the_fly = make_trajectory(kind, sched, x0_w, x0_l, predict_fn=predict, cond=hidden, t_mode=t_mode,
+        on_the_fly = make_trajectory(kind, S(sched), x0_w, x0_l, predict_fn=predict, cond=hidden, t_mode=t_mode,
                                      generator=torch.Generator().manual_seed(seed), **options)
         calls.clear()
-        cached = make_trajectory(kind, sched, x0_w, x0_l, predict_fn=counting, cond=hidden, t_mode=t_mode,
+        cached = make_trajectory(kind, S(sched), x0_w, x0_l, predict_fn=counting, cond=hidden, t_mode=t_mode,
                                  generator=torch.Generator().manual_seed(seed), inverted=grid_latents, **options)
         assert torch.equal(cached.t, on_the_fly.t)
         torch.testing.assert_close(cached.x_t, on_the_fly.x_t, rtol=1e-4, atol=1e-5)
@@ -496,7 +497,7 @@ def test_pre_inverted_grid_of_the_wrong_size_is_refused(tiny_sd):
     pipe, predict, hidden = tiny_sd
     x0 = torch.randn(2, 1, 4, 8, 8)
     with pytest.raises(ValueError, match="5-point grid"):
-        make_trajectory("ddim", pipe.scheduler, x0[0], x0[1], predict_fn=predict, cond=hidden, steps=5,
+        make_trajectory("ddim", S(pipe.scheduler), x0[0], x0[1], predict_fn=predict, cond=hidden, steps=5,
                         inverted=torch.zeros(2, 4, 4, 8, 8))
 
 
@@ -578,7 +579,7 @@ def test_renoise_kl_reference_noise_is_drawn_once_per_inversion():
         calls.append((x.clone(), t.clone()))
         return 0.5 * x
 
-    invert_latents(sched, predict, x0, None, [1, 201, 401], renoise_iters=1, noise_reg_steps=1,
+    invert_latents(S(sched), predict, x0, None, [1, 201, 401], renoise_iters=1, noise_reg_steps=1,
                    generator=torch.Generator().manual_seed(0))
     assert len(calls) == 9  # per step: the KL reference, then the two renoise predictions
     noises = []
@@ -592,7 +593,7 @@ def test_renoise_kl_reference_noise_is_drawn_once_per_inversion():
 def test_renoise_with_regularisation_runs_through_make_trajectory():
     sched = DDPMScheduler(num_train_timesteps=1000)
     x = torch.randn(2, 1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    traj = make_trajectory("renoise", sched, x[0], x[1], predict_fn=lambda z, t, c: 0.5 * z, steps=5,
+    traj = make_trajectory("renoise", S(sched), x[0], x[1], predict_fn=lambda z, t, c: 0.5 * z, steps=5,
                            noise_reg_steps=1, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(traj.x_t).all() and torch.isfinite(traj.target).all()
 
@@ -607,12 +608,12 @@ def test_trajectory_options_from_config_and_bad_options_raise():
     sched = DDPMScheduler(num_train_timesteps=1000)
     x = latents(0)
     with pytest.raises(ValueError, match="predict_fn"):
-        make_trajectory("ddim", sched, x, x)
+        make_trajectory("ddim", S(sched), x, x)
     with pytest.raises(ValueError, match="average_window"):
-        make_trajectory("renoise", sched, x, x, predict_fn=lambda z, t, c: z, average_window=[3, 1])
+        make_trajectory("renoise", S(sched), x, x, predict_fn=lambda z, t, c: z, average_window=[3, 1])
     with pytest.raises(ValueError, match="one of"):
-        make_trajectory("backward", sched, x, x)
+        make_trajectory("backward", S(sched), x, x)
     # forward through the single entry point is forward_trajectory itself
-    a = make_trajectory("forward", sched, x, latents(1), generator=torch.Generator().manual_seed(0))
-    b = forward_trajectory(sched, x, latents(1), generator=torch.Generator().manual_seed(0))
+    a = make_trajectory("forward", S(sched), x, latents(1), generator=torch.Generator().manual_seed(0))
+    b = forward_trajectory(S(sched), x, latents(1), generator=torch.Generator().manual_seed(0))
     assert torch.equal(a.x_t, b.x_t) and torch.equal(a.t, b.t)
