@@ -184,7 +184,7 @@ def _checkpoint_lora(train_cfg, checkpoint: Path, dest: Path) -> None:
     from peft import LoraConfig
 
     backbone = load_backbone(train_cfg.model)
-    unet = backbone.unet
+    unet = backbone.denoiser
     rank = train_cfg.model.lora_rank
     alpha = train_cfg.model.lora_alpha if train_cfg.model.lora_alpha is not None else rank
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",

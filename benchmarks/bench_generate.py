@@ -67,11 +67,12 @@ def _sd15_shaped_pipeline():
     return pipe
 
 
-def _pipeline(name: str, device: str, dtype):
+def _backbone(name: str, device: str, dtype):
+    from diffusion_pref.pipelines.stable_diffusion import StableDiffusionBackbone
     from diffusion_pref.testing import tiny_sd_pipeline
 
     pipe = tiny_sd_pipeline() if name == "tiny" else _sd15_shaped_pipeline()
-    return pipe.to(device, dtype)
+    return StableDiffusionBackbone(pipe).to(device, dtype)
 
 
 def _sync(device: str) -> None:
@@ -85,10 +86,10 @@ def bench(name: str, args, device: str) -> dict:
     import torch
 
     from diffusion_pref.config import load_config
-    from diffusion_pref.commands.generate import _sample_images, generate
+    from diffusion_pref.commands.generate import _sample, generate
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    pipe = _pipeline(name, device, dtype)
+    backbone = _backbone(name, device, dtype)
     resolution = args.resolution or (32 if name == "tiny" else 256)
     with tempfile.TemporaryDirectory() as tmp:
         prompts = Path(tmp) / "prompts.txt"
@@ -99,16 +100,16 @@ def bench(name: str, args, device: str) -> dict:
             f"output.dir={Path(tmp) / 'out'}", "generate.strategy=best_vs_worst",
         ])
         batch_prompts = ["a red cat"] * args.batch
-        _sample_images(pipe, batch_prompts, list(range(args.batch)), cfg.generate)  # warm-up
+        _sample(backbone, batch_prompts, list(range(args.batch)), cfg.generate)  # warm-up
         _sync(device)
         start = time.perf_counter()
         for r in range(args.repeats):
-            _sample_images(pipe, batch_prompts, [r * args.batch + i for i in range(args.batch)], cfg.generate)
+            _sample(backbone, batch_prompts, [r * args.batch + i for i in range(args.batch)], cfg.generate)
         _sync(device)
         sample_s = (time.perf_counter() - start) / (args.repeats * args.batch)
 
         start = time.perf_counter()
-        summary = generate(cfg, pipeline=pipe, reward=MeanPixel())
+        summary = generate(cfg, backbone=backbone, reward=MeanPixel())
         _sync(device)
         total = time.perf_counter() - start
     images = args.prompts * args.samples

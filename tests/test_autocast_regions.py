@@ -31,11 +31,11 @@ def test_smpo_bf16_full_finetune_inverts_in_its_own_autocast_region_and_trains_c
     events = []
     predict, clear = StableDiffusionBackbone.predict, torch.clear_autocast_cache
 
-    def spy_predict(self, x_t, t, cond, unet=None):
-        module = self.unet if unet is None else trainer.accelerator.unwrap_model(unet)
+    def spy_predict(self, x_t, t, cond, denoiser=None):
+        module = self.denoiser if denoiser is None else trainer.accelerator.unwrap_model(denoiser)
         uses_policy = any(id(p) in policy_weights for p in module.parameters())
         events.append(("predict", torch.is_grad_enabled(), uses_policy, torch.is_autocast_enabled("cpu")))
-        return predict(self, x_t, t, cond, unet=unet)
+        return predict(self, x_t, t, cond, denoiser=denoiser)
 
     def spy_clear():
         events.append(("clear",))

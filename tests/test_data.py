@@ -408,16 +408,14 @@ def test_a_bad_row_met_in_a_loader_worker_is_the_one_line_message(tmp_path, kind
 
 
 def test_texts_cut_counts_either_tokenizer_of_a_model():
-    from types import SimpleNamespace
-
-    from diffusion_pref.pipelines import texts_cut, token_limit
+    from diffusion_pref.pipelines.base import smallest_token_limit, texts_over_limit
     from diffusion_pref.testing import tiny_clip_tokenizer
 
     first, second = tiny_clip_tokenizer(), tiny_clip_tokenizer(model_max_length=8)
     texts = ["a cat", "a red cat on a blue mat", "a red cat on a blue mat with a green hat and a yellow bat ok"]
     lengths = [len(first(t).input_ids) for t in texts]  # the same byte-level BPE for both
     assert lengths[0] <= 8 < lengths[1] <= 16 < lengths[2]
-    assert texts_cut(SimpleNamespace(tokenizer=first), texts) == [False, False, True]
-    assert texts_cut(SimpleNamespace(tokenizer=first, tokenizer_2=second), texts) == [False, True, True]
-    assert token_limit(SimpleNamespace(tokenizer=first, tokenizer_2=second)) == 8
-    assert texts_cut(SimpleNamespace(), texts) == [False] * 3 and texts_cut(SimpleNamespace(tokenizer=first), []) == []
+    assert texts_over_limit([first], texts) == [False, False, True]
+    assert texts_over_limit([first, second], texts) == [False, True, True]
+    assert smallest_token_limit([first, second]) == 8 and smallest_token_limit([]) is None
+    assert texts_over_limit([], texts) == [False] * 3 and texts_over_limit([first], []) == []

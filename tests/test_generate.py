@@ -53,17 +53,25 @@ class TableScorer:
         return torch.tensor(out, dtype=torch.float64)
 
 
-class SeedColourPipeline:
-    """Stands in for a diffusion pipeline where the images don't matter: a flat grey image whose value is the
-    low byte of its generator's seed. Same call signature and output as a diffusers pipeline."""
+class SeedColourBackbone:
+    """Stands in for a backbone where the images don't matter: a flat grey image whose value is the low byte of
+    its seed. The members generate uses, with the signatures of ``Backbone.sample`` and ``prompts_cut``."""
 
-    def __call__(self, prompt, num_inference_steps, guidance_scale, generator, output_type, **kwargs):
-        from types import SimpleNamespace
+    tokenizer = None  # set one to have prompts counted as cut at its limit
 
+    def sample(self, prompts, seeds, *, steps, guidance_scale, resolution=None, scheduler=None, safety_checker=False,
+               output_type="pil"):
         from PIL import Image
 
-        assert len(prompt) == len(generator) and output_type == "pil"
-        return SimpleNamespace(images=[Image.new("RGB", (8, 8), (g.initial_seed() % 256,) * 3) for g in generator])
+        from diffusion_pref.pipelines.base import Samples
+
+        assert len(prompts) == len(seeds) and output_type == "pil"
+        return Samples([Image.new("RGB", (8, 8), (seed % 256,) * 3) for seed in seeds])
+
+    def prompts_cut(self, prompts):
+        from diffusion_pref.pipelines.base import texts_over_limit
+
+        return texts_over_limit([self.tokenizer] if self.tokenizer is not None else [], prompts)
 
 
 def _overrides(tmp_path, model_dir, out="out", prompts=PROMPTS, **generate):
@@ -96,12 +104,19 @@ def _pixels(png):
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_sd_dir):
+def diffusers_pipe(tiny_sd_dir):
+    """The tiny SD pipeline loaded by diffusers alone: an independent check of what generate stored."""
     from diffusers import DiffusionPipeline
 
     pipeline = DiffusionPipeline.from_pretrained(str(tiny_sd_dir))
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sd_dir):
+    """The tiny SD backbone, loaded as generate loads it (fp32 on the CPU)."""
+    return generate_module._load_backbone(load_config(None, [f"model.pretrained={tiny_sd_dir}"]), "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +179,7 @@ def test_sample_seeds_are_fixed_and_distinct():
 # ------------------------------------------------------------------------------------------------ end to end
 
 
-def test_output_loads_and_every_row_is_reproducible(reference_rows, pipe):
+def test_output_loads_and_every_row_is_reproducible(reference_rows, diffusers_pipe):
     rows, summary, out, model = reference_rows
     assert len(rows) == summary["pairs_written"] == len(PROMPTS) * 3  # all_pairs of 3 samples: 3 pairs per prompt
     assert summary["prompts_done"] == summary["prompts_total"] == len(PROMPTS) and summary["prompts_missing"] == 0
@@ -181,8 +196,8 @@ def test_output_loads_and_every_row_is_reproducible(reference_rows, pipe):
             assert row[f"score_{side}"] == pytest.approx(pixels.mean() / 255, abs=1e-12)
             # The recorded seed alone regenerates the stored image (checked on the first prompt's samples).
             if index == 0 and row[f"seed_{side}"] not in regenerated:
-                alone = pipe(PROMPTS[index], num_inference_steps=2, output_type="np",
-                             generator=torch.Generator().manual_seed(row[f"seed_{side}"])).images[0]
+                alone = diffusers_pipe(PROMPTS[index], num_inference_steps=2, output_type="np",
+                                      generator=torch.Generator().manual_seed(row[f"seed_{side}"])).images[0]
                 regenerated.add(row[f"seed_{side}"])
                 assert np.abs((alone * 255).round() - pixels).max() <= 1
         winner = 0 if row["label_0"] == 1.0 else 1
@@ -214,7 +229,7 @@ def test_strategies_and_filters_end_to_end(tmp_path):
     }
     for strategy, pairs in expected.items():
         cfg = _config(tmp_path, "unused", out=strategy, prompts=prompts, strategy=strategy)
-        summary = generate(cfg, pipeline=SeedColourPipeline(), reward=TableScorer(table))
+        summary = generate(cfg, backbone=SeedColourBackbone(), reward=TableScorer(table))
         got = {}
         for row in _rows(tmp_path / strategy):
             w, l = (0, 1) if row["label_0"] == 1.0 else (1, 0)
@@ -227,7 +242,7 @@ def test_strategies_and_filters_end_to_end(tmp_path):
 
     cfg = _config(tmp_path, "unused", out="filtered", prompts=prompts, strategy="all_pairs",
                   min_winner_score=0.5, min_gap=0.6, max_gap=0.8)
-    summary = generate(cfg, pipeline=SeedColourPipeline(), reward=TableScorer(table))
+    summary = generate(cfg, backbone=SeedColourBackbone(), reward=TableScorer(table))
     # Left: p1 (2,1) gap .7; p3 (2,0) gap .85 > max, (2,1) gap .75, (1,0) winner .2 < min winner.
     assert sorted((r["prompt_index"], max(r["score_0"], r["score_1"])) for r in _rows(tmp_path / "filtered")) == [
         (1, 0.9), (3, 0.95)]
@@ -238,7 +253,7 @@ def test_rso_thins_candidates_before_pairing(tmp_path):
     table = {"p": [0.0, 0.1, 0.2, 5.0, 5.1]}
     cfg = _config(tmp_path, "unused", prompts=["p"], samples_per_prompt=5, strategy="all_pairs",
                   rso_beta=0.01, rso_keep=2)
-    summary = generate(cfg, pipeline=SeedColourPipeline(), reward=TableScorer(table))
+    summary = generate(cfg, backbone=SeedColourBackbone(), reward=TableScorer(table))
     # A small beta accepts the two best samples only: one pair, 5.1 over 5.0.
     (row,) = _rows(tmp_path / "out")
     assert sorted([row["score_0"], row["score_1"]]) == [5.0, 5.1] and summary["samples_rejected_by_rso"] == 3
@@ -313,7 +328,7 @@ def test_sigkill_twice_then_restart_gives_exactly_the_expected_rows(tmp_path, ti
     assert files == ["pairs-p000-00000.parquet"], files
     assert _covered(out) == [0, 1]
 
-    summary = generate(cfg, pipeline=pipe, reward=MeanPixel())
+    summary = generate(cfg, backbone=pipe, reward=MeanPixel())
     rows = reference_rows[0]
     assert summary["pairs_written"] == len(rows) and summary["prompts_missing"] == 0
     restarted = _rows(out)
@@ -321,7 +336,7 @@ def test_sigkill_twice_then_restart_gives_exactly_the_expected_rows(tmp_path, ti
     assert len(keys) == len(set(keys))  # no duplicates
     assert restarted == rows  # none lost, bit-identical images and scores
     # A further restart has nothing left to do and changes nothing (no pipeline is even loaded).
-    monkeypatch.setattr(generate_module, "_load_pipeline", None)
+    monkeypatch.setattr(generate_module, "_load_backbone", None)
     generate(cfg, reward=MeanPixel())
     assert _rows(out) == rows
 
@@ -338,7 +353,7 @@ def test_sigterm_saves_the_finished_prompts_and_a_rerun_completes_the_same_rows(
     assert _covered(out) == [0, 1, 2, 3] and not any(f.endswith(".tmp") for f in files), files
     assert json.loads((out / "summary.json").read_text())["prompts_missing"] == 1
 
-    summary = generate(load_config(None, overrides), pipeline=pipe, reward=MeanPixel())
+    summary = generate(load_config(None, overrides), backbone=pipe, reward=MeanPixel())
     assert summary["prompts_missing"] == 0 and _covered(out) == list(range(len(PROMPTS)))  # each prompt once
     assert _rows(out) == reference_rows[0]  # identical to the uninterrupted run: no row lost or duplicated
 
@@ -351,7 +366,7 @@ def test_sigkill_loses_at_most_flush_every_prompts(tmp_path, tiny_sd_dir, refere
     _killed_run(tmp_path, overrides, "score", 3, returncode=-signal.SIGKILL)
     finished = 4
     assert _covered(out) == [0, 1] and finished - len(_covered(out)) <= 2
-    generate(load_config(None, overrides), pipeline=pipe, reward=MeanPixel())
+    generate(load_config(None, overrides), backbone=pipe, reward=MeanPixel())
     assert _rows(out) == reference_rows[0]
 
 
@@ -374,10 +389,10 @@ def test_flush_every_prompts_must_be_positive(tmp_path):
 def test_two_processes_give_the_same_rows_as_one(tmp_path, pipe):
     # batch_size = samples_per_prompt: one prompt per batch, so both layouts see identical batches.
     single = _config(tmp_path, "unused", out="single", batch_size=SAMPLES, strategy="best_vs_each")
-    generate(single, pipeline=pipe, reward=MeanPixel())
+    generate(single, backbone=pipe, reward=MeanPixel())
     split = _config(tmp_path, "unused", out="split", batch_size=SAMPLES, strategy="best_vs_each")
-    assert generate(split, pipeline=pipe, reward=MeanPixel(), process_index=1, num_processes=2) is None
-    summary = generate(split, pipeline=pipe, reward=MeanPixel(), process_index=0, num_processes=2)
+    assert generate(split, backbone=pipe, reward=MeanPixel(), process_index=1, num_processes=2) is None
+    summary = generate(split, backbone=pipe, reward=MeanPixel(), process_index=0, num_processes=2)
     by_process = {"pairs-p000": set(), "pairs-p001": set()}
     for path, meta in read_shards(tmp_path / "split").items():
         by_process[path.name[:10]] |= set(meta["prompt_indices"])
@@ -388,11 +403,11 @@ def test_two_processes_give_the_same_rows_as_one(tmp_path, pipe):
 
 def test_prompts_without_pairs_are_recorded_and_not_redone(tmp_path):
     cfg = _config(tmp_path, "unused", prompts=PROMPTS[:2], min_gap=10.0)  # no gap of mean pixels reaches 10
-    summary = generate(cfg, pipeline=SeedColourPipeline(), reward=MeanPixel())
+    summary = generate(cfg, backbone=SeedColourBackbone(), reward=MeanPixel())
     assert summary["pairs_written"] == 0 and summary["pairs_filtered"]["min_gap"] == 2
     assert summary["prompts_done"] == 2 and summary["prompts_without_pairs"] == 2
     assert [p.name for p in read_shards(tmp_path / "out")] == ["pairs-p000-00000.empty.json"]
-    again = generate(cfg, pipeline=None, reward=MeanPixel())  # nothing to do: no pipeline needed
+    again = generate(cfg, backbone=None, reward=MeanPixel())  # nothing to do: no model needed
     assert again == summary
 
 
@@ -404,25 +419,25 @@ def test_a_second_run_into_the_same_share_is_refused_while_the_first_runs(tmp_pa
     with open(tmp_path / "out" / ".lock-p000", "a") as held:
         fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # as a running generate holds it
         with pytest.raises(RuntimeError, match="another generate run is writing the shards of process 0"):
-            generate(cfg, pipeline=SeedColourPipeline(), reward=MeanPixel())
-    assert generate(cfg, pipeline=SeedColourPipeline(), reward=MeanPixel())["prompts_missing"] == 0
+            generate(cfg, backbone=SeedColourBackbone(), reward=MeanPixel())
+    assert generate(cfg, backbone=SeedColourBackbone(), reward=MeanPixel())["prompts_missing"] == 0
 
 
 def test_raising_max_prompts_extends_the_same_run(tmp_path):
-    first = generate(_config(tmp_path, "unused", max_prompts=2), pipeline=SeedColourPipeline(), reward=MeanPixel())
+    first = generate(_config(tmp_path, "unused", max_prompts=2), backbone=SeedColourBackbone(), reward=MeanPixel())
     assert first["prompts_done"] == 2 and first["prompts_total"] == 2
-    full = generate(_config(tmp_path, "unused"), pipeline=SeedColourPipeline(), reward=MeanPixel())
+    full = generate(_config(tmp_path, "unused"), backbone=SeedColourBackbone(), reward=MeanPixel())
     assert full["prompts_done"] == len(PROMPTS) and full["prompts_missing"] == 0
     assert sorted(r["prompt_index"] for r in _rows(tmp_path / "out")) == list(range(len(PROMPTS)))
 
 
 def test_restart_with_other_settings_is_refused(tmp_path):
     cfg = _config(tmp_path, "unused", prompts=PROMPTS[:1])
-    generate(cfg, pipeline=SeedColourPipeline(), reward=MeanPixel())
+    generate(cfg, backbone=SeedColourBackbone(), reward=MeanPixel())
     with pytest.raises(ConfigError, match=r"already holds pairs made with other settings .*seed: 0 -> 5"):
-        generate(_config(tmp_path, "unused", prompts=PROMPTS[:1], seed=5), pipeline=SeedColourPipeline(), reward=MeanPixel())
+        generate(_config(tmp_path, "unused", prompts=PROMPTS[:1], seed=5), backbone=SeedColourBackbone(), reward=MeanPixel())
     with pytest.raises(ConfigError, match=r"prompts: '\w+' -> '\w+'"):
-        generate(_config(tmp_path, "unused", prompts=["another prompt"]), pipeline=SeedColourPipeline(), reward=MeanPixel())
+        generate(_config(tmp_path, "unused", prompts=["another prompt"]), backbone=SeedColourBackbone(), reward=MeanPixel())
 
 
 def test_bad_settings_and_prompt_files_fail_before_any_model_loads(tmp_path):
@@ -446,13 +461,15 @@ def test_bad_settings_and_prompt_files_fail_before_any_model_loads(tmp_path):
 def test_scheduler_dtype_and_vae_are_applied_on_load(tmp_path, tiny_sd_dir):
     cfg = _config(tmp_path, tiny_sd_dir, scheduler="EulerDiscreteScheduler", dtype="bf16")
     cfg.model.vae = str(Path(tiny_sd_dir) / "vae")
-    loaded = generate_module._load_pipeline(cfg, "cpu")
-    assert type(loaded.scheduler).__name__ == "EulerDiscreteScheduler"
-    assert loaded.scheduler.config.beta_schedule == "scaled_linear"  # built from the pipeline's own config
-    assert loaded.unet.dtype == torch.bfloat16 and loaded.vae.dtype == torch.bfloat16
+    loaded = generate_module._load_backbone(cfg, "cpu")
+    sampler = loaded._sampling_scheduler(cfg.generate.scheduler)  # what sample(scheduler=...) swaps in
+    assert type(sampler).__name__ == "EulerDiscreteScheduler"
+    assert sampler.config.beta_schedule == "scaled_linear"  # built from the pipeline's own config
+    assert loaded.denoiser.dtype == torch.bfloat16
+    assert all(module.dtype == torch.bfloat16 for module in loaded.frozen.values())  # model.vae too
     cfg.model.vae = str(tmp_path / "no-vae")
     with pytest.raises(ValueError, match="could not load model.vae="):
-        generate_module._load_pipeline(cfg, "cpu")
+        generate_module._load_backbone(cfg, "cpu")
 
 
 def test_auto_dtype_is_fp16_on_any_cuda_device_and_fp32_elsewhere():
@@ -489,12 +506,14 @@ def test_images_blocked_by_the_pipelines_safety_checker_never_enter_pairs(tmp_pa
     from diffusers import DiffusionPipeline
     from transformers import CLIPImageProcessor
 
+    from diffusion_pref.pipelines.stable_diffusion import StableDiffusionBackbone
+
     pipeline = DiffusionPipeline.from_pretrained(str(tiny_sd_dir))
-    pipeline.set_progress_bar_config(disable=True)
     pipeline.register_modules(safety_checker=BlockFirstOfEachCall(), feature_extractor=CLIPImageProcessor())
     # Scores that would make every blocked (black) image its prompt's loser, were it kept.
     reward = MeanPixel()
-    summary = generate(_config(tmp_path, tiny_sd_dir, strategy="all_pairs"), pipeline=pipeline, reward=reward)
+    summary = generate(_config(tmp_path, tiny_sd_dir, strategy="all_pairs"), backbone=StableDiffusionBackbone(pipeline),
+                       reward=reward)
 
     # batch_size 6 = 2 prompts x 3 samples per call: sample 0 of prompts 0, 2 and 4 is blocked.
     blocked = {sample_seed(0, p, 0) for p in (0, 2, 4)}
@@ -510,15 +529,15 @@ def test_images_blocked_by_the_pipelines_safety_checker_never_enter_pairs(tmp_pa
 def test_prompts_longer_than_the_text_encoder_takes_are_counted_once(tmp_path, capsys):
     from diffusion_pref.testing import tiny_clip_tokenizer
 
-    pipeline = SeedColourPipeline()
-    pipeline.tokenizer = tokenizer = tiny_clip_tokenizer()  # cuts at 16 tokens, as a pipeline's encode_prompt does
+    backbone = SeedColourBackbone()
+    backbone.tokenizer = tokenizer = tiny_clip_tokenizer()  # cuts at 16 tokens, as a pipeline's encode_prompt does
     long = "a red cat on a blue mat with a green hat and a yellow bat"
     prompts = ["a red cat", long, "a blue dog", long + " again"]
     assert [len(tokenizer(p).input_ids) > tokenizer.model_max_length for p in prompts] == [False, True, False, True]
-    summary = generate(_config(tmp_path, "unused", prompts=prompts), pipeline=pipeline, reward=MeanPixel())
+    summary = generate(_config(tmp_path, "unused", prompts=prompts), backbone=backbone, reward=MeanPixel())
     assert summary["prompts_cut"] == 2
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["prompts_cut"] == 2
     printed = capsys.readouterr().out
     assert printed.count("longer than the text encoder takes") == 1 and "warning: 2 prompts" in printed
-    again = generate(_config(tmp_path, "unused", prompts=prompts), pipeline=None, reward=MeanPixel())
+    again = generate(_config(tmp_path, "unused", prompts=prompts), backbone=None, reward=MeanPixel())
     assert again["prompts_cut"] == 2  # nothing left to sample, no model loaded: the finished run's count stays

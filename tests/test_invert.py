@@ -85,9 +85,9 @@ def test_invert_on_sdxl_conditions_on_the_inverted_size(tiny_sdxl_dir, image_fil
     seen = []
     predict = SDXLBackbone.predict
 
-    def spy(self, x_t, t, cond, unet=None):
+    def spy(self, x_t, t, cond, denoiser=None):
         seen.append(cond["time_ids"].tolist())
-        return predict(self, x_t, t, cond, unet=unet)
+        return predict(self, x_t, t, cond, denoiser=denoiser)
 
     monkeypatch.setattr(SDXLBackbone, "predict", spy)
     # 48 px: not the tiny SDXL UNet's default (8x8 latents = 32 px)

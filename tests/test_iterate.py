@@ -137,8 +137,8 @@ def test_round_2_samples_the_model_round_1_trained(run_dir):
     pixels = {}
     for name, lora in (("round_1", cfg.generate.lora), ("base", None)):
         cfg.generate.lora = lora
-        pipe = generate._load_pipeline(cfg, "cpu")
-        images, _ = generate._sample_images(pipe, list(captions), list(seeds), cfg.generate)
+        backbone = generate._load_backbone(cfg, "cpu")
+        images = generate._sample(backbone, list(captions), list(seeds), cfg.generate)
         pixels[name] = [np.asarray(im, dtype=np.int16) for im in images]
     saved = [np.asarray(Image.open(io.BytesIO(stored[key])), dtype=np.int16) for key in zip(captions, seeds)]
     # The stored samples are what base + round 1's LoRA draws at their seeds, and the base draws other images

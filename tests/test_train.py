@@ -85,15 +85,15 @@ def test_every_loss_trains_only_its_trainable_parameters(loss, tiny_sd_dir, pair
     unet = trainer.accelerator.unwrap_model(trainer.unet)
     trainable = snapshot((n, p) for n, p in unet.named_parameters() if p.requires_grad)
     frozen = snapshot((n, p) for n, p in unet.named_parameters() if not p.requires_grad)
-    frozen.update(snapshot((f"te.{n}", p) for n, p in trainer.backbone.text_encoder.named_parameters()))
-    frozen.update(snapshot((f"vae.{n}", p) for n, p in trainer.backbone.vae.named_parameters()))
+    frozen.update(snapshot((f"te.{n}", p) for n, p in trainer.backbone.frozen["text_encoder"].named_parameters()))
+    frozen.update(snapshot((f"vae.{n}", p) for n, p in trainer.backbone.frozen["vae"].named_parameters()))
     assert trainable and all("lora" in n for n in trainable)
     trainer.train()
 
     assert all(math.isfinite(m["loss"]) for m in read_metrics(tmp_path))
     params = dict(unet.named_parameters())
-    params.update({f"te.{n}": p for n, p in trainer.backbone.text_encoder.named_parameters()})
-    params.update({f"vae.{n}": p for n, p in trainer.backbone.vae.named_parameters()})
+    params.update({f"te.{n}": p for n, p in trainer.backbone.frozen["text_encoder"].named_parameters()})
+    params.update({f"vae.{n}": p for n, p in trainer.backbone.frozen["vae"].named_parameters()})
     unchanged = [n for n, before in trainable.items() if torch.equal(params[n], before)]
     assert not unchanged, f"{loss}: trainable parameters did not change: {unchanged[:4]}"
     changed = [n for n, before in frozen.items() if not torch.equal(params[n], before)]
@@ -301,13 +301,13 @@ def test_cached_and_uncached_runs_give_the_same_losses(tiny_sd_dir, pairs_path, 
 
     items = trainer.source.order(0)[:3]
     batch = collate_pixels(trainer.source, cfg.data, items, cfg.train.seed)
-    trainer.backbone.vae.to("cpu")
-    trainer.backbone.text_encoder.to("cpu")
+    for module in trainer.backbone.frozen.values():
+        module.to("cpu")
     from_cache = trainer.make_batch(items)
     assert torch.equal(from_cache["rows"], batch["rows"])
-    latents = trainer.backbone.encode_media(torch.cat([batch["pixels_w"], batch["pixels_l"]]))
+    latents = trainer.backbone.encode(torch.cat([batch["pixels_w"], batch["pixels_l"]]))
     assert torch.allclose(torch.cat([from_cache["latents_w"], from_cache["latents_l"]]), latents, atol=1e-5)
-    text = trainer.backbone.encode_text(batch["captions"])["encoder_hidden_states"]
+    text = trainer.backbone.encode_prompts(batch["captions"])["encoder_hidden_states"]
     assert torch.allclose(from_cache["text.encoder_hidden_states"], text, atol=1e-5)
     [first_dir] = list(cache_root.iterdir())
     shards = sorted(first_dir.glob("shard-*.safetensors"))

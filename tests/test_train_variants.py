@@ -35,9 +35,9 @@ def test_sdxl_lora_trains_with_micro_conditioning_and_loads_into_the_sdxl_pipeli
     seen = []
     predict = trainer.backbone.predict
 
-    def spy(x_t, t, cond, unet=None):
+    def spy(x_t, t, cond, denoiser=None):
         seen.append(cond["time_ids"].clone())
-        return predict(x_t, t, cond, unet=unet)
+        return predict(x_t, t, cond, denoiser=denoiser)
 
     trainer.backbone.predict = spy
     trainer.train()
@@ -224,7 +224,8 @@ def test_cache_command_then_cached_training_reuses_it(tiny_sd_dir, tmp_path):
     stamp = (built / "manifest.json").stat().st_mtime_ns
     trainer = Trainer(cfg_for(tiny_sd_dir, data, tmp_path / "out", *overrides, "train.max_steps=1"))
     # Cached training must run neither the VAE nor the text encoder.
-    trainer.backbone.vae.forward = trainer.backbone.vae.encode = trainer.backbone.text_encoder.forward = None
+    vae, text_encoder = trainer.backbone.frozen["vae"], trainer.backbone.frozen["text_encoder"]
+    vae.forward = vae.encode = text_encoder.forward = None
     trainer.train()
     assert (built / "manifest.json").stat().st_mtime_ns == stamp and len(list((tmp_path / "cache").iterdir())) == 1
 

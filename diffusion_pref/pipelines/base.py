@@ -111,7 +111,9 @@ class Backbone(abc.ABC):
         """Move the denoiser and every frozen module to ``device``; ``dtype`` casts them all (sampling: the pipeline
         itself upcasts what must run in fp32). Returns self."""
         for module in (self.denoiser, *self.frozen.values()):
-            module.to(device=device, dtype=dtype)
+            # dtype only when it changes something: diffusers warns about any cast after loading
+            cast = {} if dtype is None or getattr(module, "dtype", None) == dtype else {"dtype": dtype}
+            module.to(device=device, **cast)
         return self
 
     # -- outputs -------------------------------------------------------------------------------------------
