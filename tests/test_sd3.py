@@ -68,7 +68,8 @@ def read_metrics(out):
 def test_tiny_sd3_loads_through_load_backbone(t5, sd3_dir, sd3_no_t5_dir):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
-    from diffusion_pref.pipelines import detect_family
+    from diffusion_pref.pipelines import detect_family, load_backbone
+    from diffusion_pref.pipelines.base import Backbone
     from diffusion_pref.pipelines.sd3 import SD3Backbone
 
     model_dir = sd3_dir if t5 else sd3_no_t5_dir
@@ -82,6 +83,13 @@ def test_tiny_sd3_loads_through_load_backbone(t5, sd3_dir, sd3_no_t5_dir):
     assert backbone.schedule.prediction_type == "flow"
     assert backbone.schedule.num_train_timesteps == 1000
     assert backbone.default_lora_targets == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert isinstance(backbone, Backbone) and backbone.sample_rate is None
+    assert backbone.frozen_dtype == {"vae": torch.float32}
+    for name in ("load", "encode", "decode", "encode_prompts", "prompts_cut", "token_limit", "conditioning",
+                 "predict", "sample", "load_lora", "unload_lora", "save_lora", "save_full", "to"):
+        assert callable(getattr(backbone, name)), name
+    half = load_backbone(load_config(None, [f"model.pretrained={model_dir}"]).model, dtype=torch.bfloat16)
+    assert {m.dtype for m in (half.denoiser, *half.frozen.values())} == {torch.bfloat16}
 
 
 # ------------------------------------------------------------------------------------------------ the flow
