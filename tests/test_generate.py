@@ -541,3 +541,58 @@ def test_prompts_longer_than_the_text_encoder_takes_are_counted_once(tmp_path, c
     assert printed.count("longer than the text encoder takes") == 1 and "warning: 2 prompts" in printed
     again = generate(_config(tmp_path, "unused", prompts=prompts), backbone=None, reward=MeanPixel())
     assert again["prompts_cut"] == 2  # nothing left to sample, no model loaded: the finished run's count stays
+
+
+# ------------------------------------------------------------------------------------------------ one sampling path
+
+
+def _sample_as_before(cfg, prompts, seeds):
+    """What generate did before it sampled through the backbone (its own _load_pipeline and _sample_images): the
+    pipeline loaded by diffusers in generate.dtype, the scheduler class built from the pipeline's scheduler config,
+    the LoRA loaded on top, one CPU generator per seed, one call per batch."""
+    import diffusers
+    from diffusers import DiffusionPipeline
+
+    gen = cfg.generate
+    dtype = generate_module._torch_dtype(gen.dtype, "cpu")
+    pipe = DiffusionPipeline.from_pretrained(cfg.model.pretrained, torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    if gen.scheduler:
+        pipe.scheduler = getattr(diffusers, gen.scheduler).from_config(pipe.scheduler.config)
+    if gen.lora:
+        pipe.load_lora_weights(gen.lora)
+    images = []
+    for start in range(0, len(prompts), gen.batch_size):
+        size = {"height": gen.resolution, "width": gen.resolution} if gen.resolution else {}
+        images += pipe(prompt=prompts[start:start + gen.batch_size], num_inference_steps=gen.steps,
+                       guidance_scale=gen.guidance_scale, output_type="pil",
+                       generator=[torch.Generator("cpu").manual_seed(s) for s in seeds[start:start + gen.batch_size]],
+                       **size).images
+    return images
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_generate_stores_the_images_it_sampled_before_the_backbone_protocol(tmp_path, tiny_sd_dir, tiny_sdxl_dir,
+                                                                            family):
+    from peft import LoraConfig
+
+    from diffusion_pref.pipelines import load_backbone
+
+    folder = {"sd": tiny_sd_dir, "sdxl": tiny_sdxl_dir}[family]
+    trained = load_backbone(load_config(None, [f"model.pretrained={folder}"]).model)
+    trained.denoiser.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                            target_modules=trained.default_lora_targets))
+    trained.save_lora(tmp_path / "lora", trained.denoiser)
+    prompts = PROMPTS[:2]
+    cfg = _config(tmp_path, folder, prompts=prompts, strategy="all_pairs", scheduler="EulerDiscreteScheduler",
+                  dtype="bf16", resolution=48, lora=tmp_path / "lora", guidance_scale=4.0)
+    generate(cfg, reward=MeanPixel())
+    jobs = [(p, s) for p in range(len(prompts)) for s in range(SAMPLES)]  # one batch of 6, as generate samples it
+    before = _sample_as_before(cfg, [prompts[p] for p, _ in jobs], [sample_seed(0, p, s) for p, s in jobs])
+    expected = {sample_seed(0, p, s): np.asarray(image) for (p, s), image in zip(jobs, before)}
+    rows = _rows(tmp_path / "out")
+    assert len(rows) == len(prompts) * 3
+    for row in rows:
+        for side in (0, 1):
+            stored = _pixels(row[f"jpg_{side}"])
+            assert stored.shape == (48, 48, 3) and np.array_equal(stored, expected[row[f"seed_{side}"]])

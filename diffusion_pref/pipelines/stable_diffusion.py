@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from typing import Dict, List, Optional, Sequence
 
 from diffusion_pref.pipelines.base import Backbone, Samples, scheduler_class, smallest_token_limit, texts_over_limit
@@ -27,8 +28,6 @@ class ModelLoadError(ValueError):
 def load_pipeline(pipeline_cls, model_cfg, **kwargs):
     """``pipeline_cls.from_pretrained`` with a readable error instead of a deep library traceback."""
     from diffusion_pref.pipelines import resolve_pretrained
-
-    import warnings
 
     location = resolve_pretrained(model_cfg.pretrained)
     extra = {}
