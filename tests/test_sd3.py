@@ -74,6 +74,7 @@ def test_tiny_sd3_loads_through_load_backbone(t5, sd3_dir, sd3_no_t5_dir):
 
     model_dir = sd3_dir if t5 else sd3_no_t5_dir
     assert detect_family(load_config(None, [f"model.pretrained={model_dir}"]).model) == "sd3"
+    assert detect_family(load_config(None, [f"model.pretrained={model_dir}", "model.family=sd3"]).model) == "sd3"
     backbone = backbone_of(model_dir)
     assert isinstance(backbone, SD3Backbone) and backbone.family == "sd3"
     assert isinstance(backbone.denoiser, SD3Transformer2DModel)
