@@ -138,10 +138,8 @@ def shared_noise_and_timesteps(latents_w: torch.Tensor, num_train_timesteps: int
     t_all = torch.randint(0, int(num_train_timesteps), (global_batch,), generator=generator, device=draw_device)
     noise_half = noise_all[process_index::num_processes]  # [B, ...]
     t_half = t_all[process_index::num_processes]  # [B]
-    from diffusion_pref.training.transfer import to_device  # the host need not wait for queued GPU work to hand these over
-
-    noise = to_device(torch.cat([noise_half, noise_half]), latents_w.device, latents_w.dtype)  # [2B, ...]
-    t = to_device(torch.cat([t_half, t_half]), latents_w.device)  # [2B]
+    noise = torch.cat([noise_half, noise_half]).to(latents_w.device, latents_w.dtype, non_blocking=True)  # [2B, ...]
+    t = torch.cat([t_half, t_half]).to(latents_w.device, non_blocking=True)  # [2B]
     return noise, t
 
 
@@ -242,12 +240,10 @@ def released_smpo_steps(scheduler, steps: int):
 
 
 def _abar_table(scheduler, device) -> torch.Tensor:
-    """The scheduler's alphas_cumprod as float32 on ``device``, copied without making the host wait."""
+    """The scheduler's alphas_cumprod as float32 on ``device``."""
     import torch
 
-    from diffusion_pref.training.transfer import to_device
-
-    return to_device(scheduler.alphas_cumprod, device, torch.float32)
+    return scheduler.alphas_cumprod.to(device, torch.float32, non_blocking=True)
 
 
 def _alpha_bar(scheduler, t: torch.Tensor, table: Optional[torch.Tensor] = None, clean: float = 1.0) -> torch.Tensor:
@@ -439,8 +435,6 @@ def _invert(scheduler, predict_fn, x0, cond, paths, lengths, *, renoise_iters=0,
     """
     import torch
 
-    from diffusion_pref.training.transfer import to_device
-
     prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
     dtype = x0.dtype
     n = x0.shape[0]
@@ -458,8 +452,8 @@ def _invert(scheduler, predict_fn, x0, cond, paths, lengths, *, renoise_iters=0,
         active_host = lengths > j  # [N]
         if not bool(active_host.any()):
             break
-        active = to_device(active_host, x0.device)
-        index = to_device(active_host.nonzero().squeeze(1), x0.device)
+        active = active_host.to(x0.device, non_blocking=True)
+        index = active_host.nonzero().squeeze(1).to(x0.device, non_blocking=True)
         every = index.numel() == n
         sub = (lambda v: v) if every else (lambda v: v[index])
         step_cond = cond if every else _rows(cond, index, n)
