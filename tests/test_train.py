@@ -394,6 +394,26 @@ def test_resumed_full_finetune_keeps_the_reference_at_the_base_model(tiny_sd_dir
     assert not all(torch.equal(p, base[n]) for n, p in policy.items())
 
 
+def test_a_resumed_bco_run_continues_its_running_reward_shift(tiny_sd_dir, pairs_path, tmp_path):
+    """bco's shift is declared loss state (losses.LOSS_STATE): checkpointed and restored, so step 3 of a run resumed
+    at step 2 is step 3 of the uninterrupted run, bit for bit; a run that lost the shift would start again at 0."""
+    import shutil
+
+    from diffusion_pref.commands.train import run
+
+    args = ("loss.name=bco", "train.max_steps=3", "train.checkpoint_every=2")
+    run(make_cfg(tiny_sd_dir, pairs_path, tmp_path / "straight", *args))
+    [checkpoint] = list((tmp_path / "straight" / "checkpoints").iterdir())
+    state = json.loads((checkpoint / "trainer_state_0.json").read_text())["loss_state"]
+    rows = read_metrics(tmp_path / "straight")
+    assert state["count"] == 2 * 2 * 2  # two steps of two pairs, both sides of each
+    assert state["mean"] == pytest.approx((rows[0]["reward_batch_mean"] + rows[1]["reward_batch_mean"]) / 2, rel=1e-6)
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    run(make_cfg(tiny_sd_dir, pairs_path, tmp_path / "resumed", *args, "train.resume=latest"))
+    assert read_metrics(tmp_path / "resumed") == [{**row, "pairs_per_s": again["pairs_per_s"]}
+                                                  for row, again in zip(rows, read_metrics(tmp_path / "resumed"))]
+
+
 def test_a_diverging_run_stops_with_a_clear_error(tiny_sd_dir, pairs_path, tmp_path):
     from diffusion_pref.commands.train import run
 
