@@ -412,13 +412,15 @@ def check_run(cfg, reference: str) -> None:
         try:
             import wandb  # noqa: F401
         except ImportError:
-            raise ConfigError("train.logger=wandb needs wandb: pip install wandb, or use train.logger=tensorboard") from None
+            raise ConfigError("train.logger=wandb needs wandb: pip install wandb, or use "
+                              "train.logger=tensorboard") from None
     traj = cfg.trajectory
     if traj.cache_inverted and not (cfg.data.cache and traj.kind in ("ddim", "renoise")
                                     and traj.invert_with == "reference"):
         raise ConfigError("trajectory.cache_inverted=true stores the reference model's inversion in the data cache: "
                           "it needs data.cache=true, trajectory.kind=ddim or renoise and trajectory.invert_with="
-                          f"reference (got data.cache={cfg.data.cache}, kind={traj.kind}, invert_with={traj.invert_with})")
+                          f"reference (got data.cache={cfg.data.cache}, kind={traj.kind}, "
+                          f"invert_with={traj.invert_with})")
     if traj.invert_with == "reference" and reference == "none":
         raise ConfigError(f"trajectory.invert_with=reference needs a reference model, but loss {cfg.loss.name!r} "
                           f"with model.reference={cfg.model.reference!r} has none; use trajectory.invert_with=policy "
@@ -505,7 +507,8 @@ class Trainer:
         if resume_from is not None:
             self.resume(resume_from)
         elif t.resume == "latest":
-            logger.info("train.resume=latest: no checkpoint under %s yet, starting from scratch", self.checkpointer.root)
+            logger.info("train.resume=latest: no checkpoint under %s yet, starting from scratch",
+                        self.checkpointer.root)
 
     def resume(self, path: Path) -> None:
         """Restore weights, optimizer, schedule, RNG states, data position and loss state from checkpoint ``path``."""
