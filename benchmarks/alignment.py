@@ -221,7 +221,7 @@ def _outcomes(table, name: str):
 
 
 def do_run(out: Path, run: Run) -> Dict:
-    from diffusion_pref.training import trainer
+    from diffusion_pref.commands import train as train_command
 
     folder = out / "runs" / run.name
     result_file = folder / "result.json"
@@ -238,7 +238,7 @@ def do_run(out: Path, run: Run) -> Dict:
     cfg = _config(overrides)
     print(f"=== {run.name}: {' '.join(run.overrides)} seed {run.seed} flip {run.flip_rate:g}", flush=True)
     started = time.time()
-    trainer.run(cfg)
+    train_command.run(cfg)
     train_s = time.time() - started
 
     points = []  # (step, seconds since the start of training, lora folder)

@@ -88,7 +88,7 @@ def bench_one(model_dir: Path, data: Path, out: Path, args, cached: bool) -> dic
     import torch
 
     from diffusion_pref.config import load_config
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.training.setup import Trainer
 
     overrides = [f"model.pretrained={model_dir}", f"data.source={data}", f"data.resolution={args.resolution}",
                  f"train.batch_size={args.batch_size}", "train.max_steps=1", "train.logger=none",

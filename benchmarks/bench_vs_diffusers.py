@@ -112,7 +112,7 @@ def _run_diffusers(script: str, argv: list) -> None:
 def _run_ours(overrides: list) -> float:
     """Returns the seconds spent before the first step (model loading, and building the cache when cached)."""
     from diffusion_pref.config import load_config
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.training.setup import Trainer
 
     start = time.perf_counter()
     trainer = Trainer(load_config(None, overrides))

@@ -3,8 +3,8 @@
 # has its own time limit and writes its results as it goes, so a part cut short still leaves what it measured.
 # PARTS picks them (default "tests vs compile", about 580 s, for issue 3; "smpo" is the SmPO part, issue 6):
 #
-#   tests    tests/test_cuda_graphs.py and tests/test_step_readout.py on the GPU (they skip on a CPU): CUDA-graph
-#            replays against eager calls, the trainer with graphs, the one-step-late metrics readout. ~70 s.
+#   tests    tests/test_cuda_graphs.py and tests/test_metrics_log.py on the GPU (some skip on a CPU): CUDA-graph
+#            replays against eager calls, the trainer with graphs, the metrics log. ~70 s.
 #   vs       our training step against diffusers' train_diffusion_dpo.py: SD1.5 architectures (UNet, VAE and
 #            text encoder, random weights) at 512 px, bf16, 8 pairs per step, LoRA rank 8; pairs/s and peak GPU
 #            memory. Sides (VS_SIDES): diffusers, ours cached. ~70 s a side.
@@ -45,7 +45,7 @@ PARTS=${PARTS:-tests vs compile}  # any subset of: tests vs smpo compile
 part() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 part tests && timeout "${TESTS_TIMEOUT:-80}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py \
-    tests/test_step_readout.py tests/test_transfer.py \
+    tests/test_metrics_log.py tests/test_transfer.py \
     tests/test_losses.py::test_smpo_takes_host_soft_labels_with_cuda_inputs 2>&1 \
     | tail -25 | tee "$OUT/tests.log"
 

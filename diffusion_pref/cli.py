@@ -50,8 +50,8 @@ _EVALUATE_FLAGS = (("--no-cache", "eval.no_cache", "generate every sample again 
 
 COMMANDS = {
     "generate": Command("diffusion_pref.commands.generate", "sample a model and write reward-ranked preference pairs (parquet)", 4),
-    "cache": Command("diffusion_pref.data.cache", "precompute VAE latents and text embeddings of a pair dataset", 3),
-    "train": Command("diffusion_pref.training.trainer", "fine-tune on preference pairs (DPO, SmPO, IPO, KTO, ...)", 3, trains=True,
+    "cache": Command("diffusion_pref.commands.cache", "precompute VAE latents and text embeddings of a pair dataset", 3),
+    "train": Command("diffusion_pref.commands.train", "fine-tune on preference pairs (DPO, SmPO, IPO, KTO, ...)", 3, trains=True,
                      saves_config=True),
     "evaluate": Command("diffusion_pref.commands.evaluate", "compare base and tuned models: reward scores, win rates, HTML report", 5,
                         flags=_EVALUATE_FLAGS),

@@ -55,6 +55,8 @@ __all__ = [
     "DIFFUSION_DEFAULT_BETA",
     "REFERENCE_FREE",
     "TAKES_SOFT_LABEL",
+    "LOSS_STATE",
+    "RewardShift",
     "RunningMean",
     "UnknownLossError",
     "check_loss_params",
@@ -178,8 +180,7 @@ def _pair_metrics(log_ratio_w, log_ratio_l, beta: float, **extra) -> Metrics:
 
 
 def _check_weight(loss: str, weight, loss_per_pair):
-    """Validated weights on the loss's device. Pass them on the host, as soft labels: the check then reads host
-    memory and the copy does not wait for the GPU."""
+    """Validated weights on the loss's device (the trainer hands them over on that device already)."""
     import torch
 
     weight = _as_float32("weight", loss, weight, loss_per_pair.shape[0])
@@ -190,9 +191,7 @@ def _check_weight(loss: str, weight, loss_per_pair):
             f"{loss}: `weight` must be finite and >= 0 for every pair (0 drops a pair); entry {index} is "
             f"{weight[index].item()!r}."
         )
-    from diffusion_pref.training.transfer import to_device
-
-    return to_device(weight, loss_per_pair.device)
+    return weight.to(loss_per_pair.device, non_blocking=True)
 
 
 def _with_weight(name: str, fn: Callable[..., tuple[Any, Metrics]]) -> Callable[..., tuple[Any, Metrics]]:
@@ -220,9 +219,7 @@ def _with_weight(name: str, fn: Callable[..., tuple[Any, Metrics]]) -> Callable[
 
 
 def _soft_label(loss: str, soft_label, pairs: int, *, required: bool, device=None):
-    """Validated soft labels on ``device``. Pass them on the host: the range check then reads host memory, and
-    the copy to the device does not wait for the GPU (checked on the GPU, the host would wait for the forward
-    passes before it could queue the backward)."""
+    """Validated soft labels on ``device`` (the trainer hands them over on that device already)."""
     if soft_label is None:
         if required:
             raise ValueError(
@@ -233,9 +230,7 @@ def _soft_label(loss: str, soft_label, pairs: int, *, required: bool, device=Non
     soft_label = _as_float32("soft_label", loss, soft_label, pairs)
     if bool(((soft_label < 0) | (soft_label > 1) | soft_label.isnan()).any()):
         raise ValueError(f"{loss}: `soft_label` must lie in [0, 1] (a probability), got {soft_label.tolist()}.")
-    from diffusion_pref.training.transfer import to_device
-
-    return to_device(soft_label.detach(), device if device is not None else soft_label.device)
+    return soft_label.detach().to(device if device is not None else soft_label.device, non_blocking=True)
 
 
 def _check_range(loss: str, name: str, value, low: float, high: float, *, high_open: bool = False) -> float:
@@ -537,7 +532,8 @@ def kto(
 class RunningMean:
     """Running mean of scalar values weighted by count: the reward shift delta that bco needs.
 
-    The trainer holds one, passes ``reward_shift=running.mean`` to :func:`bco` and afterwards calls
+    The trainer holds one (as :class:`RewardShift`, the state :data:`LOSS_STATE` declares for bco), passes
+    ``reward_shift=running.mean`` to :func:`bco` and afterwards calls
     ``running.update(metrics["reward_batch_mean"], count=2 * pairs)``. This uses the shift of the previous
     batches (TRL <= 0.28 folds the current batch in first; the difference vanishes as batches accumulate).
     Under data parallelism, gather the batch means before updating so every rank holds the same delta.
@@ -564,6 +560,22 @@ class RunningMean:
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.mean = float(state["mean"])
         self.count = int(state["count"])
+
+
+class RewardShift(RunningMean):
+    """:func:`bco`'s state across steps: the running mean of the implicit rewards, its ``reward_shift``.
+
+    The state protocol of :data:`LOSS_STATE` (the trainer treats every stateful loss alike): ``loss_kwargs()``
+    -> the keywords for the next call of the loss; ``observe(metrics, pairs)`` with one optimizer step's metrics
+    as floats (means over the step, already gathered from every process) and the pairs the step saw in all;
+    ``state_dict()`` / ``load_state_dict()`` for checkpoints.
+    """
+
+    def loss_kwargs(self) -> dict[str, float]:
+        return {"reward_shift": self.mean}
+
+    def observe(self, metrics: dict[str, float], pairs: int) -> None:
+        self.update(metrics["reward_batch_mean"], count=2 * int(pairs))  # both sides of each pair
 
 
 def bco(
@@ -787,6 +799,10 @@ LOSSES: dict[str, Callable[..., tuple[Any, Metrics]]] = {
     "redi": redi,
 }
 LOSSES = {name: _with_weight(name, fn) for name, fn in LOSSES.items()}
+
+# Losses that carry state from step to step: the class the trainer makes one of (protocol: RewardShift). Its
+# keywords are the loss's run-time parameters, which a config may not set.
+LOSS_STATE: dict[str, type] = {"bco": RewardShift}
 
 # Starting betas for image diffusion (our convention). Sourced: dpo (diffusers SD1.5 script), smpo (SmPO code's
 # SD1.5 2000, halved), kto (Diffusion-KTO code default; its scale convention is assumed, not verified). The rest

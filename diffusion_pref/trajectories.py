@@ -147,8 +147,8 @@ def shared_noise_and_timesteps(latents_w: torch.Tensor, schedule: Schedule, gene
     t_all = schedule.sample_timesteps(global_batch, generator, draw_device)
     noise_half = noise_all[process_index::num_processes]  # [B, ...]
     t_half = t_all[process_index::num_processes]  # [B]
-    noise = torch.cat([noise_half, noise_half]).to(latents_w.device, latents_w.dtype)  # [2B, ...]
-    t = torch.cat([t_half, t_half]).to(latents_w.device)  # [2B]
+    noise = torch.cat([noise_half, noise_half]).to(latents_w.device, latents_w.dtype, non_blocking=True)  # [2B, ...]
+    t = torch.cat([t_half, t_half]).to(latents_w.device, non_blocking=True)  # [2B]
     return noise, t
 
 

@@ -18,7 +18,7 @@ from test_train import make_cfg  # noqa: E402
 def test_smpo_bf16_full_finetune_inverts_in_its_own_autocast_region_and_trains_conv_and_linear_weights(
         tiny_sd_dir, tmp_path, monkeypatch):
     from diffusion_pref.pipelines.stable_diffusion import StableDiffusionBackbone
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.training.setup import Trainer
 
     data = write_pairs(tmp_path / "p.parquet", n=2)
     trainer = Trainer(make_cfg(tiny_sd_dir, data, tmp_path / "out", "loss.name=smpo", "data.soft_labels=label",

@@ -40,7 +40,7 @@ def test_trainer_sends_the_no_grad_calls_through_the_graphs_by_name(tiny_sd_dir,
     policy's own grad-enabled forward. Same losses as without the option (on a CPU the calls run eagerly; on a
     GPU, cuDNN's autotuning may pick other kernels for the second run, hence the tolerance)."""
     from diffusion_pref.training import cuda_graphs
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.training.setup import Trainer
 
     seen = []
 
@@ -141,7 +141,7 @@ def test_replay_is_bitwise_the_recorded_kernels_in_fp32():
 def test_smpo_training_with_cuda_graphs_matches_eager(tiny_sd_dir, tmp_path, finetune):
     """The trainer on a GPU: ReNoise SmPO with bf16 autocast, with and without graphs, gives the same losses (to
     bf16 rounding) and records graphs for the inversion's sub-batch sizes and the reference."""
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.training.setup import Trainer
 
     assert torch.cuda.is_available()
     data = write_pairs(tmp_path / "p.parquet", n=4)
@@ -155,7 +155,7 @@ def test_smpo_training_with_cuda_graphs_matches_eager(tiny_sd_dir, tmp_path, fin
         assert trainer.device.type == "cuda"
         trainer.train()
         if option:
-            assert trainer.graphs.num_graphs >= 2
+            assert trainer.accel.graphs.num_graphs >= 2
         runs[name] = [v for r in read_metrics(tmp_path / name) for v in (r["loss"], r["mse_w"], r["ref_mse_l"])]
     assert runs["graphs"] == pytest.approx(runs["eager"], rel=2e-2, abs=1e-3)
 
@@ -164,7 +164,7 @@ def test_building_the_inversion_cache_records_no_graphs(tiny_sd_dir, tmp_path, m
     """The cache's one-off inversion calls run eagerly (a graph per chunk shape would only cost recordings);
     training then sends its reference calls through the graphs."""
     from diffusion_pref.training import cuda_graphs
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.training.setup import Trainer
 
     seen = []
 

@@ -16,7 +16,8 @@ import torch
 import diffusion_pref
 from diffusion_pref.commands import evaluate, generate, iterate
 from diffusion_pref.config import ConfigError, load_config
-from diffusion_pref.training import trainer
+from diffusion_pref.commands import train as train_command
+from diffusion_pref.training.setup import Trainer
 
 RECIPE = Path(diffusion_pref.__file__).parent / "quickstart.yaml"
 SMALL = [
@@ -39,7 +40,7 @@ def run_dir(tmp_path_factory):
     """A finished two-round run, plus the stages each attempt called."""
     out = tmp_path_factory.mktemp("iterate")
     calls = {"first": [], "second": []}
-    real = {"generate": generate.generate, "train": trainer.run, "evaluate": evaluate.run}
+    real = {"generate": generate.generate, "train": train_command.run, "evaluate": evaluate.run}
 
     def spy(attempt, stage, folder_of):
         def call(cfg, *args, **kwargs):
@@ -59,7 +60,7 @@ def run_dir(tmp_path_factory):
     for attempt in ("first", "second"):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(generate, "generate", spy(attempt, "generate", round_of))
-            mp.setattr(trainer, "run", spy(attempt, "train", round_of))
+            mp.setattr(train_command, "run", spy(attempt, "train", round_of))
             mp.setattr(evaluate, "run", spy(attempt, "evaluate", evaluated))
             if attempt == "first":
                 with pytest.raises(Killed):
@@ -103,7 +104,7 @@ def test_a_finished_run_is_not_redone_and_other_settings_are_refused(run_dir, mo
     def fail(*args, **kwargs):
         raise AssertionError("a finished stage ran again")
 
-    for module, name in ((generate, "generate"), (trainer, "run"), (evaluate, "run")):
+    for module, name in ((generate, "generate"), (train_command, "run"), (evaluate, "run")):
         monkeypatch.setattr(module, name, fail)
     again = iterate.run(small_config(out))
     assert [row["round"] for row in again["rounds"]] == [1, 2]
@@ -162,7 +163,7 @@ def _lora_state(folder):
 def _round_2_trainer(out, tmp_path, reference):
     cfg = load_config(out / "round_2" / "train" / "config.yaml",
                       [f"output.dir={tmp_path / reference}", "train.resume=null", f"model.reference={reference}"])
-    return trainer.Trainer(cfg)
+    return Trainer(cfg)
 
 
 def test_training_continues_from_the_previous_rounds_adapter(run_dir, tmp_path):
@@ -213,7 +214,7 @@ def test_the_reference_option(run_dir, probe, tmp_path, option):
     assert iterate._reference(cfg, 1) == "auto"  # round 1 has no earlier model: the base, as in train
     run = _round_2_trainer(out, tmp_path, reference)
     with torch.no_grad():
-        got = run._reference_predict(run.accelerator.unwrap_model(run.unet), x, t, {"encoder_hidden_states": text})
+        got = run.reference_predict(x, t, {"encoder_hidden_states": text})
     want, other = ("base", "round_1") if option == "fixed" else ("round_1", "base")
     # float32 on both sides; only the order of the LoRA's small additions may differ
     torch.testing.assert_close(got, expected[want], rtol=1e-5, atol=1e-5)
@@ -225,7 +226,7 @@ def test_a_saved_lora_of_another_rank_is_refused_in_one_line(run_dir, tmp_path):
     cfg = load_config(out / "round_2" / "train" / "config.yaml",
                       [f"output.dir={tmp_path}", "train.resume=null", "model.lora_rank=4"])
     with pytest.raises(ConfigError, match=r"train.init_lora=.*model.lora_rank=4") as err:
-        trainer.Trainer(cfg)
+        Trainer(cfg)
     assert "\n" not in str(err.value)
 
 

@@ -46,7 +46,7 @@ def test_quickstart_keeps_its_explicit_beta_for_any_loss():
 
 @pytest.mark.parametrize("overrides, beta", [([], 1000.0), (["loss.beta=300"], 300.0)])
 def test_trainer_uses_and_logs_the_beta(overrides, beta, tiny_sd_dir, tmp_path, caplog):
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.training.setup import Trainer
 
     data = write_pairs(tmp_path / "p.parquet", n=2, scores=[(0.9, 0.1), (0.2, 0.6)])
     trainer = Trainer(make_cfg(tiny_sd_dir, data, tmp_path / "out", "loss.name=smpo", "train.max_steps=1",

@@ -526,6 +526,26 @@ def test_bco_reports_batch_mean_reward_and_running_mean_tracks_it():
         running.update(float("nan"))
 
 
+def test_declared_loss_state_feeds_the_loss_its_runtime_keywords_and_learns_from_its_metrics():
+    """LOSS_STATE: what the trainer keeps for a stateful loss. The state's keywords are exactly the loss's run-time
+    parameters (which a config may not set); bco's shift is the running mean over both sides of every pair."""
+    from diffusion_pref.losses import _RUNTIME_PARAMS, LOSS_STATE, RewardShift
+
+    assert set(LOSS_STATE) == set(_RUNTIME_PARAMS)
+    for name, state_class in LOSS_STATE.items():
+        assert set(state_class().loss_kwargs()) == set(_RUNTIME_PARAMS[name])
+    state = LOSS_STATE["bco"]()
+    assert isinstance(state, RewardShift) and state.loss_kwargs() == {"reward_shift": 0.0}
+    _, metrics = run("bco", **state.loss_kwargs())
+    state.observe({k: v.item() for k, v in metrics.items()}, pairs=len(PW))
+    state.observe({"reward_batch_mean": 4.0}, pairs=1)  # a second step of one pair: weight 2 against 2 * 2
+    first = metrics["reward_batch_mean"].item()
+    assert state.loss_kwargs()["reward_shift"] == pytest.approx((2 * len(PW) * first + 2 * 4.0) / (2 * len(PW) + 2))
+    restored = LOSS_STATE["bco"]()
+    restored.load_state_dict(state.state_dict())
+    assert restored.loss_kwargs() == state.loss_kwargs()
+
+
 # ------------------------------------------------------------------------------------- registry and params check
 
 
@@ -716,7 +736,7 @@ def test_matches_trl_kto_loss(seed, shift):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_smpo_takes_host_soft_labels_with_cuda_inputs():
-    """The trainer keeps soft labels on the host (checked there, copied without waiting for the GPU)."""
+    """Soft labels on the host with inputs on a GPU are copied over by the loss (the trainer moves them itself)."""
     from diffusion_pref.losses import LOSSES
 
     g = torch.Generator().manual_seed(0)
@@ -726,3 +746,5 @@ def test_smpo_takes_host_soft_labels_with_cuda_inputs():
     on_gpu, _ = LOSSES["smpo"](*(x.cuda() for x in (pw, pl, rw, rl)), beta=100.0, soft_label=p)
     assert on_gpu.is_cuda
     torch.testing.assert_close(on_gpu.cpu(), on_cpu)
+    on_device, _ = LOSSES["smpo"](*(x.cuda() for x in (pw, pl, rw, rl)), beta=100.0, soft_label=p.cuda())
+    torch.testing.assert_close(on_device.cpu(), on_cpu)

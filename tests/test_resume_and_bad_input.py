@@ -53,7 +53,7 @@ def other_base_dir(tiny_sd_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def checkpointed_run(tiny_sd_dir, pairs_path, tmp_path_factory):
     """A finished 1-step LoRA run with its checkpoint at step 1, copied fresh for each test."""
-    from diffusion_pref.training.trainer import run
+    from diffusion_pref.commands.train import run
 
     out = tmp_path_factory.mktemp("run") / "run"
     run(make_cfg(tiny_sd_dir, pairs_path, out, "train.max_steps=2", "train.checkpoint_every=1"))
@@ -71,7 +71,7 @@ def run_dir(checkpointed_run, tmp_path):
 
 
 def test_resume_with_another_loss_batch_or_data_is_refused_naming_the_keys(tiny_sd_dir, pairs_path, run_dir, tmp_path):
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.training.setup import Trainer
 
     other_data = write_pairs(tmp_path / "other.parquet", n=6)
     with pytest.raises(ValueError) as caught:
@@ -85,7 +85,7 @@ def test_resume_with_another_loss_batch_or_data_is_refused_naming_the_keys(tiny_
 
 
 def test_keys_that_may_change_do_not_block_a_resume(tiny_sd_dir, pairs_path, run_dir):
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.training.setup import Trainer
 
     trainer = Trainer(make_cfg(tiny_sd_dir, pairs_path, run_dir, "train.resume=latest", "train.max_steps=3",
                                "train.checkpoint_every=5", "train.log_every=2", "train.logger=none",
@@ -95,7 +95,7 @@ def test_keys_that_may_change_do_not_block_a_resume(tiny_sd_dir, pairs_path, run
 
 
 def test_forced_resume_with_another_loss_continues(tiny_sd_dir, pairs_path, run_dir, caplog):
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.training.setup import Trainer
 
     with caplog.at_level("WARNING"):
         trainer = Trainer(make_cfg(tiny_sd_dir, pairs_path, run_dir, "train.resume=latest", "loss.name=ipo",
@@ -110,7 +110,7 @@ def test_forced_resume_with_another_loss_continues(tiny_sd_dir, pairs_path, run_
     ("model.lora_targets=[to_q,to_k]", "not in this model"),
 ])
 def test_an_adapter_of_another_shape_is_refused_even_when_forced(tiny_sd_dir, pairs_path, run_dir, change, expect):
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.training.setup import Trainer
 
     key = change.split("=")[0]
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
@@ -126,7 +126,7 @@ def test_an_adapter_of_another_shape_is_refused_even_when_forced(tiny_sd_dir, pa
 
 
 def test_resume_on_another_base_model_is_summarised(other_base_dir, pairs_path, run_dir):
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.training.setup import Trainer
 
     with pytest.raises(ValueError, match="model.pretrained"):
         Trainer(make_cfg(other_base_dir, pairs_path, run_dir, "train.resume=latest"))
@@ -138,7 +138,8 @@ def test_resume_on_another_base_model_is_summarised(other_base_dir, pairs_path, 
 
 def test_resume_of_a_full_finetune_on_another_base_model_is_summarised(tiny_sd_dir, other_base_dir, pairs_path,
                                                                       tmp_path):
-    from diffusion_pref.training.trainer import Trainer, run
+    from diffusion_pref.commands.train import run
+    from diffusion_pref.training.setup import Trainer
 
     args = ("model.finetune=full", "train.checkpoint_every=1", "train.max_steps=2")
     run(make_cfg(tiny_sd_dir, pairs_path, tmp_path, *args))
@@ -263,7 +264,7 @@ def test_an_os_error_during_a_command_is_one_line_naming_the_path(tmp_path, caps
 ])
 def test_a_full_disk_while_checkpointing_says_so_and_keeps_the_last_checkpoint(tiny_sd_dir, pairs_path, tmp_path,
                                                                                 error):
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.training.setup import Trainer
 
     args = ("train.max_steps=3", "train.checkpoint_every=1")
     trainer = Trainer(make_cfg(tiny_sd_dir, pairs_path, tmp_path, *args))
@@ -331,13 +332,13 @@ def test_ctrl_c_in_train_prints_where_the_checkpoint_is_and_the_resume_command(t
 
 def test_ctrl_c_before_a_checkpoint_and_in_generate_prints_one_line(tmp_path, capsys, monkeypatch):
     import diffusion_pref.commands.generate
-    import diffusion_pref.training.trainer
+    import diffusion_pref.commands.train
 
     def interrupt(cfg):
         raise KeyboardInterrupt
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setattr(diffusion_pref.training.trainer, "run", interrupt)
+    monkeypatch.setattr(diffusion_pref.commands.train, "run", interrupt)
     assert main_without_escaping_interrupt(["train", f"output.dir={tmp_path}", "train.checkpoint_every=50"]) == 130
     assert capsys.readouterr().err == ("\ndiffusion-pref train: interrupted before the first checkpoint "
                                        "(train.checkpoint_every=50); nothing to resume: run the same command again\n")

@@ -18,7 +18,7 @@ import torch
 
 from diffusion_pref.config import load_config
 from diffusion_pref.losses import LOSSES, TAKES_SOFT_LABEL
-from diffusion_pref.training.trainer import Trainer  # the one place that names the training module
+from diffusion_pref.training.setup import Trainer  # the one place that names the training module
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_data import write_pairs  # noqa: E402

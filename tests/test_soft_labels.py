@@ -355,7 +355,7 @@ def test_smpo_without_score_columns_scores_the_pairs_with_the_recipes_reward_mod
     beside the data cache and reused by the next run, never p = 1 for every pair."""
     from diffusion_pref.reward_models import load_reward_model
     from diffusion_pref.reward_models.pickscore import PickScore
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.training.setup import Trainer
 
     data = write_pairs(tmp_path / "p.parquet", n=4)
     flags = ["loss.name=smpo", "train.max_steps=1", "reward.models={pickscore: 1.0}", "reward.device=cpu",
@@ -388,7 +388,7 @@ def test_smpo_without_score_columns_scores_the_pairs_with_the_recipes_reward_mod
 
 def test_smpo_hard_labels_only_when_asked_for_with_a_warning_and_counted(tiny_sd_dir, tmp_path, caplog):
     from diffusion_pref.config import ConfigError
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.training.setup import Trainer
 
     data = write_pairs(tmp_path / "p.parquet", n=4)
     # no score columns and a reward model whose weights are not here: stop, and say how to get soft labels
@@ -407,9 +407,9 @@ def test_smpo_hard_labels_only_when_asked_for_with_a_warning_and_counted(tiny_sd
 def test_the_cache_command_scores_the_pairs_for_later_training_runs(tiny_sd_dir, tiny_pickscore, tmp_path,
                                                                     monkeypatch):
     """`diffusion-pref cache` scores the pairs once in one process; a (distributed) training run then reads them."""
-    from diffusion_pref.data import cache
+    from diffusion_pref.commands import cache
     from diffusion_pref.reward_models.pickscore import PickScore
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.training.setup import Trainer
 
     data = write_pairs(tmp_path / "p.parquet", n=4)
     flags = ["loss.name=smpo", "reward.models={pickscore: 1.0}", "reward.device=cpu",

@@ -1,4 +1,4 @@
-"""The trainer (diffusion_pref.training): every loss trains, reference handling, resume, cache, outputs, errors.
+"""The trainer (diffusion_pref.training: setup, loop): every loss trains, reference handling, resume, cache, outputs, errors.
 
 Tiny random-weight SD (8x8 latents) from ``diffusion_pref.testing``; a handful of pairs written as Pick-a-Pic
 parquet by ``test_data.write_pairs``; 1-3 optimizer steps per run, so the file stays well under a minute of CPU.
@@ -77,7 +77,7 @@ def snapshot(named):
 
 @pytest.mark.parametrize("loss", sorted(LOSSES))
 def test_every_loss_trains_only_its_trainable_parameters(loss, tiny_sd_dir, pairs_path, tmp_path):
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.training.setup import Trainer
 
     # the pairs have no score columns: smpo and sppo take p from the human labels here (no reward model to load)
     soft = ["data.soft_labels=label"] if loss in TAKES_SOFT_LABEL else []
@@ -103,7 +103,7 @@ def test_every_loss_trains_only_its_trainable_parameters(loss, tiny_sd_dir, pair
 
 
 def test_fresh_lora_starts_at_log2_and_half_accuracy(tiny_sd_dir, pairs_path, tmp_path):
-    from diffusion_pref.training.trainer import run
+    from diffusion_pref.commands.train import run
 
     run(make_cfg(tiny_sd_dir, pairs_path, tmp_path, "train.max_steps=1"))
     first = read_metrics(tmp_path)[0]
@@ -112,13 +112,14 @@ def test_fresh_lora_starts_at_log2_and_half_accuracy(tiny_sd_dir, pairs_path, tm
 
 
 def test_overfitting_a_few_pairs_drives_implicit_accuracy_to_one(tiny_sd_dir, tmp_path, monkeypatch):
-    import diffusion_pref.training.trainer as trainer_module
+    import diffusion_pref.training.loop as loop_module
+    from diffusion_pref.commands.train import run
 
     # Hold noise and timestep fixed across steps: with a fresh t each step, a few steps of a random tiny UNet
     # are dominated by which t was drawn, and the test would measure luck instead of the optimisation.
-    monkeypatch.setattr(trainer_module, "_step_seed", lambda seed, micro: 1234)
+    monkeypatch.setattr(loop_module, "_step_seed", lambda seed, micro: 1234)
     data = write_pairs(tmp_path / "four.parquet", n=4)
-    trainer_module.run(make_cfg(tiny_sd_dir, data, tmp_path / "out", "train.batch_size=4", "train.max_steps=8",
+    run(make_cfg(tiny_sd_dir, data, tmp_path / "out", "train.batch_size=4", "train.max_steps=8",
                                 "train.learning_rate=1e-2", "model.lora_rank=4", "data.shuffle=false"))
     metrics = read_metrics(tmp_path / "out")
     assert metrics[0]["implicit_acc"] == 0.5
@@ -130,7 +131,7 @@ def test_overfitting_a_few_pairs_drives_implicit_accuracy_to_one(tiny_sd_dir, tm
 def test_full_finetune_keeps_a_frozen_copy_and_saves_a_pipeline(tiny_sd_dir, pairs_path, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.training.setup import Trainer
 
     trainer = Trainer(make_cfg(tiny_sd_dir, pairs_path, tmp_path, "model.finetune=full", "train.learning_rate=1e-4"))
     assert trainer.reference == "copy"
@@ -148,7 +149,7 @@ def test_full_finetune_keeps_a_frozen_copy_and_saves_a_pipeline(tiny_sd_dir, pai
 def test_saved_lora_loads_into_a_diffusers_pipeline_and_changes_its_output(tiny_sd_dir, pairs_path, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from diffusion_pref.training.trainer import run
+    from diffusion_pref.commands.train import run
 
     run(make_cfg(tiny_sd_dir, pairs_path, tmp_path, "train.learning_rate=1e-2"))
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, requires_safety_checker=False)
@@ -189,7 +190,7 @@ def test_saved_lora_with_alpha_other_than_rank_loads_at_the_trained_scale(family
     """
     import diffusers
 
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.training.setup import Trainer
 
     model_dir = request.getfixturevalue("tiny_sd_dir" if family == "sd" else "tiny_sdxl_dir")
     trainer = Trainer(make_cfg(model_dir, pairs_path, tmp_path, "model.lora_rank=4", "model.lora_alpha=8",
@@ -214,7 +215,7 @@ def test_init_lora_continues_only_at_the_alpha_it_was_trained_with(tiny_sd_dir, 
     from peft.utils import get_peft_model_state_dict
 
     from diffusion_pref.config import ConfigError
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.training.setup import Trainer
 
     first = Trainer(make_cfg(tiny_sd_dir, pairs_path, tmp_path / "a", "model.lora_alpha=4", "train.max_steps=1",
                              "train.learning_rate=1e-2"))
@@ -234,7 +235,7 @@ KILL_SCRIPT = textwrap.dedent("""
     import torch
     torch.set_num_threads(int(os.environ["TEST_TORCH_THREADS"]))  # the parent's count: the same float reductions
     from diffusion_pref.config import load_config
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.training.setup import Trainer
     trainer = Trainer(load_config(None, sys.argv[1:]))
     save, encode = trainer.checkpointer.save, trainer.encode
     saved = []
@@ -252,7 +253,7 @@ KILL_SCRIPT = textwrap.dedent("""
 def test_sigkill_after_checkpoint_then_resume_matches_an_uninterrupted_run(tiny_sd_dir, pairs_path, tmp_path):
     from safetensors.torch import load_file
 
-    from diffusion_pref.training.trainer import run
+    from diffusion_pref.commands.train import run
 
     args = lambda out, *extra: [f"model.pretrained={tiny_sd_dir}", f"data.source={pairs_path}",  # noqa: E731
                                 "data.resolution=32", "train.batch_size=2", "train.max_steps=4",
@@ -281,7 +282,8 @@ def test_sigkill_after_checkpoint_then_resume_matches_an_uninterrupted_run(tiny_
 
 def test_cached_and_uncached_runs_give_the_same_losses(tiny_sd_dir, pairs_path, tmp_path):
     from diffusion_pref.data.cache import build_cache, cache_dir, cache_key
-    from diffusion_pref.training.trainer import Trainer, run
+    from diffusion_pref.commands.train import run
+    from diffusion_pref.training.setup import Trainer
 
     run(make_cfg(tiny_sd_dir, pairs_path, tmp_path / "plain"))
     cache_root = tmp_path / "cache"
@@ -328,7 +330,7 @@ def test_cached_and_uncached_runs_give_the_same_losses(tiny_sd_dir, pairs_path, 
 def test_bad_inputs_give_clear_errors(tiny_sd_dir, pairs_path, tmp_path):
     from diffusion_pref.config import ConfigError
     from diffusion_pref.pipelines.stable_diffusion import ModelLoadError
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.training.setup import Trainer
 
     with pytest.raises(ModelLoadError, match="no such folder"):
         Trainer(make_cfg(tmp_path / "missing-model", pairs_path, tmp_path))
@@ -363,7 +365,7 @@ def test_cli_reports_bad_data_without_a_traceback(tiny_sd_dir, tmp_path):
 
 
 def test_only_the_last_checkpoints_are_kept_and_a_fresh_run_restarts_the_log(tiny_sd_dir, pairs_path, tmp_path):
-    from diffusion_pref.training.trainer import run
+    from diffusion_pref.commands.train import run
 
     cfg = make_cfg(tiny_sd_dir, pairs_path, tmp_path, "train.max_steps=4", "train.checkpoint_every=1",
                    "train.keep_checkpoints=2", "train.learning_rate=1e-3")
@@ -378,7 +380,8 @@ def test_only_the_last_checkpoints_are_kept_and_a_fresh_run_restarts_the_log(tin
 def test_resumed_full_finetune_keeps_the_reference_at_the_base_model(tiny_sd_dir, pairs_path, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from diffusion_pref.training.trainer import Trainer, run
+    from diffusion_pref.commands.train import run
+    from diffusion_pref.training.setup import Trainer
 
     args = ("model.finetune=full", "train.learning_rate=1e-4", "train.checkpoint_every=1")
     run(make_cfg(tiny_sd_dir, pairs_path, tmp_path, *args))
@@ -391,8 +394,28 @@ def test_resumed_full_finetune_keeps_the_reference_at_the_base_model(tiny_sd_dir
     assert not all(torch.equal(p, base[n]) for n, p in policy.items())
 
 
+def test_a_resumed_bco_run_continues_its_running_reward_shift(tiny_sd_dir, pairs_path, tmp_path):
+    """bco's shift is declared loss state (losses.LOSS_STATE): checkpointed and restored, so step 3 of a run resumed
+    at step 2 is step 3 of the uninterrupted run, bit for bit; a run that lost the shift would start again at 0."""
+    import shutil
+
+    from diffusion_pref.commands.train import run
+
+    args = ("loss.name=bco", "train.max_steps=3", "train.checkpoint_every=2")
+    run(make_cfg(tiny_sd_dir, pairs_path, tmp_path / "straight", *args))
+    [checkpoint] = list((tmp_path / "straight" / "checkpoints").iterdir())
+    state = json.loads((checkpoint / "trainer_state_0.json").read_text())["loss_state"]
+    rows = read_metrics(tmp_path / "straight")
+    assert state["count"] == 2 * 2 * 2  # two steps of two pairs, both sides of each
+    assert state["mean"] == pytest.approx((rows[0]["reward_batch_mean"] + rows[1]["reward_batch_mean"]) / 2, rel=1e-6)
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    run(make_cfg(tiny_sd_dir, pairs_path, tmp_path / "resumed", *args, "train.resume=latest"))
+    assert read_metrics(tmp_path / "resumed") == [{**row, "pairs_per_s": again["pairs_per_s"]}
+                                                  for row, again in zip(rows, read_metrics(tmp_path / "resumed"))]
+
+
 def test_a_diverging_run_stops_with_a_clear_error(tiny_sd_dir, pairs_path, tmp_path):
-    from diffusion_pref.training.trainer import run
+    from diffusion_pref.commands.train import run
 
     with pytest.raises(FloatingPointError, match="lower train.learning_rate"):
         run(make_cfg(tiny_sd_dir, pairs_path, tmp_path, "train.learning_rate=1e30", "train.max_steps=4",
@@ -408,7 +431,7 @@ def test_captions_cut_by_the_text_encoder_are_counted_once_cached_or_not(tiny_sd
 
     from transformers import CLIPTokenizer
 
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.training.setup import Trainer
 
     long = "a red cat on a blue mat with a green hat and a yellow bat"
     captions = [long if i in (1, 2, 6) else f"a cat {i}" for i in range(8)]
@@ -419,7 +442,7 @@ def test_captions_cut_by_the_text_encoder_are_counted_once_cached_or_not(tiny_sd
     expected = sum(over[:4])  # shuffle off, 2 steps of 2 pairs: rows 0-3 are trained on
     for name, extra in (("plain", ()), ("cached", ("data.cache=true",))):
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="diffusion_pref.training.trainer"):
+        with caplog.at_level(logging.WARNING, logger="diffusion_pref.training.setup"):
             summary = Trainer(make_cfg(tiny_sd_dir, data, tmp_path / name, "data.shuffle=false", *extra)).train()
         assert summary["captions_cut"] == expected == 2, name
         assert json.loads((tmp_path / name / "train_summary.json").read_text())["captions_cut"] == expected
@@ -435,7 +458,7 @@ def test_captions_cut_by_the_text_encoder_are_counted_once_cached_or_not(tiny_sd
 
 def test_nan_scores_stop_only_losses_that_use_scores(tiny_sd_dir, tmp_path):
     from diffusion_pref.data.pairs import DataError
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.training.setup import Trainer
 
     scores = [(1.0, 0.0), (math.nan, 0.2), (0.5, 0.1), (0.3, 0.9)]
     data = write_pairs(tmp_path / "nan.parquet", n=4, scores=scores)

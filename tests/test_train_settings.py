@@ -35,7 +35,7 @@ def _find_spec_without(*missing):
 
 
 def test_device_bound_settings_name_the_key_and_the_setting_that_works(monkeypatch):
-    from diffusion_pref.training.trainer import check_device_settings
+    from diffusion_pref.training.setup import check_device_settings
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     with pytest.raises(ConfigError, match=r"train\.mixed_precision=fp16 needs a GPU.*use train\.mixed_precision=no \(or bf16\)"):
@@ -68,7 +68,7 @@ def test_the_shipped_sd_recipe_on_a_cpu_says_what_to_change_before_reading_data(
 @pytest.mark.skipif(torch.cuda.is_available(), reason="what a CPU runs")
 def test_on_a_cpu_fp16_fails_in_the_first_step_and_bf16_trains(tiny_sd_dir, tmp_path, monkeypatch):
     """Why the rule says fp16 -> no or bf16: without the check fp16 dies in the step, bf16 trains."""
-    from diffusion_pref.training import trainer as trainer_module
+    from diffusion_pref.training import setup as setup_module
 
     data = write_pairs(tmp_path / "p.parquet", n=2)
 
@@ -78,11 +78,11 @@ def test_on_a_cpu_fp16_fails_in_the_first_step_and_bf16_trains(tiny_sd_dir, tmp_
                                   "train.checkpoint_every=0", f"train.mixed_precision={precision}",
                                   f"output.dir={tmp_path / precision}"])
 
-    summary = trainer_module.Trainer(cfg("bf16")).train(save_outputs=False)
+    summary = setup_module.Trainer(cfg("bf16")).train(save_outputs=False)
     assert summary["steps"] == 1
-    monkeypatch.setattr(trainer_module, "check_device_settings", lambda *args: None)
+    monkeypatch.setattr(setup_module, "check_device_settings", lambda *args: None)
     with pytest.raises(RuntimeError, match="dtype"):  # if torch learns fp16 on CPUs, the rule can go
-        trainer_module.Trainer(cfg("fp16")).train(save_outputs=False)
+        setup_module.Trainer(cfg("fp16")).train(save_outputs=False)
 
 
 # -- resolution -----------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ def test_sdxl_lora_trains_with_micro_conditioning_and_loads_into_the_sdxl_pipeli
     from diffusers import StableDiffusionXLPipeline
 
     from diffusion_pref.pipelines.sdxl import SDXLBackbone
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.training.setup import Trainer
 
     data = write_pairs(tmp_path / "p.parquet", n=4, size=(48, 40))
     trainer = Trainer(cfg_for(tiny_sdxl_dir, data, tmp_path / "out", "data.random_crop=true"))
@@ -57,7 +57,7 @@ def test_sdxl_lora_trains_with_micro_conditioning_and_loads_into_the_sdxl_pipeli
 
 
 def test_smpo_reads_soft_labels_from_score_columns(tiny_sd_dir, tmp_path):
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.training.setup import Trainer
 
     scores = [(0.9, 0.1), (0.2, 0.6), (0.5, 0.4), (0.3, 0.8)]
     data = write_pairs(tmp_path / "p.parquet", n=4, scores=scores)
@@ -75,7 +75,7 @@ def test_smpo_reads_soft_labels_from_score_columns(tiny_sd_dir, tmp_path):
 
 
 def test_ddim_inversion_trajectory_trains(tiny_sd_dir, tmp_path):
-    from diffusion_pref.training.trainer import run
+    from diffusion_pref.commands.train import run
 
     data = write_pairs(tmp_path / "p.parquet", n=4)
     run(cfg_for(tiny_sd_dir, data, tmp_path / "out", "trajectory.kind=ddim", "trajectory.steps=3"))
@@ -91,7 +91,7 @@ def test_invert_with_chooses_the_model_that_inverts(tiny_sd_dir, tmp_path, monke
     from diffusers import UNet2DConditionModel
 
     from diffusion_pref import trajectories
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.training.setup import Trainer
 
     base = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet").eval()
     real = trajectories.make_trajectory
@@ -117,7 +117,7 @@ def test_invert_with_chooses_the_model_that_inverts(tiny_sd_dir, tmp_path, monke
 
 def test_invert_with_reference_needs_a_reference(tiny_sd_dir, tmp_path):
     from diffusion_pref.config import ConfigError
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.training.setup import Trainer
 
     data = write_pairs(tmp_path / "p.parquet", n=4)
     with pytest.raises(ConfigError, match="invert_with=reference needs a reference"):
@@ -129,7 +129,7 @@ def test_validation_images_with_and_without_the_adapter(tiny_sd_dir, tmp_path):
     import numpy as np
     from PIL import Image
 
-    from diffusion_pref.training.trainer import run
+    from diffusion_pref.commands.train import run
 
     data = write_pairs(tmp_path / "p.parquet", n=4)
     run(cfg_for(tiny_sd_dir, data, tmp_path / "out", "train.max_steps=1", "train.validate_every=1",
@@ -143,7 +143,7 @@ def test_validation_images_with_and_without_the_adapter(tiny_sd_dir, tmp_path):
 
 
 def test_bf16_grad_accum_checkpointing_adafactor_and_warmup_schedule(tiny_sd_dir, tmp_path):
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.training.setup import Trainer
 
     data = write_pairs(tmp_path / "p.parquet", n=8)
     trainer = Trainer(cfg_for(tiny_sd_dir, data, tmp_path / "out", "train.mixed_precision=bf16", "train.grad_accum=2",
@@ -171,7 +171,7 @@ def _adapted_layers(trainer):
 
 
 def test_half_precision_lora_skips_peft_input_casts_without_changing_the_step(tiny_sd_dir, tmp_path):
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.training.setup import Trainer
 
     data = write_pairs(tmp_path / "p.parquet", n=4)
     fp32 = Trainer(cfg_for(tiny_sd_dir, data, tmp_path / "fp32"))
@@ -190,7 +190,7 @@ def test_half_precision_lora_skips_peft_input_casts_without_changing_the_step(ti
 
 
 def test_channels_last_layout_gives_the_same_losses(tiny_sd_dir, tmp_path):
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.training.setup import Trainer
 
     data = write_pairs(tmp_path / "p.parquet", n=4)
     runs = {}
@@ -212,8 +212,8 @@ def test_channels_last_layout_gives_the_same_losses(tiny_sd_dir, tmp_path):
 
 
 def test_cache_command_then_cached_training_reuses_it(tiny_sd_dir, tmp_path):
-    from diffusion_pref.data import cache
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.commands import cache
+    from diffusion_pref.training.setup import Trainer
 
     data = write_pairs(tmp_path / "p.parquet", n=4)
     overrides = ("data.cache=true", f"data.cache_dir={tmp_path / 'cache'}")
@@ -238,8 +238,8 @@ def test_cached_reference_inversion_trains_like_inverting_in_the_step(tiny_sd_di
     from safetensors.torch import load_file
 
     from diffusion_pref import trajectories
-    from diffusion_pref.data import cache
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.commands import cache
+    from diffusion_pref.training.setup import Trainer
 
     data = write_pairs(tmp_path / "p.parquet", n=4)
     # hard labels (no score columns) and beta 2500: the settings these tolerances were set for
@@ -275,7 +275,7 @@ def test_cached_reference_inversion_trains_like_inverting_in_the_step(tiny_sd_di
 
 def test_cache_inverted_needs_the_cache_and_the_reference(tiny_sd_dir, tmp_path):
     from diffusion_pref.config import ConfigError
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.training.setup import Trainer
 
     data = write_pairs(tmp_path / "p.parquet", n=4)
     base = ["trajectory.kind=renoise", "trajectory.cache_inverted=true"]
@@ -288,7 +288,7 @@ def test_cache_inverted_needs_the_cache_and_the_reference(tiny_sd_dir, tmp_path)
 def test_sdxl_full_finetune_with_cpu_reference_saves_a_loadable_pipeline(tiny_sdxl_dir, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.training.setup import Trainer
 
     data = write_pairs(tmp_path / "p.parquet", n=2)
     trainer = Trainer(cfg_for(tiny_sdxl_dir, data, tmp_path / "out", "model.finetune=full",
@@ -306,7 +306,7 @@ def test_sdxl_full_finetune_with_cpu_reference_saves_a_loadable_pipeline(tiny_sd
 # file fast; every recipe's keys are checked by load_config in test_config.
 @pytest.mark.parametrize("recipe,model", [("sd15_dpo_lora", "sd"), ("sdxl_dpo_full", "sdxl")])
 def test_recipes_run_on_tiny_models(recipe, model, tiny_sd_dir, tiny_sdxl_dir, tmp_path):
-    from diffusion_pref.training.trainer import run
+    from diffusion_pref.commands.train import run
 
     root = Path(__file__).parents[1]
     data = write_pairs(tmp_path / "p.parquet", n=2)
@@ -325,7 +325,7 @@ def test_recipes_run_on_tiny_models(recipe, model, tiny_sd_dir, tiny_sdxl_dir, t
 
 @pytest.mark.parametrize("finetune", ["lora", "full"])
 def test_compiled_unet_trains_like_the_eager_one_and_saves_the_same_outputs(tiny_sd_dir, tmp_path, finetune):
-    from diffusion_pref.training.trainer import Trainer
+    from diffusion_pref.training.setup import Trainer
 
     data = write_pairs(tmp_path / "p.parquet", n=4)
     # aot_eager traces the graphs as inductor would (dynamo, the adapter switched off for the reference, autograd)

@@ -151,12 +151,12 @@ def _generate_stage(cfg: Config, folder: Path, round_number: int, prompts: Optio
 
 
 def _train_stage(cfg: Config, folder: Path, round_number: int, lora: Optional[str]) -> Dict[str, Any]:
-    from diffusion_pref.training import trainer
+    from diffusion_pref.commands import train as train_command
 
     step = step_config(cfg, folder / "train", data={"source": str(folder / "pairs")},
                         train={"init_lora": lora, "resume": "latest"},
                         model={"reference": _reference(cfg, round_number)})
-    trainer.run(step)
+    train_command.run(step)
     summary = json.loads((folder / "train" / "train_summary.json").read_text())
     return {"steps": summary["steps"], "reference": summary["reference"], "init_lora": lora}
 

@@ -73,7 +73,7 @@ def _summary_lines(metrics: dict, reward: str, tuned: str) -> list[str]:
 
 def run(cfg: Config) -> dict:
     from diffusion_pref.commands import evaluate, generate
-    from diffusion_pref.training import trainer
+    from diffusion_pref.commands import train as train_command
 
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -87,7 +87,7 @@ def run(cfg: Config) -> dict:
 
     started = time.perf_counter()
     tuned = out / "train"
-    trainer.run(step_config(cfg, tuned, data={"source": str(pairs)}))
+    train_command.run(step_config(cfg, tuned, data={"source": str(pairs)}))
     timings["train_s"] = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -1,4 +1,4 @@
-"""``diffusion-pref cache`` (and ``data.cache=true`` in train): VAE latents and text embeddings, computed once.
+"""The data cache (``diffusion-pref cache``, :mod:`diffusion_pref.commands.cache`, and ``data.cache=true`` in train): VAE latents and text embeddings, computed once.
 
 For a loss that takes soft labels (smpo, sppo) the command also scores the pairs with ``reward.models`` when the
 data has no score columns (:mod:`diffusion_pref.soft_labels`), stored under the same root and reused by training.
@@ -220,39 +220,3 @@ def build_cache(cfg, source, backbone, accelerator=None, invert=None) -> CachedP
     if skipped:
         logger.info("cache: %d undecodable rows skipped (data.on_bad_row=skip)", skipped)
     return CachedPairs(directory, len(source.blocks))
-
-
-def run(cfg) -> None:
-    """``diffusion-pref cache``: build the cache for this config (same key as ``train`` with ``data.cache=true``)."""
-    from accelerate import Accelerator
-
-    from diffusion_pref.data.pairs import PairSource, scores_used
-    from diffusion_pref.losses import TAKES_SOFT_LABEL
-    from diffusion_pref.pipelines import check_resolution, load_backbone, torch_dtype
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    check_resolution(cfg.model, cfg.data.resolution)
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
-    source = PairSource(cfg.data, seed=cfg.train.seed, check_scores=scores_used(cfg))
-    if cfg.loss.name in TAKES_SOFT_LABEL and cfg.data.soft_labels != "label":
-        from diffusion_pref.soft_labels import soft_labels_for_run
-
-        # Scored here, before the diffusion model takes memory, so that a distributed training run finds them
-        # stored instead of waiting on its main process (a long wait hits the process group's timeout).
-        with accelerator.main_process_first():
-            labels = soft_labels_for_run(cfg, source, device=accelerator.device,
-                                         score_cache_dir=soft_label_scores_dir(cfg, source))
-        if accelerator.is_main_process:
-            print(f"soft labels ready: {len(labels)} pairs, p from {labels.scores}")
-    backbone = load_backbone(cfg.model)
-    check_resolution(cfg.model, cfg.data.resolution, vae=backbone.frozen["vae"])
-    weight_dtype = torch_dtype(cfg.train.mixed_precision)
-    for name, module in backbone.frozen.items():
-        module.to(accelerator.device, backbone.frozen_dtype.get(name, weight_dtype))
-    invert = None
-    if cfg.trajectory.cache_inverted:  # the pretrained UNet is the reference model the trainer would invert with
-        backbone.denoiser.to(accelerator.device, weight_dtype).eval()
-        invert = grid_inverter(cfg, backbone, lambda x, t, c: backbone.predict(x, t, c), accelerator.autocast)
-    cached = build_cache(cfg, source, backbone, accelerator, invert=invert)
-    if accelerator.is_main_process:
-        print(f"cache ready: {cached.directory} ({len(source)} pairs; {source.summary()})")

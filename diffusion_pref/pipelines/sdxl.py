@@ -60,8 +60,6 @@ class SDXLBackbone(StableDiffusionBackbone):
     def conditioning(self, text: Dict[str, object], batch: Optional[Dict[str, object]] = None) -> Dict[str, object]:
         import torch
 
-        from diffusion_pref.training.transfer import to_device
-
         hidden = text["encoder_hidden_states"]
         n = hidden.shape[0]
         if batch is not None and "original_size" in batch:
@@ -72,7 +70,7 @@ class SDXLBackbone(StableDiffusionBackbone):
             res = self.pipe.unet.config.sample_size * (2 ** (len(self.pipe.vae.config.block_out_channels) - 1))
             time_ids = torch.tensor([[res, res, 0, 0, res, res]]).repeat(n, 1)
         return {"encoder_hidden_states": hidden, "text_embeds": text["text_embeds"],
-                "time_ids": to_device(time_ids, hidden.device, hidden.dtype)}
+                "time_ids": time_ids.to(hidden.device, hidden.dtype, non_blocking=True)}
 
     def predict(self, x_t, t, cond: Dict[str, object], denoiser=None):
         denoiser = self.denoiser if denoiser is None else denoiser

@@ -1,0 +1,49 @@
+"""``diffusion-pref cache``: VAE latents and text embeddings of a pair dataset (and, for soft-label losses, the
+reward scores; with ``trajectory.cache_inverted``, the reference's inversion of every pair), computed once into
+the cache that ``train`` with ``data.cache=true`` reads (:mod:`diffusion_pref.data.cache`).
+
+Run it::
+
+    diffusion-pref cache --config configs/sd15_dpo_lora.yaml data.source=/data/pickapic_v2 data.cache_dir=/fast/cache
+"""
+
+from __future__ import annotations
+
+import logging
+
+
+def run(cfg) -> None:
+    """``diffusion-pref cache``: build the cache for this config (same key as ``train`` with ``data.cache=true``)."""
+    from accelerate import Accelerator
+
+    from diffusion_pref.data.cache import build_cache, grid_inverter, soft_label_scores_dir
+    from diffusion_pref.data.pairs import PairSource, scores_used
+    from diffusion_pref.losses import TAKES_SOFT_LABEL
+    from diffusion_pref.pipelines import check_resolution, load_backbone, torch_dtype
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    check_resolution(cfg.model, cfg.data.resolution)
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    source = PairSource(cfg.data, seed=cfg.train.seed, check_scores=scores_used(cfg))
+    if cfg.loss.name in TAKES_SOFT_LABEL and cfg.data.soft_labels != "label":
+        from diffusion_pref.soft_labels import soft_labels_for_run
+
+        # Scored here, before the diffusion model takes memory, so that a distributed training run finds them
+        # stored instead of waiting on its main process (a long wait hits the process group's timeout).
+        with accelerator.main_process_first():
+            labels = soft_labels_for_run(cfg, source, device=accelerator.device,
+                                         score_cache_dir=soft_label_scores_dir(cfg, source))
+        if accelerator.is_main_process:
+            print(f"soft labels ready: {len(labels)} pairs, p from {labels.scores}")
+    backbone = load_backbone(cfg.model)
+    check_resolution(cfg.model, cfg.data.resolution, vae=backbone.frozen["vae"])
+    weight_dtype = torch_dtype(cfg.train.mixed_precision)
+    for name, module in backbone.frozen.items():
+        module.to(accelerator.device, backbone.frozen_dtype.get(name, weight_dtype))
+    invert = None
+    if cfg.trajectory.cache_inverted:  # the pretrained UNet is the reference model the trainer would invert with
+        backbone.denoiser.to(accelerator.device, weight_dtype).eval()
+        invert = grid_inverter(cfg, backbone, lambda x, t, c: backbone.predict(x, t, c), accelerator.autocast)
+    cached = build_cache(cfg, source, backbone, accelerator, invert=invert)
+    if accelerator.is_main_process:
+        print(f"cache ready: {cached.directory} ({len(source)} pairs; {source.summary()})")

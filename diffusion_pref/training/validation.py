@@ -1,0 +1,44 @@
+"""Validation images during training (``train.validation_prompts`` every ``train.validate_every`` steps)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def validate(run, step: int) -> Path:
+    """Images for ``train.validation_prompts`` (seed i for prompt i), with and without the adapter.
+
+    Written as PNGs to ``output.dir/validation/step-N/`` and logged to TensorBoard. Runs on the main process only;
+    the fixed seeds make the images of different steps comparable. ``run``: the :class:`~.setup.Trainer`.
+    """
+    import numpy as np
+    import torch
+
+    accelerator, cfg = run.accelerator, run.cfg
+    folder = run.out / "validation" / f"step-{step:08d}"
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(run.unet)
+        prompts = list(cfg.train.validation_prompts)
+        seeds = list(range(len(prompts)))
+        kwargs = dict(steps=cfg.generate.steps, guidance_scale=cfg.generate.guidance_scale,
+                      resolution=cfg.data.resolution)
+        unwrapped.eval()
+        panels = {}
+        with torch.no_grad(), accelerator.autocast():
+            panels["tuned"] = run.backbone.sample(prompts, seeds, **kwargs)
+            if cfg.model.finetune == "lora":
+                unwrapped.disable_adapters()
+                panels["base"] = run.backbone.sample(prompts, seeds, **kwargs)
+                unwrapped.enable_adapters()
+        unwrapped.train()
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, images in panels.items():
+            for i, image in enumerate(images):
+                image.save(folder / f"{i:02d}_{name}.png")
+        if cfg.train.logger == "tensorboard":
+            writer = accelerator.get_tracker("tensorboard", unwrap=True)
+            for name, images in panels.items():
+                writer.add_images(f"validation/{name}", np.stack([np.asarray(im) for im in images]), step,
+                                  dataformats="NHWC")
+    accelerator.wait_for_everyone()
+    return folder
