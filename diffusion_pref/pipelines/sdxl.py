@@ -74,7 +74,7 @@ class SDXLBackbone(StableDiffusionBackbone):
 
     def predict(self, x_t, t, cond: Dict[str, object], denoiser=None):
         denoiser = self.denoiser if denoiser is None else denoiser
-        return denoiser(x_t, t, encoder_hidden_states=cond["encoder_hidden_states"],
+        return denoiser(x_t, self.schedule.model_timestep(t), encoder_hidden_states=cond["encoder_hidden_states"],
                         added_cond_kwargs={"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}).sample
 
     def _load_safety_checker(self):

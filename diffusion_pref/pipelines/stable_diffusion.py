@@ -148,10 +148,7 @@ class StableDiffusionBackbone(Backbone):
     def predict(self, x_t, t, cond: Dict[str, object], denoiser=None):
         """UNet output for ``x_t`` ``[N, C, H, W]`` at ``t`` ``[N]``; ``denoiser`` overrides the policy (a reference copy)."""
         denoiser = self.denoiser if denoiser is None else denoiser
-        return denoiser(x_t, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
-
-    def target(self, x0, noise, t):
-        return self.schedule.target(x0, noise, t)
+        return denoiser(x_t, self.schedule.model_timestep(t), encoder_hidden_states=cond["encoder_hidden_states"]).sample
 
     # -- sampling ------------------------------------------------------------------------------------------
     def _safety_checker_for(self, wanted: Optional[bool]):
