@@ -483,7 +483,7 @@ def test_prompt_file_without_prompts_is_a_clear_error(tiny_sd_dir, tmp_path):
 def test_unknown_reward_model_is_a_clear_error_before_generation(tiny_sd_dir, tmp_path):
     cfg = load_config(None, _overrides(tiny_sd_dir, _prompt_file(tmp_path), tmp_path / "out",
                                        **{"reward.models": "{pickscor: 1.0}"}))
-    with pytest.raises(ConfigError, match=r"reward.models.pickscor: unknown reward model. Did you mean 'pickscore'"):
+    with pytest.raises(ConfigError, match=r"reward.models.pickscor: unknown reward model 'pickscor'; did you mean 'pickscore'"):
         run(cfg)
     assert not (tmp_path / "out" / "media").exists()
 

@@ -42,6 +42,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
 
 from diffusion_pref.config import Config, ConfigError
+from diffusion_pref.fileio import atomic_write
+from diffusion_pref.suggest import did_you_mean
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -157,16 +159,14 @@ SAMPLING_KEYS = {"steps": int, "guidance_scale": float, "resolution": int}
 
 def sampling_settings(cfg: Config, variant: Optional[str] = None) -> Dict[str, Any]:
     """The sampling settings of ``variant``: ``eval.steps`` etc., with its ``eval.variant_sampling`` entry on top."""
-    import difflib
-
     settings: Dict[str, Any] = {"steps": cfg.eval.steps, "guidance_scale": cfg.eval.guidance_scale,
                                 "resolution": cfg.eval.resolution, "dtype": _dtype_name(cfg)}
     overrides = (cfg.eval.variant_sampling.get(variant) or {}) if variant is not None else {}
     for key, value in overrides.items():
         if key not in SAMPLING_KEYS:
-            near = difflib.get_close_matches(key, list(SAMPLING_KEYS), n=1, cutoff=0.0)
-            raise ConfigError(f"eval.variant_sampling.{variant}.{key}: not a sampling setting; did you mean "
-                              f"'{near[0]}'? Choices: {', '.join(SAMPLING_KEYS)}")
+            hint = did_you_mean(key, SAMPLING_KEYS)
+            raise ConfigError(f"eval.variant_sampling.{variant}.{key}: not a sampling setting"
+                              f"{'; ' + hint if hint else '.'} Choices: {', '.join(SAMPLING_KEYS)}")
         try:
             settings[key] = None if value is None else SAMPLING_KEYS[key](value)
         except (TypeError, ValueError):
@@ -267,8 +267,8 @@ def save_media(item: Any, path: Path, sample_rate: Optional[int] = None) -> Path
     """A PIL image as PNG (lossless, so cached and fresh samples score the same); an audio array as WAV."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if hasattr(item, "save") and hasattr(item, "size"):
-        item.save(path.with_suffix(".png"))
-        return path.with_suffix(".png")
+        # atomically: a run killed mid-write must not leave a partial file that a rerun takes for a cached sample
+        return atomic_write(path.with_suffix(".png"), lambda tmp: item.save(tmp, format="PNG"))
     import numpy as np
     import soundfile
 
@@ -277,8 +277,8 @@ def save_media(item: Any, path: Path, sample_rate: Optional[int] = None) -> Path
         audio = audio.T
     if sample_rate is None:
         raise ValueError("an audio sample needs the backbone's sample_rate to be saved")
-    soundfile.write(str(path.with_suffix(".wav")), audio, int(sample_rate))
-    return path.with_suffix(".wav")
+    return atomic_write(path.with_suffix(".wav"),
+                        lambda tmp: soundfile.write(str(tmp), audio, int(sample_rate), format="WAV"))
 
 
 def generate_samples(cfg: Config, variants: Sequence[Variant], records: Sequence[Any], out_dir: Path) -> tuple:
@@ -406,18 +406,13 @@ def benchmark_samples(images_dir: str | Path, records: Sequence[Any]) -> List[Sa
 
 def check_reward_names(cfg: Config) -> None:
     """Fail on an unknown reward model name before anything is generated."""
-    from diffusion_pref.reward_models import REWARD_MODELS
+    from diffusion_pref.reward_models import REWARD_MODELS, unknown_reward_model
 
     if not cfg.reward.models:
         raise ConfigError("reward.models is empty; name at least one reward model, e.g. reward.models.pickscore=1.0")
     for name in cfg.reward.models:
         if name not in REWARD_MODELS:
-            import difflib
-
-            near = difflib.get_close_matches(name, list(REWARD_MODELS), n=1, cutoff=0.4)
-            hint = f" Did you mean '{near[0]}'?" if near else ""
-            raise ConfigError(f"reward.models.{name}: unknown reward model.{hint} "
-                              f"Choices: {', '.join(sorted(REWARD_MODELS))}")
+            raise ConfigError(f"reward.models.{name}: {unknown_reward_model(name)}")
 
 
 def load_scorers(cfg: Config) -> Dict[str, Any]:

@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from diffusion_pref.config import Config, ConfigError
+from diffusion_pref.fileio import atomic_write
 from diffusion_pref.commands.quickstart import step_config
 
 STATE_FILE = "iterate_state.json"
@@ -96,9 +96,7 @@ def _load_state(out: Path, settings: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _save_state(out: Path, state: Dict[str, Any]) -> None:
-    tmp = out / f".{STATE_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, out / STATE_FILE)  # a run killed mid-write leaves the previous state whole
+    atomic_write(out / STATE_FILE, json.dumps(state, indent=2))  # a run killed mid-write leaves the previous state whole
 
 
 def _round_prompts(cfg: Config, rounds: int) -> Optional[List[List[dict]]]:

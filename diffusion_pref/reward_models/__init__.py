@@ -15,10 +15,11 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from collections.abc import Mapping
 from typing import Any
+
+from diffusion_pref.suggest import did_you_mean
 
 # name -> "module:Class"; resolved lazily so importing this package stays cheap.
 REWARD_MODELS = {
@@ -34,10 +35,14 @@ REWARD_MODELS = {
 }
 
 
+def unknown_reward_model(name: str) -> str:
+    """The message for a name that is not registered: the nearest name, if one is close, and every choice."""
+    hint = did_you_mean(name, REWARD_MODELS)
+    return f"unknown reward model {name!r}{'; ' + hint if hint else '.'} Choices: {', '.join(sorted(REWARD_MODELS))}"
+
+
 def _unknown(name: str) -> ValueError:
-    near = difflib.get_close_matches(name, list(REWARD_MODELS), n=1, cutoff=0.4)
-    hint = f"; did you mean {near[0]!r}?" if near else ""
-    return ValueError(f"unknown reward model {name!r}{hint} Choices: {', '.join(sorted(REWARD_MODELS))}")
+    return ValueError(unknown_reward_model(name))
 
 
 def reward_model_class(name: str) -> type:
@@ -129,4 +134,5 @@ __all__ = [
     "load_reward_model",
     "reward_model_class",
     "reward_spec",
+    "unknown_reward_model",
 ]

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Dict
 
+from diffusion_pref.seeding import derive_seed
 from diffusion_pref.training.transfer import to_device
 
 logger = logging.getLogger(__name__)
@@ -283,12 +284,6 @@ def _flat_hparams(cfg) -> Dict[str, object]:
         for key, value in dataclasses.asdict(getattr(cfg, section.name)).items():
             flat[f"{section.name}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return flat
-
-
-def _step_seed(seed: int, micro: int) -> int:
-    import numpy as np
-
-    return int(np.random.SeedSequence([seed, micro]).generate_state(1)[0])
 
 
 class PairEncoder:
@@ -609,7 +604,7 @@ class Trainer:
                 epoch, next_index = batch["epoch"], batch["next_index"]
                 continue
             micro = step * t.grad_accum + micro_in_step
-            generator = torch.Generator().manual_seed(_step_seed(t.seed, micro))
+            generator = torch.Generator().manual_seed(derive_seed(t.seed, micro))
             with accelerator.accumulate(unet):
                 latents_w, latents_l, text = self.encode(batch)
                 cond = repeat_pair(backbone.conditioning(text, batch))
