@@ -89,7 +89,7 @@ class RewardConfig:
 class LossConfig:
     name: str = "dpo"  # any key of diffusion_pref.losses.LOSSES
     # Our beta equals the diffusers train_diffusion_dpo.py beta (2500 there) and is half of the beta of the
-    # original Diffusion-DPO code and the diffusers SDXL script (5000 there = 2500 here); see DESIGN.md.
+    # original Diffusion-DPO code and the diffusers SDXL script (5000 there = 2500 here); see docs/design.md.
     # None: the loss's own starting beta (losses.DIFFUSION_DEFAULT_BETA: 1000 for smpo and kto, 2500 for the
     # rest), written here by load_config so --print-config and the saved config.yaml hold the number used.
     beta: Optional[float] = None

@@ -1,6 +1,6 @@
 """Stable Diffusion 1.x / 2.x as a training backbone: a thin adapter over a diffusers ``StableDiffusionPipeline``.
 
-The surface every backbone shares (DESIGN.md): ``encode_text``, ``encode_media`` (pixels -> latents),
+The surface every backbone shares (docs/design.md): ``encode_text``, ``encode_media`` (pixels -> latents),
 ``predict(x_t, t, cond)``, ``target(x0, noise, t)`` (epsilon or v), ``scheduler`` (the training noise schedule),
 ``generate(prompts, seeds, ...)``, plus ``save_lora`` / ``save_full`` for the trainer's outputs.
 
