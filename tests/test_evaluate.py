@@ -371,7 +371,7 @@ def test_scores_a_folder_in_the_hpdv2_benchmark_layout(tmp_path):
 def test_registered_reward_models_score_each_column(tmp_path, capsys):
     """The real registry path (load_scorers): shapes-world renders, right vs wrong colours, scored by toy rewards."""
     from diffusion_pref.prompts import read_prompts
-    from diffusion_pref.reward_models.toy import ToyFidelity, ToySize
+    from diffusion_pref.toy.rewards import ToyFidelity, ToySize
     from diffusion_pref.toy.render import COLOURS, Scene, place, render
 
     records = read_prompts("toy")[:4]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_pref.reward_models.toy import ToyFidelity, ToySize
+from diffusion_pref.toy.rewards import ToyFidelity, ToySize
 from diffusion_pref.toy import render as R
 
 WEIGHTS = Path(R.__file__).parent / "weights"

@@ -80,12 +80,14 @@ class Sample:
 
 def load_prompt_records(cfg: Config) -> list:
     """The prompt set as ``PromptRecord``s (``diffusion_pref.prompts.read_prompts``: files, the HPDv2 benchmark
-    folder, hub datasets, ``toy`` for the shapes-world held-out prompts); ``eval.max_prompts`` keeps the first N."""
-    from diffusion_pref.prompts import read_prompts
+    folder, hub datasets, named sets such as ``toy``, the shapes-world held-out prompts); ``eval.max_prompts`` keeps
+    the first N."""
+    from diffusion_pref.prompts import PROMPT_SETS, read_prompts
 
     if not cfg.eval.prompts:
+        named = f" or a named set ({', '.join(PROMPT_SETS)})" if PROMPT_SETS else ""
         raise ConfigError("eval.prompts is not set; give a prompt file (txt, json, PartiPrompts tsv, parquet), "
-                          "the HPDv2 benchmark folder, a hub dataset id, or 'toy'")
+                          f"the HPDv2 benchmark folder, a hub dataset id{named}")
     try:
         records = read_prompts(cfg.eval.prompts, column=cfg.eval.prompt_column)
     except ValueError as err:  # PromptFileError is a ValueError; say which key the file came from

@@ -37,9 +37,10 @@ def step_config(cfg: Config, out: Path, **sections) -> Config:
 
 def _built_in_model(cfg: Config, out: Path) -> tuple[Config, str]:
     """The shapes-world model if it ships with the package; otherwise a tiny random-weight SD (said plainly)."""
-    from diffusion_pref.pipelines import TOY_WEIGHTS
+    from diffusion_pref.pipelines import named_model_folder
 
-    if cfg.model.pretrained != "toy" or (TOY_WEIGHTS / "model_index.json").is_file():
+    shipped = named_model_folder(cfg.model.pretrained)
+    if shipped is None or (shipped / "model_index.json").is_file():
         return cfg, f"model: {cfg.model.pretrained}"
     from diffusion_pref.testing import save_tiny_sd
 
