@@ -564,7 +564,7 @@ def run(cfg: Config, scorers: Optional[Mapping[str, Any]] = None) -> Dict[str, A
         "n_reused": n_reused,
         "prompts_cut": prompts_cut,
     }
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True))
+    atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=True))
     details = {"model": cfg.model.pretrained, "prompts": f"{cfg.eval.prompts} ({len(records)} prompts)"}
     details.update({f"variant {k}": v for k, v in specs.items()})
     if cfg.eval.images_dir is None:

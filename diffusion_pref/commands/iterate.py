@@ -139,7 +139,7 @@ def _generate_stage(cfg: Config, folder: Path, round_number: int, prompts: Optio
     if prompts is not None:
         prompt_file = folder / "prompts.json"
         prompt_file.parent.mkdir(parents=True, exist_ok=True)
-        prompt_file.write_text(json.dumps(prompts, indent=1))
+        atomic_write(prompt_file, json.dumps(prompts, indent=1))
         fields.update(prompts=str(prompt_file), prompt_column=None, max_prompts=None)
     summary = generate.generate(step_config(cfg, folder / "pairs", generate=fields))
     if not summary["pairs_written"]:
@@ -235,7 +235,7 @@ def run(cfg: Config) -> Dict[str, Any]:
         "metrics_file": str(out / "eval" / "metrics.json"),
         "report": str(out / "eval" / "report.html"),
     }
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    atomic_write(out / SUMMARY_FILE, json.dumps(summary, indent=2))
     print("\n".join(["", f"iterate: {rounds} rounds of {cfg.loss.name} (reference {cfg.iterate.reference}), "
                          f"evaluated on {cfg.eval.prompts}", *_table(summary, reward),
                      f"  report: {summary['report']}"]), flush=True)

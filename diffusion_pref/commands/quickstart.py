@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from diffusion_pref.config import Config, save_config
+from diffusion_pref.fileio import atomic_write
 
 
 def step_config(cfg: Config, out: Path, **sections) -> Config:
@@ -109,5 +110,5 @@ def run(cfg: Config) -> dict:
     ]
     print("\n".join(lines), flush=True)
     result = {"model": model_note, "loss": cfg.loss.name, "timings": timings, "metrics_file": str(evaluation / "metrics.json")}
-    (out / "quickstart_summary.json").write_text(json.dumps(result, indent=2))
+    atomic_write(out / "quickstart_summary.json", json.dumps(result, indent=2))
     return result

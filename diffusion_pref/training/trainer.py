@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Dict
 
+from diffusion_pref.fileio import atomic_write
 from diffusion_pref.seeding import derive_seed
 from diffusion_pref.training.transfer import to_device
 
@@ -561,7 +562,7 @@ class Trainer:
             # Keep the lines up to the step this run starts from: a fresh run in an old folder starts a new log, a
             # resumed one drops what the interrupted run logged after its last checkpoint.
             kept = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= step]
-            metrics_file.write_text("".join(line + "\n" for line in kept))
+            atomic_write(metrics_file, "".join(line + "\n" for line in kept))
         unwrapped = accelerator.unwrap_model(unet)
 
         no_grad_predict = self._no_grad_predict
@@ -702,7 +703,7 @@ class Trainer:
                 backbone.save_lora(out, final_unet)
             else:
                 backbone.save_full(out, final_unet, full_state)
-            (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+            atomic_write(out / "train_summary.json", json.dumps(summary, indent=2))
             logger.info("done: %s written to %s", summary["output"], out)
         accelerator.end_training()
         self.step, self.epoch, self.next_index, self.skipped_total = step, epoch, next_index, skipped_total
