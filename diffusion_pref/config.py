@@ -18,7 +18,6 @@ The resolved config is written as ``config.yaml`` into ``output.dir`` by every r
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,9 @@ from typing import Any, Dict, List, Optional, Sequence
 # omegaconf is light (no torch), so importing it here keeps `diffusion-pref --help` fast.
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from diffusion_pref.fileio import atomic_write
+from diffusion_pref.suggest import did_you_mean
 
 
 @dataclass
@@ -87,7 +89,7 @@ class RewardConfig:
 class LossConfig:
     name: str = "dpo"  # any key of diffusion_pref.losses.LOSSES
     # Our beta equals the diffusers train_diffusion_dpo.py beta (2500 there) and is half of the beta of the
-    # original Diffusion-DPO code and the diffusers SDXL script (5000 there = 2500 here); see DESIGN.md.
+    # original Diffusion-DPO code and the diffusers SDXL script (5000 there = 2500 here); see docs/design.md.
     # None: the loss's own starting beta (losses.DIFFUSION_DEFAULT_BETA: 1000 for smpo and kto, 2500 for the
     # rest), written here by load_config so --print-config and the saved config.yaml hold the number used.
     beta: Optional[float] = None
@@ -376,11 +378,6 @@ RANGES: Dict[str, Range] = {
 }
 
 
-def _nearest(word: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.0)
-    return close[0] if close else ""
-
-
 def _section_class(annotation: Any) -> Optional[type]:
     cls = globals().get(annotation) if isinstance(annotation, str) else annotation
     return cls if dataclasses.is_dataclass(cls) else None
@@ -413,8 +410,9 @@ def _check_keys(tree: Any, where: str, prefix: str = "") -> None:
             leaves = [k for k, sub in valid.items() if sub is None]
             section = dotted.rsplit(".", 1)[0]
             nearby = [k for k in leaves if k.startswith(section + ".")] or leaves
+            hint = did_you_mean(dotted, leaves)
             raise ConfigError(
-                f"unknown config key '{dotted}' ({where}); did you mean '{_nearest(dotted, leaves)}'? "
+                f"unknown config key '{dotted}' ({where}){'; ' + hint if hint else '.'} "
                 f"Valid keys: {', '.join(nearby) if len(nearby) < 40 else 'see --print-config'}"
             )
         if valid[dotted] is not None:
@@ -438,9 +436,8 @@ def _check_choices(cfg: Config) -> None:
             value = words[0]
             setattr(getattr(cfg, section), key, value)
         if value not in choices:
-            raise ConfigError(
-                f"{dotted}={value!r} is not one of {', '.join(choices)}; did you mean '{_nearest(str(value), choices)}'?"
-            )
+            hint = did_you_mean(value, choices)
+            raise ConfigError(f"{dotted}={value!r} is not one of {', '.join(choices)}{'; ' + hint if hint else ''}")
 
 
 def check_ranges(cfg: Config) -> None:
@@ -577,7 +574,7 @@ def save_config(cfg: Config, directory: str | Path) -> Path:
             kept, n = directory / f"config.{stamp}-{n}.yaml", n + 1
         os.replace(path, kept)
         print(f"diffusion-pref: note: {path} held another run's config; kept it as {kept.name}", file=sys.stderr)
-    path.write_text(text)
+    atomic_write(path, text)
     return path
 
 

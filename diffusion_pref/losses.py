@@ -41,11 +41,12 @@ module (the config layer calls :func:`check_loss_params`) stays cheap.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import inspect
 import math
 from typing import TYPE_CHECKING, Any, Callable
+
+from diffusion_pref.suggest import did_you_mean
 
 if TYPE_CHECKING:
     import torch
@@ -819,18 +820,14 @@ class UnknownLossError(KeyError, ValueError):
         return str(self.args[0]) if self.args else ""
 
 
-def _nearest(name: str, choices) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
-    return f" Did you mean {close[0]!r}?" if close else ""
-
-
 def get_loss(name: str) -> Callable[..., tuple[Any, Metrics]]:
     """Return the loss function registered as ``name``; an unknown name raises :class:`UnknownLossError`."""
     try:
         return LOSSES[name]
     except (KeyError, TypeError):
+        hint = did_you_mean(name, LOSSES)
         raise UnknownLossError(
-            f"Unknown loss {name!r}.{_nearest(str(name), LOSSES)} Choices: {', '.join(sorted(LOSSES))}."
+            f"Unknown loss {name!r}{'; ' + hint if hint else '.'} Choices: {', '.join(sorted(LOSSES))}."
         ) from None
 
 
@@ -857,15 +854,14 @@ def check_loss_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
     for key, value in params.items():
         if key not in valid:
             listed = ", ".join(sorted(valid)) if valid else "none"
-            hint = ""
             if key in _COMMON_PARAMS:
-                hint = f" {key!r} is not a loss parameter: set it as loss.{key} or pass it per batch."
+                why = f". {key!r} is not a loss parameter: set it as loss.{key} or pass it per batch."
             elif key in _RUNTIME_PARAMS.get(name, ()):
-                hint = f" {key!r} is supplied by the trainer at run time and cannot be configured."
-            raise UnknownLossError(
-                f"Unknown parameter {key!r} for loss {name!r}.{hint or _nearest(key, valid)} "
-                f"Valid parameters: {listed}."
-            )
+                why = f". {key!r} is supplied by the trainer at run time and cannot be configured."
+            else:
+                hint = did_you_mean(key, valid)
+                why = f"; {hint}" if hint else "."
+            raise UnknownLossError(f"Unknown parameter {key!r} for loss {name!r}{why} Valid parameters: {listed}.")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(
                 f"Loss {name!r} parameter {key!r} must be a number (like its default {valid[key]!r}), "

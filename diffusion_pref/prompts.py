@@ -16,8 +16,9 @@ The layout is chosen from what ``source`` is:
   ``Prompt``, ``caption``, ``prompts``, ``text`` present); a ``category``/``Category`` column, if any, is kept.
 - A folder holding the HPDv2 benchmark (``anime.json`` ... ``photo.json``): the four styles, 800 prompts each,
   style as category.
-- ``toy`` / ``toy-train``: the shapes-world prompts (held-out evaluation prompts / pretraining captions), with the
-  shape as category.
+- A named prompt set from :data:`PROMPT_SETS`, which plugins fill through :func:`register_prompt_set` (the shapes
+  world registers ``toy`` / ``toy-train``: its held-out evaluation prompts / pretraining captions, with the shape
+  as category).
 - Anything else that is not a local path is taken as a hub dataset id: ``datasets.load_dataset(source, split=split)``.
 
 Bad input (a missing or empty file, bytes that are not UTF-8, a missing column, a row without a prompt) raises
@@ -37,7 +38,9 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+
+from diffusion_pref.suggest import did_you_mean
 
 # The four HPDv2 benchmark styles in the order hpsv2.benchmark_prompts('all') lists them; drawbench.json sits in the
 # same folder but is not one of the styles.
@@ -64,8 +67,8 @@ def read_prompts(source: str | Path, column: Optional[str] = None, split: str = 
         records = _read_folder(path, column)
     elif path.is_file():
         records = _read_file(path, column)
-    elif str(source) in _NAMED_SETS:
-        records = _NAMED_SETS[str(source)]()
+    elif str(source) in PROMPT_SETS:
+        records = PROMPT_SETS[str(source)]()
     elif path.suffix.lower() in _READERS or str(source).startswith((".", "/", "~")):
         raise PromptFileError(f"prompt file {source} does not exist; set generate.prompts to an existing file")
     else:
@@ -193,8 +196,10 @@ def _read_hub_dataset(source: str, column: Optional[str], split: str) -> List[Pr
     try:
         dataset = datasets.load_dataset(source, split=split)
     except Exception as err:  # offline, unknown id, unknown split: all end here
+        hint = did_you_mean(source, PROMPT_SETS)
         raise PromptFileError(
-            f"'{source}' is not a local file or folder, and loading it as hub dataset (split '{split}') failed: {err}; "
+            f"'{source}' is not a local file or folder{', nor a named prompt set (' + hint + ')' if hint else ''}, "
+            f"and loading it as hub dataset (split '{split}') failed: {err}; "
             "check the path, or the dataset id, its split and your network"
         ) from None
     key = _pick_column(dataset.column_names, column, source)
@@ -251,25 +256,14 @@ def _no_column(path: Path, column: Optional[str]) -> None:
         )
 
 
-def _toy_prompts(captions: Sequence[str]) -> List[PromptRecord]:
-    from diffusion_pref.toy.render import parse_caption
-
-    return [PromptRecord(text, parse_caption(text)[1]) for text in captions]
+# name -> a function returning the set's records; filled by plugins (see diffusion_pref.plugins).
+PROMPT_SETS: Dict[str, Callable[[], List[PromptRecord]]] = {}
 
 
-def _toy_eval() -> List[PromptRecord]:
-    from diffusion_pref.toy.render import eval_prompts
+def register_prompt_set(name: str, load: Callable[[], List[PromptRecord]]) -> None:
+    """Make ``read_prompts(name)`` return ``load()`` (checked before the hub, after local paths)."""
+    PROMPT_SETS[name] = load
 
-    return _toy_prompts(eval_prompts())
-
-
-def _toy_train() -> List[PromptRecord]:
-    from diffusion_pref.toy.render import train_captions
-
-    return _toy_prompts(train_captions())
-
-
-_NAMED_SETS = {"toy": _toy_eval, "toy-train": _toy_train}
 
 _READERS = {
     ".txt": _read_txt,
@@ -280,4 +274,8 @@ _READERS = {
     ".parquet": _read_parquet,
 }
 
-__all__ = ["HPDV2_STYLES", "PromptFileError", "PromptRecord", "read_prompts"]
+__all__ = ["HPDV2_STYLES", "PROMPT_SETS", "PromptFileError", "PromptRecord", "read_prompts", "register_prompt_set"]
+
+from diffusion_pref.plugins import load_plugins  # noqa: E402  (after the registry it fills)
+
+load_plugins()

@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
+from diffusion_pref.fileio import atomic_write
+
 logger = logging.getLogger(__name__)
 
 WINNER_MODES = ("reward", "human")
@@ -167,10 +169,10 @@ class SoftLabels:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         table = pa.table({"row": self.rows, "score_w": self.scores_w, "score_l": self.scores_l, "p": self.p})
-        pq.write_table(table, out / TABLE_FILE)
+        atomic_write(out / TABLE_FILE, lambda tmp: pq.write_table(table, tmp))
         meta = {"low": self.low, "high": self.high, "winner": self.winner, "scores": self.scores,
                 "pairs": len(self), "p_mean": float(self.p.mean()), **(extra_meta or {})}
-        (out / META_FILE).write_text(json.dumps(meta, indent=2))
+        atomic_write(out / META_FILE, json.dumps(meta, indent=2))
         return out / TABLE_FILE
 
     @classmethod
@@ -221,11 +223,9 @@ class ScoreCache:
         directory.mkdir(parents=True, exist_ok=True)
         table = pa.table({"row": pa.array(rows, pa.int64()), "score_w": pa.array(scores_w, pa.float64()),
                           "score_l": pa.array(scores_l, pa.float64())})
-        tmp = directory / ".scores.parquet.tmp"
-        pq.write_table(table, tmp)
-        tmp.replace(directory / "scores.parquet")
-        (directory / "manifest.json").write_text(json.dumps({"key": self.key, "pairs": len(rows), "units": units},
-                                                            indent=2, default=str))
+        atomic_write(directory / "scores.parquet", lambda tmp: pq.write_table(table, tmp))
+        atomic_write(directory / "manifest.json", json.dumps({"key": self.key, "pairs": len(rows), "units": units},
+                                                             indent=2, default=str))
 
 
 def _dataset_scores(source):

@@ -371,7 +371,7 @@ def test_scores_a_folder_in_the_hpdv2_benchmark_layout(tmp_path):
 def test_registered_reward_models_score_each_column(tmp_path, capsys):
     """The real registry path (load_scorers): shapes-world renders, right vs wrong colours, scored by toy rewards."""
     from diffusion_pref.prompts import read_prompts
-    from diffusion_pref.reward_models.toy import ToyFidelity, ToySize
+    from diffusion_pref.toy.rewards import ToyFidelity, ToySize
     from diffusion_pref.toy.render import COLOURS, Scene, place, render
 
     records = read_prompts("toy")[:4]
@@ -483,7 +483,7 @@ def test_prompt_file_without_prompts_is_a_clear_error(tiny_sd_dir, tmp_path):
 def test_unknown_reward_model_is_a_clear_error_before_generation(tiny_sd_dir, tmp_path):
     cfg = load_config(None, _overrides(tiny_sd_dir, _prompt_file(tmp_path), tmp_path / "out",
                                        **{"reward.models": "{pickscor: 1.0}"}))
-    with pytest.raises(ConfigError, match=r"reward.models.pickscor: unknown reward model. Did you mean 'pickscore'"):
+    with pytest.raises(ConfigError, match=r"reward.models.pickscor: unknown reward model 'pickscor'; did you mean 'pickscore'"):
         run(cfg)
     assert not (tmp_path / "out" / "media").exists()
 

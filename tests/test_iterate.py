@@ -183,7 +183,7 @@ def probe(run_dir):
     """A UNet input and the outputs of the base and of round 1's model (diffusers' own LoRA loader) on it."""
     from diffusers import StableDiffusionPipeline
 
-    from diffusion_pref.pipelines import TOY_WEIGHTS
+    from diffusion_pref.toy import WEIGHTS as TOY_WEIGHTS
 
     out, _, _ = run_dir
     outputs = {}

@@ -562,7 +562,7 @@ def test_unknown_loss_names_nearest_and_lists_choices():
     with pytest.raises(UnknownLossError) as info:
         get_loss("dpp")
     message = str(info.value)
-    assert "Did you mean 'dpo'" in message
+    assert "did you mean 'dpo'" in message
     assert "apo_zero" in message and "smpo" in message
     assert isinstance(info.value, KeyError) and isinstance(info.value, ValueError)
 
@@ -570,7 +570,7 @@ def test_unknown_loss_names_nearest_and_lists_choices():
 def test_unknown_loss_param_names_nearest_and_lists_valid():
     with pytest.raises(UnknownLossError) as info:
         check_loss_params("robust", {"flip_rat": 0.2})
-    assert "Did you mean 'flip_rate'" in str(info.value)
+    assert "did you mean 'flip_rate'" in str(info.value)
     assert "Valid parameters: flip_rate" in str(info.value)
     with pytest.raises(UnknownLossError, match="Valid parameters: desirable_weight, undesirable_weight"):
         check_loss_params("kto", {"desirable": 1.0})

@@ -147,3 +147,17 @@ def test_named_toy_sets_have_the_shape_as_category():
     assert [r.prompt for r in held_out] == eval_prompts() and [r.prompt for r in train] == train_captions()
     assert not {r.prompt for r in held_out} & {r.prompt for r in train}
     assert all(r.category in r.prompt.split() and r.category in ("circle", "square", "triangle") for r in held_out + train)
+
+
+def test_a_name_close_to_a_named_set_is_suggested(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PromptFileError, match=r"'toyy' is not a local file or folder, nor a named prompt set "
+                                              r"\(did you mean 'toy'\?\), and loading it as hub dataset"):
+        read_prompts("toyy")
+
+
+def test_a_registered_prompt_set_reads_by_name(monkeypatch):
+    from diffusion_pref import prompts
+
+    monkeypatch.setitem(prompts.PROMPT_SETS, "two", lambda: [PromptRecord("a", None), PromptRecord("b", "x")])
+    assert read_prompts("two") == [PromptRecord("a", None), PromptRecord("b", "x")]

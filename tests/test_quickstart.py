@@ -7,7 +7,7 @@ import sys
 from diffusers import StableDiffusionPipeline
 
 from diffusion_pref.config import load_config
-from diffusion_pref.pipelines import TOY_WEIGHTS
+from diffusion_pref.toy import WEIGHTS as TOY_WEIGHTS
 
 
 def test_reduced_quickstart_runs_end_to_end(tmp_path):
@@ -50,7 +50,7 @@ def test_without_the_shapes_world_weights_it_falls_back_and_says_so(tmp_path, mo
     from diffusion_pref import pipelines
     from diffusion_pref.commands import quickstart
 
-    monkeypatch.setattr(pipelines, "TOY_WEIGHTS", tmp_path / "missing")
+    monkeypatch.setitem(pipelines.NAMED_MODELS, "toy", pipelines.NamedModel(tmp_path / "missing", "build them"))
     cfg, note = quickstart._built_in_model(load_config(), tmp_path)
     assert "random-weight" in note and "random-weight" in capsys.readouterr().out
     StableDiffusionPipeline.from_pretrained(cfg.model.pretrained)  # a real pipeline folder the loop can use

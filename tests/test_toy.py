@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_pref.reward_models.toy import ToyFidelity, ToySize
+from diffusion_pref.toy.rewards import ToyFidelity, ToySize
 from diffusion_pref.toy import render as R
 
 WEIGHTS = Path(R.__file__).parent / "weights"
@@ -302,3 +302,52 @@ def test_shipped_pipeline_follows_prompts_with_guidance():
     images = pipe(prompts, num_inference_steps=10, guidance_scale=5.0, output_type="pt",
                   generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))]).images
     assert ToyFidelity().score(prompts, images).mean() > 0.75
+
+
+# ---------------------------------------------------------------- a plugin of the core
+
+
+def test_the_toy_registers_its_names_from_outside_the_core():
+    import diffusion_pref.toy as toy
+    from diffusion_pref import pipelines, plugins, prompts, reward_models
+
+    assert "diffusion_pref.toy" in plugins.PLUGINS
+    assert prompts.PROMPT_SETS["toy"] is toy.eval_prompt_records
+    assert prompts.PROMPT_SETS["toy-train"] is toy.train_prompt_records
+    assert reward_models.reward_model_class("toy-fidelity") is ToyFidelity
+    assert reward_models.reward_model_class("toy-size") is ToySize
+    assert pipelines.named_model_folder("toy") == toy.WEIGHTS == WEIGHTS
+    # The core modules name no toy module: everything toy comes through the registries.
+    core = Path(pipelines.__file__).parent.parent
+    for module in ("prompts.py", "pipelines/__init__.py", "reward_models/__init__.py"):
+        text = (core / module).read_text()
+        assert "diffusion_pref.toy" not in text and "TOY" not in text, module
+
+
+def test_a_missing_named_model_says_how_to_build_it(tmp_path, monkeypatch):
+    from diffusion_pref import pipelines
+    from diffusion_pref.pipelines.stable_diffusion import ModelLoadError
+
+    monkeypatch.setitem(pipelines.NAMED_MODELS, "toy", pipelines.NamedModel(tmp_path / "gone", "build them with X"))
+    with pytest.raises(ModelLoadError, match=r"model.pretrained=toy: the shipped toy weights are missing at .*gone; "
+                                             r"build them with X or set model.pretrained"):
+        pipelines.resolve_pretrained("toy")
+    with pytest.raises(ModelLoadError, match=r"no such folder; give a diffusers pipeline folder, a hub id or 'toy'"):
+        pipelines.resolve_pretrained("./nowhere")
+
+
+def test_plugins_load_once_in_a_fresh_interpreter_from_any_registry():
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    for first in ("diffusion_pref.reward_models", "diffusion_pref.prompts", "diffusion_pref.pipelines",
+                  "diffusion_pref.toy", "diffusion_pref.toy.rewards"):
+        code = (f"import sys; sys.path.insert(0, {str(repo)!r}); import {first}; "
+                "from diffusion_pref import pipelines, prompts, reward_models; "
+                "assert {'toy', 'toy-train'} <= set(prompts.PROMPT_SETS); "
+                "assert {'toy-fidelity', 'toy-size'} <= set(reward_models.REWARD_MODELS); "
+                "assert 'toy' in pipelines.NAMED_MODELS; assert 'torch' not in sys.modules or "
+                f"{first!r}.endswith('rewards')")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, (first, result.stderr[-2000:])

@@ -117,7 +117,7 @@ def test_overfitting_a_few_pairs_drives_implicit_accuracy_to_one(tiny_sd_dir, tm
 
     # Hold noise and timestep fixed across steps: with a fresh t each step, a few steps of a random tiny UNet
     # are dominated by which t was drawn, and the test would measure luck instead of the optimisation.
-    monkeypatch.setattr(loop_module, "_step_seed", lambda seed, micro: 1234)
+    monkeypatch.setattr(loop_module, "derive_seed", lambda seed, micro: 1234)
     data = write_pairs(tmp_path / "four.parquet", n=4)
     run(make_cfg(tiny_sd_dir, data, tmp_path / "out", "train.batch_size=4", "train.max_steps=8",
                                 "train.learning_rate=1e-2", "model.lora_rank=4", "data.shuffle=false"))

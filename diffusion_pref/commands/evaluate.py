@@ -42,6 +42,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
 
 from diffusion_pref.config import Config, ConfigError
+from diffusion_pref.fileio import atomic_write
+from diffusion_pref.suggest import did_you_mean
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -78,12 +80,14 @@ class Sample:
 
 def load_prompt_records(cfg: Config) -> list:
     """The prompt set as ``PromptRecord``s (``diffusion_pref.prompts.read_prompts``: files, the HPDv2 benchmark
-    folder, hub datasets, ``toy`` for the shapes-world held-out prompts); ``eval.max_prompts`` keeps the first N."""
-    from diffusion_pref.prompts import read_prompts
+    folder, hub datasets, named sets such as ``toy``, the shapes-world held-out prompts); ``eval.max_prompts`` keeps
+    the first N."""
+    from diffusion_pref.prompts import PROMPT_SETS, read_prompts
 
     if not cfg.eval.prompts:
+        named = f" or a named set ({', '.join(PROMPT_SETS)})" if PROMPT_SETS else ""
         raise ConfigError("eval.prompts is not set; give a prompt file (txt, json, PartiPrompts tsv, parquet), "
-                          "the HPDv2 benchmark folder, a hub dataset id, or 'toy'")
+                          f"the HPDv2 benchmark folder, a hub dataset id{named}")
     try:
         records = read_prompts(cfg.eval.prompts, column=cfg.eval.prompt_column)
     except ValueError as err:  # PromptFileError is a ValueError; say which key the file came from
@@ -157,16 +161,14 @@ SAMPLING_KEYS = {"steps": int, "guidance_scale": float, "resolution": int}
 
 def sampling_settings(cfg: Config, variant: Optional[str] = None) -> Dict[str, Any]:
     """The sampling settings of ``variant``: ``eval.steps`` etc., with its ``eval.variant_sampling`` entry on top."""
-    import difflib
-
     settings: Dict[str, Any] = {"steps": cfg.eval.steps, "guidance_scale": cfg.eval.guidance_scale,
                                 "resolution": cfg.eval.resolution, "dtype": _dtype_name(cfg)}
     overrides = (cfg.eval.variant_sampling.get(variant) or {}) if variant is not None else {}
     for key, value in overrides.items():
         if key not in SAMPLING_KEYS:
-            near = difflib.get_close_matches(key, list(SAMPLING_KEYS), n=1, cutoff=0.0)
-            raise ConfigError(f"eval.variant_sampling.{variant}.{key}: not a sampling setting; did you mean "
-                              f"'{near[0]}'? Choices: {', '.join(SAMPLING_KEYS)}")
+            hint = did_you_mean(key, SAMPLING_KEYS)
+            raise ConfigError(f"eval.variant_sampling.{variant}.{key}: not a sampling setting"
+                              f"{'; ' + hint if hint else '.'} Choices: {', '.join(SAMPLING_KEYS)}")
         try:
             settings[key] = None if value is None else SAMPLING_KEYS[key](value)
         except (TypeError, ValueError):
@@ -263,8 +265,8 @@ def save_media(item: Any, path: Path, sample_rate: Optional[int] = None) -> Path
     """A PIL image as PNG (lossless, so cached and fresh samples score the same); an audio array as WAV."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if hasattr(item, "save") and hasattr(item, "size"):
-        item.save(path.with_suffix(".png"))
-        return path.with_suffix(".png")
+        # atomically: a run killed mid-write must not leave a partial file that a rerun takes for a cached sample
+        return atomic_write(path.with_suffix(".png"), lambda tmp: item.save(tmp, format="PNG"))
     import numpy as np
     import soundfile
 
@@ -273,8 +275,8 @@ def save_media(item: Any, path: Path, sample_rate: Optional[int] = None) -> Path
         audio = audio.T
     if sample_rate is None:
         raise ValueError("an audio sample needs the backbone's sample_rate to be saved")
-    soundfile.write(str(path.with_suffix(".wav")), audio, int(sample_rate))
-    return path.with_suffix(".wav")
+    return atomic_write(path.with_suffix(".wav"),
+                        lambda tmp: soundfile.write(str(tmp), audio, int(sample_rate), format="WAV"))
 
 
 def generate_samples(cfg: Config, variants: Sequence[Variant], records: Sequence[Any], out_dir: Path) -> tuple:
@@ -400,18 +402,13 @@ def benchmark_samples(images_dir: str | Path, records: Sequence[Any]) -> List[Sa
 
 def check_reward_names(cfg: Config) -> None:
     """Fail on an unknown reward model name before anything is generated."""
-    from diffusion_pref.reward_models import REWARD_MODELS
+    from diffusion_pref.reward_models import REWARD_MODELS, unknown_reward_model
 
     if not cfg.reward.models:
         raise ConfigError("reward.models is empty; name at least one reward model, e.g. reward.models.pickscore=1.0")
     for name in cfg.reward.models:
         if name not in REWARD_MODELS:
-            import difflib
-
-            near = difflib.get_close_matches(name, list(REWARD_MODELS), n=1, cutoff=0.4)
-            hint = f" Did you mean '{near[0]}'?" if near else ""
-            raise ConfigError(f"reward.models.{name}: unknown reward model.{hint} "
-                              f"Choices: {', '.join(sorted(REWARD_MODELS))}")
+            raise ConfigError(f"reward.models.{name}: {unknown_reward_model(name)}")
 
 
 def load_scorers(cfg: Config) -> Dict[str, Any]:
@@ -561,7 +558,7 @@ def run(cfg: Config, scorers: Optional[Mapping[str, Any]] = None) -> Dict[str, A
         "n_reused": n_reused,
         "prompts_cut": prompts_cut,
     }
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True))
+    atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=True))
     details = {"model": cfg.model.pretrained, "prompts": f"{cfg.eval.prompts} ({len(records)} prompts)"}
     details.update({f"variant {k}": v for k, v in specs.items()})
     if cfg.eval.images_dir is None:

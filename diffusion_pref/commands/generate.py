@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from diffusion_pref.config import Config, ConfigError, GenerateConfig
+from diffusion_pref.fileio import atomic_write
 
 # Why a candidate pair was not written, in the order the checks run (a pair counts under the first that fails).
 FILTER_REASONS = ("tie", "min_winner_score", "min_gap", "max_gap")
@@ -223,19 +224,6 @@ def _encode_image(image: Any, image_format: str) -> bytes:
     return buffer.getvalue()
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder and rename it: readers never see a partial file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _pair_schema():
     import pyarrow as pa
 
@@ -264,10 +252,10 @@ def _write_shard(folder: Path, process: int, number: int, rows: List[dict], meta
         schema = _pair_schema().with_metadata({METADATA_KEY: json.dumps(meta).encode()})
         table = pa.Table.from_pylist(rows, schema=schema)
         path = folder / f"pairs-p{process:03d}-{number:05d}.parquet"
-        _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+        atomic_write(path, lambda tmp: pq.write_table(table, tmp))
     else:
         path = folder / f"pairs-p{process:03d}-{number:05d}.empty.json"
-        _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(meta)))
+        atomic_write(path, json.dumps(meta))
     return path
 
 
@@ -531,7 +519,7 @@ def generate(
             prompts_cut = json.loads((folder / SUMMARY_FILE).read_text()).get("prompts_cut")
         if prompts_cut is not None:
             summary["prompts_cut"] = prompts_cut
-        _atomic_write(folder / SUMMARY_FILE, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+        atomic_write(folder / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
         print(_format_summary(summary, folder))
     if stop.signal_number is not None and raise_on_stop:
         raise SystemExit(128 + stop.signal_number)  # the shell's status for a process ended by that signal

@@ -23,6 +23,8 @@ import json
 import math
 from pathlib import Path
 
+from diffusion_pref.fileio import atomic_write
+
 
 def _load_image(path: str, resolution: int):
     """-> (PIL image resized and centre-cropped, pixels [1, 3, R, R] in [-1, 1])."""
@@ -119,7 +121,7 @@ def run(cfg) -> None:
     array = (reconstruction[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
     Image.fromarray(array).save(out / "reconstruction.png")
     image.save(out / "input.png")
-    (out / "invert_metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write(out / "invert_metrics.json", json.dumps(metrics, indent=2))
     print(f"{traj.kind} inversion, {len(grid)} steps: PSNR {metrics['psnr']:.2f} dB "
           f"(VAE round trip alone: {metrics['psnr_vae_round_trip']:.2f} dB); latent RMSE {metrics['latent_rmse']:.4f}")
     print(f"wrote {out / 'reconstruction.png'}")

@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from diffusion_pref.config import Config, ConfigError
+from diffusion_pref.fileio import atomic_write
 from diffusion_pref.commands.quickstart import step_config
 
 STATE_FILE = "iterate_state.json"
@@ -96,9 +96,7 @@ def _load_state(out: Path, settings: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _save_state(out: Path, state: Dict[str, Any]) -> None:
-    tmp = out / f".{STATE_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, out / STATE_FILE)  # a run killed mid-write leaves the previous state whole
+    atomic_write(out / STATE_FILE, json.dumps(state, indent=2))  # a run killed mid-write leaves the previous state whole
 
 
 def _round_prompts(cfg: Config, rounds: int) -> Optional[List[List[dict]]]:
@@ -141,7 +139,7 @@ def _generate_stage(cfg: Config, folder: Path, round_number: int, prompts: Optio
     if prompts is not None:
         prompt_file = folder / "prompts.json"
         prompt_file.parent.mkdir(parents=True, exist_ok=True)
-        prompt_file.write_text(json.dumps(prompts, indent=1))
+        atomic_write(prompt_file, json.dumps(prompts, indent=1))
         fields.update(prompts=str(prompt_file), prompt_column=None, max_prompts=None)
     summary = generate.generate(step_config(cfg, folder / "pairs", generate=fields))
     if not summary["pairs_written"]:
@@ -237,7 +235,7 @@ def run(cfg: Config) -> Dict[str, Any]:
         "metrics_file": str(out / "eval" / "metrics.json"),
         "report": str(out / "eval" / "report.html"),
     }
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    atomic_write(out / SUMMARY_FILE, json.dumps(summary, indent=2))
     print("\n".join(["", f"iterate: {rounds} rounds of {cfg.loss.name} (reference {cfg.iterate.reference}), "
                          f"evaluated on {cfg.eval.prompts}", *_table(summary, reward),
                      f"  report: {summary['report']}"]), flush=True)

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from diffusion_pref.config import Config, save_config
+from diffusion_pref.fileio import atomic_write
 
 
 def step_config(cfg: Config, out: Path, **sections) -> Config:
@@ -37,9 +38,10 @@ def step_config(cfg: Config, out: Path, **sections) -> Config:
 
 def _built_in_model(cfg: Config, out: Path) -> tuple[Config, str]:
     """The shapes-world model if it ships with the package; otherwise a tiny random-weight SD (said plainly)."""
-    from diffusion_pref.pipelines import TOY_WEIGHTS
+    from diffusion_pref.pipelines import named_model_folder
 
-    if cfg.model.pretrained != "toy" or (TOY_WEIGHTS / "model_index.json").is_file():
+    shipped = named_model_folder(cfg.model.pretrained)
+    if shipped is None or (shipped / "model_index.json").is_file():
         return cfg, f"model: {cfg.model.pretrained}"
     from diffusion_pref.testing import save_tiny_sd
 
@@ -108,5 +110,5 @@ def run(cfg: Config) -> dict:
     ]
     print("\n".join(lines), flush=True)
     result = {"model": model_note, "loss": cfg.loss.name, "timings": timings, "metrics_file": str(evaluation / "metrics.json")}
-    (out / "quickstart_summary.json").write_text(json.dumps(result, indent=2))
+    atomic_write(out / "quickstart_summary.json", json.dumps(result, indent=2))
     return result

@@ -16,11 +16,7 @@ from __future__ import annotations
 
 from typing import Dict, Tuple
 
-
-def pair_rng(seed: int, row: int):
-    import numpy as np
-
-    return np.random.default_rng([int(seed), int(row), 0x5EED])
+from diffusion_pref.seeding import derive_rng
 
 
 def _to_tensor(image):
@@ -37,7 +33,7 @@ def augment_pair(pair, resolution: int, flip: bool, crop: bool, caption_dropout:
     """-> (pixels_w [3,R,R], pixels_l [3,R,R], caption, {"original_size": (h, w), "crop_top_left": (y, x)})."""
     from PIL import Image
 
-    rng = pair_rng(seed, pair.row)
+    rng = derive_rng(seed, pair.row, 0x5EED)  # the third part keeps it apart from the epoch order's (seed, epoch)
     # Draw every choice up front in a fixed order, so one setting never shifts another's random numbers.
     drop_caption = rng.random() < caption_dropout
     do_flip = flip and rng.random() < 0.5

@@ -28,6 +28,8 @@ import logging
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
+from diffusion_pref.fileio import atomic_write
+
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
@@ -207,14 +209,12 @@ def build_cache(cfg, source, backbone, accelerator=None, invert=None) -> CachedP
     for b in range(rank, len(source.blocks), world):
         shard = _encode_block(cfg, source, backbone, b, device, weight_dtype, invert=invert)
         skipped += int((~shard["valid"]).sum())
-        tmp = directory / f".shard-{b:06d}.tmp"
-        save_file(shard, str(tmp))
-        tmp.replace(directory / f"shard-{b:06d}.safetensors")
+        atomic_write(directory / f"shard-{b:06d}.safetensors", lambda tmp: save_file(shard, str(tmp)))
     if accelerator is not None:
         accelerator.wait_for_everyone()
     if rank == 0:
-        manifest.write_text(json.dumps({"key": key, "blocks": len(source.blocks), "pairs": len(source)},
-                                       indent=2, default=str))
+        atomic_write(manifest, json.dumps({"key": key, "blocks": len(source.blocks), "pairs": len(source)},
+                                          indent=2, default=str))
     if accelerator is not None:
         accelerator.wait_for_everyone()
     if skipped:

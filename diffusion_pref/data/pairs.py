@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from diffusion_pref.seeding import derive_rng
+
 logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
@@ -309,11 +311,9 @@ class PairSource:
     # -- order ---------------------------------------------------------------------------------------------
     def order(self, epoch: int) -> List[Tuple[int, int]]:
         """(block index, index inside block) for every kept row, in this epoch's order."""
-        import numpy as np
-
         if not self.cfg.shuffle:
             return [(b, i) for b, block in enumerate(self.blocks) for i in range(len(block.rows))]
-        rng = np.random.default_rng([self.seed, epoch])
+        rng = derive_rng(self.seed, epoch)
         out = []
         for b in rng.permutation(len(self.blocks)):
             out.extend((int(b), int(i)) for i in rng.permutation(len(self.blocks[b].rows)))

@@ -21,6 +21,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
+from diffusion_pref.fileio import atomic_write
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -265,8 +267,7 @@ def render_report(
 
 def write_report(path: str | Path, metrics: Dict[str, Any], table: "pd.DataFrame", **kwargs: Any) -> Path:
     path = Path(path)
-    path.write_text(render_report(metrics, table, **kwargs), encoding="utf-8")
-    return path
+    return atomic_write(path, render_report(metrics, table, **kwargs))
 
 
 def _fit(image, cell: int):

@@ -1,8 +1,9 @@
 """Backbones: one class per model family over its diffusers pipeline, each implementing the protocol of
 :mod:`diffusion_pref.pipelines.base` (``Backbone``).
 
-``load_backbone(model_cfg)`` reads ``model.pretrained`` ("toy", a hub id, or a local diffusers folder), decides
-the family (``model.family``, or ``auto`` from ``model_index.json``) and returns the backbone.
+``load_backbone(model_cfg)`` reads ``model.pretrained`` (a short name from :data:`NAMED_MODELS` such as "toy", a
+hub id, or a local diffusers folder), decides the family (``model.family``, or ``auto`` from ``model_index.json``)
+and returns the backbone.
 
 Example::
 
@@ -16,9 +17,33 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Dict, NamedTuple, Optional
 
-TOY_WEIGHTS = Path(__file__).resolve().parent.parent / "toy" / "weights"
+
+class NamedModel(NamedTuple):
+    folder: Path  # a diffusers pipeline folder (with model_index.json)
+    how_to_build: str  # said when the folder is missing, e.g. "build them with `python -m ...`"
+
+
+# Short names for model.pretrained that stand for a local folder; plugins fill it through register_named_model
+# (the shapes world registers "toy"; see diffusion_pref.plugins).
+NAMED_MODELS: Dict[str, NamedModel] = {}
+
+
+def register_named_model(name: str, folder: Path, how_to_build: str) -> None:
+    """Make ``model.pretrained=<name>`` load the pipeline folder ``folder``."""
+    NAMED_MODELS[name] = NamedModel(Path(folder), how_to_build)
+
+
+def named_model_folder(name: str) -> Optional[Path]:
+    """The folder a registered short name stands for, or None for any other ``model.pretrained``."""
+    named = NAMED_MODELS.get(name)
+    return named.folder if named else None
+
+
+def _named_choices() -> str:
+    """" or 'toy'" (the registered short names, for messages), or "" when there are none."""
+    return f" or {', '.join(repr(name) for name in NAMED_MODELS)}" if NAMED_MODELS else ""
 
 
 def torch_dtype(name: str):
@@ -48,14 +73,15 @@ def summarize_mismatch(text: str) -> Optional[str]:
 
 
 def resolve_pretrained(pretrained: str) -> str:
-    """"toy" -> the shipped shapes-world weights; an existing folder -> its path; anything else is a hub id."""
+    """A registered short name ("toy") -> its folder; an existing folder -> its path; anything else is a hub id."""
     from diffusion_pref.pipelines.stable_diffusion import ModelLoadError
 
-    if pretrained == "toy":
-        if not (TOY_WEIGHTS / "model_index.json").is_file():
-            raise ModelLoadError(f"model.pretrained=toy: the shipped toy weights are missing at {TOY_WEIGHTS}; "
-                                 "build them with `python -m diffusion_pref.toy.pretrain` or set model.pretrained")
-        return str(TOY_WEIGHTS)
+    if pretrained in NAMED_MODELS:
+        folder, how_to_build = NAMED_MODELS[pretrained]
+        if not (folder / "model_index.json").is_file():
+            raise ModelLoadError(f"model.pretrained={pretrained}: the shipped {pretrained} weights are missing at "
+                                 f"{folder}; {how_to_build} or set model.pretrained")
+        return str(folder)
     path = Path(pretrained).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():
@@ -63,7 +89,8 @@ def resolve_pretrained(pretrained: str) -> str:
                                  "pipeline folder (pipe.save_pretrained(...) writes one)")
         return str(path)
     if pretrained.startswith((".", "/", "~")) or pretrained.count("/") > 1:
-        raise ModelLoadError(f"model.pretrained={pretrained}: no such folder; give a diffusers pipeline folder, a hub id or 'toy'")
+        raise ModelLoadError(f"model.pretrained={pretrained}: no such folder; give a diffusers pipeline folder, a "
+                             f"hub id{_named_choices()}")
     return pretrained
 
 
@@ -78,7 +105,7 @@ def vae_scale_factor(model_cfg, vae=None):
         blocks = vae.config.block_out_channels
     else:
         where, name = (model_cfg.vae, "config.json") if model_cfg.vae else (model_cfg.pretrained, "vae/config.json")
-        folder = TOY_WEIGHTS if where == "toy" else Path(where).expanduser()
+        folder = named_model_folder(where) or Path(where).expanduser()
         file = folder / name
         if not folder.is_dir():
             from huggingface_hub import try_to_load_from_cache
@@ -163,3 +190,8 @@ def load_backbone(model_cfg, dtype=None):
     except ImportError:
         raise ValueError(f"model.family={family}: no backbone adapter for it in this version") from None
     return module.load_backbone(model_cfg, **({} if dtype is None else {"dtype": dtype}))
+
+
+from diffusion_pref.plugins import load_plugins  # noqa: E402  (after the registry it fills)
+
+load_plugins()

@@ -1,9 +1,8 @@
 """Sem-DPO's semantic weight: how close a winning rewrite stays to the user's prompt, as a per-pair loss weight.
 
 ``W = exp(-alpha * (1 - cos(e(x), e(y_w))))`` with ``x`` the original prompt, ``y_w`` the chosen rewrite and ``e`` a
-frozen text embedder (Sem-DPO, arXiv 2507.20133; the weight form is from a secondary source, see
-``reference/loss_family.md`` section 1). alpha = 0 gives W = 1 (plain DPO); larger alpha down-weights pairs whose
-winner drifted. The weight multiplies the pair's loss through ``LOSSES[name](..., weight=W)``, for any loss.
+frozen text embedder (Sem-DPO, arXiv 2507.20133; the weight form is from a secondary source). alpha = 0 gives
+W = 1 (plain DPO); larger alpha down-weights pairs whose winner drifted. The weight multiplies the pair's loss through ``LOSSES[name](..., weight=W)``, for any loss.
 
 Computed once per pair file and stored beside it:
 

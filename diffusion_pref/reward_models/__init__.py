@@ -15,12 +15,14 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from collections.abc import Mapping
 from typing import Any
 
-# name -> "module:Class"; resolved lazily so importing this package stays cheap.
+from diffusion_pref.suggest import did_you_mean
+
+# name -> "module:Class"; resolved lazily so importing this package stays cheap. Plugins add theirs through
+# register_reward_model (the shapes world: toy-fidelity, toy-size; see diffusion_pref.plugins).
 REWARD_MODELS = {
     "pickscore": "diffusion_pref.reward_models.pickscore:PickScore",
     "hpsv2": "diffusion_pref.reward_models.hps:HPSv2",
@@ -29,15 +31,24 @@ REWARD_MODELS = {
     "aesthetic": "diffusion_pref.reward_models.aesthetic:LaionAesthetic",
     "imagereward": "diffusion_pref.reward_models.image_reward:ImageReward",
     "clap": "diffusion_pref.reward_models.clap:CLAPScore",
-    "toy-fidelity": "diffusion_pref.reward_models.toy:ToyFidelity",
-    "toy-size": "diffusion_pref.reward_models.toy:ToySize",
 }
 
 
+def register_reward_model(name: str, target: str) -> None:
+    """Make ``name`` a reward model: ``target`` is ``"module:Class"``, imported when the model is first used."""
+    if ":" not in target:
+        raise ValueError(f"register_reward_model({name!r}, {target!r}): give the class as 'module:Class'")
+    REWARD_MODELS[name] = target
+
+
+def unknown_reward_model(name: str) -> str:
+    """The message for a name that is not registered: the nearest name, if one is close, and every choice."""
+    hint = did_you_mean(name, REWARD_MODELS)
+    return f"unknown reward model {name!r}{'; ' + hint if hint else '.'} Choices: {', '.join(sorted(REWARD_MODELS))}"
+
+
 def _unknown(name: str) -> ValueError:
-    near = difflib.get_close_matches(name, list(REWARD_MODELS), n=1, cutoff=0.4)
-    hint = f"; did you mean {near[0]!r}?" if near else ""
-    return ValueError(f"unknown reward model {name!r}{hint} Choices: {', '.join(sorted(REWARD_MODELS))}")
+    return ValueError(unknown_reward_model(name))
 
 
 def reward_model_class(name: str) -> type:
@@ -127,6 +138,12 @@ __all__ = [
     "load_reward",
     "load_reward_from_config",
     "load_reward_model",
+    "register_reward_model",
     "reward_model_class",
     "reward_spec",
+    "unknown_reward_model",
 ]
+
+from diffusion_pref.plugins import load_plugins  # noqa: E402  (after the registry it fills)
+
+load_plugins()

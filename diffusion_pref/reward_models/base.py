@@ -158,6 +158,32 @@ def clip_text_image_features(model, tokenizer, image_processor, prompts: Sequenc
     return text_emb.float(), image_emb.float()
 
 
+def load_hf_clip(pretrained: str, processor: str, device: "torch.device") -> tuple:
+    """``(model, tokenizer, image_processor)``: a transformers ``CLIPModel`` from ``pretrained`` (float32, eval,
+    on ``device``) with the tokenizer and PIL image processor of ``processor``."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    model = CLIPModel.from_pretrained(pretrained).float().to(device).eval()
+    return model, AutoTokenizer.from_pretrained(processor), clip_image_processor(processor)
+
+
+def score_clip_batches(scorer, prompts: Sequence[str], media: Any, combine, prefix: str = "") -> "torch.Tensor":
+    """Float32 CPU scores ``[n]`` of a scorer holding a transformers CLIP (``model``, ``tokenizer``,
+    ``image_processor``, ``device``, ``batch_size``, ``name``): ``combine(text_emb, image_emb) -> [b]`` per batch of
+    :func:`clip_text_image_features`, without gradients; ``prefix`` goes before every prompt."""
+    import torch
+
+    images = images_to_pil(media, scorer.name)
+    prompts = [prefix + p for p in check_prompts(prompts, len(images), scorer.name)]
+    out = []
+    with torch.no_grad():
+        for sl in batch_slices(len(images), scorer.batch_size):
+            text_emb, image_emb = clip_text_image_features(scorer.model, scorer.tokenizer, scorer.image_processor,
+                                                           prompts[sl], images[sl], scorer.device)  # [b, d] each
+            out.append(combine(text_emb, image_emb))
+    return torch.cat(out).float().cpu() if out else torch.zeros(0)
+
+
 def resolve_file(pretrained: str, filename: str, what: str) -> str:
     """A local file, a file `filename` inside a local folder, or `filename` from the hub repo `pretrained`."""
     if os.path.isfile(pretrained):

@@ -26,14 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .base import (
-    batch_slices,
-    check_prompts,
-    clip_image_processor,
-    clip_text_image_features,
-    default_device,
-    images_to_pil,
-)
+from .base import default_device, load_hf_clip, score_clip_batches
 
 if TYPE_CHECKING:
     import torch
@@ -57,8 +50,6 @@ class CLIPScore:
         device: Any = None,
         batch_size: int = 16,
     ):
-        from transformers import AutoTokenizer, CLIPModel
-
         if convention not in CONVENTIONS:
             raise ValueError(f"clip: unknown convention {convention!r}; choose one of {', '.join(CONVENTIONS)}")
         self.convention = convention
@@ -66,24 +57,14 @@ class CLIPScore:
         self.prefix = prefix
         self.device = default_device(device)
         self.batch_size = batch_size
-        self.model = CLIPModel.from_pretrained(pretrained).float().to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(pretrained)
-        self.image_processor = clip_image_processor(pretrained)
+        self.model, self.tokenizer, self.image_processor = load_hf_clip(pretrained, pretrained, self.device)
 
     def cosine(self, prompts: Sequence[str], media: Any) -> "torch.Tensor":
         """Raw cosine similarity, float32 [n]."""
         import torch
 
-        images = images_to_pil(media, self.name)
-        prompts = [self.prefix + p for p in check_prompts(prompts, len(images), self.name)]
-        out = []
-        with torch.no_grad():
-            for sl in batch_slices(len(images), self.batch_size):
-                text_emb, image_emb = clip_text_image_features(
-                    self.model, self.tokenizer, self.image_processor, prompts[sl], images[sl], self.device
-                )
-                out.append(torch.nn.functional.cosine_similarity(text_emb, image_emb, dim=-1))
-        return torch.cat(out).float().cpu() if out else torch.zeros(0)
+        return score_clip_batches(self, prompts, media, prefix=self.prefix,
+                                  combine=lambda text, image: torch.nn.functional.cosine_similarity(text, image, dim=-1))
 
     def score(self, prompts: Sequence[str], media: Any) -> "torch.Tensor":
         cos = self.cosine(prompts, media)

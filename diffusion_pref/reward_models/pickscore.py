@@ -22,14 +22,7 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .base import (
-    batch_slices,
-    check_prompts,
-    clip_image_processor,
-    clip_text_image_features,
-    default_device,
-    images_to_pil,
-)
+from .base import default_device, load_hf_clip, score_clip_batches
 
 if TYPE_CHECKING:
     import torch
@@ -55,33 +48,25 @@ class PickScore:
         processor, or `pretrained` itself when it is a local folder that holds a `preprocessor_config.json`
         (a PickScore_v1 snapshot ships one; offline use needs it).
         """
-        from transformers import AutoTokenizer, CLIPModel
-
         if processor is None:
             local = os.path.isdir(pretrained) and os.path.isfile(os.path.join(pretrained, "preprocessor_config.json"))
             processor = pretrained if local else OFFICIAL_PROCESSOR
         self.device = default_device(device)
         self.batch_size = batch_size
-        self.model = CLIPModel.from_pretrained(pretrained).float().to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(processor)
-        self.image_processor = clip_image_processor(processor)
+        self.model, self.tokenizer, self.image_processor = load_hf_clip(pretrained, processor, self.device)
 
     def score(self, prompts: Sequence[str], media: Any) -> "torch.Tensor":
         import torch
 
-        images = images_to_pil(media, self.name)
-        prompts = check_prompts(prompts, len(images), self.name)
-        out = []
         with torch.no_grad():
             logit_scale = self.model.logit_scale.exp().float()
-            for sl in batch_slices(len(images), self.batch_size):
-                text_emb, image_emb = clip_text_image_features(
-                    self.model, self.tokenizer, self.image_processor, prompts[sl], images[sl], self.device
-                )  # [b, d] each
-                text_emb = torch.nn.functional.normalize(text_emb, dim=-1)
-                image_emb = torch.nn.functional.normalize(image_emb, dim=-1)
-                out.append(logit_scale * (text_emb * image_emb).sum(-1))
-        return torch.cat(out).float().cpu() if out else torch.zeros(0)
+
+        def combine(text_emb, image_emb):
+            text_emb = torch.nn.functional.normalize(text_emb, dim=-1)
+            image_emb = torch.nn.functional.normalize(image_emb, dim=-1)
+            return logit_scale * (text_emb * image_emb).sum(-1)
+
+        return score_clip_batches(self, prompts, media, combine)
 
     def probabilities(self, prompt: str, images: Any) -> "torch.Tensor":
         """P(each candidate is preferred) for one prompt: softmax of its candidates' scores, [n]."""

@@ -217,7 +217,7 @@ def evaluate_fidelity(pipe, prompts, seeds_per_prompt: int, steps: int, guidance
     """Mean ToyFidelity and fraction with both colours right on ``prompts`` x seeds 0..k-1."""
     import torch
 
-    from diffusion_pref.reward_models.toy import ToyFidelity
+    from diffusion_pref.toy.rewards import ToyFidelity
 
     all_prompts = [p for p in prompts for _ in range(seeds_per_prompt)]
     generators = [torch.Generator().manual_seed(s) for _ in prompts for s in range(seeds_per_prompt)]

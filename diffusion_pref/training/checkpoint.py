@@ -30,6 +30,8 @@ import shutil
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from diffusion_pref.fileio import replace_folder
+
 logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -164,8 +166,7 @@ class Checkpointer:
                                         f"({str(err).splitlines()[0][:200]}); {last}") from None
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)  # the atomic step: a step-N folder is complete or absent
+            replace_folder(tmp, final)  # the atomic step: a step-N folder is complete or absent
             for old in list_checkpoints(self.root)[:-self.keep] if self.keep > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()

@@ -19,14 +19,10 @@ import math
 import time
 from typing import Dict
 
+from diffusion_pref.fileio import atomic_write
+from diffusion_pref.seeding import derive_seed
+
 logger = logging.getLogger(__name__)
-
-
-def _step_seed(seed: int, micro: int) -> int:
-    """The seed of micro-step ``micro``'s noise and timesteps: the same for any process count and on resume."""
-    import numpy as np
-
-    return int(np.random.SeedSequence([seed, micro]).generate_state(1)[0])
 
 
 def train(run, save_outputs: bool = True) -> Dict[str, object]:
@@ -73,7 +69,7 @@ def train(run, save_outputs: bool = True) -> Dict[str, object]:
             batch["soft_label"] = run.soft_labels.lookup(batch["rows"])
         batch = accel.to_device(batch)
         micro = step * t.grad_accum + micro_in_step
-        generator = torch.Generator().manual_seed(_step_seed(t.seed, micro))
+        generator = torch.Generator().manual_seed(derive_seed(t.seed, micro))  # any process count, resume
         with accelerator.accumulate(unet):
             latents_w, latents_l, text = run.encode(batch)
             cond = repeat_pair(backbone.conditioning(text, batch))
@@ -165,7 +161,7 @@ def train(run, save_outputs: bool = True) -> Dict[str, object]:
             backbone.save_lora(run.out, policy)
         else:
             backbone.save_full(run.out, policy, full_state)
-        (run.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write(run.out / "train_summary.json", json.dumps(summary, indent=2))
         logger.info("done: %s written to %s", summary["output"], run.out)
     accelerator.end_training()
     return summary

@@ -3,6 +3,8 @@ the progress bar."""
 
 from __future__ import annotations
 
+from diffusion_pref.fileio import atomic_write
+
 import dataclasses
 import json
 import math
@@ -34,7 +36,7 @@ class MetricsLog:
                 # Keep the lines up to the step this run starts from: a fresh run in an old folder starts a new
                 # log, a resumed one drops what the interrupted run logged after its last checkpoint.
                 kept = [line for line in self.file.read_text().splitlines() if json.loads(line)["step"] <= start_step]
-                self.file.write_text("".join(line + "\n" for line in kept))
+                atomic_write(self.file, "".join(line + "\n" for line in kept))
         self.progress = tqdm(total=cfg.train.max_steps, initial=start_step, disable=not accelerator.is_main_process,
                              desc="train")
 

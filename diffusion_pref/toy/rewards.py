@@ -9,7 +9,7 @@ image border, shape pixels are those far from it, and colours are classified aga
 
 Example::
 
-    from diffusion_pref.reward_models.toy import ToyFidelity
+    from diffusion_pref.toy.rewards import ToyFidelity
     from diffusion_pref.toy.render import render_batch
     images = render_batch(["a red circle on a blue background"], [0])   # [1, 3, 32, 32] in [0, 1]
     ToyFidelity().score(["a red circle on a blue background"], images)  # tensor([~1.0])
