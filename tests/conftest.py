@@ -49,6 +49,14 @@ def tiny_sdxl_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    """A tiny SD3 (flow matching) without its optional T5 encoder."""
+    from diffusion_pref.testing import save_tiny_sd3
+
+    return save_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3-no-t5"), t5=False)
+
+
+@pytest.fixture(scope="session")
 def tiny_tango_dir(tmp_path_factory):
     from diffusion_pref.testing import save_tiny_tango
 

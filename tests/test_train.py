@@ -75,31 +75,41 @@ def snapshot(named):
     return {n: p.detach().clone() for n, p in named}
 
 
+TINY_MODELS = {"sd": "tiny_sd_dir", "sdxl": "tiny_sdxl_dir", "sd3": "tiny_sd3_dir"}
+
+
+@pytest.mark.parametrize("family", sorted(TINY_MODELS))
 @pytest.mark.parametrize("loss", sorted(LOSSES))
-def test_every_loss_trains_only_its_trainable_parameters(loss, tiny_sd_dir, pairs_path, tmp_path):
+def test_every_loss_trains_only_its_trainable_parameters(loss, family, pairs_path, tmp_path, request):
+    """Every loss through the one training loop, on SD1.x (epsilon), SDXL and SD3 (flow matching, velocity)."""
     from diffusion_pref.training.setup import Trainer
 
     # the pairs have no score columns: smpo and sppo take p from the human labels here (no reward model to load)
     soft = ["data.soft_labels=label"] if loss in TAKES_SOFT_LABEL else []
-    trainer = Trainer(make_cfg(tiny_sd_dir, pairs_path, tmp_path, f"loss.name={loss}", *soft))
-    unet = trainer.accelerator.unwrap_model(trainer.unet)
-    trainable = snapshot((n, p) for n, p in unet.named_parameters() if p.requires_grad)
-    frozen = snapshot((n, p) for n, p in unet.named_parameters() if not p.requires_grad)
-    frozen.update(snapshot((f"te.{n}", p) for n, p in trainer.backbone.frozen["text_encoder"].named_parameters()))
-    frozen.update(snapshot((f"vae.{n}", p) for n, p in trainer.backbone.frozen["vae"].named_parameters()))
+    model_dir = request.getfixturevalue(TINY_MODELS[family])
+    trainer = Trainer(make_cfg(model_dir, pairs_path, tmp_path, f"loss.name={loss}", *soft))
+    assert trainer.backbone.family == family
+    denoiser = trainer.accelerator.unwrap_model(trainer.unet)
+
+    def frozen_params():
+        return {f"{name}.{n}": p for name, module in trainer.backbone.frozen.items() for n, p in module.named_parameters()}
+
+    trainable = snapshot((n, p) for n, p in denoiser.named_parameters() if p.requires_grad)
+    frozen = snapshot((n, p) for n, p in denoiser.named_parameters() if not p.requires_grad)
+    frozen.update(snapshot(frozen_params().items()))
     assert trainable and all("lora" in n for n in trainable)
     trainer.train()
 
     assert all(math.isfinite(m["loss"]) for m in read_metrics(tmp_path))
-    params = dict(unet.named_parameters())
-    params.update({f"te.{n}": p for n, p in trainer.backbone.frozen["text_encoder"].named_parameters()})
-    params.update({f"vae.{n}": p for n, p in trainer.backbone.frozen["vae"].named_parameters()})
+    params = dict(denoiser.named_parameters())
+    params.update(frozen_params())
     unchanged = [n for n, before in trainable.items() if torch.equal(params[n], before)]
     assert not unchanged, f"{loss}: trainable parameters did not change: {unchanged[:4]}"
     changed = [n for n, before in frozen.items() if not torch.equal(params[n], before)]
     assert not changed, f"{loss}: frozen/reference parameters changed: {changed[:4]}"
     expected_ref = "none" if loss in ("sft", "asft", "redi") else "adapter"
     assert trainer.reference == expected_ref
+    assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_fresh_lora_starts_at_log2_and_half_accuracy(tiny_sd_dir, pairs_path, tmp_path):
