@@ -139,57 +139,63 @@ def check_resolution(model_cfg, resolution: int, vae=None, key: str = "data.reso
                           f"{model}; use a multiple of {factor}, e.g. {near}")
 
 
+class Family(NamedTuple):
+    backbone: str  # "module:Class" of its Backbone subclass, imported when the family is first used
+    pipelines: tuple  # prefixes of the diffusers pipeline class names (model_index.json "_class_name") it loads
+
+
+# model.family -> its backbone. A new model family is one file in pipelines/ and one line here; detection walks the
+# table in order, so a more specific pipeline name (StableDiffusionXL..., StableDiffusion3...) comes before "sd".
+FAMILIES: Dict[str, Family] = {
+    "sdxl": Family("diffusion_pref.pipelines.sdxl:SDXLBackbone", ("StableDiffusionXL",)),
+    "sd3": Family("diffusion_pref.pipelines.sd3:SD3Backbone", ("StableDiffusion3",)),
+    "sd": Family("diffusion_pref.pipelines.stable_diffusion:StableDiffusionBackbone", ("StableDiffusion",)),
+}
+
+
+def _class_name(model_cfg) -> str:
+    """The pipeline class ``model_index.json`` of ``model.pretrained`` names (local folder or hub cache)."""
+    location = resolve_pretrained(model_cfg.pretrained)
+    index = Path(location) / "model_index.json"
+    if index.is_file():
+        return json.loads(index.read_text()).get("_class_name", "")
+    from diffusers import DiffusionPipeline
+
+    from diffusion_pref.pipelines.stable_diffusion import ModelLoadError
+
+    try:
+        return DiffusionPipeline.load_config(location, revision=model_cfg.revision).get("_class_name", "")
+    except Exception as err:
+        raise ModelLoadError(f"could not read model_index.json of model.pretrained={model_cfg.pretrained!r} "
+                             f"({type(err).__name__}); check the id and your network, or set model.family") from None
+
+
 def detect_family(model_cfg) -> str:
+    """``model.family``, or for ``auto`` the family whose pipeline class ``model_index.json`` names."""
     if model_cfg.family != "auto":
         return model_cfg.family
     if (Path(model_cfg.pretrained).expanduser() / "stft_config.json").is_file():  # Tango has no model_index.json
         return "tango"
-    location = resolve_pretrained(model_cfg.pretrained)
-    index = Path(location) / "model_index.json"
-    if index.is_file():
-        class_name = json.loads(index.read_text()).get("_class_name", "")
-    else:
-        from diffusers import DiffusionPipeline
-
-        from diffusion_pref.pipelines.stable_diffusion import ModelLoadError
-
-        try:
-            class_name = DiffusionPipeline.load_config(location, revision=model_cfg.revision).get("_class_name", "")
-        except Exception as err:
-            raise ModelLoadError(f"could not read model_index.json of model.pretrained={model_cfg.pretrained!r} "
-                                 f"({type(err).__name__}); check the id and your network, or set model.family") from None
-    if "XL" in class_name:
-        return "sdxl"
-    if class_name.startswith("StableDiffusion3"):
-        return "sd3"
+    class_name = _class_name(model_cfg)
     if "Tango" in class_name or "AudioLDM" in class_name:
         return "tango"
-    return "sd"
+    for family, entry in FAMILIES.items():
+        if class_name.startswith(entry.pipelines):
+            return family
+    return "sd"  # any other pipeline class is tried as SD1.x/2.x, as before
 
 
 def load_backbone(model_cfg, dtype=None):
     """The backbone of ``model_cfg``; ``dtype`` loads every module in that precision (sampling), None in the
     checkpoint's (training casts per module itself)."""
-    family = detect_family(model_cfg)
-    if family == "sd":
-        from diffusion_pref.pipelines.stable_diffusion import StableDiffusionBackbone
-
-        return StableDiffusionBackbone.load(model_cfg, dtype=dtype)
-    if family == "sdxl":
-        from diffusion_pref.pipelines.sdxl import SDXLBackbone
-
-        return SDXLBackbone.load(model_cfg, dtype=dtype)
-    if family == "sd3":
-        from diffusion_pref.pipelines.sd3 import SD3Backbone
-
-        return SD3Backbone.load(model_cfg, dtype=dtype)
     import importlib
 
-    try:
-        module = importlib.import_module(f"diffusion_pref.pipelines.{family}")
-    except ImportError:
-        raise ValueError(f"model.family={family}: no backbone adapter for it in this version") from None
-    return module.load_backbone(model_cfg, **({} if dtype is None else {"dtype": dtype}))
+    family = detect_family(model_cfg)
+    if family not in FAMILIES:
+        raise ValueError(f"model.family={family}: no backbone for it in this version (there are: "
+                         f"{', '.join(FAMILIES)})")
+    module_name, class_name = FAMILIES[family].backbone.split(":")
+    return getattr(importlib.import_module(module_name), class_name).load(model_cfg, dtype=dtype)
 
 
 from diffusion_pref.plugins import load_plugins  # noqa: E402  (after the registry it fills)

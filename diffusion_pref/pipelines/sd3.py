@@ -212,7 +212,3 @@ class _Limited:
 
     def __call__(self, *args, **kwargs):
         return self._tokenizer(*args, **kwargs)
-
-
-def load_backbone(model_cfg, dtype=None):
-    return SD3Backbone.load(model_cfg, dtype=dtype)
