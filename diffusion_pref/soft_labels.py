@@ -42,12 +42,14 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, get_args
+
+from diffusion_pref.config import SoftLabelScores, SoftLabelWinner
 
 logger = logging.getLogger(__name__)
 
-WINNER_MODES = ("reward", "human")
-SCORE_SOURCES = ("auto", "dataset", "reward_model")
+WINNER_MODES = get_args(SoftLabelWinner)  # the choices are declared once, in diffusion_pref.config
+SCORE_SOURCES = get_args(SoftLabelScores)
 TABLE_FILE = "soft_labels.parquet"
 META_FILE = "soft_labels.json"
 # The SmPO code's hard-coded PickScore range (raw cosine, the dataset's min and max), and the same range in the

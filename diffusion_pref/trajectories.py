@@ -69,7 +69,9 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, get_args
+
+from diffusion_pref.config import TMode, TrajectoryKind
 
 if TYPE_CHECKING:
     import torch
@@ -90,8 +92,8 @@ __all__ = [
 ]
 
 SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")
-KINDS = ("forward", "ddim", "renoise")
-T_MODES = ("exact", "grid_below", "smpo_released")
+KINDS = get_args(TrajectoryKind)  # the choices are declared once, in diffusion_pref.config
+T_MODES = get_args(TMode)
 
 
 @dataclass

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
 
-from diffusion_pref.config import Config, ConfigError
+from diffusion_pref.config import Config, ConfigError, resolve_runtime
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -156,11 +156,11 @@ SAMPLING_KEYS = {"steps": int, "guidance_scale": float, "resolution": int}
 
 
 def sampling_settings(cfg: Config, variant: Optional[str] = None) -> Dict[str, Any]:
-    """The sampling settings of ``variant``: ``eval.steps`` etc., with its ``eval.variant_sampling`` entry on top."""
+    """The sampling settings of ``variant``: ``sample.steps`` etc., with its ``eval.variant_sampling`` entry on top."""
     import difflib
 
-    settings: Dict[str, Any] = {"steps": cfg.eval.steps, "guidance_scale": cfg.eval.guidance_scale,
-                                "resolution": cfg.eval.resolution, "dtype": _dtype_name(cfg)}
+    settings: Dict[str, Any] = {"steps": cfg.sample.steps, "guidance_scale": cfg.sample.guidance_scale,
+                                "resolution": cfg.sample.resolution, "dtype": _dtype_name(cfg)}
     overrides = (cfg.eval.variant_sampling.get(variant) or {}) if variant is not None else {}
     for key, value in overrides.items():
         if key not in SAMPLING_KEYS:
@@ -209,27 +209,14 @@ def _resolved_pretrained(pretrained: str) -> str:
 # -- generation ----------------------------------------------------------------------------------------------
 
 
-def _device_name(cfg: Config) -> str:
-    if cfg.eval.device != "auto":
-        return cfg.eval.device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _dtype_name(cfg: Config) -> str:
     """The dtype samples are generated in; "auto" resolved, so fp16 and fp32 samples never share a cache key."""
-    if cfg.eval.dtype != "auto":
-        return cfg.eval.dtype
-    return "fp16" if _device_name(cfg).startswith("cuda") else "fp32"
+    return resolve_runtime(cfg.runtime, sampling=True).precision
 
 
 def _torch_device_and_dtype(cfg: Config):
-    import torch
-
-    from diffusion_pref.pipelines import torch_dtype
-
-    return torch.device(_device_name(cfg)), torch_dtype(_dtype_name(cfg))
+    runtime = resolve_runtime(cfg.runtime, sampling=True)
+    return runtime.device, runtime.dtype
 
 
 def load_variant(cfg: Config, variant: Variant):
@@ -316,8 +303,8 @@ def generate_samples(cfg: Config, variants: Sequence[Variant], records: Sequence
             backbone = load_variant(cfg, variant)
             prompts_cut[variant.name] = sum(texts_cut(backbone, [r.prompt for r in records]))
             settings = sampling_settings(cfg, variant.name)
-            for start in range(0, len(jobs), cfg.eval.batch_size):
-                batch = jobs[start: start + cfg.eval.batch_size]
+            for start in range(0, len(jobs), cfg.sample.batch_size):
+                batch = jobs[start: start + cfg.sample.batch_size]
                 media = backbone.generate([s.prompt for s, _ in batch], [s.seed for s, _ in batch],
                                           steps=settings["steps"], guidance_scale=settings["guidance_scale"],
                                           resolution=settings["resolution"])
@@ -426,7 +413,7 @@ def load_scorers(cfg: Config) -> Dict[str, Any]:
     from diffusion_pref.reward_models import load_reward_from_config
 
     check_reward_names(cfg)
-    reward = load_reward_from_config(cfg.reward)  # reward.device=auto: the scorers' own default (CUDA if present)
+    reward = load_reward_from_config(cfg.reward, resolve_runtime(cfg.runtime).device)
     return {name: model for name, (model, _) in reward.components.items()}
 
 
@@ -509,8 +496,11 @@ def run(cfg: Config, scorers: Optional[Mapping[str, Any]] = None) -> Dict[str, A
     from diffusion_pref.evaluation.stats import compute_metrics
     from diffusion_pref.evaluation.report import write_grid_png, write_report
 
-    if cfg.eval.batch_size < 1:
-        raise ConfigError(f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
+    if cfg.sample.batch_size < 1:
+        raise ConfigError(f"sample.batch_size must be >= 1, got {cfg.sample.batch_size}")
+    if cfg.sample.scheduler is not None or cfg.sample.safety_checker:
+        raise ConfigError("evaluate samples with the pipeline's own scheduler and no safety checker; unset "
+                          "sample.scheduler and sample.safety_checker")
     if not cfg.eval.seeds:
         raise ConfigError("eval.seeds is empty; give at least one seed, e.g. eval.seeds=[0,1]")
     if cfg.eval.bootstrap_samples < 0:
@@ -571,7 +561,7 @@ def run(cfg: Config, scorers: Optional[Mapping[str, Any]] = None) -> Dict[str, A
     details = {"model": cfg.model.pretrained, "prompts": f"{cfg.eval.prompts} ({len(records)} prompts)"}
     details.update({f"variant {k}": v for k, v in specs.items()})
     if cfg.eval.images_dir is None:
-        details["sampling"] = (f"{cfg.eval.steps} steps, guidance {cfg.eval.guidance_scale}, "
+        details["sampling"] = (f"{cfg.sample.steps} steps, guidance {cfg.sample.guidance_scale}, "
                                f"seeds {list(cfg.eval.seeds)}")
         for name, overrides in cfg.eval.variant_sampling.items():
             details[f"sampling {name}"] = ", ".join(f"{k} {v}" for k, v in overrides.items())

@@ -1,7 +1,7 @@
 """Preference-dataset generation: sample a model, score the samples with reward models, write ranked pairs.
 
 For every prompt, ``generate.samples_per_prompt`` images are drawn with per-sample seeds derived from
-(``generate.seed``, prompt index, sample index), scored by ``reward.models``, and turned into (winner, loser) pairs
+(``runtime.seed``, prompt index, sample index), scored by ``reward.models``, and turned into (winner, loser) pairs
 by ``generate.strategy``:
 
 - ``best_vs_worst``: the highest- against the lowest-scored sample (one pair per prompt);
@@ -63,18 +63,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from diffusion_pref.config import Config, ConfigError, GenerateConfig
+from diffusion_pref.config import Config, ConfigError, GenerateConfig, SampleConfig, resolve_runtime
 
 # Why a candidate pair was not written, in the order the checks run (a pair counts under the first that fails).
 FILTER_REASONS = ("tie", "min_winner_score", "min_gap", "max_gap")
 METADATA_KEY = b"diffusion_pref"
 SUMMARY_FILE = "summary.json"
 _SHARD_RE = re.compile(r"^pairs-p(\d+)-(\d+)\.(parquet|empty\.json)$")
-# Settings that change which images or pairs a prompt gets; a restart must use the same ones.
+# Settings that change which images or pairs a prompt gets; a restart must use the same ones (the names are the
+# ones summary files have always recorded, so runs started before runtime/sample existed still resume).
 _FINGERPRINT_KEYS = (
     "samples_per_prompt", "steps", "guidance_scale", "seed", "strategy", "min_winner_score", "min_gap",
     "max_gap", "scheduler", "resolution", "image_format", "rso_beta", "rso_keep", "dtype", "lora",
 )
+_FINGERPRINT_FROM = {"steps": "sample", "guidance_scale": "sample", "scheduler": "sample", "resolution": "sample",
+                     "seed": "runtime", "dtype": "runtime"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -171,16 +174,6 @@ def form_pairs(
 # Model loading and sampling
 
 
-def _torch_dtype(name: str, device: Any):
-    import torch
-
-    from diffusion_pref.pipelines import torch_dtype
-
-    if name == "auto":
-        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
-    return torch_dtype(name)
-
-
 def _load_pipeline(cfg: Config, device: Any):
     import diffusers
     from diffusers import DiffusionPipeline
@@ -189,18 +182,22 @@ def _load_pipeline(cfg: Config, device: Any):
     from diffusion_pref.pipelines.stable_diffusion import load_pipeline
 
     scheduler_class = None
-    if cfg.generate.scheduler:  # checked before loading: a large pipeline takes a while to load
-        scheduler_class = getattr(diffusers, cfg.generate.scheduler, None)
+    if cfg.sample.scheduler:  # checked before loading: a large pipeline takes a while to load
+        scheduler_class = getattr(diffusers, cfg.sample.scheduler, None)
         if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, diffusers.SchedulerMixin)):
             raise ConfigError(
-                f"generate.scheduler={cfg.generate.scheduler!r} is not a diffusers scheduler class; use e.g. "
+                f"sample.scheduler={cfg.sample.scheduler!r} is not a diffusers scheduler class; use e.g. "
                 "DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler"
             )
-    dtype = _torch_dtype(cfg.generate.dtype, device)
+    dtype = resolve_runtime(cfg.runtime, sampling=True).dtype
+    # sample.safety_checker=false: load the pipeline without its safety checker (SD1.x ships one)
+    no_checker = {} if cfg.sample.safety_checker else {"safety_checker": None, "requires_safety_checker": False}
     with warnings.catch_warnings():
         # Newer diffusers renamed torch_dtype to dtype; the old name still works in every version we support.
         warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
-        pipe = load_pipeline(DiffusionPipeline, cfg.model, torch_dtype=dtype)
+        # a pipeline without a safety checker (SDXL, SD3) ignores the keywords with a warning
+        warnings.filterwarnings("ignore", message=".*safety_checker.*")
+        pipe = load_pipeline(DiffusionPipeline, cfg.model, torch_dtype=dtype, **no_checker)
     if cfg.model.vae:
         pipe.vae.to(dtype=dtype)  # a VAE passed in as a component is not cast by torch_dtype
     if scheduler_class is not None:
@@ -216,12 +213,12 @@ def _load_pipeline(cfg: Config, device: Any):
     return pipe.to(device)
 
 
-def _sample_images(pipe: Any, prompts: List[str], seeds: List[int], gen: GenerateConfig) -> Tuple[List[Any], List[bool]]:
+def _sample_images(pipe: Any, prompts: List[str], seeds: List[int], gen: SampleConfig) -> Tuple[List[Any], List[bool]]:
     """PIL images, one per (prompt, seed), and whether the pipeline's safety checker blocked each one.
 
     Each sample's noise comes only from its own seed; the generators live on the CPU, so a seed gives the same
-    starting noise on any device. A pipeline that ships a safety checker (SD1.x) keeps it: a blocked image comes
-    back black, and is kept out of every pair by the caller rather than scored as a loser.
+    starting noise on any device. With sample.safety_checker=true a pipeline that ships a safety checker (SD1.x)
+    keeps it: a blocked image comes back black, and is kept out of every pair by the caller rather than scored as a loser.
     """
     import torch
 
@@ -336,16 +333,19 @@ class _Candidate:
     blocked: bool = False  # the pipeline's safety checker replaced the image with a black one
 
 
-def _check_settings(gen: GenerateConfig) -> None:
+def _check_settings(gen: GenerateConfig, sample: SampleConfig) -> None:
     if not gen.prompts:
         raise ConfigError("generate.prompts is not set; give a prompt file, folder or hub dataset id")
     if gen.samples_per_prompt < 2:
         raise ConfigError(
             f"generate.samples_per_prompt={gen.samples_per_prompt}: a pair needs at least 2 samples per prompt"
         )
-    for key in ("batch_size", "shard_size", "flush_every_prompts", "steps", "rso_keep"):
-        if getattr(gen, key) < 1:
-            raise ConfigError(f"generate.{key} must be >= 1, got {getattr(gen, key)}")
+    for key in ("sample.batch_size", "generate.shard_size", "generate.flush_every_prompts", "sample.steps",
+                "generate.rso_keep"):
+        section, name = key.split(".")
+        value = getattr(sample if section == "sample" else gen, name)
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
     if gen.max_prompts is not None and gen.max_prompts < 1:
         raise ConfigError(f"generate.max_prompts must be >= 1 or null, got {gen.max_prompts}")
     if gen.min_gap is not None and gen.max_gap is not None and gen.min_gap > gen.max_gap:
@@ -358,7 +358,7 @@ def _check_settings(gen: GenerateConfig) -> None:
 
 
 def _settings(cfg: Config, prompts_digest: str, reward_name: str) -> dict:
-    values = {key: getattr(cfg.generate, key) for key in _FINGERPRINT_KEYS}
+    values = {key: getattr(getattr(cfg, _FINGERPRINT_FROM.get(key, "generate")), key) for key in _FINGERPRINT_KEYS}
     values.update(
         model=cfg.model.pretrained, model_revision=cfg.model.revision, model_variant=cfg.model.variant,
         model_vae=cfg.model.vae, reward_model=reward_name, prompts=prompts_digest,
@@ -378,25 +378,26 @@ def _check_resume(done_meta: Dict[Path, dict], settings: dict, folder: Path) -> 
             )
 
 
-def _prompt_groups(indices: List[int], gen: GenerateConfig) -> List[List[int]]:
+def _prompt_groups(indices: List[int], gen: GenerateConfig, batch_size: int) -> List[List[int]]:
     """Prompts processed together: whole prompts per batch, fixed over the process's full prompt list.
 
     Groups never change between a run and its restart, so a restarted run sees the same batches and produces
     bit-identical images even where kernels are not batch-invariant.
     """
-    per_group = max(1, gen.batch_size // gen.samples_per_prompt)
+    per_group = max(1, batch_size // gen.samples_per_prompt)
     return [indices[i:i + per_group] for i in range(0, len(indices), per_group)]
 
 
 def _pairs_rows(
-    prompt_index: int, record: Any, candidates: List[_Candidate], gen: GenerateConfig, model: str, reward_name: str
+    prompt_index: int, record: Any, candidates: List[_Candidate], gen: GenerateConfig, model: str, reward_name: str,
+    seed: int,
 ) -> Tuple[List[dict], Counter]:
     scores = [c.score for c in candidates]
     pool = [i for i, c in enumerate(candidates) if not c.blocked]  # a black image would only ever be a loser
     stats: Counter = Counter(safety_blocked=len(candidates) - len(pool))
     if gen.rso_beta is not None:
         nan_free = [i for i in pool if not math.isnan(scores[i])]
-        rng = random.Random(sample_seed(gen.seed, prompt_index, -1))
+        rng = random.Random(sample_seed(seed, prompt_index, -1))
         accepted = rso_select([scores[i] for i in nan_free], gen.rso_keep, gen.rso_beta, rng)
         stats["rso_rejected"] = len(nan_free) - len(accepted)
         stats["nan_scores"] += len(pool) - len(nan_free)
@@ -504,7 +505,7 @@ def generate(
     from diffusion_pref.prompts import read_prompts
 
     gen = cfg.generate
-    _check_settings(gen)
+    _check_settings(gen, cfg.sample)
     records = read_prompts(gen.prompts, gen.prompt_column, gen.prompt_split)
     # Of the whole file, so that raising max_prompts later resumes the same run.
     prompts_digest = hashlib.sha256(json.dumps([[r.prompt, r.category] for r in records]).encode()).hexdigest()[:16]
@@ -512,6 +513,8 @@ def generate(
         records = records[: gen.max_prompts]
 
     state = _process_state()
+    # runtime.device=auto: the device accelerate gives this process (its GPU in a multi-process launch)
+    device = state.device if cfg.runtime.device == "auto" else resolve_runtime(cfg.runtime).device
     process = state.process_index if process_index is None else process_index
     processes = state.num_processes if num_processes is None else num_processes
     if not 0 <= process < processes:
@@ -524,7 +527,7 @@ def generate(
         if reward is None:
             from diffusion_pref.reward_models import load_reward_from_config
 
-            reward = load_reward_from_config(cfg.reward, state.device)
+            reward = load_reward_from_config(cfg.reward, device)
         reward_name = getattr(reward, "name", type(reward).__name__)
         settings = _settings(cfg, prompts_digest, reward_name)
         done_meta = read_shards(folder)
@@ -535,10 +538,10 @@ def generate(
         mine = list(range(process, len(records), processes))
         # A group is done whole or not at all, unless batch_size changed since the interrupted run; then the rest
         # of a partly done group still runs, only without the bit-identical-batches guarantee.
-        groups = [[i for i in g if i not in done] for g in _prompt_groups(mine, gen)]
+        groups = [[i for i in g if i not in done] for g in _prompt_groups(mine, gen, cfg.sample.batch_size)]
         groups = [g for g in groups if g]
         if groups and pipeline is None:
-            pipeline = _load_pipeline(cfg, state.device)
+            pipeline = _load_pipeline(cfg, device)
         prompts_cut = None
         if process == 0 and pipeline is not None:  # counted over every prompt of the run, once, by the main process
             from diffusion_pref.pipelines import texts_cut
@@ -662,9 +665,10 @@ def _generate_groups(
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="encode") as pool:
         previous: list = []
         for group in groups:
-            candidates = _sample_and_score(group, records, gen, pipeline, reward, reward_name)
+            candidates = _sample_and_score(group, records, cfg, pipeline, reward, reward_name)
             futures = [
-                (p, pool.submit(_pairs_rows, p, records[p], candidates[p], gen, cfg.model.pretrained, reward_name))
+                (p, pool.submit(_pairs_rows, p, records[p], candidates[p], gen, cfg.model.pretrained, reward_name,
+                                cfg.runtime.seed))
                 for p in group
             ]
             collect(previous)
@@ -677,15 +681,16 @@ def _generate_groups(
 
 
 def _sample_and_score(
-    group: List[int], records: List[Any], gen: GenerateConfig, pipeline: Any, reward: Any, reward_name: str
+    group: List[int], records: List[Any], cfg: Config, pipeline: Any, reward: Any, reward_name: str
 ) -> Dict[int, List[_Candidate]]:
-    jobs = [(p, s) for p in group for s in range(gen.samples_per_prompt)]
+    sample = cfg.sample
+    jobs = [(p, s) for p in group for s in range(cfg.generate.samples_per_prompt)]
     candidates: Dict[int, List[_Candidate]] = {p: [] for p in group}
-    for start in range(0, len(jobs), gen.batch_size):
-        batch = jobs[start:start + gen.batch_size]
+    for start in range(0, len(jobs), sample.batch_size):
+        batch = jobs[start:start + sample.batch_size]
         prompts = [records[p].prompt for p, _ in batch]
-        seeds = [sample_seed(gen.seed, p, s) for p, s in batch]
-        images, blocked = _sample_images(pipeline, prompts, seeds, gen)
+        seeds = [sample_seed(cfg.runtime.seed, p, s) for p, s in batch]
+        images, blocked = _sample_images(pipeline, prompts, seeds, sample)
         scores = _as_floats(reward.score(prompts, images), len(batch), reward_name)
         for (p, s), seed, image, score, flag in zip(batch, seeds, images, scores, blocked):
             candidates[p].append(_Candidate(s, seed, image, score, flag))

@@ -95,7 +95,7 @@ def _set_attention(cfg, unet) -> None:
     # sdpa: diffusers' default attention processor already calls torch's scaled_dot_product_attention.
 
 
-def check_device_settings(train_cfg, device) -> None:
+def check_device_settings(train_cfg, device, mixed_precision: str = "no") -> None:
     """Reject settings this device or this environment cannot run, before any data or model is loaded.
 
     One error lists every such setting with what to use instead. On a CPU (tried with the tiny SD model) fp16
@@ -107,9 +107,9 @@ def check_device_settings(train_cfg, device) -> None:
     from diffusion_pref.config import ConfigError
 
     problems = []
-    if train_cfg.mixed_precision == "fp16" and device.type == "cpu":
-        problems.append("train.mixed_precision=fp16 needs a GPU (fp16 autocast fails on a CPU); on a CPU use "
-                        "train.mixed_precision=no (or bf16)")
+    if mixed_precision == "fp16" and device.type == "cpu":
+        problems.append("runtime.dtype=fp16 needs a GPU (fp16 autocast fails on a CPU); on a CPU use "
+                        "runtime.dtype=fp32 (or bf16)")
     if train_cfg.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("train.optimizer=adamw8bit needs bitsandbytes (pip install bitsandbytes; made for CUDA GPUs); "
                         "without it use train.optimizer=adamw")
@@ -346,17 +346,17 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
 
-        from diffusion_pref.config import ConfigError, check_loss, check_ranges
+        from diffusion_pref.config import ConfigError, resolve_runtime, validate
         from diffusion_pref.data.loader import collate_pixels
         from diffusion_pref.data.pairs import PairSource, scores_used
         from diffusion_pref.losses import (DIFFUSION_DEFAULT_BETA, LOSSES, REFERENCE_FREE, TAKES_SOFT_LABEL,
                                            RunningMean, check_loss_params)
-        from diffusion_pref.pipelines import check_resolution, load_backbone, torch_dtype
+        from diffusion_pref.pipelines import check_resolution, load_backbone
         from diffusion_pref.training.checkpoint import Checkpointer
 
         self.cfg = cfg
-        check_loss(cfg)
-        check_ranges(cfg)  # again: a Config built in code skips load_config
+        validate(cfg)  # again: a Config built in code skips load_config
+        runtime = resolve_runtime(cfg.runtime)  # device and precision: auto is fp32 for training
         t = cfg.train
         if t.logger == "wandb":
             try:
@@ -374,15 +374,15 @@ class Trainer:
         check_sharding_runs_here()
         self.accelerator = accelerator = Accelerator(
             gradient_accumulation_steps=t.grad_accum,
-            mixed_precision=t.mixed_precision,
+            mixed_precision=runtime.mixed_precision, cpu=runtime.device.type == "cpu",
             log_with=None if t.logger == "none" else t.logger,
             project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         )
         logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                             format="%(asctime)s %(name)s: %(message)s")
-        check_device_settings(t, accelerator.device)
+        check_device_settings(t, accelerator.device, runtime.mixed_precision)
         check_resolution(cfg.model, cfg.data.resolution)
-        set_seed(t.seed)
+        set_seed(cfg.runtime.seed)
         self.loss_params = check_loss_params(cfg.loss.name, dict(cfg.loss.params))
         self.loss_params.pop("reward_shift", None)
         self.loss_fn = LOSSES[cfg.loss.name]
@@ -408,7 +408,7 @@ class Trainer:
             self.checkpointer.check_config(resume_from, force=t.resume_force)
 
         # Data first: a bad dataset fails in seconds, before any model is loaded.
-        self.source = source = PairSource(cfg.data, seed=t.seed, check_scores=scores_used(cfg))
+        self.source = source = PairSource(cfg.data, seed=cfg.runtime.seed, check_scores=scores_used(cfg))
         self.soft_labels = self.soft_label_summary = None
         if self.takes_soft:
             from diffusion_pref.soft_labels import soft_label_summary
@@ -417,14 +417,14 @@ class Trainer:
             if mode == "auto":  # p from reward scores (columns or reward.models); the human label only when asked
                 mode = "scores"
             if mode == "scores":
-                from diffusion_pref.data.cache import soft_label_scores_dir
+                from diffusion_pref.data.cache import cache_spec, soft_label_scores_dir
                 from diffusion_pref.soft_labels import soft_labels_for_run
 
                 # Scored once before training and stored in output.dir, so a resumed run reads them back; the
                 # main process writes them before the others read them.
                 with accelerator.main_process_first():
                     self.soft_labels = soft_labels_for_run(cfg, source, device=accelerator.device,
-                                                           score_cache_dir=soft_label_scores_dir(cfg, source))
+                                                           score_cache_dir=soft_label_scores_dir(cache_spec(cfg), source))
             elif cfg.loss.name == "smpo":
                 logger.warning("data.soft_labels=label with loss smpo: every hard-labelled pair gets p = 1, so the "
                                "loss is dpo with a gamma-fold logit and no reward smoothing; unset data.soft_labels "
@@ -434,7 +434,7 @@ class Trainer:
                         *(self.soft_label_summary[k] for k in ("from", "pairs", "p_one", "p_mean")))
         self.backbone = backbone = load_backbone(cfg.model)
         check_resolution(cfg.model, cfg.data.resolution, vae=backbone.vae)  # the exact factor, once it is loaded
-        self.weight_dtype = torch_dtype(t.mixed_precision)
+        self.weight_dtype = runtime.dtype
         self.device = accelerator.device
         if self.device.type == "cuda":
             import torch
@@ -462,16 +462,16 @@ class Trainer:
         # self.encode may be wrapped (tests do); the caption count stays on the encoder itself
         self.encode = self.pair_encoder = PairEncoder(backbone, self.device, self.weight_dtype)
         if cfg.data.cache:
-            from diffusion_pref.data.cache import build_cache
+            from diffusion_pref.data.cache import build_cache, cache_spec
 
             invert = None
             if cfg.trajectory.cache_inverted:
                 from diffusion_pref.data.cache import grid_inverter
 
                 # the reference model never changes, so its inversion of each pair is computed once, here
-                invert = grid_inverter(cfg, backbone, functools.partial(self._reference_predict, backbone.unet,
+                invert = grid_inverter(cfg.trajectory, backbone, functools.partial(self._reference_predict, backbone.unet,
                                                                         record=False), accelerator.autocast)
-            cached = build_cache(cfg, source, backbone, accelerator=accelerator, invert=invert)
+            cached = build_cache(cache_spec(cfg), source, backbone, accelerator=accelerator, invert=invert)
             self.make_batch = cached.read_batch
             self.num_workers = 0  # reading a shard is cheaper than forking workers
             if not (t.validate_every and t.validation_prompts):  # validation images still need the VAE
@@ -479,7 +479,7 @@ class Trainer:
                     module.to("cpu")
         else:
             def make_batch(items):
-                batch = collate_pixels(source, cfg.data, items, t.seed)
+                batch = collate_pixels(source, cfg.data, items, cfg.runtime.seed)
                 batch["target_size"] = cfg.data.resolution
                 return batch
 
@@ -585,7 +585,7 @@ class Trainer:
             logs = {k: v / accelerator.num_processes for k, v in zip(info["keys"], values[:-1])}
             if not math.isfinite(logs["loss"]):
                 raise FloatingPointError(f"loss is {logs['loss']} at step {info['step']}; lower train.learning_rate "
-                                         "or loss.beta, or use train.mixed_precision=bf16 instead of fp16")
+                                         "or loss.beta, or use runtime.dtype=bf16 instead of fp16")
             if bco_shift is not None:
                 bco_shift.update(logs["reward_batch_mean"], count=2 * int(values[-1]))
             logs.update(lr=info["lr"], pairs_per_s=values[-1] / max(info["seconds"], 1e-9),
@@ -609,7 +609,7 @@ class Trainer:
                 epoch, next_index = batch["epoch"], batch["next_index"]
                 continue
             micro = step * t.grad_accum + micro_in_step
-            generator = torch.Generator().manual_seed(_step_seed(t.seed, micro))
+            generator = torch.Generator().manual_seed(_step_seed(cfg.runtime.seed, micro))
             with accelerator.accumulate(unet):
                 latents_w, latents_l, text = self.encode(batch)
                 cond = repeat_pair(backbone.conditioning(text, batch))
@@ -738,8 +738,8 @@ class Trainer:
             unwrapped = accelerator.unwrap_model(self.unet)
             prompts = list(cfg.train.validation_prompts)
             seeds = list(range(len(prompts)))
-            kwargs = dict(steps=cfg.generate.steps, guidance_scale=cfg.generate.guidance_scale,
-                          resolution=cfg.data.resolution)
+            kwargs = dict(steps=cfg.sample.steps, guidance_scale=cfg.sample.guidance_scale,
+                          resolution=cfg.sample.resolution or cfg.data.resolution)
             unwrapped.eval()
             panels = {}
             with torch.no_grad(), accelerator.autocast():
