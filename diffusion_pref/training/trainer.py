@@ -355,7 +355,7 @@ class Trainer:
         from diffusion_pref.training.checkpoint import Checkpointer
 
         self.cfg = cfg
-        validate(cfg)  # again: a Config built in code skips load_config
+        validate(cfg, loss=True)  # again: a Config built in code skips load_config
         runtime = resolve_runtime(cfg.runtime)  # device and precision: auto is fp32 for training
         t = cfg.train
         if t.logger == "wandb":
