@@ -72,7 +72,12 @@ def _overrides(tmp_path, model_dir, out="out", prompts=PROMPTS, **generate):
     settings = dict(prompts=str(prompt_file), steps=2, samples_per_prompt=SAMPLES, batch_size=6, shard_size=2)
     settings.update(generate)
     overrides = [f"model.pretrained={model_dir}", f"output.dir={tmp_path / out}"]
-    return overrides + [f"generate.{k}={'null' if v is None else v}" for k, v in settings.items()]
+    return overrides + [f"{_SECTION.get(k, 'generate')}.{k}={'null' if v is None else v}" for k, v in settings.items()]
+
+
+# The settings generate reads from the shared sections.
+_SECTION = {"steps": "sample", "guidance_scale": "sample", "resolution": "sample", "scheduler": "sample",
+            "batch_size": "sample", "safety_checker": "sample", "seed": "runtime", "dtype": "runtime"}
 
 
 def _config(tmp_path, model_dir, **kwargs):
@@ -434,7 +439,7 @@ def test_bad_settings_and_prompt_files_fail_before_any_model_loads(tmp_path):
         generate(load_config(None, [f"output.dir={tmp_path}"]), reward=MeanPixel())
     with pytest.raises(ValueError, match="model.pretrained=/nonexistent/sd: no such folder"):
         generate(_config(tmp_path, "/nonexistent/sd", out="bad-model"), reward=MeanPixel())
-    with pytest.raises(ConfigError, match="generate.scheduler='NoSuchScheduler' is not a diffusers scheduler"):
+    with pytest.raises(ConfigError, match="sample.scheduler='NoSuchScheduler' is not a diffusers scheduler"):
         generate(_config(tmp_path, "/nonexistent/sd", out="bad-scheduler", scheduler="NoSuchScheduler"), reward=MeanPixel())
     cfg = _config(tmp_path, "unused")
     cfg.generate.prompts = str(tmp_path / "empty.txt")
@@ -455,11 +460,17 @@ def test_scheduler_dtype_and_vae_are_applied_on_load(tmp_path, tiny_sd_dir):
         generate_module._load_pipeline(cfg, "cpu")
 
 
-def test_auto_dtype_is_fp16_on_any_cuda_device_and_fp32_elsewhere():
-    assert generate_module._torch_dtype("auto", "cuda:1") == torch.float16
-    assert generate_module._torch_dtype("auto", torch.device("cuda", 0)) == torch.float16
-    assert generate_module._torch_dtype("auto", "cpu") == torch.float32
-    assert generate_module._torch_dtype("bf16", "cpu") == torch.bfloat16
+def test_auto_dtype_is_fp16_on_any_cuda_device_and_fp32_elsewhere(monkeypatch):
+    from diffusion_pref.config import resolve_runtime  # generate's one call: resolve_runtime(cfg.runtime, sampling=True)
+
+    def dtype(*overrides):
+        return resolve_runtime(load_config(None, list(overrides)).runtime, sampling=True).dtype
+
+    assert dtype("runtime.device=cpu") == torch.float32
+    assert dtype("runtime.device=cpu", "runtime.dtype=bf16") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert dtype("runtime.device=cuda:1") == dtype("runtime.device=cuda") == dtype() == torch.float16
 
 
 def test_recipes_load(tmp_path):
@@ -467,7 +478,8 @@ def test_recipes_load(tmp_path):
     assert toy.model.pretrained == "toy" and toy.reward.models == {"toy-fidelity": 1.0}  # no default pickscore
     assert len(read_prompts(toy.generate.prompts)) > 10
     sd = load_config(REPO / "configs" / "datagen_sd15_pickscore.yaml")
-    assert sd.reward.models == {"pickscore": 1.0} and sd.generate.scheduler == "DPMSolverMultistepScheduler"
+    assert sd.reward.models == {"pickscore": 1.0} and sd.sample.scheduler == "DPMSolverMultistepScheduler"
+    assert sd.sample.safety_checker and not toy.sample.safety_checker  # SD1.5 datagen keeps its safety checker
     assert set(FILTER_REASONS) == {"tie", "min_winner_score", "min_gap", "max_gap"}
 
 

@@ -359,7 +359,7 @@ def test_smpo_without_score_columns_scores_the_pairs_with_the_recipes_reward_mod
     from diffusion_pref.training.trainer import Trainer
 
     data = write_pairs(tmp_path / "p.parquet", n=4)
-    flags = ["loss.name=smpo", "train.max_steps=1", "reward.models={pickscore: 1.0}", "reward.device=cpu",
+    flags = ["loss.name=smpo", "train.max_steps=1", "reward.models={pickscore: 1.0}", "runtime.device=cpu",
              f"reward.pretrained.pickscore={tiny_pickscore}", f"data.cache_dir={tmp_path / 'cache'}"]
     trainer = Trainer(make_cfg(tiny_sd_dir, data, tmp_path / "run1", *flags))
     labels = trainer.soft_labels
@@ -413,7 +413,7 @@ def test_the_cache_command_scores_the_pairs_for_later_training_runs(tiny_sd_dir,
     from diffusion_pref.training.trainer import Trainer
 
     data = write_pairs(tmp_path / "p.parquet", n=4)
-    flags = ["loss.name=smpo", "reward.models={pickscore: 1.0}", "reward.device=cpu",
+    flags = ["loss.name=smpo", "reward.models={pickscore: 1.0}", "runtime.device=cpu",
              f"reward.pretrained.pickscore={tiny_pickscore}", f"data.cache_dir={tmp_path / 'cache'}"]
     cache.run(make_cfg(tiny_sd_dir, data, tmp_path / "cached", *flags))
     stored = SoftLabels.load(tmp_path / "cached")

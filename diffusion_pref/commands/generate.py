@@ -213,7 +213,7 @@ def _load_pipeline(cfg: Config, device: Any):
     return pipe.to(device)
 
 
-def _sample_images(pipe: Any, prompts: List[str], seeds: List[int], gen: SampleConfig) -> Tuple[List[Any], List[bool]]:
+def _sample_images(pipe: Any, prompts: List[str], seeds: List[int], sample: SampleConfig) -> Tuple[List[Any], List[bool]]:
     """PIL images, one per (prompt, seed), and whether the pipeline's safety checker blocked each one.
 
     Each sample's noise comes only from its own seed; the generators live on the CPU, so a seed gives the same
@@ -223,11 +223,11 @@ def _sample_images(pipe: Any, prompts: List[str], seeds: List[int], gen: SampleC
     import torch
 
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-    size = {"height": gen.resolution, "width": gen.resolution} if gen.resolution else {}
+    size = {"height": sample.resolution, "width": sample.resolution} if sample.resolution else {}
     output = pipe(
         prompt=prompts,
-        num_inference_steps=gen.steps,
-        guidance_scale=gen.guidance_scale,
+        num_inference_steps=sample.steps,
+        guidance_scale=sample.guidance_scale,
         generator=generators,
         output_type="pil",
         **size,
