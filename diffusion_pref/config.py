@@ -6,10 +6,12 @@ below, and dotted overrides on the command line win over the recipe::
     diffusion-pref train --config configs/sd15_dpo_lora.yaml train.max_steps=100 loss.beta=5000
 
 Merging and type conversion are OmegaConf structured configs; this module adds what OmegaConf does not say
-clearly: an unknown key names the nearest valid key, a badly typed value names the key and the expected type,
-a value outside a fixed set of choices lists the choices, and a number out of its range (``RANGES``) names the
-range. ``load_config`` returns plain dataclass instances, so the rest of the code reads ``cfg.train.batch_size``
-with types it can trust.
+clearly: an unknown key names the nearest valid key, a key that moved (``RENAMED``) names its new key, a badly
+typed value names the key and the expected type, a value outside a ``Literal`` field's choices lists them and
+names the nearest, and a number out of its range (``RANGES``) names the range; :func:`validate` holds the rules
+between keys. ``load_config`` returns plain dataclass instances, so the rest of the code reads
+``cfg.train.batch_size`` with types it can trust. :func:`resolve_runtime` is the one place "auto" device and
+precision are resolved.
 
 The resolved config is written as ``config.yaml`` into ``output.dir`` by every run; passing that file back with
 ``--config`` reproduces the run.

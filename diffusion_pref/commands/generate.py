@@ -218,7 +218,8 @@ def _sample_images(pipe: Any, prompts: List[str], seeds: List[int], sample: Samp
 
     Each sample's noise comes only from its own seed; the generators live on the CPU, so a seed gives the same
     starting noise on any device. With sample.safety_checker=true a pipeline that ships a safety checker (SD1.x)
-    keeps it: a blocked image comes back black, and is kept out of every pair by the caller rather than scored as a loser.
+    keeps it: a blocked image comes back black, and is kept out of every pair by the caller rather than scored as
+    a loser.
     """
     import torch
 

@@ -266,14 +266,14 @@ def run(cfg) -> None:
     runtime = resolve_runtime(cfg.runtime)  # as training resolves it, so train finds this cache
     spec = cache_spec(cfg)
     accelerator = Accelerator(mixed_precision=runtime.mixed_precision, cpu=runtime.device.type == "cpu")
-    source = PairSource(cfg.data, seed=spec.seed, check_scores=scores_used(cfg))
+    source = PairSource(cfg.data, seed=spec.seed, check_scores=scores_used(cfg.loss, cfg.data.soft_labels))
     if cfg.loss.name in TAKES_SOFT_LABEL and cfg.data.soft_labels != "label":
         from diffusion_pref.soft_labels import soft_labels_for_run
 
         # Scored here, before the diffusion model takes memory, so that a distributed training run finds them
         # stored instead of waiting on its main process (a long wait hits the process group's timeout).
         with accelerator.main_process_first():
-            labels = soft_labels_for_run(cfg, source, device=accelerator.device,
+            labels = soft_labels_for_run(source, cfg.output.dir, cfg.loss, cfg.reward, device=accelerator.device,
                                          score_cache_dir=soft_label_scores_dir(spec, source))
         if accelerator.is_main_process:
             print(f"soft labels ready: {len(labels)} pairs, p from {labels.scores}")

@@ -408,7 +408,7 @@ class Trainer:
             self.checkpointer.check_config(resume_from, force=t.resume_force)
 
         # Data first: a bad dataset fails in seconds, before any model is loaded.
-        self.source = source = PairSource(cfg.data, seed=cfg.runtime.seed, check_scores=scores_used(cfg))
+        self.source = source = PairSource(cfg.data, seed=cfg.runtime.seed, check_scores=scores_used(cfg.loss, cfg.data.soft_labels))
         self.soft_labels = self.soft_label_summary = None
         if self.takes_soft:
             from diffusion_pref.soft_labels import soft_label_summary
@@ -423,7 +423,7 @@ class Trainer:
                 # Scored once before training and stored in output.dir, so a resumed run reads them back; the
                 # main process writes them before the others read them.
                 with accelerator.main_process_first():
-                    self.soft_labels = soft_labels_for_run(cfg, source, device=accelerator.device,
+                    self.soft_labels = soft_labels_for_run(source, cfg.output.dir, cfg.loss, cfg.reward, device=accelerator.device,
                                                            score_cache_dir=soft_label_scores_dir(cache_spec(cfg), source))
             elif cfg.loss.name == "smpo":
                 logger.warning("data.soft_labels=label with loss smpo: every hard-labelled pair gets p = 1, so the "
