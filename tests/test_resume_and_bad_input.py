@@ -76,10 +76,10 @@ def test_resume_with_another_loss_batch_or_data_is_refused_naming_the_keys(tiny_
     other_data = write_pairs(tmp_path / "other.parquet", n=6)
     with pytest.raises(ValueError) as caught:
         Trainer(make_cfg(tiny_sd_dir, other_data, run_dir, "train.resume=latest", "loss.name=ipo",
-                         "train.batch_size=1", "train.max_steps=3"))
+                         "train.batch_size=1", "train.max_steps=3", "runtime.seed=5"))
     message = str(caught.value)
     assert "step-00000001" in message and "train.resume_force=true" in message
-    for key in ("loss.name ('dpo' -> 'ipo')", "train.batch_size (2 -> 1)", "data.source"):
+    for key in ("loss.name ('dpo' -> 'ipo')", "train.batch_size (2 -> 1)", "data.source", "runtime.seed (0 -> 5)"):
         assert key in message
     assert "train.max_steps" not in message and "\n" not in message
 
