@@ -483,8 +483,8 @@ def _check_choice(dotted: str, value: Any, where: str = "") -> None:
     allowed = choices(dotted)
     if allowed is not None and value not in allowed:
         where = f" ({where})" if where else ""
-        raise ConfigError(f"{dotted}={value!r}{where} is not one of {', '.join(allowed)}; "
-                          f"did you mean '{_nearest(str(value), allowed)}'?")
+        raise ConfigError(f"{dotted}={value!r} is not one of {', '.join(allowed)}; "
+                          f"did you mean '{_nearest(str(value), allowed)}'?{where}")
 
 
 def check_ranges(cfg: Config) -> None:
