@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
 
-from diffusion_pref.config import Config, ConfigError, resolve_runtime
+from diffusion_pref.config import Config, ConfigError, resolve_runtime, validate
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -496,15 +496,12 @@ def run(cfg: Config, scorers: Optional[Mapping[str, Any]] = None) -> Dict[str, A
     from diffusion_pref.evaluation.stats import compute_metrics
     from diffusion_pref.evaluation.report import write_grid_png, write_report
 
-    if cfg.sample.batch_size < 1:
-        raise ConfigError(f"sample.batch_size must be >= 1, got {cfg.sample.batch_size}")
+    validate(cfg)  # again: a Config built or changed in code (quickstart, iterate, notebooks) skips load_config
     if cfg.sample.scheduler is not None or cfg.sample.safety_checker:
         raise ConfigError("evaluate samples with the pipeline's own scheduler and no safety checker; unset "
                           "sample.scheduler and sample.safety_checker")
     if not cfg.eval.seeds:
         raise ConfigError("eval.seeds is empty; give at least one seed, e.g. eval.seeds=[0,1]")
-    if cfg.eval.bootstrap_samples < 0:
-        raise ConfigError(f"eval.bootstrap_samples must be >= 0, got {cfg.eval.bootstrap_samples}")
     if scorers is None:
         check_reward_names(cfg)  # a typo costs nothing; loading the reward models waits for the cheaper checks
     out_dir = Path(cfg.output.dir)
@@ -512,9 +509,6 @@ def run(cfg: Config, scorers: Optional[Mapping[str, Any]] = None) -> Dict[str, A
     records = load_prompt_records(cfg)
 
     if cfg.eval.images_dir is not None:
-        if cfg.eval.variants:
-            raise ConfigError("set either eval.images_dir (score existing images) or eval.variants (generate), "
-                              "not both")
         samples = benchmark_samples(cfg.eval.images_dir, records)
         specs = {s.variant: f"images: {Path(s.media).parents[1 if s.category else 0]}" for s in samples}
         n_generated, n_reused, prompts_cut = 0, 0, {}

@@ -63,7 +63,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from diffusion_pref.config import Config, ConfigError, GenerateConfig, SampleConfig, resolve_runtime
+from diffusion_pref.config import Config, ConfigError, GenerateConfig, SampleConfig, resolve_runtime, validate
 
 # Why a candidate pair was not written, in the order the checks run (a pair counts under the first that fails).
 FILTER_REASONS = ("tie", "min_winner_score", "min_gap", "max_gap")
@@ -349,13 +349,6 @@ def _check_settings(gen: GenerateConfig, sample: SampleConfig) -> None:
             raise ConfigError(f"{key} must be >= 1, got {value}")
     if gen.max_prompts is not None and gen.max_prompts < 1:
         raise ConfigError(f"generate.max_prompts must be >= 1 or null, got {gen.max_prompts}")
-    if gen.min_gap is not None and gen.max_gap is not None and gen.min_gap > gen.max_gap:
-        raise ConfigError(f"generate.min_gap={gen.min_gap} is above generate.max_gap={gen.max_gap}: no pair could pass")
-    if gen.rso_beta is not None:
-        if gen.rso_beta <= 0:
-            raise ConfigError(f"generate.rso_beta must be > 0 (or null for no rejection sampling), got {gen.rso_beta}")
-        if gen.rso_keep < 2:
-            raise ConfigError(f"generate.rso_keep={gen.rso_keep}: pairs need at least 2 accepted samples")
 
 
 def _settings(cfg: Config, prompts_digest: str, reward_name: str) -> dict:
@@ -506,6 +499,7 @@ def generate(
     from diffusion_pref.prompts import read_prompts
 
     gen = cfg.generate
+    validate(cfg)  # again: a Config built or changed in code (iterate's rounds, notebooks) skips load_config
     _check_settings(gen, cfg.sample)
     records = read_prompts(gen.prompts, gen.prompt_column, gen.prompt_split)
     # Of the whole file, so that raising max_prompts later resumes the same run.
