@@ -519,6 +519,24 @@ def test_images_blocked_by_the_pipelines_safety_checker_never_enter_pairs(tmp_pa
     assert summary["samples_blocked_by_safety_checker"] == 3 and summary["samples"] == 15
 
 
+def test_sample_safety_checker_decides_whether_a_shipped_checker_is_loaded(tmp_path, tiny_sd_dir):
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd_dir))
+    tiny = dict(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=1)
+    config = CLIPConfig(text_config=tiny, vision_config=dict(tiny, image_size=32, patch_size=16), projection_dim=8)
+    pipe.register_modules(safety_checker=StableDiffusionSafetyChecker(config),
+                          feature_extractor=CLIPImageProcessor(size=32, crop_size=32))
+    pipe.save_pretrained(tmp_path / "sd-with-checker")  # an SD1.x folder that ships a safety checker
+    for keep in (True, False):
+        cfg = load_config(None, [f"model.pretrained={tmp_path / 'sd-with-checker'}",
+                                 f"sample.safety_checker={str(keep).lower()}"])
+        loaded = generate_module._load_pipeline(cfg, "cpu")
+        assert isinstance(loaded.safety_checker, StableDiffusionSafetyChecker) == keep
+
+
 def test_prompts_longer_than_the_text_encoder_takes_are_counted_once(tmp_path, capsys):
     from diffusion_pref.testing import tiny_clip_tokenizer
 

@@ -179,6 +179,7 @@ def _load_pipeline(cfg: Config, device: Any):
     from diffusers import DiffusionPipeline
 
     # The backbones' loader: "toy", hub ids and folders, model.revision/variant/vae, and readable errors.
+    from diffusion_pref.pipelines import detect_family
     from diffusion_pref.pipelines.stable_diffusion import load_pipeline
 
     scheduler_class = None
@@ -190,13 +191,14 @@ def _load_pipeline(cfg: Config, device: Any):
                 "DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler"
             )
     dtype = resolve_runtime(cfg.runtime, sampling=True).dtype
-    # sample.safety_checker=false: load the pipeline without its safety checker (SD1.x ships one)
-    no_checker = {} if cfg.sample.safety_checker else {"safety_checker": None, "requires_safety_checker": False}
+    # sample.safety_checker=false: load an SD1.x pipeline without the safety checker it ships (other families
+    # have none, and would warn about the keywords)
+    no_checker = {}
+    if not cfg.sample.safety_checker and detect_family(cfg.model) == "sd":
+        no_checker = {"safety_checker": None, "requires_safety_checker": False}
     with warnings.catch_warnings():
         # Newer diffusers renamed torch_dtype to dtype; the old name still works in every version we support.
         warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
-        # a pipeline without a safety checker (SDXL, SD3) ignores the keywords with a warning
-        warnings.filterwarnings("ignore", message=".*safety_checker.*")
         pipe = load_pipeline(DiffusionPipeline, cfg.model, torch_dtype=dtype, **no_checker)
     if cfg.model.vae:
         pipe.vae.to(dtype=dtype)  # a VAE passed in as a component is not cast by torch_dtype
