@@ -265,7 +265,7 @@ def run(cfg) -> None:
     check_resolution(cfg.model, cfg.data.resolution)
     runtime = resolve_runtime(cfg.runtime)  # as training resolves it, so train finds this cache
     spec = cache_spec(cfg)
-    accelerator = Accelerator(mixed_precision=runtime.mixed_precision, cpu=runtime.device.type == "cpu")
+    accelerator = Accelerator(mixed_precision=runtime.mixed_precision, cpu=cfg.runtime.device == "cpu")
     source = PairSource(cfg.data, seed=spec.seed, check_scores=scores_used(cfg.loss, cfg.data.soft_labels))
     if cfg.loss.name in TAKES_SOFT_LABEL and cfg.data.soft_labels != "label":
         from diffusion_pref.soft_labels import soft_labels_for_run

@@ -374,7 +374,7 @@ class Trainer:
         check_sharding_runs_here()
         self.accelerator = accelerator = Accelerator(
             gradient_accumulation_steps=t.grad_accum,
-            mixed_precision=runtime.mixed_precision, cpu=runtime.device.type == "cpu",
+            mixed_precision=runtime.mixed_precision, cpu=cfg.runtime.device == "cpu",  # auto: accelerate's device
             log_with=None if t.logger == "none" else t.logger,
             project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         )
