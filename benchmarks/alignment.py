@@ -123,7 +123,7 @@ class Run:
     name: str  # unique folder name
     group: str  # runs of one group differ only by training seed
     overrides: Tuple[str, ...] = ()  # train / loss / model / trajectory overrides on the quickstart recipe
-    generate: Tuple[str, ...] = ()  # generate.* overrides: which pairs
+    generate: Tuple[str, ...] = ()  # generate.* and sample.* overrides: which pairs (evaluation keeps its sample.*)
     seed: int = 0
     flip_rate: float = 0.0
     flip_seed: int = 0
@@ -230,7 +230,7 @@ def do_run(out: Path, run: Run) -> Dict:
     pairs, generate_s = ensure_pairs(out, run)
     train_dir = folder / "train"
     shutil.rmtree(train_dir, ignore_errors=True)  # a half-finished run starts over: its wall time must be whole
-    overrides = [*run.overrides, f"data.source={pairs}", f"output.dir={train_dir}", f"train.seed={run.seed}",
+    overrides = [*run.overrides, f"data.source={pairs}", f"output.dir={train_dir}", f"runtime.seed={run.seed}",
                  "train.logger=none"]
     overrides.append(f"train.checkpoint_every={run.checkpoints}")
     if run.checkpoints:
@@ -522,7 +522,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--steps", type=int, default=100, help="training steps per run (the per-run budget)")
     p.add_argument("--beta", type=float, default=None, help="beta for losses/noise/time (default: the recipe's)")
     p.add_argument("--run", nargs="+", action="append", default=[], metavar="NAME OVERRIDE",
-                   help="recipe suite: a named run and its overrides (generate.* picks the pairs); repeatable")
+                   help="recipe suite: a named run and its overrides (generate.* and sample.* pick the pairs); repeatable")
     p.add_argument("--only", nargs="*", help="only runs whose name contains one of these")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--note", default="")
@@ -535,8 +535,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.suite == "recipe":
         planned = []
         for name, *overrides in args.run:
-            gen = tuple(o for o in overrides if o.startswith("generate."))
-            rest = tuple(o for o in overrides if not o.startswith("generate."))
+            gen = tuple(o for o in overrides if o.startswith(("generate.", "sample.")))
+            rest = tuple(o for o in overrides if not o.startswith(("generate.", "sample.")))
             for seed in args.seeds:
                 planned.append(Run(f"recipe-{name}-s{seed}", name, rest, gen, seed=seed))
         if not planned:  # report every recipe run found

@@ -95,16 +95,16 @@ def bench(name: str, args, device: str) -> dict:
         prompts = Path(tmp) / "prompts.txt"
         prompts.write_text("\n".join(f"a red cat {i}" for i in range(args.prompts)) + "\n")
         cfg = load_config(None, [
-            f"generate.prompts={prompts}", f"generate.steps={args.steps}", f"generate.batch_size={args.batch}",
-            f"generate.samples_per_prompt={args.samples}", f"generate.resolution={resolution}",
+            f"generate.prompts={prompts}", f"sample.steps={args.steps}", f"sample.batch_size={args.batch}",
+            f"generate.samples_per_prompt={args.samples}", f"sample.resolution={resolution}",
             f"output.dir={Path(tmp) / 'out'}", "generate.strategy=best_vs_worst",
         ])
         batch_prompts = ["a red cat"] * args.batch
-        _sample(backbone, batch_prompts, list(range(args.batch)), cfg.generate)  # warm-up
+        _sample(backbone, batch_prompts, list(range(args.batch)), cfg.sample)  # warm-up
         _sync(device)
         start = time.perf_counter()
         for r in range(args.repeats):
-            _sample(backbone, batch_prompts, [r * args.batch + i for i in range(args.batch)], cfg.generate)
+            _sample(backbone, batch_prompts, [r * args.batch + i for i in range(args.batch)], cfg.sample)
         _sync(device)
         sample_s = (time.perf_counter() - start) / (args.repeats * args.batch)
 

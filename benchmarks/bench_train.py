@@ -96,8 +96,8 @@ def bench_one(model_dir: Path, data: Path, out: Path, args, cached: bool) -> dic
                  f"train.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
                  f"model.finetune={args.finetune}", f"output.dir={out}", f"data.cache={str(cached).lower()}",
                  f"data.num_workers={args.num_workers}"]
-    if args.mixed_precision != "no":  # a bare `no` on the command line parses as YAML false
-        overrides.append(f"train.mixed_precision={args.mixed_precision}")
+    if args.mixed_precision != "no":  # accelerate's word; runtime.dtype's default (auto) trains in fp32
+        overrides.append(f"runtime.dtype={args.mixed_precision}")
     trainer = Trainer(load_config(None, overrides))
     trainer.train(save_outputs=False)  # warm-up step (allocator, kernels, workers)
     if torch.cuda.is_available():

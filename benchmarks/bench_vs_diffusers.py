@@ -241,8 +241,8 @@ def _commands(side: str, model_dir: Path, data_dir: Path, out: Path, args, resol
                  "loss.name=dpo", "train.logger=tensorboard", "train.checkpoint_every=0", "data.num_workers=0",
                  "train.learning_rate=1e-5", "train.max_grad_norm=1.0", "train.gradient_checkpointing=false",
                  f"output.dir={out}", f"data.cache={'true' if side == 'ours-cached' else 'false'}"]
-    if args.mixed_precision != "no":  # a bare `no` is the default; passing it is not needed
-        overrides.append(f"train.mixed_precision={args.mixed_precision}")
+    if args.mixed_precision != "no":  # fp32 (auto) is the default; passing it is not needed
+        overrides.append(f"runtime.dtype={args.mixed_precision}")
     overrides += [o for o in extra.split("+") if o]
     return {"side": side, "overrides": overrides}
 

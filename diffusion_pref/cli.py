@@ -41,8 +41,8 @@ class Command:
 
 
 _INVERT_FLAGS = (
-    ("--image", "trajectory.invert_image", "the image to invert (trajectory.invert_image)", None),
-    ("--prompt", "trajectory.invert_prompt", "its caption (trajectory.invert_prompt)", None),
+    ("--image", "invert.image", "the image to invert (invert.image)", None),
+    ("--prompt", "invert.prompt", "its caption (invert.prompt)", None),
     ("--method", "trajectory.kind", "inversion method (trajectory.kind)", ("ddim", "renoise")),
 )
 _EVALUATE_FLAGS = (("--no-cache", "eval.no_cache", "generate every sample again (eval.no_cache=true)", "switch"),)

@@ -6,10 +6,12 @@ below, and dotted overrides on the command line win over the recipe::
     diffusion-pref train --config configs/sd15_dpo_lora.yaml train.max_steps=100 loss.beta=5000
 
 Merging and type conversion are OmegaConf structured configs; this module adds what OmegaConf does not say
-clearly: an unknown key names the nearest valid key, a badly typed value names the key and the expected type,
-a value outside a fixed set of choices lists the choices, and a number out of its range (``RANGES``) names the
-range. ``load_config`` returns plain dataclass instances, so the rest of the code reads ``cfg.train.batch_size``
-with types it can trust.
+clearly: an unknown key names the nearest valid key, a key that moved (``RENAMED``) names its new key, a badly
+typed value names the key and the expected type, a value outside a ``Literal`` field's choices lists them and
+names the nearest, and a number out of its range (``RANGES``) names the range; :func:`validate` holds the rules
+between keys. ``load_config`` returns plain dataclass instances, so the rest of the code reads
+``cfg.train.batch_size`` with types it can trust. :func:`resolve_runtime` is the one place "auto" device and
+precision are resolved.
 
 The resolved config is written as ``config.yaml`` into ``output.dir`` by every run; passing that file back with
 ``--config`` reproduces the run.
@@ -19,9 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Literal, NamedTuple, Optional, Sequence, get_args, get_origin, get_type_hints
 
 # omegaconf is light (no torch), so importing it here keeps `diffusion-pref --help` fast.
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -31,22 +34,74 @@ from diffusion_pref.fileio import atomic_write
 from diffusion_pref.suggest import did_you_mean
 
 
+# The fixed sets of choices, declared once as types: the loader checks every Literal-typed field (with a
+# did-you-mean), and code that needs the list reads it with ``typing.get_args`` (e.g. ``get_args(TrajectoryKind)``).
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+ModelFamily = Literal["auto", "sd", "sdxl", "sd3", "tango"]
+TrajectoryKind = Literal["forward", "ddim", "renoise"]
+TMode = Literal["exact", "grid_below", "smpo_released"]
+SoftLabelWinner = Literal["reward", "human"]
+SoftLabelScores = Literal["auto", "dataset", "reward_model"]
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and in which precision every command runs, and its seed (train, generate, evaluate, invert, cache,
+    reward scoring, iterate, quickstart); :func:`resolve_runtime` turns it into a device and dtypes."""
+
+    device: str = "auto"  # auto (cuda if present, else cpu) | cpu | cuda | cuda:N
+    # auto: fp32 for training, caching and inversion everywhere; for sampling (generate, evaluate) fp16 on CUDA and
+    # fp32 on a CPU. fp16 / bf16 for training is accelerate's mixed precision (fp32 trainable weights, the frozen
+    # modules in that dtype).
+    dtype: Precision = "auto"
+    # Training's seed (data order, augmentation, noise), generate's base seed for the per-sample seeds, invert's
+    # regulariser; iterate samples round r with seed + r - 1.
+    seed: int = 0
+
+
+@dataclass
+class SampleConfig:
+    """How images are sampled: generate, evaluate (``eval.variant_sampling`` overrides per variant) and the
+    validation images of training."""
+
+    steps: int = 25
+    guidance_scale: float = 7.5
+    resolution: Optional[int] = None  # image height = width; None = the pipeline's default (validation: data.resolution)
+    # A diffusers scheduler class name (e.g. DPMSolverMultistepScheduler) built from the pipeline's scheduler
+    # config; None keeps the pipeline's own scheduler.
+    scheduler: Optional[str] = None
+    batch_size: int = 8  # images per pipeline call
+    # The model's safety checker (SD1.x ships one). None: each command's own policy: generate runs the checker a
+    # model ships and leaves a blocked (black) image out of every pair; evaluate and validation images run none
+    # (they compare models). true: run it (an error for a model that ships none); false: never.
+    safety_checker: Optional[bool] = None
+
+
+@dataclass
+class InvertConfig:
+    """``diffusion-pref invert``: the image to invert and reconstruct (resized to data.resolution) and its prompt;
+    the method is trajectory.kind (ddim | renoise), the grid trajectory.steps."""
+
+    image: Optional[str] = None
+    prompt: str = ""
+
+
 @dataclass
 class ModelConfig:
     # A hub id, a local folder in the standard diffusers layout, or "toy" for the shapes-world model shipped
     # inside the package (the only one that works without a model hub).
     pretrained: str = "toy"
-    family: str = "auto"  # auto | sd | sdxl | sd3 | tango: "auto" reads the pipeline's model_index.json
+    family: ModelFamily = "auto"  # "auto" reads the pipeline's model_index.json
     revision: Optional[str] = None
     variant: Optional[str] = None
     vae: Optional[str] = None  # another VAE, e.g. an fp16-safe SDXL VAE
-    finetune: str = "lora"  # lora | full
+    finetune: Literal["lora", "full"] = "lora"
     lora_rank: int = 8
     lora_alpha: Optional[float] = None  # None = lora_rank, so the adapter's scale is 1
     lora_targets: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     # Where the reference log-likelihoods come from. auto: the adapter switched off for LoRA, a frozen copy for
     # full fine-tuning, none for reference-free losses. copy_cpu keeps the frozen copy in CPU memory.
-    reference: str = "auto"  # auto | adapter | copy | copy_cpu | none
+    reference: Literal["auto", "adapter", "copy", "copy_cpu", "none"] = "auto"
 
 
 @dataclass
@@ -57,8 +112,8 @@ class DataConfig:
     # (caption, jpg_0, jpg_1, label_0, and optionally score_0, score_1).
     columns: Dict[str, str] = field(default_factory=dict)
     resolution: int = 512
-    ties: str = "drop"  # drop | soft: soft keeps label_0 == 0.5 as a soft label for losses that take one
-    on_bad_row: str = "error"  # error | skip: skip counts and reports every skipped row
+    ties: Literal["drop", "soft"] = "drop"  # soft keeps label_0 == 0.5 as a soft label for losses that take one
+    on_bad_row: Literal["error", "skip"] = "error"  # skip counts and reports every skipped row
     caption_dropout: float = 0.0  # decided once per pair, never differently for winner and loser
     random_flip: bool = True  # the same flip for both images of a pair
     random_crop: bool = False  # the same crop for both images of a pair
@@ -72,7 +127,7 @@ class DataConfig:
     # dpo with a gamma-fold logit, so it warns). scores: SmPO's sigmoid of the min-max-normalised score gap, from
     # the score_0/score_1 columns or, without them, from reward.models, scored once and stored beside the data
     # cache (diffusion_pref.soft_labels; settings loss.soft_label_*). auto: scores (label only when asked for).
-    soft_labels: str = "auto"  # auto | label | scores
+    soft_labels: Literal["auto", "label", "scores"] = "auto"
 
 
 @dataclass
@@ -81,8 +136,7 @@ class RewardConfig:
     models: Dict[str, float] = field(default_factory=lambda: {"pickscore": 1.0})
     # Reward model name -> hub id or local path, where the default official weights are not wanted.
     pretrained: Dict[str, str] = field(default_factory=dict)
-    batch_size: int = 16
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    batch_size: int = 16  # the reward models run on runtime.device
 
 
 @dataclass
@@ -102,25 +156,25 @@ class LossConfig:
     # instead of the dataset's own range, in the units of the scores (a score outside it is an error naming the
     # row). SmPO's PickScore range is [0.11543526500463486, 0.28201571106910706] in raw cosine; our pickscore
     # returns 100 x cosine (exp(logit_scale) = 100), so there it is [11.543526500463486, 28.201571106910706].
-    soft_label_winner: str = "reward"  # reward | human
-    soft_label_scores: str = "auto"  # auto | dataset | reward_model
+    soft_label_winner: SoftLabelWinner = "reward"
+    soft_label_scores: SoftLabelScores = "auto"
     soft_label_range: Optional[List[float]] = None
 
 
 @dataclass
 class TrajectoryConfig:
-    kind: str = "forward"  # forward | ddim | renoise: where x_t and its target come from
+    kind: TrajectoryKind = "forward"  # where x_t and its target come from
     steps: int = 50  # inversion grid size for ddim / renoise (DDIMInverseScheduler.set_timesteps(steps))
     # How the sampled t meets the grid. exact: invert along the grid points below t, then one last step to t, so
     # x_t really sits at the noise level the UNet is told. grid_below: stop at the last grid point below t and
     # feed that latent as if it were at t (cheaper by one step; SmPO's loop on diffusers >= 0.22). smpo_released:
     # the released SmPO code on the diffusers 0.20.0 it pins: the latent ends at the grid point at or above t
     # (capped at the grid's last point) and is fed as if it were at t (trajectories.py).
-    t_mode: str = "exact"  # exact | grid_below | smpo_released
+    t_mode: TMode = "exact"
     # Which model inverts x0: policy (the model being trained, as SmPO does) or reference (the frozen reference:
     # the adapter-off UNet or the reference copy). With the reference, a pair's inverted latents no longer change
     # during training; otherwise the same computation. A variant, measured in the shapes world (README).
-    invert_with: str = "policy"  # policy | reference
+    invert_with: Literal["policy", "reference"] = "policy"
     # With invert_with=reference and data.cache=true: store every grid point's inverted latent in the data cache
     # (float32, steps x 2 latents per pair), so a step reads its x_t instead of inverting: grid_below then costs
     # what a DPO step costs, exact one inversion step more.
@@ -136,10 +190,6 @@ class TrajectoryConfig:
     noise_reg_lambda_kl: float = 0.065  # ReNoise default
     noise_reg_lambda_ac: float = 20.0  # ReNoise default
     noise_reg_ac_rolls: int = 5  # ReNoise default
-    # `diffusion-pref invert` only: the image to invert and reconstruct (resized to data.resolution) and its
-    # prompt; the method is trajectory.kind (ddim | renoise), the grid trajectory.steps.
-    invert_image: Optional[str] = None
-    invert_prompt: str = ""
 
 
 @dataclass
@@ -150,33 +200,32 @@ class TrainConfig:
     learning_rate: float = 1e-5
     lr_scheduler: str = "constant_with_warmup"  # any name diffusers.optimization.get_scheduler knows
     warmup_steps: int = 0
-    optimizer: str = "adamw"  # adamw | adamw8bit | adafactor
+    optimizer: Literal["adamw", "adamw8bit", "adafactor"] = "adamw"
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
-    mixed_precision: str = "no"  # no | fp16 | bf16
     gradient_checkpointing: bool = False
     channels_last: bool = False  # UNet (and reference copy) in channels-last memory layout; a GPU option to measure
     # torch.compile the UNet (policy, adapter-off reference and inversion calls alike; a frozen reference copy
     # too). The first steps pay the compilation (minutes for SD-sized UNets); fewer kernel launches after that.
     compile: bool = False
-    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune
+    # reduce-overhead: CUDA graphs
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     compile_backend: str = "inductor"  # any torch.compile backend; aot_eager traces without generating code
     # Replay CUDA graphs for the no-grad UNet calls (the reference pass and SmPO's inversion): one graph per
     # batch shape, recorded on first use; removes the kernel-launch cost that dominates these small calls on a
     # GPU. Same numbers as eager (to cuDNN's run-to-run noise); no effect on a CPU.
     cuda_graphs: bool = False
-    attention: str = "sdpa"  # sdpa | xformers
-    seed: int = 0
+    attention: Literal["sdpa", "xformers"] = "sdpa"
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     resume: Optional[str] = None  # latest | a checkpoint folder
     # Resume although the checkpoint's model, loss, data, batch or optimizer settings differ from this config's.
     resume_force: bool = False
     log_every: int = 1
-    logger: str = "tensorboard"  # tensorboard | wandb | none
+    logger: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     validate_every: int = 0  # 0 = no validation images during training
     validation_prompts: List[str] = field(default_factory=list)
     # A LoRA folder (as train writes it) the adapter starts from instead of zero: training continues that LoRA
@@ -190,11 +239,7 @@ class GenerateConfig:
     prompts: Optional[str] = None  # text file, JSON list, parquet/hub dataset column, PartiPrompts TSV, HPDv2 JSON
     prompt_column: Optional[str] = None
     samples_per_prompt: int = 4
-    steps: int = 25
-    guidance_scale: float = 7.5
-    batch_size: int = 8
-    seed: int = 0
-    strategy: str = "best_vs_worst"  # best_vs_worst | all_pairs | best_vs_each
+    strategy: Literal["best_vs_worst", "all_pairs", "best_vs_each"] = "best_vs_worst"
     min_winner_score: Optional[float] = None
     min_gap: Optional[float] = None
     max_gap: Optional[float] = None
@@ -204,12 +249,7 @@ class GenerateConfig:
     flush_every_prompts: int = 32
     prompt_split: str = "train"  # split to read when generate.prompts is a hub dataset id
     max_prompts: Optional[int] = None  # only the first N prompts (smoke runs); raising it later resumes the same run
-    # A diffusers scheduler class name (e.g. DPMSolverMultistepScheduler) built from the pipeline's scheduler
-    # config; None keeps the pipeline's own scheduler.
-    scheduler: Optional[str] = None
-    resolution: Optional[int] = None  # image height = width; None = the pipeline's default
-    dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16
-    image_format: str = "png"  # png (lossless: stored images score exactly as generated) | jpeg
+    image_format: Literal["png", "jpeg"] = "png"  # png: lossless, stored images score exactly as generated
     # Statistical rejection sampling (RSO): None = off; otherwise each prompt's candidates are first thinned to
     # rso_keep samples accepted with probability exp((r - r_max) / rso_beta), then paired by `strategy`.
     rso_beta: Optional[float] = None
@@ -223,9 +263,6 @@ class EvalConfig:
     # Variant name -> a LoRA folder, a full pipeline folder, or "base".
     variants: Dict[str, str] = field(default_factory=dict)
     seeds: List[int] = field(default_factory=lambda: [0, 1])
-    steps: int = 25
-    guidance_scale: float = 7.5
-    batch_size: int = 8
     bootstrap_samples: int = 1000
     no_cache: bool = False
     prompt_column: Optional[str] = None  # the prompt column of a parquet / csv / hub prompt set
@@ -234,12 +271,9 @@ class EvalConfig:
     # instead of generating; each model folder is one variant.
     images_dir: Optional[str] = None
     baseline: Optional[str] = None  # the variant win rates are measured against; None = the "base" variant
-    resolution: Optional[int] = None  # None = the pipeline's default size
-    device: str = "auto"  # auto | cpu | cuda | cuda:N, for generation
-    dtype: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16; part of the sample cache key
     bootstrap_seed: int = 0  # the interval resamples the same prompts on every run
     report_prompts: int = 24  # rows (prompts) in the report's sample grid
-    # Variant name -> sampling settings that differ from the ones above (steps, guidance_scale, resolution), e.g.
+    # Variant name -> sampling settings that differ from sample.* (steps, guidance_scale, resolution), e.g.
     # {base_cfg3: {guidance_scale: 3.0}} with eval.variants.base_cfg3=base compares the base at another guidance.
     variant_sampling: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
@@ -250,9 +284,9 @@ class IterateConfig:
 
     rounds: int = 3
     # fixed: every round's reference is the base model; moved: round r's reference is round r-1's model.
-    reference: str = "fixed"  # fixed | moved
+    reference: Literal["fixed", "moved"] = "fixed"
     # Round r samples prompts [(r-1)*N, r*N) of generate.prompts, so R rounds of N see the prompts one round of
-    # R*N sees; None: every round samples all the prompts. Round r's seeds are generate.seed + r - 1.
+    # R*N sees; None: every round samples all the prompts. Round r samples with seed runtime.seed + r - 1.
     prompts_per_round: Optional[int] = None
 
 
@@ -263,6 +297,8 @@ class OutputConfig:
 
 @dataclass
 class Config:
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -272,34 +308,28 @@ class Config:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     iterate: IterateConfig = field(default_factory=IterateConfig)
+    invert: InvertConfig = field(default_factory=InvertConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
-# Fields whose value must be one of a fixed set. Kept as plain strings (not Enums) so YAML and code read the
-# same words; the check below gives the error a user can act on.
-CHOICES: Dict[str, Sequence[str]] = {
-    "model.family": ("auto", "sd", "sdxl", "sd3", "tango"),
-    "model.finetune": ("lora", "full"),
-    "model.reference": ("auto", "adapter", "copy", "copy_cpu", "none"),
-    "data.ties": ("drop", "soft"),
-    "data.on_bad_row": ("error", "skip"),
-    "data.soft_labels": ("auto", "label", "scores"),
-    "loss.soft_label_winner": ("reward", "human"),
-    "loss.soft_label_scores": ("auto", "dataset", "reward_model"),
-    "trajectory.kind": ("forward", "ddim", "renoise"),
-    "trajectory.t_mode": ("exact", "grid_below", "smpo_released"),
-    "trajectory.invert_with": ("policy", "reference"),
-    "train.optimizer": ("adamw", "adamw8bit", "adafactor"),
-    "train.mixed_precision": ("no", "fp16", "bf16"),
-    "train.attention": ("sdpa", "xformers"),
-    "train.logger": ("tensorboard", "wandb", "none"),
-    "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-    "generate.strategy": ("best_vs_worst", "all_pairs", "best_vs_each"),
-    "eval.dtype": ("auto", "fp32", "fp16", "bf16"),
-    "generate.dtype": ("auto", "fp32", "fp16", "bf16"),
-    "generate.image_format": ("png", "jpeg"),
-    "iterate.reference": ("fixed", "moved"),
+# Keys that moved: old dotted key -> new dotted key. A file or override that sets an old key is an error naming
+# the new one (with the value to write there, where it changed spelling: train.mixed_precision=no -> fp32).
+RENAMED: Dict[str, str] = {
+    "train.mixed_precision": "runtime.dtype",
+    "train.seed": "runtime.seed",
+    "generate.seed": "runtime.seed",
+    "generate.dtype": "runtime.dtype",
+    "eval.dtype": "runtime.dtype",
+    "eval.device": "runtime.device",
+    "reward.device": "runtime.device",
+    **{f"{section}.{key}": f"sample.{key}" for section in ("generate", "eval")
+       for key in ("steps", "guidance_scale", "resolution", "batch_size")},
+    "generate.scheduler": "sample.scheduler",
+    "trajectory.invert_image": "invert.image",
+    "trajectory.invert_prompt": "invert.prompt",
 }
+# train.mixed_precision's words in runtime.dtype's (YAML reads a bare `no` as false).
+_MIXED_PRECISION_DTYPE = {"no": "fp32", "False": "fp32", "false": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
 
 class ConfigError(ValueError):
@@ -363,17 +393,14 @@ RANGES: Dict[str, Range] = {
     "train.keep_checkpoints": AT_LEAST_0,  # 0 = keep all
     "train.log_every": AT_LEAST_1,
     "train.validate_every": AT_LEAST_0,  # 0 = no validation images
-    "generate.steps": AT_LEAST_1,
-    "generate.batch_size": AT_LEAST_1,
+    "sample.steps": AT_LEAST_1,
+    "sample.batch_size": AT_LEAST_1,
+    "sample.resolution": AT_LEAST_1,
     "generate.shard_size": AT_LEAST_1,
     "generate.max_prompts": AT_LEAST_1,
-    "generate.resolution": AT_LEAST_1,
     "generate.rso_beta": POSITIVE,
-    "eval.steps": AT_LEAST_1,
-    "eval.batch_size": AT_LEAST_1,
     "eval.bootstrap_samples": AT_LEAST_0,
     "eval.max_prompts": AT_LEAST_1,
-    "eval.resolution": AT_LEAST_1,
     "eval.report_prompts": AT_LEAST_0,
 }
 
@@ -395,18 +422,45 @@ def _valid_keys(cls: type = None, prefix: str = "") -> Dict[str, Optional[type]]
     return keys
 
 
+def choices(dotted: str) -> Optional[tuple]:
+    """The values a ``Literal``-typed key allows (``choices("runtime.dtype")``), None for any other key."""
+    section, _, key = dotted.partition(".")
+    cls = _section_class(next((f.type for f in dataclasses.fields(Config) if f.name == section), None))
+    if cls is None:
+        return None
+    hint = get_type_hints(cls).get(key)
+    return get_args(hint) if get_origin(hint) is Literal else None
+
+
+def _choice_keys() -> List[str]:
+    return [dotted for dotted, sub in _valid_keys().items() if sub is None and "." in dotted and choices(dotted)]
+
+
+def _renamed_error(old: str, value: Any, where: str) -> ConfigError:
+    new = RENAMED[old]
+    if old == "train.mixed_precision":
+        value = _MIXED_PRECISION_DTYPE.get(str(value), value)
+    shown = "null" if value is None else value
+    return ConfigError(f"{old} was renamed: use {new}={shown} ({where})")
+
+
 def _check_keys(tree: Any, where: str, prefix: str = "") -> None:
-    """Reject keys that no section has, naming the nearest valid key among all of them.
+    """Reject keys that no section has, naming the nearest valid key among all of them (or the new name of a
+    renamed key), and values outside a ``Literal`` field's choices.
 
     Dict-typed fields (column maps, loss params, reward weights) are leaves here: they accept any key.
     """
     valid = _valid_keys()
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
+        if dotted in RENAMED:
+            raise _renamed_error(dotted, value, where)
         if dotted not in valid:
             while isinstance(value, dict) and len(value) == 1:  # name the whole key the user wrote
                 (inner, value), = value.items()
                 dotted = f"{dotted}.{inner}"
+                if dotted in RENAMED:
+                    raise _renamed_error(dotted, value, where)
             leaves = [k for k, sub in valid.items() if sub is None]
             section = dotted.rsplit(".", 1)[0]
             nearby = [k for k in leaves if k.startswith(section + ".")] or leaves
@@ -420,24 +474,16 @@ def _check_keys(tree: Any, where: str, prefix: str = "") -> None:
                 raise ConfigError(f"'{dotted}' ({where}) is a section; set its keys, e.g. {dotted}.<key>=...")
             if value:
                 _check_keys(value, where, prefix=f"{dotted}.")
+        else:
+            _check_choice(dotted, value, where)
 
 
-# YAML reads a bare `no` / `off` as the boolean false, which reaches a string field as "False"; give such a
-# value back the word the user wrote when that word is one of the field's choices (`train.mixed_precision=no`).
-_YAML_BOOL_WORDS = {"False": ("no", "off", "false"), "True": ("yes", "on", "true")}
-
-
-def _check_choices(cfg: Config) -> None:
-    for dotted, choices in CHOICES.items():
-        section, key = dotted.split(".")
-        value = getattr(getattr(cfg, section), key)
-        words = [w for w in _YAML_BOOL_WORDS.get(value, ()) if w in choices]
-        if words:
-            value = words[0]
-            setattr(getattr(cfg, section), key, value)
-        if value not in choices:
-            hint = did_you_mean(value, choices)
-            raise ConfigError(f"{dotted}={value!r} is not one of {', '.join(choices)}{'; ' + hint if hint else ''}")
+def _check_choice(dotted: str, value: Any, where: str = "") -> None:
+    allowed = choices(dotted)
+    if allowed is not None and value not in allowed:
+        where = f" ({where})" if where else ""
+        hint = did_you_mean(str(value), allowed)
+        raise ConfigError(f"{dotted}={value!r} is not one of {', '.join(allowed)}{'; ' + hint if hint else ''}{where}")
 
 
 def check_ranges(cfg: Config) -> None:
@@ -447,6 +493,93 @@ def check_ranges(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), key)
         if value is not None and value not in allowed:
             raise ConfigError(f"{dotted}={value!r} is out of range: it must be {allowed}")
+
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+def validate(cfg: Config, *, loss: bool = False) -> None:
+    """Every rule a config must satisfy that needs only the config (and the loss registry): choices, ranges and
+    the rules between keys. ``load_config`` calls it; call it again on a Config built or changed in code. With
+    ``loss=True`` (the commands that train) ``loss.name`` and ``loss.params`` are checked too (:func:`check_loss`):
+    a recipe may carry params for a loss it does not train with. Rules that need the data, a model or the machine
+    stay with the command that reads them."""
+    from diffusion_pref.losses import REFERENCE_FREE
+
+    for dotted in _choice_keys():
+        section, key = dotted.split(".")
+        _check_choice(dotted, getattr(getattr(cfg, section), key))
+    if not _DEVICE.match(str(cfg.runtime.device)):
+        raise ConfigError(f"runtime.device={cfg.runtime.device!r} is not one of auto, cpu, cuda, cuda:N")
+    check_ranges(cfg)
+    if loss:
+        check_loss(cfg)
+
+    model, traj = cfg.model, cfg.trajectory
+    needs_reference = cfg.loss.name not in REFERENCE_FREE
+    if model.reference == "adapter" and model.finetune != "lora":
+        raise ConfigError("model.reference=adapter needs model.finetune=lora (full fine-tuning has no adapter to switch "
+                          "off); use model.reference=copy or copy_cpu")
+    if model.reference == "none" and needs_reference:
+        raise ConfigError("model.reference=none but this loss compares against a reference; use model.reference=auto")
+    if cfg.train.init_lora and model.finetune != "lora":
+        raise ConfigError(f"train.init_lora={cfg.train.init_lora} continues a LoRA: it needs model.finetune=lora")
+    if traj.cache_inverted and not (cfg.data.cache and traj.kind in ("ddim", "renoise")
+                                    and traj.invert_with == "reference"):
+        raise ConfigError("trajectory.cache_inverted=true stores the reference model's inversion in the data "
+                          "cache: it needs data.cache=true, trajectory.kind=ddim or renoise and "
+                          f"trajectory.invert_with=reference (got data.cache={cfg.data.cache}, "
+                          f"kind={traj.kind}, invert_with={traj.invert_with})")
+    has_reference = model.reference not in ("none", "auto") or (model.reference == "auto" and needs_reference)
+    if traj.invert_with == "reference" and not has_reference:
+        raise ConfigError(f"trajectory.invert_with=reference needs a reference model, but loss "
+                          f"{cfg.loss.name!r} with model.reference={model.reference!r} has none; use "
+                          "trajectory.invert_with=policy or set model.reference (adapter, copy)")
+    gen = cfg.generate
+    if gen.min_gap is not None and gen.max_gap is not None and gen.min_gap > gen.max_gap:
+        raise ConfigError(f"generate.min_gap={gen.min_gap} is above generate.max_gap={gen.max_gap}: no pair could pass")
+    if gen.rso_beta is not None and gen.rso_keep < 2:
+        raise ConfigError(f"generate.rso_keep={gen.rso_keep}: pairs need at least 2 accepted samples")
+    if cfg.eval.images_dir is not None and cfg.eval.variants:
+        raise ConfigError("set either eval.images_dir (score existing images) or eval.variants (generate), not both")
+
+
+class Runtime(NamedTuple):
+    """:func:`resolve_runtime`'s answer: the device, the dtype of the model weights, and accelerate's
+    ``mixed_precision`` ("no" | "fp16" | "bf16")."""
+
+    device: Any  # torch.device
+    dtype: Any  # torch.dtype
+    mixed_precision: str
+
+    @property
+    def precision(self) -> str:
+        """The dtype's name as the config writes it: fp32 | fp16 | bf16 (part of generate's and evaluate's keys)."""
+        return "fp32" if self.mixed_precision == "no" else self.mixed_precision
+
+
+def resolve_runtime(runtime: RuntimeConfig, *, sampling: bool = False) -> Runtime:
+    """``runtime.device`` and ``runtime.dtype`` with "auto" resolved, the one place that does it.
+
+    device auto: cuda if PyTorch sees a CUDA device, else cpu. dtype auto: fp16 for sampling (``sampling=True``:
+    generate, evaluate) on CUDA; fp32 otherwise (training, caching, inversion, and anything on a CPU).
+    """
+    import torch
+
+    name = runtime.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0 or (device.index is not None and device.index >= count):
+            raise ConfigError(f"runtime.device={runtime.device}: PyTorch sees {count} CUDA device(s); use "
+                              "runtime.device=auto or cpu" + (f" or cuda:0..{count - 1}" if count else ""))
+    precision = runtime.dtype
+    if precision == "auto":
+        precision = "fp16" if sampling and device.type == "cuda" else "fp32"
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    return Runtime(device, dtype, "no" if precision == "fp32" else precision)
 
 
 def _merge(base: DictConfig, layer: Any, where: str) -> DictConfig:
@@ -498,12 +631,11 @@ def load_config(
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(f"config is incomplete: {str(err).splitlines()[0]}") from None
-    _check_choices(cfg)
     if cfg.loss.beta is None:  # an unknown loss.name keeps None; check_loss names the valid ones
         from diffusion_pref.losses import DIFFUSION_DEFAULT_BETA
 
         cfg.loss.beta = DIFFUSION_DEFAULT_BETA.get(cfg.loss.name)
-    check_ranges(cfg)
+    validate(cfg)
     return cfg
 
 
@@ -579,26 +711,33 @@ def save_config(cfg: Config, directory: str | Path) -> Path:
 
 
 __all__ = [
-    "CHOICES",
     "Config",
     "ConfigError",
     "DataConfig",
     "EvalConfig",
     "GenerateConfig",
+    "InvertConfig",
     "IterateConfig",
     "LossConfig",
     "ModelConfig",
     "MISSING",
     "OutputConfig",
     "RANGES",
+    "RENAMED",
     "Range",
     "RewardConfig",
+    "Runtime",
+    "RuntimeConfig",
+    "SampleConfig",
     "TrainConfig",
     "TrajectoryConfig",
     "check_loss",
     "check_ranges",
+    "choices",
     "load_config",
     "parse_overrides",
+    "resolve_runtime",
     "save_config",
     "to_yaml",
+    "validate",
 ]

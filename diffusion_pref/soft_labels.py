@@ -27,7 +27,8 @@ reward model (:class:`ScoreCache`; the trainer keeps them beside the data cache,
 written to ``soft_labels.parquet`` (row, score_w, score_l, p) plus ``soft_labels.json`` (range, settings, data
 identity) in the run folder and read back on resume.
 
-Example (the trainer calls ``soft_labels_for_run(cfg, source)``, which reads these settings from the config)::
+Example (the trainer calls ``soft_labels_for_run(source, cfg.output.dir, cfg.loss, cfg.reward)``, which reads these
+settings from the loss and reward sections)::
 
     from diffusion_pref.data.pairs import PairSource
     from diffusion_pref.soft_labels import prepare_soft_labels
@@ -42,14 +43,16 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, get_args
+
+from diffusion_pref.config import SoftLabelScores, SoftLabelWinner
 
 from diffusion_pref.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
-WINNER_MODES = ("reward", "human")
-SCORE_SOURCES = ("auto", "dataset", "reward_model")
+WINNER_MODES = get_args(SoftLabelWinner)  # the choices are declared once, in diffusion_pref.config
+SCORE_SOURCES = get_args(SoftLabelScores)
 TABLE_FILE = "soft_labels.parquet"
 META_FILE = "soft_labels.json"
 # The SmPO code's hard-coded PickScore range (raw cosine, the dataset's min and max), and the same range in the
@@ -353,11 +356,12 @@ def prepare_soft_labels(source, out_dir, *, winner: str = "reward", scores: str 
     return labels
 
 
-def soft_labels_for_run(cfg, source, device: Any = "cpu", score_cache_dir: Any = None) -> SoftLabels:
-    """The trainer's one call: soft labels for ``source`` stored in ``cfg.output.dir``, settings from ``cfg``.
+def soft_labels_for_run(source, out_dir: Any, loss_cfg, reward_cfg, device: Any = "cpu",
+                        score_cache_dir: Any = None) -> SoftLabels:
+    """The trainer's one call: soft labels for ``source`` stored in ``out_dir`` (the run's output.dir).
 
-    Reads ``loss.soft_label_winner``, ``loss.soft_label_scores``, ``loss.soft_label_range`` ([low, high] in the
-    scores' units, or None for the dataset's min/max) and ``cfg.reward``; the reward model is loaded only if the
+    Reads ``loss_cfg.soft_label_winner``, ``soft_label_scores``, ``soft_label_range`` ([low, high] in the scores'
+    units, or None for the dataset's min/max) and ``reward_cfg``; the reward model is loaded only if the
     scores must be computed, and its scores are stored in ``score_cache_dir`` (the callers pass
     ``data.cache.soft_label_scores_dir``: beside the data cache) for every later run on the same data with the
     same reward model.
@@ -365,12 +369,12 @@ def soft_labels_for_run(cfg, source, device: Any = "cpu", score_cache_dir: Any =
     from diffusion_pref.config import ConfigError
     from diffusion_pref.reward_models import load_reward_from_config, reward_spec
 
-    loss = cfg.loss
-    spec = reward_spec(cfg.reward)
+    loss = loss_cfg
+    spec = reward_spec(reward_cfg)
 
     def load_reward():
         try:
-            return load_reward_from_config(cfg.reward, device)
+            return load_reward_from_config(reward_cfg, device)
         except ConfigError as err:
             message = " ".join(str(err).split())  # one line: the hub's errors span several
             raise ConfigError(
@@ -381,10 +385,10 @@ def soft_labels_for_run(cfg, source, device: Any = "cpu", score_cache_dir: Any =
             ) from err
 
     return prepare_soft_labels(
-        source, cfg.output.dir, winner=loss.soft_label_winner, scores=loss.soft_label_scores,
+        source, out_dir, winner=loss.soft_label_winner, scores=loss.soft_label_scores,
         reward=load_reward,
         score_range=list(loss.soft_label_range) if loss.soft_label_range is not None else None,
-        batch_size=cfg.reward.batch_size, reward_id=spec,
+        batch_size=reward_cfg.batch_size, reward_id=spec,
         score_cache_dir=score_cache_dir,
     )
 

@@ -79,7 +79,9 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, get_args
+
+from diffusion_pref.config import TMode, TrajectoryKind
 
 from diffusion_pref.schedules import DDPMSchedule, Schedule
 
@@ -100,8 +102,8 @@ __all__ = [
     "trajectory_options",
 ]
 
-KINDS = ("forward", "ddim", "renoise")
-T_MODES = ("exact", "grid_below", "smpo_released")
+KINDS = get_args(TrajectoryKind)  # the choices are declared once, in diffusion_pref.config
+T_MODES = get_args(TMode)
 
 
 @dataclass

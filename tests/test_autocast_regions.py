@@ -23,7 +23,7 @@ def test_smpo_bf16_full_finetune_inverts_in_its_own_autocast_region_and_trains_c
     data = write_pairs(tmp_path / "p.parquet", n=2)
     trainer = Trainer(make_cfg(tiny_sd_dir, data, tmp_path / "out", "loss.name=smpo", "data.soft_labels=label",
                                "trajectory.kind=renoise",
-                               "trajectory.steps=5", "train.mixed_precision=bf16", "model.finetune=full",
+                               "trajectory.steps=5", "runtime.dtype=bf16", "model.finetune=full",
                                "model.reference=copy", "train.learning_rate=1e-2", "train.max_steps=1",
                                "train.batch_size=1"))
     policy = trainer.accelerator.unwrap_model(trainer.unet)

@@ -35,6 +35,29 @@ def test_unknown_key_fails_naming_the_nearest():
     assert "train.max_steps" in result.stderr
 
 
+@pytest.mark.parametrize("command, old, new", [
+    ("train", "train.mixed_precision=fp16", "runtime.dtype=fp16"),
+    ("generate", "generate.steps=20", "sample.steps=20"),
+    ("evaluate", "eval.device=cpu", "runtime.device=cpu"),
+    ("invert", "trajectory.invert_image=x.png", "invert.image=x.png"),
+])
+def test_a_renamed_key_fails_in_one_line_naming_the_new_key(capsys, tmp_path, command, old, new):
+    code = cli.main([command, old, f"output.dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"{old.split('=')[0]} was renamed: use {new}" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_print_config_shows_the_runtime_and_sample_sections():
+    result = run_cli("generate", "--print-config", "runtime.dtype=bf16", "sample.steps=7")
+    assert result.returncode == 0, result.stderr
+    from omegaconf import OmegaConf
+
+    printed = OmegaConf.create(result.stdout)
+    assert printed.runtime.dtype == "bf16" and printed.sample.steps == 7 and printed.sample.safety_checker is False
+
+
 def test_print_config_prints_the_resolved_values():
     result = run_cli("train", "--print-config", "train.max_steps=123", "loss.name=ipo")
     assert result.returncode == 0, result.stderr
@@ -68,10 +91,11 @@ def test_short_flags_are_spellings_of_config_keys():
     result = run_cli("invert", "--print-config", "--image", "/tmp/x.png", "--prompt", "it's a: red # circle",
                      "--method", "renoise")
     assert result.returncode == 0, result.stderr
-    assert "invert_image: /tmp/x.png" in result.stdout and "kind: renoise" in result.stdout
     from omegaconf import OmegaConf
 
-    assert OmegaConf.create(result.stdout).trajectory.invert_prompt == "it's a: red # circle"
+    printed = OmegaConf.create(result.stdout)
+    assert printed.invert.image == "/tmp/x.png" and printed.trajectory.kind == "renoise"
+    assert printed.invert.prompt == "it's a: red # circle"
     assert "no_cache: true" in run_cli("evaluate", "--print-config", "--no-cache").stdout
     assert "no_cache: false" in run_cli("evaluate", "--print-config").stdout
     assert run_cli("invert", "--method", "magic").returncode != 0  # argparse rejects a method that is not a choice

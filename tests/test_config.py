@@ -4,7 +4,18 @@ from pathlib import Path
 
 import pytest
 
-from diffusion_pref.config import CHOICES, Config, ConfigError, check_loss, load_config, save_config, to_yaml
+from diffusion_pref.config import (
+    RENAMED,
+    Config,
+    ConfigError,
+    check_loss,
+    choices,
+    load_config,
+    resolve_runtime,
+    save_config,
+    to_yaml,
+    validate,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("**/*.yaml"))
@@ -52,9 +63,44 @@ def test_wrong_type_names_key_and_type():
 def test_choices_are_checked():
     with pytest.raises(ConfigError, match="adamw, adamw8bit, adafactor"):
         load_config(None, ["train.optimizer=adam"])
-    for dotted, choices in CHOICES.items():  # every default is itself a valid choice
+    from diffusion_pref.config import _choice_keys
+
+    keys = _choice_keys()
+    assert {"runtime.dtype", "model.family", "trajectory.kind", "train.logger", "iterate.reference"} <= set(keys)
+    for dotted in keys:  # every default is itself a valid choice
         section, key = dotted.split(".")
-        assert getattr(getattr(Config(), section), key) in choices, dotted
+        assert getattr(getattr(Config(), section), key) in choices(dotted), dotted
+
+
+@pytest.mark.parametrize("override, message", [
+    ("runtime.dtype=fp61", r"runtime\.dtype='fp61' is not one of auto, fp32, fp16, bf16; did you mean 'fp16'\? \(command line\)"),
+    ("model.family=sdx", r"model\.family='sdx' .* not one of auto, sd, sdxl, sd3, tango; did you mean 'sdxl'\?"),
+    ("trajectory.kind=renoice", r"did you mean 'renoise'\?"),
+    ("generate.strategy=best_vs_wrost", r"did you mean 'best_vs_worst'\?"),
+])
+def test_a_value_outside_the_choices_names_the_nearest(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_a_choice_in_a_file_is_checked_naming_the_file(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("runtime:\n  dtype: fp8\n")
+    with pytest.raises(ConfigError, match=r"runtime\.dtype='fp8' is not one of .* \(.*r\.yaml\)$"):
+        load_config(recipe)
+
+
+def test_sd3_is_a_model_family():
+    assert load_config(None, ["model.family=sd3"]).model.family == "sd3"
+
+
+def test_choice_lists_elsewhere_come_from_the_config_types():
+    from diffusion_pref import soft_labels, trajectories
+
+    assert trajectories.KINDS == choices("trajectory.kind") == ("forward", "ddim", "renoise")
+    assert trajectories.T_MODES == choices("trajectory.t_mode")
+    assert soft_labels.WINNER_MODES == choices("loss.soft_label_winner")
+    assert soft_labels.SCORE_SOURCES == choices("loss.soft_label_scores")
 
 
 def test_malformed_override():
@@ -105,14 +151,123 @@ def test_a_mapping_in_a_file_replaces_the_default_and_overrides_update_it(tmp_pa
     assert cfg.reward.models == {"clip": 0.5}
 
 
-def test_a_bare_no_is_the_word_not_a_boolean(tmp_path):
-    # YAML parses `no` as false; mixed_precision's choices are accelerate's words, so "no" must survive.
-    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("train:\n  mixed_precision: no\n")
-    assert load_config(recipe).train.mixed_precision == "no"
-    with pytest.raises(ConfigError, match="mixed_precision"):
-        load_config(None, ["train.mixed_precision=yes"])  # a word that is not a choice is still an error
+@pytest.mark.parametrize("old, value, new", [
+    ("train.mixed_precision", "fp16", "runtime.dtype=fp16"),
+    ("train.mixed_precision", "no", "runtime.dtype=fp32"),  # YAML reads a bare `no` as false: still accelerate's "no"
+    ("train.mixed_precision", "bf16", "runtime.dtype=bf16"),
+    ("train.seed", "3", "runtime.seed=3"),
+    ("generate.seed", "3", "runtime.seed=3"),
+    ("generate.steps", "20", "sample.steps=20"),
+    ("generate.guidance_scale", "1.0", "sample.guidance_scale=1.0"),
+    ("generate.resolution", "64", "sample.resolution=64"),
+    ("generate.scheduler", "DDIMScheduler", "sample.scheduler=DDIMScheduler"),
+    ("generate.batch_size", "4", "sample.batch_size=4"),
+    ("generate.dtype", "bf16", "runtime.dtype=bf16"),
+    ("eval.steps", "20", "sample.steps=20"),
+    ("eval.guidance_scale", "3", "sample.guidance_scale=3"),
+    ("eval.resolution", "64", "sample.resolution=64"),
+    ("eval.batch_size", "4", "sample.batch_size=4"),
+    ("eval.device", "cpu", "runtime.device=cpu"),
+    ("eval.dtype", "fp32", "runtime.dtype=fp32"),
+    ("reward.device", "cpu", "runtime.device=cpu"),
+    ("trajectory.invert_image", "x.png", "invert.image=x.png"),
+    ("trajectory.invert_prompt", "a cat", "invert.prompt=a cat"),
+])
+def test_a_renamed_key_names_its_new_key(tmp_path, old, value, new):
+    with pytest.raises(ConfigError, match=f"^{old} was renamed: use {new} \\(command line\\)$"):
+        load_config(None, [f"{old}={value}"])
+    section, key = old.split(".")
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text(f"{section}:\n  {key}: {value}\n")
+    with pytest.raises(ConfigError, match=f"^{old} was renamed: use {new} \\(.*old\\.yaml\\)$"):
+        load_config(recipe)
+
+
+def test_every_renamed_key_is_gone_and_its_new_key_exists():
+    from diffusion_pref.config import _valid_keys
+
+    valid = _valid_keys()
+    for old, new in RENAMED.items():
+        assert old not in valid and valid.get(new, "missing") is None, (old, new)
+
+
+def test_runtime_resolution_on_a_cpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    auto = load_config().runtime
+    for sampling in (False, True):  # auto on a CPU: fp32 for training and for sampling
+        assert resolve_runtime(auto, sampling=sampling) == (torch.device("cpu"), torch.float32, "no")
+    assert resolve_runtime(auto).precision == "fp32"
+    bf16 = resolve_runtime(load_config(None, ["runtime.dtype=bf16", "runtime.device=cpu"]).runtime)
+    assert bf16 == (torch.device("cpu"), torch.bfloat16, "bf16") and bf16.precision == "bf16"
+    with pytest.raises(ConfigError, match=r"runtime\.device=cuda: PyTorch sees 0 CUDA device"):
+        resolve_runtime(load_config(None, ["runtime.device=cuda"]).runtime)
+
+
+def test_runtime_resolution_on_cuda(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    auto = load_config().runtime
+    # training keeps fp32 on a GPU (accelerate's "no"); sampling is fp16 there
+    assert resolve_runtime(auto) == (torch.device("cuda"), torch.float32, "no")
+    assert resolve_runtime(auto, sampling=True) == (torch.device("cuda"), torch.float16, "fp16")
+    fp16 = resolve_runtime(load_config(None, ["runtime.dtype=fp16", "runtime.device=cuda:1"]).runtime)
+    assert fp16 == (torch.device("cuda", 1), torch.float16, "fp16")
+    with pytest.raises(ConfigError, match=r"runtime\.device=cuda:2: .* or cuda:0\.\.1"):
+        resolve_runtime(load_config(None, ["runtime.device=cuda:2"]).runtime)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:-1", "cuda:x", "mps"])
+def test_a_device_that_is_not_auto_cpu_or_cuda_is_refused(device):
+    with pytest.raises(ConfigError, match=f"runtime.device='{device}' is not one of auto, cpu, cuda, cuda:N"):
+        load_config(None, [f"runtime.device={device}"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.finetune=full", "model.reference=adapter"], r"model\.reference=adapter needs model\.finetune=lora"),
+    (["model.reference=none"], r"model\.reference=none but this loss compares against a reference"),
+    (["model.finetune=full", "train.init_lora=/some/lora"], r"train\.init_lora=/some/lora .* needs model\.finetune=lora"),
+    (["trajectory.cache_inverted=true"], r"trajectory\.cache_inverted=true .* needs data\.cache=true"),
+    (["trajectory.cache_inverted=true", "data.cache=true", "trajectory.kind=ddim"],
+     r"trajectory\.cache_inverted=true .*invert_with=policy\)"),
+    (["trajectory.invert_with=reference", "loss.name=sft"], r"trajectory\.invert_with=reference needs a reference model"),
+    (["generate.min_gap=0.5", "generate.max_gap=0.1"], r"generate\.min_gap=0\.5 is above generate\.max_gap=0\.1"),
+    (["generate.rso_beta=1.0", "generate.rso_keep=1"], r"generate\.rso_keep=1: pairs need at least 2"),
+    (["eval.images_dir=/imgs", "eval.variants.dpo=/lora"], r"set either eval\.images_dir .* or eval\.variants"),
+])
+def test_validate_rules_between_keys(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_validate_accepts_the_combinations_that_work():
+    load_config(None, ["trajectory.cache_inverted=true", "data.cache=true", "trajectory.kind=renoise",
+                       "trajectory.invert_with=reference", "loss.name=smpo"])
+    load_config(None, ["model.reference=none", "loss.name=sft"])  # a reference-free loss needs none
+    load_config(None, ["model.finetune=full", "model.reference=copy", "trajectory.invert_with=reference"])
+    load_config(None, ["eval.images_dir=/imgs"])
+
+
+def test_validate_checks_the_loss_for_training_only():
+    cfg = load_config(None, ["loss.name=smpo", "loss.params.gama=5"])  # a recipe may carry another loss's params
+    with pytest.raises(ConfigError, match=r"loss config: .*gamma"):
+        validate(cfg, loss=True)
+
+
+def test_validate_checks_a_config_built_in_code():
+    cfg = Config()
+    validate(cfg)
+    cfg.runtime.dtype = "fp8"
+    with pytest.raises(ConfigError, match=r"runtime\.dtype='fp8' is not one of"):
+        validate(cfg)
+    cfg = Config()
+    cfg.sample.steps = 0
+    with pytest.raises(ConfigError, match=r"sample\.steps=0 is out of range"):
+        validate(cfg)
 
 
 @pytest.mark.parametrize("override, shown", [

@@ -147,7 +147,7 @@ def test_smpo_training_with_cuda_graphs_matches_eager(tiny_sd_dir, tmp_path, fin
     data = write_pairs(tmp_path / "p.parquet", n=4)
     extra = ["model.finetune=full", "model.reference=copy"] if finetune == "full" else []
     flags = ["loss.name=smpo", *HARD_LABELS, "trajectory.kind=renoise", "trajectory.steps=5",
-             "train.mixed_precision=bf16",
+             "runtime.dtype=bf16",
              "train.max_steps=3", *extra]
     runs = {}
     for name, option in (("eager", []), ("graphs", ["train.cuda_graphs=true"])):

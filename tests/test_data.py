@@ -359,7 +359,8 @@ def test_nan_scores_stop_only_runs_whose_loss_uses_scores(tmp_path):
     from diffusion_pref.data.pairs import DataError, PairSource, scores_used
 
     def used(*overrides):
-        return scores_used(load_config(None, list(overrides)))
+        cfg = load_config(None, list(overrides))
+        return scores_used(cfg.loss, cfg.data.soft_labels)
 
     assert not used("loss.name=dpo") and not used("loss.name=ipo")
     assert used("loss.name=smpo") and used("loss.name=sppo", "data.soft_labels=scores")

@@ -74,8 +74,8 @@ def _overrides(tiny_sd_dir, prompts, out, **extra):
         "model.pretrained": str(tiny_sd_dir),
         "eval.prompts": str(prompts),
         "eval.seeds": "[0,1]",
-        "eval.steps": 2,
-        "eval.batch_size": 4,
+        "sample.steps": 2,
+        "sample.batch_size": 4,
         "eval.bootstrap_samples": 200,
         "eval.bootstrap_seed": 3,
         "reward.models": "{red: 1.0, blue: 0.5}",
@@ -324,7 +324,7 @@ def test_cli_with_the_toy_recipe(tiny_sd_dir, tmp_path):
     out = tmp_path / "cli"
     result = subprocess.run(
         [sys.executable, "-m", "diffusion_pref.cli", "evaluate", "--config", str(REPO / "configs/toy_evaluate.yaml"),
-         f"model.pretrained={tiny_sd_dir}", "eval.max_prompts=2", "eval.seeds=[0]", "eval.steps=2",
+         f"model.pretrained={tiny_sd_dir}", "eval.max_prompts=2", "eval.seeds=[0]", "sample.steps=2",
          f"output.dir={out}", "eval.bootstrap_samples=50"],
         capture_output=True, text=True, timeout=120, cwd=REPO,
     )

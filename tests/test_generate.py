@@ -80,7 +80,12 @@ def _overrides(tmp_path, model_dir, out="out", prompts=PROMPTS, **generate):
     settings = dict(prompts=str(prompt_file), steps=2, samples_per_prompt=SAMPLES, batch_size=6, shard_size=2)
     settings.update(generate)
     overrides = [f"model.pretrained={model_dir}", f"output.dir={tmp_path / out}"]
-    return overrides + [f"generate.{k}={'null' if v is None else v}" for k, v in settings.items()]
+    return overrides + [f"{_SECTION.get(k, 'generate')}.{k}={'null' if v is None else v}" for k, v in settings.items()]
+
+
+# The settings generate reads from the shared sections.
+_SECTION = {"steps": "sample", "guidance_scale": "sample", "resolution": "sample", "scheduler": "sample",
+            "batch_size": "sample", "safety_checker": "sample", "seed": "runtime", "dtype": "runtime"}
 
 
 def _config(tmp_path, model_dir, **kwargs):
@@ -449,7 +454,7 @@ def test_bad_settings_and_prompt_files_fail_before_any_model_loads(tmp_path):
         generate(load_config(None, [f"output.dir={tmp_path}"]), reward=MeanPixel())
     with pytest.raises(ValueError, match="model.pretrained=/nonexistent/sd: no such folder"):
         generate(_config(tmp_path, "/nonexistent/sd", out="bad-model"), reward=MeanPixel())
-    with pytest.raises(ConfigError, match="generate.scheduler='NoSuchScheduler' is not a diffusers scheduler"):
+    with pytest.raises(ConfigError, match="sample.scheduler='NoSuchScheduler' is not a diffusers scheduler"):
         generate(_config(tmp_path, "/nonexistent/sd", out="bad-scheduler", scheduler="NoSuchScheduler"), reward=MeanPixel())
     cfg = _config(tmp_path, "unused")
     cfg.generate.prompts = str(tmp_path / "empty.txt")
@@ -472,11 +477,17 @@ def test_scheduler_dtype_and_vae_are_applied_on_load(tmp_path, tiny_sd_dir):
         generate_module._load_backbone(cfg, "cpu")
 
 
-def test_auto_dtype_is_fp16_on_any_cuda_device_and_fp32_elsewhere():
-    assert generate_module._torch_dtype("auto", "cuda:1") == torch.float16
-    assert generate_module._torch_dtype("auto", torch.device("cuda", 0)) == torch.float16
-    assert generate_module._torch_dtype("auto", "cpu") == torch.float32
-    assert generate_module._torch_dtype("bf16", "cpu") == torch.bfloat16
+def test_auto_dtype_is_fp16_on_any_cuda_device_and_fp32_elsewhere(monkeypatch):
+    from diffusion_pref.config import resolve_runtime  # generate's one call: resolve_runtime(cfg.runtime, sampling=True)
+
+    def dtype(*overrides):
+        return resolve_runtime(load_config(None, list(overrides)).runtime, sampling=True).dtype
+
+    assert dtype("runtime.device=cpu") == torch.float32
+    assert dtype("runtime.device=cpu", "runtime.dtype=bf16") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert dtype("runtime.device=cuda:1") == dtype("runtime.device=cuda") == dtype() == torch.float16
 
 
 def test_recipes_load(tmp_path):
@@ -484,7 +495,8 @@ def test_recipes_load(tmp_path):
     assert toy.model.pretrained == "toy" and toy.reward.models == {"toy-fidelity": 1.0}  # no default pickscore
     assert len(read_prompts(toy.generate.prompts)) > 10
     sd = load_config(REPO / "configs" / "datagen_sd15_pickscore.yaml")
-    assert sd.reward.models == {"pickscore": 1.0} and sd.generate.scheduler == "DPMSolverMultistepScheduler"
+    assert sd.reward.models == {"pickscore": 1.0} and sd.sample.scheduler == "DPMSolverMultistepScheduler"
+    assert sd.sample.safety_checker and not toy.sample.safety_checker  # SD1.5 datagen keeps its safety checker
     assert set(FILTER_REASONS) == {"tie", "min_winner_score", "min_gap", "max_gap"}
 
 
@@ -524,6 +536,24 @@ def test_images_blocked_by_the_pipelines_safety_checker_never_enter_pairs(tmp_pa
     # prompts 0, 2, 4 keep one pair of their two other samples, prompts 1 and 3 all three pairs.
     assert len(rows) == 3 * 1 + 2 * 3
     assert summary["samples_blocked_by_safety_checker"] == 3 and summary["samples"] == 15
+
+
+def test_sample_safety_checker_decides_whether_a_shipped_checker_is_loaded(tmp_path, tiny_sd_dir):
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd_dir))
+    tiny = dict(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=1)
+    config = CLIPConfig(text_config=tiny, vision_config=dict(tiny, image_size=32, patch_size=16), projection_dim=8)
+    pipe.register_modules(safety_checker=StableDiffusionSafetyChecker(config),
+                          feature_extractor=CLIPImageProcessor(size=32, crop_size=32))
+    pipe.save_pretrained(tmp_path / "sd-with-checker")  # an SD1.x folder that ships a safety checker
+    for keep in (True, False):
+        cfg = load_config(None, [f"model.pretrained={tmp_path / 'sd-with-checker'}",
+                                 f"sample.safety_checker={str(keep).lower()}"])
+        loaded = generate_module._load_pipeline(cfg, "cpu")
+        assert isinstance(loaded.safety_checker, StableDiffusionSafetyChecker) == keep
 
 
 def test_prompts_longer_than_the_text_encoder_takes_are_counted_once(tmp_path, capsys):

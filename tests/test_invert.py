@@ -38,7 +38,7 @@ def test_invert_cli_writes_the_reconstruction_and_prints_psnr(tiny_sd_dir, image
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(
         [sys.executable, "-m", "diffusion_pref.cli", "invert", f"model.pretrained={tiny_sd_dir}",
-         "trajectory.kind=renoise", f"trajectory.invert_image={image_file}", "trajectory.invert_prompt=a red cat",
+         "trajectory.kind=renoise", f"invert.image={image_file}", "invert.prompt=a red cat",
          "trajectory.steps=5", "data.resolution=32", f"output.dir={out}"],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
     )
@@ -59,7 +59,7 @@ def test_invert_run_ddim_and_config_errors(tiny_sd_dir, image_file, tmp_path, ca
     from diffusion_pref.commands.invert import psnr, run
 
     cfg = load_config(None, [f"model.pretrained={tiny_sd_dir}", "trajectory.kind=ddim",
-                             f"trajectory.invert_image={image_file}", "trajectory.steps=4", "data.resolution=32",
+                             f"invert.image={image_file}", "trajectory.steps=4", "data.resolution=32",
                              f"output.dir={tmp_path / 'ddim'}"])
     run(cfg)
     metrics = json.loads((tmp_path / "ddim" / "invert_metrics.json").read_text())
@@ -71,11 +71,11 @@ def test_invert_run_ddim_and_config_errors(tiny_sd_dir, image_file, tmp_path, ca
     a = torch.zeros(1, 3, 4, 4)
     assert psnr(a, a + 0.1) == pytest.approx(20.0)  # 10 log10(1 / 0.01)
     with pytest.raises(ConfigError, match="ddim or renoise"):
-        run(load_config(None, ["trajectory.kind=forward", f"trajectory.invert_image={image_file}"]))
-    with pytest.raises(ConfigError, match="invert_image"):
+        run(load_config(None, ["trajectory.kind=forward", f"invert.image={image_file}"]))
+    with pytest.raises(ConfigError, match="invert.image"):
         run(load_config(None, ["trajectory.kind=ddim"]))
     with pytest.raises(FileNotFoundError, match="no such file"):
-        run(load_config(None, ["trajectory.kind=ddim", f"trajectory.invert_image={tmp_path / 'nope.png'}"]))
+        run(load_config(None, ["trajectory.kind=ddim", f"invert.image={tmp_path / 'nope.png'}"]))
 
 
 def test_invert_on_sdxl_conditions_on_the_inverted_size(tiny_sdxl_dir, image_file, tmp_path, monkeypatch):
@@ -92,7 +92,7 @@ def test_invert_on_sdxl_conditions_on_the_inverted_size(tiny_sdxl_dir, image_fil
     monkeypatch.setattr(SDXLBackbone, "predict", spy)
     # 48 px: not the tiny SDXL UNet's default (8x8 latents = 32 px)
     cfg = load_config(None, [f"model.pretrained={tiny_sdxl_dir}", "trajectory.kind=ddim",
-                             f"trajectory.invert_image={image_file}", "trajectory.steps=3", "data.resolution=48",
+                             f"invert.image={image_file}", "trajectory.steps=3", "data.resolution=48",
                              f"output.dir={tmp_path / 'out'}"])
     run(cfg)
     assert seen and all(ids == [[48, 48, 0, 0, 48, 48]] for ids in seen)
@@ -105,7 +105,7 @@ def test_a_resolution_the_vae_cannot_encode_is_one_line_before_loading(tiny_sd_d
     from diffusion_pref.cli import main
 
     code = main(["invert", f"model.pretrained={tiny_sd_dir}", "trajectory.kind=ddim", "trajectory.steps=2",
-                 f"trajectory.invert_image={image_file}", "data.resolution=34", f"output.dir={tmp_path / 'out'}"])
+                 f"invert.image={image_file}", "data.resolution=34", f"output.dir={tmp_path / 'out'}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert "data.resolution=34 is not a multiple of 4" in err[0] and "e.g. 32 or 36" in err[0]
@@ -124,8 +124,8 @@ def test_invert_on_the_toy_model_with_zero_terminal_snr_gives_a_finite_sane_psnr
     results = {}
     for steps in (5, 50):
         out = tmp_path / f"steps{steps}"
-        cfg = load_config(None, ["model.pretrained=toy", "trajectory.kind=ddim", f"trajectory.invert_image={image}",
-                                 f"trajectory.invert_prompt={caption(scene)}", f"trajectory.steps={steps}",
+        cfg = load_config(None, ["model.pretrained=toy", "trajectory.kind=ddim", f"invert.image={image}",
+                                 f"invert.prompt={caption(scene)}", f"trajectory.steps={steps}",
                                  "data.resolution=32", f"output.dir={out}"])
         run(cfg)
         results[steps] = json.loads((out / "invert_metrics.json").read_text())

@@ -21,9 +21,9 @@ from diffusion_pref.training.setup import Trainer
 
 RECIPE = Path(diffusion_pref.__file__).parent / "quickstart.yaml"
 SMALL = [
-    "iterate.rounds=2", "iterate.prompts_per_round=4", "generate.samples_per_prompt=4", "generate.steps=3",
+    "iterate.rounds=2", "iterate.prompts_per_round=4", "generate.samples_per_prompt=4", "sample.steps=3",
     "generate.min_gap=null", "train.max_steps=3", "train.checkpoint_every=2", "train.logger=none",
-    "eval.max_prompts=2", "eval.steps=3", "eval.seeds=[0,1]", "eval.bootstrap_samples=20",
+    "eval.max_prompts=2", "eval.seeds=[0,1]", "eval.bootstrap_samples=20",
 ]
 
 
@@ -90,11 +90,12 @@ def test_two_rounds_run_and_a_stopped_run_resumes_at_the_stage_it_stopped(run_di
         assert row["train_steps"] == 3 and row["pairs"] >= 1
         assert set(row["seconds"]) == {"generate", "train", "evaluate"}
 
-    # Round r samples prompts [(r-1)N, rN) with seed generate.seed + r - 1.
+    # Round r samples prompts [(r-1)N, rN) with seed runtime.seed + r - 1; every round trains with runtime.seed.
     records = [r.prompt for r in diffusion_pref.prompts.read_prompts("toy-train")]
     for r in (1, 2):
         cfg = load_config(out / f"round_{r}" / "pairs" / "config.yaml")
-        assert cfg.generate.seed == r - 1
+        assert cfg.runtime.seed == r - 1
+        assert load_config(out / f"round_{r}" / "train" / "config.yaml").runtime.seed == 0
         assert [p["prompt"] for p in json.loads(Path(cfg.generate.prompts).read_text())] == records[4 * (r - 1):4 * r]
 
 
@@ -139,7 +140,7 @@ def test_round_2_samples_the_model_round_1_trained(run_dir):
     for name, lora in (("round_1", cfg.generate.lora), ("base", None)):
         cfg.generate.lora = lora
         backbone = generate._load_backbone(cfg, "cpu")
-        images = generate._sample(backbone, list(captions), list(seeds), cfg.generate)
+        images = generate._sample(backbone, list(captions), list(seeds), cfg.sample)
         pixels[name] = [np.asarray(im, dtype=np.int16) for im in images]
     saved = [np.asarray(Image.open(io.BytesIO(stored[key])), dtype=np.int16) for key in zip(captions, seeds)]
     # The stored samples are what base + round 1's LoRA draws at their seeds, and the base draws other images

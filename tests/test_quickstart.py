@@ -14,9 +14,9 @@ def test_reduced_quickstart_runs_end_to_end(tmp_path):
     """On the shipped shapes-world model (the quickstart's default), with few prompts and steps."""
     out = tmp_path / "qs"
     overrides = [
-        f"output.dir={out}", "generate.max_prompts=6", "generate.steps=2",
+        f"output.dir={out}", "generate.max_prompts=6", "sample.steps=2",
         "generate.min_gap=null", "train.max_steps=3", "train.checkpoint_every=100", "eval.max_prompts=3",
-        "eval.steps=2", "eval.seeds=[0,1]", "eval.bootstrap_samples=50",
+        "eval.seeds=[0,1]", "eval.bootstrap_samples=50",
     ]
     result = subprocess.run(
         [sys.executable, "-m", "diffusion_pref.cli", "quickstart", *overrides],

@@ -76,10 +76,10 @@ def test_resume_with_another_loss_batch_or_data_is_refused_naming_the_keys(tiny_
     other_data = write_pairs(tmp_path / "other.parquet", n=6)
     with pytest.raises(ValueError) as caught:
         Trainer(make_cfg(tiny_sd_dir, other_data, run_dir, "train.resume=latest", "loss.name=ipo",
-                         "train.batch_size=1", "train.max_steps=3"))
+                         "train.batch_size=1", "train.max_steps=3", "runtime.seed=5"))
     message = str(caught.value)
     assert "step-00000001" in message and "train.resume_force=true" in message
-    for key in ("loss.name ('dpo' -> 'ipo')", "train.batch_size (2 -> 1)", "data.source"):
+    for key in ("loss.name ('dpo' -> 'ipo')", "train.batch_size (2 -> 1)", "data.source", "runtime.seed (0 -> 5)"):
         assert key in message
     assert "train.max_steps" not in message and "\n" not in message
 
@@ -90,7 +90,7 @@ def test_keys_that_may_change_do_not_block_a_resume(tiny_sd_dir, pairs_path, run
     trainer = Trainer(make_cfg(tiny_sd_dir, pairs_path, run_dir, "train.resume=latest", "train.max_steps=3",
                                "train.checkpoint_every=5", "train.log_every=2", "train.logger=none",
                                "train.validate_every=7", "data.num_workers=1", "train.keep_checkpoints=1",
-                               "generate.steps=3", "eval.steps=4", "reward.batch_size=3"))
+                               "sample.steps=3", "sample.guidance_scale=4", "reward.batch_size=3"))
     assert trainer.step == 1
 
 
@@ -153,7 +153,7 @@ def test_resume_of_a_full_finetune_on_another_base_model_is_summarised(tiny_sd_d
 def test_a_lora_of_another_base_model_gives_a_short_error_in_evaluate(tiny_sd_dir, other_base_dir, checkpointed_run):
     from diffusion_pref.commands.evaluate import Variant, load_variant
 
-    cfg = load_config(None, [f"model.pretrained={other_base_dir}", "eval.device=cpu", "eval.dtype=fp32"])
+    cfg = load_config(None, [f"model.pretrained={other_base_dir}", "runtime.device=cpu", "runtime.dtype=fp32"])
     variant = Variant("dpo", str(checkpointed_run), "lora", checkpointed_run)
     with pytest.raises(ValueError) as caught:
         load_variant(cfg, variant)
@@ -162,7 +162,7 @@ def test_a_lora_of_another_base_model_gives_a_short_error_in_evaluate(tiny_sd_di
     assert f"{ADAPTER_TENSORS_OF_ANOTHER_SHAPE} tensors differ in shape (e.g. " in message
     assert "another base model" in message
     assert len(message) < 600 and "\n" not in message
-    load_variant(load_config(None, [f"model.pretrained={tiny_sd_dir}", "eval.device=cpu"]), variant)  # its own base
+    load_variant(load_config(None, [f"model.pretrained={tiny_sd_dir}", "runtime.device=cpu"]), variant)  # its own base
 
 
 def test_summarize_mismatch_counts_missing_and_unexpected_keys():

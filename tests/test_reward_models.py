@@ -287,7 +287,7 @@ def test_reward_from_config_uses_weights_paths_and_device(clip_folder):
 
     cfg = load_config(None, ["reward.models.pickscore=2.0", f"reward.pretrained.pickscore={clip_folder}"])
     assert reward_spec(cfg.reward) == {"pickscore": {"weight": 2.0, "pretrained": clip_folder}}
-    reward = load_reward_from_config(cfg.reward, "cpu")  # reward.device=auto: the caller's device
+    reward = load_reward_from_config(cfg.reward, "cpu")  # the command passes runtime.device
     images = _random_images(2, seed=8)
     pick = load_reward_model("pickscore", pretrained=clip_folder, device="cpu").score(PROMPTS[:2], images)
     torch.testing.assert_close(reward.score(PROMPTS[:2], images), 2.0 * pick)

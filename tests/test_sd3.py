@@ -337,14 +337,14 @@ def test_cached_sd3_training_matches_uncached(tiny_sd3_dir, pairs_path, tmp_path
 
 def test_validation_images_during_sd3_training(tiny_sd3_dir, pairs_path, tmp_path):
     trainer = Trainer(make_cfg(tiny_sd3_dir, pairs_path, tmp_path, "train.max_steps=1", "train.validate_every=1",
-                               "train.validation_prompts=[a red cat]", "generate.steps=1"))
+                               "train.validation_prompts=[a red cat]", "sample.steps=1"))
     trainer.train()
     folder = tmp_path / "validation" / "step-00000001"
     assert sorted(p.name for p in folder.iterdir()) == ["00_base.png", "00_tuned.png"]
 
 
 def test_bf16_training_keeps_the_sd3_vae_in_fp32(tiny_sd3_dir, pairs_path, tmp_path):
-    trainer = Trainer(make_cfg(tiny_sd3_dir, pairs_path, tmp_path, "train.mixed_precision=bf16", "train.max_steps=1"))
+    trainer = Trainer(make_cfg(tiny_sd3_dir, pairs_path, tmp_path, "runtime.dtype=bf16", "train.max_steps=1"))
     frozen = trainer.backbone.frozen
     assert frozen["vae"].dtype == torch.float32
     assert frozen["text_encoder"].dtype == frozen["text_encoder_2"].dtype == torch.bfloat16
@@ -375,13 +375,13 @@ def test_the_whole_loop_on_sd3_generate_train_evaluate(tiny_sd3_dir, tmp_path):
     prompts.write_text("a red cat\na blue house\n")
     pairs = tmp_path / "pairs"
     generate(load_config(None, [
-        f"model.pretrained={tiny_sd3_dir}", f"output.dir={pairs}", f"generate.prompts={prompts}", "generate.steps=2",
-        "generate.samples_per_prompt=2", "generate.batch_size=4", "generate.resolution=32"]), reward=_RedMean())
+        f"model.pretrained={tiny_sd3_dir}", f"output.dir={pairs}", f"generate.prompts={prompts}", "sample.steps=2",
+        "generate.samples_per_prompt=2", "sample.batch_size=4", "sample.resolution=32"]), reward=_RedMean())
     assert list(pairs.glob("*.parquet"))
     Trainer(make_cfg(tiny_sd3_dir, pairs, tmp_path / "lora", "train.max_steps=2")).train()
     metrics = evaluate(load_config(None, [
-        f"model.pretrained={tiny_sd3_dir}", f"eval.prompts={prompts}", "eval.seeds=[0,1]", "eval.steps=2",
-        "eval.resolution=32", "eval.bootstrap_samples=50", "reward.models={red: 1.0}", f"output.dir={tmp_path / 'eval'}",
+        f"model.pretrained={tiny_sd3_dir}", f"eval.prompts={prompts}", "eval.seeds=[0,1]", "sample.steps=2",
+        "sample.resolution=32", "eval.bootstrap_samples=50", "reward.models={red: 1.0}", f"output.dir={tmp_path / 'eval'}",
         f"eval.variants={{base: base, tuned: {tmp_path / 'lora'}}}"]), scorers={"red": _RedMean()})
     assert metrics["variants"] == ["base", "tuned"]
     base, tuned = (metrics["scores"]["red"][v]["mean"] for v in ("base", "tuned"))
@@ -403,7 +403,7 @@ def test_invert_command_euler_inverts_and_reconstructs_on_sd3(tiny_sd3_dir, tmp_
     for steps in (4, 40):
         out = tmp_path / f"out{steps}"
         invert(load_config(None, [f"model.pretrained={tiny_sd3_dir}", "trajectory.kind=ddim",
-                                  f"trajectory.invert_image={image}", "trajectory.invert_prompt=a red cat",
+                                  f"invert.image={image}", "invert.prompt=a red cat",
                                   f"trajectory.steps={steps}", "data.resolution=32", f"output.dir={out}"]))
         metrics = json.loads((out / "invert_metrics.json").read_text())
         assert metrics["grid"][-1] == 999 and len(metrics["grid"]) == steps  # ends at pure noise (sigma 1)

@@ -244,7 +244,7 @@ def test_soft_labels_for_run_uses_the_columns_without_loading_a_reward_model(pai
     # reward.models names a model whose weights are not here: it must not be loaded, the columns suffice
     cfg = load_config(None, [f"data.source={pairs_file}", f"output.dir={tmp_path / 'run'}",
                              "reward.models={pickscore: 1.0}"])
-    labels = soft_labels_for_run(cfg, _source(pairs_file))
+    labels = soft_labels_for_run(_source(pairs_file), cfg.output.dir, cfg.loss, cfg.reward)
     assert labels.scores == "dataset" and len(labels) == 3
     assert (tmp_path / "run" / "soft_labels.parquet").is_file()
     stored = json.loads((tmp_path / "run" / "soft_labels.json").read_text())
@@ -253,7 +253,7 @@ def test_soft_labels_for_run_uses_the_columns_without_loading_a_reward_model(pai
     cfg = load_config(None, [f"data.source={pairs_file}", f"output.dir={tmp_path / 'human'}",
                              "loss.soft_label_winner=human", "loss.soft_label_scores=dataset",
                              "loss.soft_label_range=[0.0, 2.0]"])
-    human = soft_labels_for_run(cfg, _source(pairs_file))
+    human = soft_labels_for_run(_source(pairs_file), cfg.output.dir, cfg.loss, cfg.reward)
     assert (human.winner, human.scores, human.low, human.high) == ("human", "dataset", 0.0, 2.0)
     assert human.p.tolist() == pytest.approx([sigmoid(abs(w - l) / 2.0) for w, l in zip(EXPECTED_W, EXPECTED_L)])
 
@@ -358,7 +358,7 @@ def test_smpo_without_score_columns_scores_the_pairs_with_the_recipes_reward_mod
     from diffusion_pref.training.setup import Trainer
 
     data = write_pairs(tmp_path / "p.parquet", n=4)
-    flags = ["loss.name=smpo", "train.max_steps=1", "reward.models={pickscore: 1.0}", "reward.device=cpu",
+    flags = ["loss.name=smpo", "train.max_steps=1", "reward.models={pickscore: 1.0}", "runtime.device=cpu",
              f"reward.pretrained.pickscore={tiny_pickscore}", f"data.cache_dir={tmp_path / 'cache'}"]
     trainer = Trainer(make_cfg(tiny_sd_dir, data, tmp_path / "run1", *flags))
     labels = trainer.soft_labels
@@ -412,7 +412,7 @@ def test_the_cache_command_scores_the_pairs_for_later_training_runs(tiny_sd_dir,
     from diffusion_pref.training.setup import Trainer
 
     data = write_pairs(tmp_path / "p.parquet", n=4)
-    flags = ["loss.name=smpo", "reward.models={pickscore: 1.0}", "reward.device=cpu",
+    flags = ["loss.name=smpo", "reward.models={pickscore: 1.0}", "runtime.device=cpu",
              f"reward.pretrained.pickscore={tiny_pickscore}", f"data.cache_dir={tmp_path / 'cache'}"]
     cache.run(make_cfg(tiny_sd_dir, data, tmp_path / "cached", *flags))
     stored = SoftLabels.load(tmp_path / "cached")

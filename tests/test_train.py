@@ -268,7 +268,7 @@ def test_sigkill_after_checkpoint_then_resume_matches_an_uninterrupted_run(tiny_
     args = lambda out, *extra: [f"model.pretrained={tiny_sd_dir}", f"data.source={pairs_path}",  # noqa: E731
                                 "data.resolution=32", "train.batch_size=2", "train.max_steps=4",
                                 "train.learning_rate=1e-3", "train.logger=none", "train.checkpoint_every=2",
-                                "model.lora_rank=2", f"output.dir={out}", "train.seed=7", *extra]
+                                "model.lora_rank=2", f"output.dir={out}", "runtime.seed=7", *extra]
     run(load_config(None, args(tmp_path / "straight")))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1]),
            "TEST_TORCH_THREADS": str(torch.get_num_threads())}
@@ -291,7 +291,7 @@ def test_sigkill_after_checkpoint_then_resume_matches_an_uninterrupted_run(tiny_
 
 
 def test_cached_and_uncached_runs_give_the_same_losses(tiny_sd_dir, pairs_path, tmp_path):
-    from diffusion_pref.data.cache import build_cache, cache_dir, cache_key
+    from diffusion_pref.data.cache import build_cache, cache_dir, cache_key, cache_spec
     from diffusion_pref.commands.train import run
     from diffusion_pref.training.setup import Trainer
 
@@ -312,7 +312,7 @@ def test_cached_and_uncached_runs_give_the_same_losses(tiny_sd_dir, pairs_path, 
     from diffusion_pref.data.loader import collate_pixels
 
     items = trainer.source.order(0)[:3]
-    batch = collate_pixels(trainer.source, cfg.data, items, cfg.train.seed)
+    batch = collate_pixels(trainer.source, cfg.data, items, cfg.runtime.seed)
     for module in trainer.backbone.frozen.values():
         module.to("cpu")
     from_cache = trainer.make_batch(items)
@@ -326,10 +326,19 @@ def test_cached_and_uncached_runs_give_the_same_losses(tiny_sd_dir, pairs_path, 
     mtimes = [s.stat().st_mtime_ns for s in shards]
 
     # Same key: reused, nothing re-encoded. Another resolution: another key and a new cache.
-    build_cache(cfg, trainer.source, trainer.backbone)
+    spec = cache_spec(cfg)  # the cache layer gets values: training's seed and precision, the cache root
+    assert (spec.seed, spec.mixed_precision, spec.root) == (cfg.runtime.seed, "no", cache_root)
+    build_cache(spec, trainer.source, trainer.backbone)
     assert [s.stat().st_mtime_ns for s in shards] == mtimes
-    other = make_cfg(tiny_sd_dir, pairs_path, tmp_path / "cached", "data.cache=true", f"data.cache_dir={cache_root}",
-                     "data.resolution=64")
+    # another precision is another key (the latents are stored in it); output.dir is not part of it
+    bf16 = cache_spec(make_cfg(tiny_sd_dir, pairs_path, tmp_path / "elsewhere", "data.cache=true",
+                               f"data.cache_dir={cache_root}", "runtime.dtype=bf16"))
+    assert cache_dir(bf16, cache_key(bf16, trainer.source)) != first_dir
+    same = cache_spec(make_cfg(tiny_sd_dir, pairs_path, tmp_path / "elsewhere", "data.cache=true",
+                               f"data.cache_dir={cache_root}"))
+    assert cache_dir(same, cache_key(same, trainer.source)) == first_dir
+    other = cache_spec(make_cfg(tiny_sd_dir, pairs_path, tmp_path / "cached", "data.cache=true",
+                                f"data.cache_dir={cache_root}", "data.resolution=64"))
     assert cache_dir(other, cache_key(other, trainer.source)) != first_dir
     reader = build_cache(other, trainer.source, trainer.backbone)
     assert reader.directory != first_dir and len(list(cache_root.iterdir())) == 2

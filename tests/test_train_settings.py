@@ -38,11 +38,12 @@ def test_device_bound_settings_name_the_key_and_the_setting_that_works(monkeypat
     from diffusion_pref.training.setup import check_device_settings
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    with pytest.raises(ConfigError, match=r"train\.mixed_precision=fp16 needs a GPU.*use train\.mixed_precision=no \(or bf16\)"):
-        check_device_settings(load_config(None, ["train.mixed_precision=fp16"]).train, cpu)
+    train = load_config().train
+    with pytest.raises(ConfigError, match=r"runtime\.dtype=fp16 needs a GPU.*use runtime\.dtype=fp32 \(or bf16\)"):
+        check_device_settings(train, cpu, "fp16")
     for precision in ("no", "bf16"):
-        check_device_settings(load_config(None, [f"train.mixed_precision={precision}"]).train, cpu)
-    check_device_settings(load_config(None, ["train.mixed_precision=fp16"]).train, cuda)
+        check_device_settings(train, cpu, precision)
+    check_device_settings(train, cuda, "fp16")
 
     monkeypatch.setattr(importlib.util, "find_spec", _find_spec_without("bitsandbytes", "xformers"))
     with pytest.raises(ConfigError, match=r"train\.optimizer=adamw8bit needs bitsandbytes.*use train\.optimizer=adamw"):
@@ -61,7 +62,7 @@ def test_the_shipped_sd_recipe_on_a_cpu_says_what_to_change_before_reading_data(
     code, err = _run_cli(capsys, "train", "--config", str(ROOT / "configs/sd15_dpo_lora.yaml"), *NOWHERE,
                          f"output.dir={tmp_path / 'out'}")
     assert code == 2 and len(err) == 1, err
-    assert "train.mixed_precision=fp16 needs a GPU" in err[0]
+    assert "runtime.dtype=fp16 needs a GPU" in err[0]
     assert ("train.optimizer=adamw8bit needs bitsandbytes" in err[0]) == (importlib.util.find_spec("bitsandbytes") is None)
 
 
@@ -75,7 +76,7 @@ def test_on_a_cpu_fp16_fails_in_the_first_step_and_bf16_trains(tiny_sd_dir, tmp_
     def cfg(precision):
         return load_config(None, [f"model.pretrained={tiny_sd_dir}", f"data.source={data}", "data.resolution=32",
                                   "train.max_steps=1", "train.batch_size=2", "train.logger=none",
-                                  "train.checkpoint_every=0", f"train.mixed_precision={precision}",
+                                  "train.checkpoint_every=0", f"runtime.dtype={precision}",
                                   f"output.dir={tmp_path / precision}"])
 
     summary = setup_module.Trainer(cfg("bf16")).train(save_outputs=False)

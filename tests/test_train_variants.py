@@ -133,7 +133,7 @@ def test_validation_images_with_and_without_the_adapter(tiny_sd_dir, tmp_path):
 
     data = write_pairs(tmp_path / "p.parquet", n=4)
     run(cfg_for(tiny_sd_dir, data, tmp_path / "out", "train.max_steps=1", "train.validate_every=1",
-                "train.validation_prompts=[a red cat, a blue dog]", "generate.steps=2", "train.logger=tensorboard"))
+                "train.validation_prompts=[a red cat, a blue dog]", "sample.steps=2", "train.logger=tensorboard"))
     events = list((tmp_path / "out" / "logs").rglob("events.out.tfevents.*"))
     assert events and sum(e.stat().st_size for e in events) > 1000  # scalars and images reached TensorBoard
     folder = tmp_path / "out" / "validation" / "step-00000001"
@@ -146,7 +146,7 @@ def test_bf16_grad_accum_checkpointing_adafactor_and_warmup_schedule(tiny_sd_dir
     from diffusion_pref.training.setup import Trainer
 
     data = write_pairs(tmp_path / "p.parquet", n=8)
-    trainer = Trainer(cfg_for(tiny_sd_dir, data, tmp_path / "out", "train.mixed_precision=bf16", "train.grad_accum=2",
+    trainer = Trainer(cfg_for(tiny_sd_dir, data, tmp_path / "out", "runtime.dtype=bf16", "train.grad_accum=2",
                               "train.gradient_checkpointing=true", "train.optimizer=adafactor",
                               "train.lr_scheduler=linear", "train.warmup_steps=1", "train.max_steps=3"))
     unet = trainer.accelerator.unwrap_model(trainer.unet)
@@ -179,7 +179,7 @@ def test_half_precision_lora_skips_peft_input_casts_without_changing_the_step(ti
 
     runs = {}
     for name, cast in (("skipped", False), ("peft-cast", True)):
-        trainer = Trainer(cfg_for(tiny_sd_dir, data, tmp_path / name, "train.mixed_precision=bf16"))
+        trainer = Trainer(cfg_for(tiny_sd_dir, data, tmp_path / name, "runtime.dtype=bf16"))
         assert not any(m.cast_input_dtype_enabled for m in _adapted_layers(trainer))
         for m in _adapted_layers(trainer):  # the reference: peft's behaviour, casting each input to fp32
             m.cast_input_dtype_enabled = cast
@@ -313,7 +313,7 @@ def test_recipes_run_on_tiny_models(recipe, model, tiny_sd_dir, tiny_sdxl_dir, t
     cfg = load_config(root / "configs" / f"{recipe}.yaml", [
         f"model.pretrained={tiny_sd_dir if model == 'sd' else tiny_sdxl_dir}", "model.vae=null",
         f"data.source={data}", "data.resolution=32", "data.num_workers=0", "train.batch_size=1", "train.grad_accum=1",
-        "train.max_steps=1", "train.mixed_precision='no'", "train.logger=none", f"output.dir={tmp_path / 'out'}",
+        "train.max_steps=1", "runtime.dtype=fp32", "train.logger=none", f"output.dir={tmp_path / 'out'}",
         *(["train.optimizer=adamw"] if recipe.endswith("lora") else []),  # bitsandbytes is CUDA-only
     ])
     assert cfg.loss.beta == 2500 and cfg.train.gradient_checkpointing  # the recipe's own settings are in force

@@ -16,34 +16,36 @@ def run(cfg) -> None:
     """``diffusion-pref cache``: build the cache for this config (same key as ``train`` with ``data.cache=true``)."""
     from accelerate import Accelerator
 
-    from diffusion_pref.data.cache import build_cache, grid_inverter, soft_label_scores_dir
+    from diffusion_pref.config import resolve_runtime
+    from diffusion_pref.data.cache import build_cache, cache_spec, grid_inverter, soft_label_scores_dir
     from diffusion_pref.data.pairs import PairSource, scores_used
     from diffusion_pref.losses import TAKES_SOFT_LABEL
-    from diffusion_pref.pipelines import check_resolution, load_backbone, torch_dtype
+    from diffusion_pref.pipelines import check_resolution, load_backbone
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     check_resolution(cfg.model, cfg.data.resolution)
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
-    source = PairSource(cfg.data, seed=cfg.train.seed, check_scores=scores_used(cfg))
+    runtime = resolve_runtime(cfg.runtime)  # as training resolves it, so train finds this cache
+    spec = cache_spec(cfg)
+    accelerator = Accelerator(mixed_precision=runtime.mixed_precision, cpu=cfg.runtime.device == "cpu")
+    source = PairSource(cfg.data, seed=spec.seed, check_scores=scores_used(cfg.loss, cfg.data.soft_labels))
     if cfg.loss.name in TAKES_SOFT_LABEL and cfg.data.soft_labels != "label":
         from diffusion_pref.soft_labels import soft_labels_for_run
 
         # Scored here, before the diffusion model takes memory, so that a distributed training run finds them
         # stored instead of waiting on its main process (a long wait hits the process group's timeout).
         with accelerator.main_process_first():
-            labels = soft_labels_for_run(cfg, source, device=accelerator.device,
-                                         score_cache_dir=soft_label_scores_dir(cfg, source))
+            labels = soft_labels_for_run(source, cfg.output.dir, cfg.loss, cfg.reward, device=accelerator.device,
+                                         score_cache_dir=soft_label_scores_dir(spec, source))
         if accelerator.is_main_process:
             print(f"soft labels ready: {len(labels)} pairs, p from {labels.scores}")
     backbone = load_backbone(cfg.model)
     check_resolution(cfg.model, cfg.data.resolution, vae=backbone.frozen["vae"])
-    weight_dtype = torch_dtype(cfg.train.mixed_precision)
     for name, module in backbone.frozen.items():
-        module.to(accelerator.device, backbone.frozen_dtype.get(name, weight_dtype))
+        module.to(accelerator.device, backbone.frozen_dtype.get(name, runtime.dtype))
     invert = None
-    if cfg.trajectory.cache_inverted:  # the pretrained UNet is the reference model the trainer would invert with
-        backbone.denoiser.to(accelerator.device, weight_dtype).eval()
-        invert = grid_inverter(cfg, backbone, lambda x, t, c: backbone.predict(x, t, c), accelerator.autocast)
-    cached = build_cache(cfg, source, backbone, accelerator, invert=invert)
+    if cfg.trajectory.cache_inverted:  # the pretrained denoiser is the reference model the trainer would invert with
+        backbone.denoiser.to(accelerator.device, runtime.dtype).eval()
+        invert = grid_inverter(cfg.trajectory, backbone, lambda x, t, c: backbone.predict(x, t, c), accelerator.autocast)
+    cached = build_cache(spec, source, backbone, accelerator, invert=invert)
     if accelerator.is_main_process:
         print(f"cache ready: {cached.directory} ({len(source)} pairs; {source.summary()})")

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
 
-from diffusion_pref.config import Config, ConfigError
+from diffusion_pref.config import Config, ConfigError, resolve_runtime, validate
 from diffusion_pref.fileio import atomic_write
 from diffusion_pref.suggest import did_you_mean
 
@@ -156,13 +156,15 @@ def model_fingerprint(cfg: Config, variant: Variant) -> Dict[str, Any]:
     return {"base": base}
 
 
-SAMPLING_KEYS = {"steps": int, "guidance_scale": float, "resolution": int}
+SAMPLING_KEYS = {"steps": int, "guidance_scale": float, "resolution": int, "scheduler": str}
 
 
 def sampling_settings(cfg: Config, variant: Optional[str] = None) -> Dict[str, Any]:
-    """The sampling settings of ``variant``: ``eval.steps`` etc., with its ``eval.variant_sampling`` entry on top."""
-    settings: Dict[str, Any] = {"steps": cfg.eval.steps, "guidance_scale": cfg.eval.guidance_scale,
-                                "resolution": cfg.eval.resolution, "dtype": _dtype_name(cfg)}
+    """The sampling settings of ``variant``: ``sample.steps`` etc., with its ``eval.variant_sampling`` entry on top."""
+    settings: Dict[str, Any] = {"steps": cfg.sample.steps, "guidance_scale": cfg.sample.guidance_scale,
+                                "resolution": cfg.sample.resolution, "dtype": _dtype_name(cfg)}
+    if cfg.sample.scheduler is not None:  # only when set: the sample cache keys of runs without one stay valid
+        settings["scheduler"] = cfg.sample.scheduler
     overrides = (cfg.eval.variant_sampling.get(variant) or {}) if variant is not None else {}
     for key, value in overrides.items():
         if key not in SAMPLING_KEYS:
@@ -174,6 +176,11 @@ def sampling_settings(cfg: Config, variant: Optional[str] = None) -> Dict[str, A
         except (TypeError, ValueError):
             raise ConfigError(f"eval.variant_sampling.{variant}.{key}={value!r} is not a "
                               f"{SAMPLING_KEYS[key].__name__}") from None
+    if settings.get("scheduler") is not None:  # a misspelt class fails here, before any model is loaded
+        from diffusion_pref.pipelines.base import scheduler_class
+
+        key = "sample.scheduler" if "scheduler" not in overrides else f"eval.variant_sampling.{variant}.scheduler"
+        scheduler_class(settings["scheduler"], key)
     return settings
 
 
@@ -211,27 +218,14 @@ def _resolved_pretrained(pretrained: str) -> str:
 # -- generation ----------------------------------------------------------------------------------------------
 
 
-def _device_name(cfg: Config) -> str:
-    if cfg.eval.device != "auto":
-        return cfg.eval.device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _dtype_name(cfg: Config) -> str:
     """The dtype samples are generated in; "auto" resolved, so fp16 and fp32 samples never share a cache key."""
-    if cfg.eval.dtype != "auto":
-        return cfg.eval.dtype
-    return "fp16" if _device_name(cfg).startswith("cuda") else "fp32"
+    return resolve_runtime(cfg.runtime, sampling=True).precision
 
 
 def _torch_device_and_dtype(cfg: Config):
-    import torch
-
-    from diffusion_pref.pipelines import torch_dtype
-
-    return torch.device(_device_name(cfg)), torch_dtype(_dtype_name(cfg))
+    runtime = resolve_runtime(cfg.runtime, sampling=True)
+    return runtime.device, runtime.dtype
 
 
 def load_variant(cfg: Config, variant: Variant):
@@ -312,11 +306,12 @@ def generate_samples(cfg: Config, variants: Sequence[Variant], records: Sequence
             backbone = load_variant(cfg, variant)
             prompts_cut[variant.name] = sum(backbone.prompts_cut([r.prompt for r in records]))
             settings = sampling_settings(cfg, variant.name)
-            for start in range(0, len(jobs), cfg.eval.batch_size):
-                batch = jobs[start: start + cfg.eval.batch_size]
+            for start in range(0, len(jobs), cfg.sample.batch_size):
+                batch = jobs[start: start + cfg.sample.batch_size]
                 media = backbone.sample([s.prompt for s, _ in batch], [s.seed for s, _ in batch],
                                         steps=settings["steps"], guidance_scale=settings["guidance_scale"],
-                                        resolution=settings["resolution"])
+                                        resolution=settings["resolution"], scheduler=settings.get("scheduler"),
+                                        safety_checker=False)
                 for (sample, key), item in zip(batch, media):
                     stem = media_dir / variant.name / f"{sample.prompt_index:05d}_s{sample.seed}_{key}"
                     path = save_media(item, stem, backbone.sample_rate)
@@ -417,7 +412,7 @@ def load_scorers(cfg: Config) -> Dict[str, Any]:
     from diffusion_pref.reward_models import load_reward_from_config
 
     check_reward_names(cfg)
-    reward = load_reward_from_config(cfg.reward)  # reward.device=auto: the scorers' own default (CUDA if present)
+    reward = load_reward_from_config(cfg.reward, resolve_runtime(cfg.runtime).device)
     return {name: model for name, (model, _) in reward.components.items()}
 
 
@@ -500,12 +495,12 @@ def run(cfg: Config, scorers: Optional[Mapping[str, Any]] = None) -> Dict[str, A
     from diffusion_pref.evaluation.stats import compute_metrics
     from diffusion_pref.evaluation.report import write_grid_png, write_report
 
-    if cfg.eval.batch_size < 1:
-        raise ConfigError(f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
+    validate(cfg)  # again: a Config built or changed in code (quickstart, iterate, notebooks) skips load_config
+    if cfg.sample.safety_checker:
+        raise ConfigError("sample.safety_checker=true: evaluate compares models on every sample, and a blocked (black) "
+                          "image would be scored as the model's output; unset sample.safety_checker")
     if not cfg.eval.seeds:
         raise ConfigError("eval.seeds is empty; give at least one seed, e.g. eval.seeds=[0,1]")
-    if cfg.eval.bootstrap_samples < 0:
-        raise ConfigError(f"eval.bootstrap_samples must be >= 0, got {cfg.eval.bootstrap_samples}")
     if scorers is None:
         check_reward_names(cfg)  # a typo costs nothing; loading the reward models waits for the cheaper checks
     out_dir = Path(cfg.output.dir)
@@ -513,9 +508,6 @@ def run(cfg: Config, scorers: Optional[Mapping[str, Any]] = None) -> Dict[str, A
     records = load_prompt_records(cfg)
 
     if cfg.eval.images_dir is not None:
-        if cfg.eval.variants:
-            raise ConfigError("set either eval.images_dir (score existing images) or eval.variants (generate), "
-                              "not both")
         samples = benchmark_samples(cfg.eval.images_dir, records)
         specs = {s.variant: f"images: {Path(s.media).parents[1 if s.category else 0]}" for s in samples}
         n_generated, n_reused, prompts_cut = 0, 0, {}
@@ -562,7 +554,7 @@ def run(cfg: Config, scorers: Optional[Mapping[str, Any]] = None) -> Dict[str, A
     details = {"model": cfg.model.pretrained, "prompts": f"{cfg.eval.prompts} ({len(records)} prompts)"}
     details.update({f"variant {k}": v for k, v in specs.items()})
     if cfg.eval.images_dir is None:
-        details["sampling"] = (f"{cfg.eval.steps} steps, guidance {cfg.eval.guidance_scale}, "
+        details["sampling"] = (f"{cfg.sample.steps} steps, guidance {cfg.sample.guidance_scale}, "
                                f"seeds {list(cfg.eval.seeds)}")
         for name, overrides in cfg.eval.variant_sampling.items():
             details[f"sampling {name}"] = ", ".join(f"{k} {v}" for k, v in overrides.items())

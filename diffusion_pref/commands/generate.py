@@ -1,7 +1,7 @@
 """Preference-dataset generation: sample a model, score the samples with reward models, write ranked pairs.
 
 For every prompt, ``generate.samples_per_prompt`` images are drawn with per-sample seeds derived from
-(``generate.seed``, prompt index, sample index), scored by ``reward.models``, and turned into (winner, loser) pairs
+(``runtime.seed``, prompt index, sample index), scored by ``reward.models``, and turned into (winner, loser) pairs
 by ``generate.strategy``:
 
 - ``best_vs_worst``: the highest- against the lowest-scored sample (one pair per prompt);
@@ -62,7 +62,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from diffusion_pref.config import Config, ConfigError, GenerateConfig
+from diffusion_pref.config import Config, ConfigError, GenerateConfig, SampleConfig, resolve_runtime, validate
 from diffusion_pref.fileio import atomic_write
 
 # Why a candidate pair was not written, in the order the checks run (a pair counts under the first that fails).
@@ -70,11 +70,14 @@ FILTER_REASONS = ("tie", "min_winner_score", "min_gap", "max_gap")
 METADATA_KEY = b"diffusion_pref"
 SUMMARY_FILE = "summary.json"
 _SHARD_RE = re.compile(r"^pairs-p(\d+)-(\d+)\.(parquet|empty\.json)$")
-# Settings that change which images or pairs a prompt gets; a restart must use the same ones.
+# Settings that change which images or pairs a prompt gets; a restart must use the same ones (the names are the
+# ones summary files have always recorded, so runs started before runtime/sample existed still resume).
 _FINGERPRINT_KEYS = (
     "samples_per_prompt", "steps", "guidance_scale", "seed", "strategy", "min_winner_score", "min_gap",
     "max_gap", "scheduler", "resolution", "image_format", "rso_beta", "rso_keep", "dtype", "lora",
 )
+_FINGERPRINT_FROM = {"steps": "sample", "guidance_scale": "sample", "scheduler": "sample", "resolution": "sample",
+                     "seed": "runtime", "dtype": "runtime"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -171,25 +174,15 @@ def form_pairs(
 # Model loading and sampling
 
 
-def _torch_dtype(name: str, device: Any):
-    import torch
-
-    from diffusion_pref.pipelines import torch_dtype
-
-    if name == "auto":
-        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
-    return torch_dtype(name)
-
-
 def _load_backbone(cfg: Config, device: Any):
-    """The backbone generate samples with: ``model.*`` in ``generate.dtype`` on ``device``, with ``generate.lora``
-    on top. ``generate.scheduler`` is checked here, before a large model takes a while to load; ``sample`` uses it."""
+    """The backbone generate samples with: ``model.*`` in ``runtime.dtype`` on ``device``, with ``generate.lora``
+    on top. ``sample.scheduler`` is checked here, before a large model takes a while to load; ``sample`` uses it."""
     from diffusion_pref.pipelines import load_backbone
     from diffusion_pref.pipelines.base import scheduler_class
 
-    if cfg.generate.scheduler:
-        scheduler_class(cfg.generate.scheduler, "generate.scheduler")
-    backbone = load_backbone(cfg.model, dtype=_torch_dtype(cfg.generate.dtype, device))
+    if cfg.sample.scheduler:
+        scheduler_class(cfg.sample.scheduler, "sample.scheduler")
+    backbone = load_backbone(cfg.model, dtype=resolve_runtime(cfg.runtime, sampling=True).dtype)
     if cfg.generate.lora:
         try:
             backbone.load_lora(cfg.generate.lora)
@@ -200,15 +193,16 @@ def _load_backbone(cfg: Config, device: Any):
     return backbone.to(device)
 
 
-def _sample(backbone: Any, prompts: List[str], seeds: List[int], gen: GenerateConfig):
+def _sample(backbone: Any, prompts: List[str], seeds: List[int], sample: SampleConfig):
     """PIL images, one per (prompt, seed) (``.blocked``: whether the model's safety checker blocked each one).
 
     Each sample's noise comes only from its own seed (``Backbone.sample``). A model that ships a safety checker
     (SD1.x) runs it: a blocked image comes back black, and is kept out of every pair by the caller rather than
     scored as a loser.
     """
-    return backbone.sample(prompts, seeds, steps=gen.steps, guidance_scale=gen.guidance_scale,
-                           resolution=gen.resolution, scheduler=gen.scheduler, safety_checker=None)
+    return backbone.sample(prompts, seeds, steps=sample.steps, guidance_scale=sample.guidance_scale,
+                           resolution=sample.resolution, scheduler=sample.scheduler,
+                           safety_checker=sample.safety_checker)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -295,29 +289,25 @@ class _Candidate:
     blocked: bool = False  # the pipeline's safety checker replaced the image with a black one
 
 
-def _check_settings(gen: GenerateConfig) -> None:
+def _check_settings(gen: GenerateConfig, sample: SampleConfig) -> None:
     if not gen.prompts:
         raise ConfigError("generate.prompts is not set; give a prompt file, folder or hub dataset id")
     if gen.samples_per_prompt < 2:
         raise ConfigError(
             f"generate.samples_per_prompt={gen.samples_per_prompt}: a pair needs at least 2 samples per prompt"
         )
-    for key in ("batch_size", "shard_size", "flush_every_prompts", "steps", "rso_keep"):
-        if getattr(gen, key) < 1:
-            raise ConfigError(f"generate.{key} must be >= 1, got {getattr(gen, key)}")
+    for key in ("sample.batch_size", "generate.shard_size", "generate.flush_every_prompts", "sample.steps",
+                "generate.rso_keep"):
+        section, name = key.split(".")
+        value = getattr(sample if section == "sample" else gen, name)
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
     if gen.max_prompts is not None and gen.max_prompts < 1:
         raise ConfigError(f"generate.max_prompts must be >= 1 or null, got {gen.max_prompts}")
-    if gen.min_gap is not None and gen.max_gap is not None and gen.min_gap > gen.max_gap:
-        raise ConfigError(f"generate.min_gap={gen.min_gap} is above generate.max_gap={gen.max_gap}: no pair could pass")
-    if gen.rso_beta is not None:
-        if gen.rso_beta <= 0:
-            raise ConfigError(f"generate.rso_beta must be > 0 (or null for no rejection sampling), got {gen.rso_beta}")
-        if gen.rso_keep < 2:
-            raise ConfigError(f"generate.rso_keep={gen.rso_keep}: pairs need at least 2 accepted samples")
 
 
 def _settings(cfg: Config, prompts_digest: str, reward_name: str) -> dict:
-    values = {key: getattr(cfg.generate, key) for key in _FINGERPRINT_KEYS}
+    values = {key: getattr(getattr(cfg, _FINGERPRINT_FROM.get(key, "generate")), key) for key in _FINGERPRINT_KEYS}
     values.update(
         model=cfg.model.pretrained, model_revision=cfg.model.revision, model_variant=cfg.model.variant,
         model_vae=cfg.model.vae, reward_model=reward_name, prompts=prompts_digest,
@@ -337,25 +327,26 @@ def _check_resume(done_meta: Dict[Path, dict], settings: dict, folder: Path) -> 
             )
 
 
-def _prompt_groups(indices: List[int], gen: GenerateConfig) -> List[List[int]]:
+def _prompt_groups(indices: List[int], gen: GenerateConfig, batch_size: int) -> List[List[int]]:
     """Prompts processed together: whole prompts per batch, fixed over the process's full prompt list.
 
     Groups never change between a run and its restart, so a restarted run sees the same batches and produces
     bit-identical images even where kernels are not batch-invariant.
     """
-    per_group = max(1, gen.batch_size // gen.samples_per_prompt)
+    per_group = max(1, batch_size // gen.samples_per_prompt)
     return [indices[i:i + per_group] for i in range(0, len(indices), per_group)]
 
 
 def _pairs_rows(
-    prompt_index: int, record: Any, candidates: List[_Candidate], gen: GenerateConfig, model: str, reward_name: str
+    prompt_index: int, record: Any, candidates: List[_Candidate], gen: GenerateConfig, model: str, reward_name: str,
+    seed: int,
 ) -> Tuple[List[dict], Counter]:
     scores = [c.score for c in candidates]
     pool = [i for i, c in enumerate(candidates) if not c.blocked]  # a black image would only ever be a loser
     stats: Counter = Counter(safety_blocked=len(candidates) - len(pool))
     if gen.rso_beta is not None:
         nan_free = [i for i in pool if not math.isnan(scores[i])]
-        rng = random.Random(sample_seed(gen.seed, prompt_index, -1))
+        rng = random.Random(sample_seed(seed, prompt_index, -1))
         accepted = rso_select([scores[i] for i in nan_free], gen.rso_keep, gen.rso_beta, rng)
         stats["rso_rejected"] = len(nan_free) - len(accepted)
         stats["nan_scores"] += len(pool) - len(nan_free)
@@ -463,7 +454,8 @@ def generate(
     from diffusion_pref.prompts import read_prompts
 
     gen = cfg.generate
-    _check_settings(gen)
+    validate(cfg)  # again: a Config built or changed in code (iterate's rounds, notebooks) skips load_config
+    _check_settings(gen, cfg.sample)
     records = read_prompts(gen.prompts, gen.prompt_column, gen.prompt_split)
     # Of the whole file, so that raising max_prompts later resumes the same run.
     prompts_digest = hashlib.sha256(json.dumps([[r.prompt, r.category] for r in records]).encode()).hexdigest()[:16]
@@ -471,6 +463,8 @@ def generate(
         records = records[: gen.max_prompts]
 
     state = _process_state()
+    # runtime.device=auto: the device accelerate gives this process (its GPU in a multi-process launch)
+    device = state.device if cfg.runtime.device == "auto" else resolve_runtime(cfg.runtime).device
     process = state.process_index if process_index is None else process_index
     processes = state.num_processes if num_processes is None else num_processes
     if not 0 <= process < processes:
@@ -483,7 +477,7 @@ def generate(
         if reward is None:
             from diffusion_pref.reward_models import load_reward_from_config
 
-            reward = load_reward_from_config(cfg.reward, state.device)
+            reward = load_reward_from_config(cfg.reward, device)
         reward_name = getattr(reward, "name", type(reward).__name__)
         settings = _settings(cfg, prompts_digest, reward_name)
         done_meta = read_shards(folder)
@@ -494,10 +488,10 @@ def generate(
         mine = list(range(process, len(records), processes))
         # A group is done whole or not at all, unless batch_size changed since the interrupted run; then the rest
         # of a partly done group still runs, only without the bit-identical-batches guarantee.
-        groups = [[i for i in g if i not in done] for g in _prompt_groups(mine, gen)]
+        groups = [[i for i in g if i not in done] for g in _prompt_groups(mine, gen, cfg.sample.batch_size)]
         groups = [g for g in groups if g]
         if groups and backbone is None:
-            backbone = _load_backbone(cfg, state.device)
+            backbone = _load_backbone(cfg, device)
         prompts_cut = None
         if process == 0 and backbone is not None:  # counted over every prompt of the run, once, by the main process
             prompts_cut = sum(backbone.prompts_cut([r.prompt for r in records]))
@@ -619,9 +613,10 @@ def _generate_groups(
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="encode") as pool:
         previous: list = []
         for group in groups:
-            candidates = _sample_and_score(group, records, gen, backbone, reward, reward_name)
+            candidates = _sample_and_score(group, records, cfg, backbone, reward, reward_name)
             futures = [
-                (p, pool.submit(_pairs_rows, p, records[p], candidates[p], gen, cfg.model.pretrained, reward_name))
+                (p, pool.submit(_pairs_rows, p, records[p], candidates[p], gen, cfg.model.pretrained, reward_name,
+                                cfg.runtime.seed))
                 for p in group
             ]
             collect(previous)
@@ -634,15 +629,16 @@ def _generate_groups(
 
 
 def _sample_and_score(
-    group: List[int], records: List[Any], gen: GenerateConfig, backbone: Any, reward: Any, reward_name: str
+    group: List[int], records: List[Any], cfg: Config, backbone: Any, reward: Any, reward_name: str
 ) -> Dict[int, List[_Candidate]]:
-    jobs = [(p, s) for p in group for s in range(gen.samples_per_prompt)]
+    sample = cfg.sample
+    jobs = [(p, s) for p in group for s in range(cfg.generate.samples_per_prompt)]
     candidates: Dict[int, List[_Candidate]] = {p: [] for p in group}
-    for start in range(0, len(jobs), gen.batch_size):
-        batch = jobs[start:start + gen.batch_size]
+    for start in range(0, len(jobs), sample.batch_size):
+        batch = jobs[start:start + sample.batch_size]
         prompts = [records[p].prompt for p, _ in batch]
-        seeds = [sample_seed(gen.seed, p, s) for p, s in batch]
-        images = _sample(backbone, prompts, seeds, gen)
+        seeds = [sample_seed(cfg.runtime.seed, p, s) for p, s in batch]
+        images = _sample(backbone, prompts, seeds, cfg.sample)
         blocked = images.blocked
         scores = _as_floats(reward.score(prompts, images), len(batch), reward_name)
         for (p, s), seed, image, score, flag in zip(batch, seeds, images, scores, blocked):

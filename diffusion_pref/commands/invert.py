@@ -2,14 +2,14 @@
 
 The image is resized (shorter side) and centre-cropped to ``data.resolution``, encoded to latents, inverted along
 the ``trajectory.steps`` grid (``DDIMInverseScheduler`` spacing) up to its last point, then sampled back with
-deterministic DDIM on the same grid, conditioned on ``trajectory.invert_prompt`` without guidance (CFG = 1, as
+deterministic DDIM on the same grid, conditioned on ``invert.prompt`` without guidance (CFG = 1, as
 in SmPO and ReNoise's reconstructions). The method is ``trajectory.kind``: ``ddim`` or ``renoise`` (with
 ``trajectory.renoise_iters``, ``trajectory.average_window`` and the noise regularisation settings).
 
 Run it::
 
     diffusion-pref invert model.pretrained=runwayml/stable-diffusion-v1-5 trajectory.kind=renoise \\
-        trajectory.invert_image=cat.png trajectory.invert_prompt="a photo of a cat" trajectory.steps=50 \\
+        invert.image=cat.png invert.prompt="a photo of a cat" trajectory.steps=50 \\
         output.dir=outputs/invert
 
 Writes ``reconstruction.png``, ``input.png`` (the resized input) and ``invert_metrics.json`` into
@@ -34,11 +34,11 @@ def _load_image(path: str, resolution: int):
 
     file = Path(path).expanduser()
     if not file.is_file():
-        raise FileNotFoundError(f"trajectory.invert_image={path}: no such file; give the path of an image to invert.")
+        raise FileNotFoundError(f"invert.image={path}: no such file; give the path of an image to invert.")
     try:
         image = Image.open(file).convert("RGB")
     except Exception as err:
-        raise ValueError(f"trajectory.invert_image={path}: could not read it as an image "
+        raise ValueError(f"invert.image={path}: could not read it as an image "
                          f"({type(err).__name__}: {err})") from None
     scale = resolution / min(image.size)
     image = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))),
@@ -65,7 +65,7 @@ def run(cfg) -> None:
     import torch
     from PIL import Image
 
-    from diffusion_pref.config import ConfigError
+    from diffusion_pref.config import ConfigError, resolve_runtime
     from diffusion_pref.pipelines import check_resolution, load_backbone
     from diffusion_pref.trajectories import ddim_sample, inversion_grid, invert_latents
 
@@ -73,14 +73,16 @@ def run(cfg) -> None:
     if traj.kind not in ("ddim", "renoise"):
         raise ConfigError(f"invert needs trajectory.kind=ddim or renoise (got {traj.kind}); forward noising is random "
                           "and cannot be reconstructed.")
-    if not traj.invert_image:
-        raise ConfigError("invert needs an image: trajectory.invert_image=path/to/image.png "
-                          "(and its caption: trajectory.invert_prompt=\"...\")")
+    if not cfg.invert.image:
+        raise ConfigError("invert needs an image: invert.image=path/to/image.png "
+                          "(and its caption: invert.prompt=\"...\")")
     check_resolution(cfg.model, cfg.data.resolution)
-    image, pixels = _load_image(traj.invert_image, cfg.data.resolution)
+    image, pixels = _load_image(cfg.invert.image, cfg.data.resolution)
     backbone = load_backbone(cfg.model)
     check_resolution(cfg.model, cfg.data.resolution, vae=backbone.frozen["vae"])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # dtype auto: fp32 (inversion is sensitive to precision); fp16 / bf16: the denoiser calls under autocast
+    runtime = resolve_runtime(cfg.runtime)
+    device = runtime.device
     backbone.to(device)
     schedule = backbone.schedule
     grid = inversion_grid(schedule, traj.steps)
@@ -89,20 +91,20 @@ def run(cfg) -> None:
     # SDXL's size / crop micro-conditioning: the image as it is fed, uncropped, as SDXL's pipeline generates at R
     # (SD1.x ignores it). Without it the UNet would be told its default size, whatever data.resolution is.
     size = torch.tensor([[cfg.data.resolution, cfg.data.resolution]])
-    cond = backbone.conditioning(backbone.encode_prompts([traj.invert_prompt]),
+    cond = backbone.conditioning(backbone.encode_prompts([cfg.invert.prompt]),
                                  {"original_size": size, "crop_top_left": torch.zeros_like(size),
                                   "target_size": cfg.data.resolution})
 
     def predict(x, t, c):
-        with torch.no_grad():
-            return backbone.predict(x.to(backbone.denoiser.dtype), t.to(device), c)
+        with torch.no_grad(), torch.autocast(device.type, runtime.dtype, enabled=runtime.mixed_precision != "no"):
+            return backbone.predict(x.to(backbone.denoiser.dtype), t.to(device), c).float()
 
     options = {}
     if traj.kind == "renoise":
         options = dict(renoise_iters=traj.renoise_iters, average_window=list(traj.average_window),
                        noise_reg_steps=traj.noise_reg_steps, noise_reg_lambda_kl=traj.noise_reg_lambda_kl,
                        noise_reg_lambda_ac=traj.noise_reg_lambda_ac, noise_reg_ac_rolls=traj.noise_reg_ac_rolls)
-    generator = torch.Generator().manual_seed(cfg.train.seed)  # CPU: the regulariser draws its shifts there
+    generator = torch.Generator().manual_seed(cfg.runtime.seed)  # CPU: the regulariser draws its shifts there
     z_top = invert_latents(schedule, predict, x0, cond, grid, generator=generator, **options)
     x0_rec = ddim_sample(schedule, predict, z_top, cond, grid)
 

@@ -6,7 +6,7 @@
 Round r (1 .. ``iterate.rounds``) works in ``<output.dir>/round_<r>/``:
 
 1. generate and score (``pairs/``): the current model samples this round's prompts with seeds from
-   ``generate.seed + r - 1``; round 1 samples the base, round r the base with round r-1's LoRA (``generate.lora``).
+   ``runtime.seed + r - 1``; round 1 samples the base, round r the base with round r-1's LoRA (``generate.lora``).
    ``reward.models`` scores the samples and ``generate.strategy`` pairs them, as ``diffusion-pref generate`` does.
    With ``iterate.prompts_per_round=N`` round r takes prompts [(r-1)N, rN) of ``generate.prompts``, so R rounds of
    N see the same prompts as one round of RN; unset, every round samples every prompt.
@@ -135,13 +135,14 @@ def _generate_stage(cfg: Config, folder: Path, round_number: int, prompts: Optio
                     lora: Optional[str]) -> Dict[str, Any]:
     from diffusion_pref.commands import generate
 
-    fields: Dict[str, Any] = {"seed": cfg.generate.seed + round_number - 1, "lora": lora}
+    fields: Dict[str, Any] = {"lora": lora}
     if prompts is not None:
         prompt_file = folder / "prompts.json"
         prompt_file.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(prompt_file, json.dumps(prompts, indent=1))
         fields.update(prompts=str(prompt_file), prompt_column=None, max_prompts=None)
-    summary = generate.generate(step_config(cfg, folder / "pairs", generate=fields))
+    runtime = {"seed": cfg.runtime.seed + round_number - 1}  # training keeps runtime.seed
+    summary = generate.generate(step_config(cfg, folder / "pairs", generate=fields, runtime=runtime))
     if not summary["pairs_written"]:
         raise ValueError(f"round {round_number} wrote no preference pairs ({summary['pairs_filtered']} filtered, "
                          f"{folder / 'pairs'}); lower generate.min_gap or sample more prompts or samples per prompt")

@@ -25,14 +25,42 @@ import contextlib
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 from diffusion_pref.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What the cache layer needs, as values: the sections it reads whole and the run's values it keys on.
+
+    ``mixed_precision`` is accelerate's word ("no" | "fp16" | "bf16"; the latents are stored in that dtype and the
+    cache key holds it), ``seed`` the augmentation seed, ``root`` the folder the keyed caches live in.
+    """
+
+    model: Any  # ModelConfig
+    data: Any  # DataConfig
+    trajectory: Any  # TrajectoryConfig
+    reward: Any  # RewardConfig (the soft-label scores' key)
+    seed: int
+    mixed_precision: str
+    root: Path
+
+
+def cache_spec(cfg) -> CacheSpec:
+    """The command layer's one read of the config for the cache: ``data.cache_dir`` or ``<output.dir>/cache``,
+    training's seed and precision (:func:`diffusion_pref.config.resolve_runtime`)."""
+    from diffusion_pref.config import resolve_runtime
+
+    root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.output.dir) / "cache"
+    return CacheSpec(model=cfg.model, data=cfg.data, trajectory=cfg.trajectory, reward=cfg.reward,
+                     seed=cfg.runtime.seed, mixed_precision=resolve_runtime(cfg.runtime).mixed_precision, root=root)
 
 
 def model_identity(model_cfg) -> Dict[str, object]:
@@ -58,30 +86,29 @@ def inversion_identity(traj_cfg) -> Dict[str, object]:
     return {"kind": traj_cfg.kind, "with": traj_cfg.invert_with, **options}
 
 
-def cache_key(cfg, source) -> Dict[str, object]:
+def cache_key(spec: CacheSpec, source) -> Dict[str, object]:
     from diffusion_pref.data.augment import augmentation_identity
 
-    key = {"version": CACHE_VERSION, "data": source.identity(), "model": model_identity(cfg.model),
-           "augmentation": augmentation_identity(cfg.data, cfg.train.seed),
-           "mixed_precision": cfg.train.mixed_precision}
-    if cfg.trajectory.cache_inverted:
-        key["inversion"] = inversion_identity(cfg.trajectory)
+    key = {"version": CACHE_VERSION, "data": source.identity(), "model": model_identity(spec.model),
+           "augmentation": augmentation_identity(spec.data, spec.seed),
+           "mixed_precision": spec.mixed_precision}
+    if spec.trajectory.cache_inverted:
+        key["inversion"] = inversion_identity(spec.trajectory)
     return key
 
 
-def cache_dir(cfg, key: Dict[str, object]) -> Path:
+def cache_dir(spec: CacheSpec, key: Dict[str, object]) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.output.dir) / "cache"
-    return root / digest
+    return Path(spec.root) / digest
 
 
-def soft_label_scores_dir(cfg, source) -> Path:
+def soft_label_scores_dir(spec: CacheSpec, source) -> Path:
     """Where a reward model's raw scores of ``source``'s pairs are kept for soft labels: beside the data cache,
     keyed by the data and the reward model, so every later run on the same data reuses them."""
     from diffusion_pref.reward_models import reward_spec
     from diffusion_pref.soft_labels import ScoreCache
 
-    return cache_dir(cfg, ScoreCache.make_key(reward_spec(cfg.reward), source.identity()))
+    return cache_dir(spec, ScoreCache.make_key(reward_spec(spec.reward), source.identity()))
 
 
 class CachedPairs:
@@ -120,7 +147,8 @@ class CachedPairs:
         return batch
 
 
-def _encode_block(cfg, source, backbone, block_index: int, device, weight_dtype, invert=None) -> Dict[str, object]:
+def _encode_block(spec: CacheSpec, source, backbone, block_index: int, device, weight_dtype,
+                  invert=None) -> Dict[str, object]:
     import torch
 
     from diffusion_pref.data.loader import collate_pixels
@@ -132,7 +160,7 @@ def _encode_block(cfg, source, backbone, block_index: int, device, weight_dtype,
     valid: List[bool] = []
     for start in range(0, len(items), chunk):
         sub = items[start:start + chunk]
-        batch = collate_pixels(source, cfg.data, sub, cfg.train.seed)
+        batch = collate_pixels(source, spec.data, sub, spec.seed)
         kept = set(batch["rows"].tolist()) if batch["size"] else set()
         valid.extend(block.rows[i] in kept for _, i in sub)
         if not batch["size"]:
@@ -154,7 +182,7 @@ def _encode_block(cfg, source, backbone, block_index: int, device, weight_dtype,
             parts.setdefault(key, []).append(value.detach().cpu())
     n = len(items)
     out: Dict[str, object] = {"valid": torch.tensor(valid, dtype=torch.bool),
-                              "target_size": torch.tensor(cfg.data.resolution)}
+                              "target_size": torch.tensor(spec.data.resolution)}
     valid_idx = torch.tensor([k for k, ok in enumerate(valid) if ok], dtype=torch.long)
     for key, chunks in parts.items():
         stacked = torch.cat(chunks)
@@ -165,9 +193,9 @@ def _encode_block(cfg, source, backbone, block_index: int, device, weight_dtype,
     return out
 
 
-def grid_inverter(cfg, backbone, predict_fn, autocast=contextlib.nullcontext):
+def grid_inverter(traj_cfg, backbone, predict_fn, autocast=contextlib.nullcontext):
     """The ``invert`` function of :func:`build_cache`: ``predict_fn`` (the frozen reference model) inverts each
-    pair to every point of ``cfg.trajectory``'s grid, under ``autocast`` (the training precision)."""
+    pair to every point of ``traj_cfg``'s grid, under ``autocast`` (the training precision)."""
     import torch
 
     from diffusion_pref.pipelines.base import repeat_pair
@@ -176,38 +204,38 @@ def grid_inverter(cfg, backbone, predict_fn, autocast=contextlib.nullcontext):
     def invert(latents_w, latents_l, text, batch):
         cond = repeat_pair(backbone.conditioning(text, batch))
         with autocast():
-            return invert_grid(cfg.trajectory.kind, backbone.schedule, predict_fn, torch.cat([latents_w, latents_l]),
-                               cond, **trajectory_options(cfg.trajectory))
+            return invert_grid(traj_cfg.kind, backbone.schedule, predict_fn, torch.cat([latents_w, latents_l]),
+                               cond, **trajectory_options(traj_cfg))
 
     return invert
 
 
-def build_cache(cfg, source, backbone, accelerator=None, invert=None) -> CachedPairs:
-    """Compute the missing cache for (cfg, source) and return a reader; reuses a complete cache with the same key.
+def build_cache(spec: CacheSpec, source, backbone, accelerator=None, invert=None) -> CachedPairs:
+    """Compute the missing cache for (spec, source) and return a reader; reuses a complete cache with the same key.
 
     ``invert(latents_w, latents_l, text, batch) -> [2B, G, C, H, W]`` (required when
     ``trajectory.cache_inverted``): the grid latents stored as ``inverted_w`` / ``inverted_l``.
     """
-    if cfg.trajectory.cache_inverted != (invert is not None):  # the key says whether the shards hold inversions
+    if spec.trajectory.cache_inverted != (invert is not None):  # the key says whether the shards hold inversions
         raise ValueError("build_cache: pass the invert function exactly when trajectory.cache_inverted is true")
     from safetensors.torch import save_file
 
     from diffusion_pref.pipelines import torch_dtype
 
-    key = cache_key(cfg, source)
-    directory = cache_dir(cfg, key)
+    key = cache_key(spec, source)
+    directory = cache_dir(spec, key)
     manifest = directory / "manifest.json"
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     if manifest.is_file() and json.loads(manifest.read_text()).get("key") == json.loads(json.dumps(key, default=str)):
         logger.info("cache: using %s", directory)
         return CachedPairs(directory, len(source.blocks))
     directory.mkdir(parents=True, exist_ok=True)
-    weight_dtype = torch_dtype(cfg.train.mixed_precision)
+    weight_dtype = torch_dtype(spec.mixed_precision)
     device = backbone.frozen["vae"].device
     logger.info("cache: encoding %d pairs into %s", len(source), directory)
     skipped = 0
     for b in range(rank, len(source.blocks), world):
-        shard = _encode_block(cfg, source, backbone, b, device, weight_dtype, invert=invert)
+        shard = _encode_block(spec, source, backbone, b, device, weight_dtype, invert=invert)
         skipped += int((~shard["valid"]).sum())
         atomic_write(directory / f"shard-{b:06d}.safetensors", lambda tmp: save_file(shard, str(tmp)))
     if accelerator is not None:

@@ -125,14 +125,15 @@ def _hub_parquet_files(repo_id: str, split: str):
     return split_files, fs
 
 
-def scores_used(cfg) -> bool:
-    """Whether a training run with ``cfg`` reads the score columns: only a loss that takes a soft label, with its
-    labels from the dataset's scores (``data.soft_labels`` auto or scores, ``loss.soft_label_scores`` auto or
-    dataset). Other runs keep rows with NaN scores (counted) instead of stopping on them."""
+def scores_used(loss_cfg, soft_labels: str) -> bool:
+    """Whether a training run with this loss section and ``data.soft_labels`` reads the score columns: only a loss
+    that takes a soft label, with its labels from the dataset's scores (``data.soft_labels`` auto or scores,
+    ``loss.soft_label_scores`` auto or dataset). Other runs keep rows with NaN scores (counted) instead of stopping
+    on them."""
     from diffusion_pref.losses import TAKES_SOFT_LABEL
 
-    return (cfg.loss.name in TAKES_SOFT_LABEL and cfg.data.soft_labels in ("auto", "scores")
-            and cfg.loss.soft_label_scores in ("auto", "dataset"))
+    return (loss_cfg.name in TAKES_SOFT_LABEL and soft_labels in ("auto", "scores")
+            and loss_cfg.soft_label_scores in ("auto", "dataset"))
 
 
 def caption_text(value) -> str:

@@ -47,7 +47,7 @@ def _named_choices() -> str:
 
 
 def torch_dtype(name: str):
-    """A precision name of the config -> torch dtype: fp32 (or train.mixed_precision's "no"), fp16, bf16."""
+    """A precision name -> torch dtype: fp32 (or accelerate's mixed_precision "no"), fp16, bf16."""
     import torch
 
     return {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]

@@ -106,7 +106,8 @@ def reward_spec(reward_cfg) -> dict[str, Any]:
 
 
 def load_reward_from_config(reward_cfg, device: Any = None):
-    """The `WeightedReward` that ``cfg.reward`` describes; ``reward.device=auto`` means ``device``.
+    """The `WeightedReward` that ``cfg.reward`` describes, on ``device`` (the command's ``runtime.device``; None:
+    each scorer's own default, CUDA if present).
 
     Weights that cannot be loaded (missing files, no network) raise ``ConfigError`` naming the setting to fix.
     """
@@ -114,7 +115,6 @@ def load_reward_from_config(reward_cfg, device: Any = None):
 
     from .base import WeightedReward
 
-    reward_device = device if reward_cfg.device == "auto" else reward_cfg.device
     spec = reward_spec(reward_cfg)
     for name in spec:  # fail on a typo before loading any (large) model
         if name not in REWARD_MODELS:
@@ -122,7 +122,7 @@ def load_reward_from_config(reward_cfg, device: Any = None):
     components = {}
     for name, value in spec.items():  # one at a time, so the error names the model that failed
         try:
-            loaded = load_reward({name: value}, device=reward_device, batch_size=reward_cfg.batch_size)
+            loaded = load_reward({name: value}, device=device, batch_size=reward_cfg.batch_size)
         except OSError as err:  # the user fixes the config, not the code
             lines = str(err).strip().splitlines()
             raise ConfigError(

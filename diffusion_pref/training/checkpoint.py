@@ -43,10 +43,10 @@ CONFIG_FILE = "config.yaml"
 # restored optimizer state would silently override. Everything else (max_steps, logging, checkpointing,
 # validation, data workers, speed options, the other commands' sections) may change.
 _RESUME_SECTIONS = ("model", "loss", "trajectory", "data")
-_RESUME_TRAIN_KEYS = ("batch_size", "grad_accum", "seed", "optimizer", "learning_rate", "lr_scheduler", "warmup_steps",
+_RESUME_TRAIN_KEYS = ("batch_size", "grad_accum", "optimizer", "learning_rate", "lr_scheduler", "warmup_steps",
                       "adam_beta1", "adam_beta2", "adam_eps", "weight_decay")
-_RESUME_FREE = {"data.num_workers", "data.cache", "data.cache_dir", "trajectory.invert_image",
-                "trajectory.invert_prompt"}
+_RESUME_FREE = {"data.num_workers", "data.cache", "data.cache_dir"}
+_RESUME_OTHER_KEYS = (("runtime", "seed"),)
 
 
 def resume_differences(saved: Dict[str, dict], current: Dict[str, dict]) -> List[str]:
@@ -55,7 +55,7 @@ def resume_differences(saved: Dict[str, dict], current: Dict[str, dict]) -> List
     A key the checkpoint's config lacks (written before the key existed) is not compared.
     """
     keys = [(section, key) for section in _RESUME_SECTIONS for key in current.get(section, {})]
-    keys += [("train", key) for key in _RESUME_TRAIN_KEYS]
+    keys += [("train", key) for key in _RESUME_TRAIN_KEYS] + list(_RESUME_OTHER_KEYS)
     found = []
     for section, key in keys:
         name = f"{section}.{key}"

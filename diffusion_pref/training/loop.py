@@ -69,7 +69,7 @@ def train(run, save_outputs: bool = True) -> Dict[str, object]:
             batch["soft_label"] = run.soft_labels.lookup(batch["rows"])
         batch = accel.to_device(batch)
         micro = step * t.grad_accum + micro_in_step
-        generator = torch.Generator().manual_seed(derive_seed(t.seed, micro))  # any process count, resume
+        generator = torch.Generator().manual_seed(derive_seed(cfg.runtime.seed, micro))  # any process count, resume
         with accelerator.accumulate(unet):
             latents_w, latents_l, text = run.encode(batch)
             cond = repeat_pair(backbone.conditioning(text, batch))
@@ -129,7 +129,7 @@ def train(run, save_outputs: bool = True) -> Dict[str, object]:
         logs = {k: v / accelerator.num_processes for k, v in zip(sums, totals)}
         if not math.isfinite(logs["loss"]):
             raise FloatingPointError(f"loss is {logs['loss']} at step {step}; lower train.learning_rate or loss.beta, "
-                                     "or use train.mixed_precision=bf16 instead of fp16")
+                                     "or use runtime.dtype=bf16 instead of fp16")
         if loss_state is not None:
             loss_state.observe(logs, pairs=int(pairs))
         now = time.perf_counter()

@@ -82,7 +82,7 @@ def _set_attention(cfg, unet) -> None:
     # sdpa: diffusers' default attention processor already calls torch's scaled_dot_product_attention.
 
 
-def check_device_settings(train_cfg, device) -> None:
+def check_device_settings(train_cfg, device, mixed_precision: str = "no") -> None:
     """Reject settings this device or this environment cannot run, before any data or model is loaded.
 
     One error lists every such setting with what to use instead. On a CPU (tried with the tiny SD model) fp16
@@ -94,9 +94,9 @@ def check_device_settings(train_cfg, device) -> None:
     from diffusion_pref.config import ConfigError
 
     problems = []
-    if train_cfg.mixed_precision == "fp16" and device.type == "cpu":
-        problems.append("train.mixed_precision=fp16 needs a GPU (fp16 autocast fails on a CPU); on a CPU use "
-                        "train.mixed_precision=no (or bf16)")
+    if mixed_precision == "fp16" and device.type == "cpu":
+        problems.append("runtime.dtype=fp16 needs a GPU (fp16 autocast fails on a CPU); on a CPU use "
+                        "runtime.dtype=fp32 (or bf16)")
     if train_cfg.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("train.optimizer=adamw8bit needs bitsandbytes (pip install bitsandbytes; made for CUDA GPUs); "
                         "without it use train.optimizer=adamw")
@@ -154,11 +154,7 @@ def setup_policy(cfg, backbone, weight_dtype, reference: str, device):
         return ref.to(device="cpu" if reference == "copy_cpu" else device,
                       dtype=torch.float32 if reference == "copy_cpu" else weight_dtype)
 
-    init_lora = cfg.train.init_lora
-    if init_lora and cfg.model.finetune != "lora":
-        from diffusion_pref.config import ConfigError
-
-        raise ConfigError(f"train.init_lora={init_lora} continues a LoRA: it needs model.finetune=lora")
+    init_lora = cfg.train.init_lora  # with model.finetune=lora: config.validate
     ref_unet = None
     if reference in ("copy", "copy_cpu") and not init_lora:
         ref_unet = frozen_copy()
@@ -338,16 +334,16 @@ def batch_reader(cfg, source, backbone, accelerator, reference_predict=None):
 
     if not cfg.data.cache:
         def make_batch(items):
-            batch = collate_pixels(source, cfg.data, items, cfg.train.seed)
+            batch = collate_pixels(source, cfg.data, items, cfg.runtime.seed)
             batch["target_size"] = cfg.data.resolution
             return batch
         return make_batch, cfg.data.num_workers
-    from diffusion_pref.data.cache import build_cache, grid_inverter
+    from diffusion_pref.data.cache import build_cache, cache_spec, grid_inverter
 
     invert = None
     if cfg.trajectory.cache_inverted:  # the reference never changes: its inversion of each pair is computed once
-        invert = grid_inverter(cfg, backbone, reference_predict, accelerator.autocast)
-    cached = build_cache(cfg, source, backbone, accelerator=accelerator, invert=invert)
+        invert = grid_inverter(cfg.trajectory, backbone, reference_predict, accelerator.autocast)
+    cached = build_cache(cache_spec(cfg), source, backbone, accelerator=accelerator, invert=invert)
     t = cfg.train
     if not (t.validate_every and t.validation_prompts):  # validation images still need the VAE
         for module in backbone.frozen.values():  # cached training never runs them again
@@ -364,14 +360,14 @@ def load_soft_labels(cfg, source, accelerator):
     if mode == "auto":  # p from reward scores (columns or reward.models); the human label only when asked
         mode = "scores"
     if mode == "scores":
-        from diffusion_pref.data.cache import soft_label_scores_dir
+        from diffusion_pref.data.cache import cache_spec, soft_label_scores_dir
         from diffusion_pref.soft_labels import soft_labels_for_run
 
         # Scored once before training and stored in output.dir, so a resumed run reads them back; the main
         # process writes them before the others read them.
         with accelerator.main_process_first():
-            labels = soft_labels_for_run(cfg, source, device=accelerator.device,
-                                         score_cache_dir=soft_label_scores_dir(cfg, source))
+            labels = soft_labels_for_run(source, cfg.output.dir, cfg.loss, cfg.reward, device=accelerator.device,
+                                         score_cache_dir=soft_label_scores_dir(cache_spec(cfg), source))
     elif cfg.loss.name == "smpo":
         logger.warning("data.soft_labels=label with loss smpo: every hard-labelled pair gets p = 1, so the loss is "
                        "dpo with a gamma-fold logit and no reward smoothing; unset data.soft_labels for SmPO's soft "
@@ -382,9 +378,14 @@ def load_soft_labels(cfg, source, accelerator):
     return labels, summary
 
 
-def make_accelerator(t, out: Path):
-    """A fresh accelerate ``Accelerator`` for this run's precision, accumulation and logger."""
+def make_accelerator(t, runtime_cfg, out: Path):
+    """A fresh accelerate ``Accelerator`` for this run's precision (``runtime.dtype``), device (``runtime.device=cpu``
+    forces the CPU; otherwise accelerate's device, the process's GPU in a multi-process launch), accumulation and
+    logger."""
     from accelerate import Accelerator
+
+    from diffusion_pref.config import resolve_runtime
+
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import ProjectConfiguration
 
@@ -394,13 +395,14 @@ def make_accelerator(t, out: Path):
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     check_sharding_runs_here()
-    return Accelerator(gradient_accumulation_steps=t.grad_accum, mixed_precision=t.mixed_precision,
+    return Accelerator(gradient_accumulation_steps=t.grad_accum,
+                       mixed_precision=resolve_runtime(runtime_cfg).mixed_precision, cpu=runtime_cfg.device == "cpu",
                        log_with=None if t.logger == "none" else t.logger,
                        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
 
 
 def check_run(cfg, reference: str) -> None:
-    """Cross-checks of the training config that need the resolved reference."""
+    """Checks of a training run beyond :func:`diffusion_pref.config.validate` (what is installed)."""
     from diffusion_pref.config import ConfigError
 
     if cfg.train.logger == "wandb":
@@ -409,17 +411,6 @@ def check_run(cfg, reference: str) -> None:
         except ImportError:
             raise ConfigError("train.logger=wandb needs wandb: pip install wandb, or use "
                               "train.logger=tensorboard") from None
-    traj = cfg.trajectory
-    if traj.cache_inverted and not (cfg.data.cache and traj.kind in ("ddim", "renoise")
-                                    and traj.invert_with == "reference"):
-        raise ConfigError("trajectory.cache_inverted=true stores the reference model's inversion in the data cache: "
-                          "it needs data.cache=true, trajectory.kind=ddim or renoise and trajectory.invert_with="
-                          f"reference (got data.cache={cfg.data.cache}, kind={traj.kind}, "
-                          f"invert_with={traj.invert_with})")
-    if traj.invert_with == "reference" and reference == "none":
-        raise ConfigError(f"trajectory.invert_with=reference needs a reference model, but loss {cfg.loss.name!r} "
-                          f"with model.reference={cfg.model.reference!r} has none; use trajectory.invert_with=policy "
-                          "or set model.reference (adapter, copy)")
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -436,27 +427,27 @@ class Trainer:
     def __init__(self, cfg):
         from accelerate.utils import set_seed
 
-        from diffusion_pref.config import check_loss, check_ranges
+        from diffusion_pref.config import resolve_runtime, validate
         from diffusion_pref.data.pairs import PairSource, scores_used
         from diffusion_pref.losses import DIFFUSION_DEFAULT_BETA, LOSS_STATE, LOSSES, REFERENCE_FREE, TAKES_SOFT_LABEL
         from diffusion_pref.losses import check_loss_params
-        from diffusion_pref.pipelines import check_resolution, load_backbone, torch_dtype
+        from diffusion_pref.pipelines import check_resolution, load_backbone
         from diffusion_pref.training.accel import StepAccel
         from diffusion_pref.training.checkpoint import Checkpointer
 
         self.cfg = cfg
-        check_loss(cfg)
-        check_ranges(cfg)  # again: a Config built in code skips load_config
+        validate(cfg, loss=True)  # again: a Config built or changed in code skips load_config
+        runtime = resolve_runtime(cfg.runtime)  # device and precision; auto is fp32 for training
         t = cfg.train
         self.reference = resolve_reference(cfg.model, needs_ref=cfg.loss.name not in REFERENCE_FREE)
         check_run(cfg, self.reference)
         self.out = out = Path(cfg.output.dir)
-        self.accelerator = accelerator = make_accelerator(t, out)
+        self.accelerator = accelerator = make_accelerator(t, cfg.runtime, out)
         logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                             format="%(asctime)s %(name)s: %(message)s")
-        check_device_settings(t, accelerator.device)
+        check_device_settings(t, accelerator.device, runtime.mixed_precision)
         check_resolution(cfg.model, cfg.data.resolution)
-        set_seed(t.seed)
+        set_seed(cfg.runtime.seed)
         self.loss_fn = LOSSES[cfg.loss.name]
         self.loss_params = check_loss_params(cfg.loss.name, dict(cfg.loss.params))
         # load_config writes the loss's own default into loss.beta; a Config built in code may still hold None
@@ -471,13 +462,14 @@ class Trainer:
             self.checkpointer.check_config(resume_from, force=t.resume_force)
 
         # Data first: a bad dataset fails in seconds, before any model is loaded.
-        self.source = PairSource(cfg.data, seed=t.seed, check_scores=scores_used(cfg))
+        self.source = PairSource(cfg.data, seed=cfg.runtime.seed,
+                                 check_scores=scores_used(cfg.loss, cfg.data.soft_labels))
         self.soft_labels = self.soft_label_summary = None
         if self.takes_soft:
             self.soft_labels, self.soft_label_summary = load_soft_labels(cfg, self.source, accelerator)
         self.backbone = backbone = load_backbone(cfg.model)
         check_resolution(cfg.model, cfg.data.resolution, vae=backbone.frozen["vae"])  # the exact factor, once loaded
-        self.weight_dtype = torch_dtype(t.mixed_precision)
+        self.weight_dtype = runtime.dtype
         self.device = accelerator.device
         self.accel = StepAccel.for_run(t, accelerator)
         self.trainable, self.ref_unet = setup_policy(cfg, backbone, self.weight_dtype, self.reference, self.device)

@@ -20,8 +20,9 @@ def validate(run, step: int) -> Path:
         unwrapped = accelerator.unwrap_model(run.unet)
         prompts = list(cfg.train.validation_prompts)
         seeds = list(range(len(prompts)))
-        kwargs = dict(steps=cfg.generate.steps, guidance_scale=cfg.generate.guidance_scale,
-                      resolution=cfg.data.resolution)
+        kwargs = dict(steps=cfg.sample.steps, guidance_scale=cfg.sample.guidance_scale,
+                      resolution=cfg.sample.resolution or cfg.data.resolution, scheduler=cfg.sample.scheduler,
+                      safety_checker=bool(cfg.sample.safety_checker))
         unwrapped.eval()
         panels = {}
         with torch.no_grad(), accelerator.autocast():
