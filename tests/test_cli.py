@@ -55,7 +55,7 @@ def test_print_config_shows_the_runtime_and_sample_sections():
     from omegaconf import OmegaConf
 
     printed = OmegaConf.create(result.stdout)
-    assert printed.runtime.dtype == "bf16" and printed.sample.steps == 7 and printed.sample.safety_checker is False
+    assert printed.runtime.dtype == "bf16" and printed.sample.steps == 7 and printed.sample.safety_checker is None
 
 
 def test_print_config_prints_the_resolved_values():
