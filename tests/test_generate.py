@@ -467,7 +467,7 @@ def test_scheduler_dtype_and_vae_are_applied_on_load(tmp_path, tiny_sd_dir):
     cfg = _config(tmp_path, tiny_sd_dir, scheduler="EulerDiscreteScheduler", dtype="bf16")
     cfg.model.vae = str(Path(tiny_sd_dir) / "vae")
     loaded = generate_module._load_backbone(cfg, "cpu")
-    sampler = loaded._sampling_scheduler(cfg.generate.scheduler)  # what sample(scheduler=...) swaps in
+    sampler = loaded._sampling_scheduler(cfg.sample.scheduler)  # what sample(scheduler=...) swaps in
     assert type(sampler).__name__ == "EulerDiscreteScheduler"
     assert sampler.config.beta_schedule == "scaled_linear"  # built from the pipeline's own config
     assert loaded.denoiser.dtype == torch.bfloat16
@@ -549,11 +549,16 @@ def test_sample_safety_checker_decides_whether_a_shipped_checker_is_loaded(tmp_p
     pipe.register_modules(safety_checker=StableDiffusionSafetyChecker(config),
                           feature_extractor=CLIPImageProcessor(size=32, crop_size=32))
     pipe.save_pretrained(tmp_path / "sd-with-checker")  # an SD1.x folder that ships a safety checker
-    for keep in (True, False):
-        cfg = load_config(None, [f"model.pretrained={tmp_path / 'sd-with-checker'}",
-                                 f"sample.safety_checker={str(keep).lower()}"])
-        loaded = generate_module._load_pipeline(cfg, "cpu")
-        assert isinstance(loaded.safety_checker, StableDiffusionSafetyChecker) == keep
+    for keep in (True, False, None):  # None: generate's own policy, the checker the model ships
+        cfg = load_config(None, [f"model.pretrained={tmp_path / 'sd-with-checker'}", "sample.steps=1",
+                                 *([] if keep is None else [f"sample.safety_checker={str(keep).lower()}"])])
+        loaded = generate_module._load_backbone(cfg, "cpu")
+        ran = []
+        choose = loaded._safety_checker_for
+        loaded._safety_checker_for = lambda wanted: ran.append(choose(wanted)) or ran[-1]
+        images = generate_module._sample(loaded, ["a red cat"], [0], cfg.sample)
+        assert len(images) == 1 and len(images.blocked) == 1
+        assert isinstance(ran[0], StableDiffusionSafetyChecker) == (keep is not False)
 
 
 def test_prompts_longer_than_the_text_encoder_takes_are_counted_once(tmp_path, capsys):
@@ -583,20 +588,22 @@ def _sample_as_before(cfg, prompts, seeds):
     import diffusers
     from diffusers import DiffusionPipeline
 
-    gen = cfg.generate
-    dtype = generate_module._torch_dtype(gen.dtype, "cpu")
+    from diffusion_pref.config import resolve_runtime
+
+    gen, sample = cfg.generate, cfg.sample
+    dtype = resolve_runtime(cfg.runtime, sampling=True).dtype
     pipe = DiffusionPipeline.from_pretrained(cfg.model.pretrained, torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
-    if gen.scheduler:
-        pipe.scheduler = getattr(diffusers, gen.scheduler).from_config(pipe.scheduler.config)
+    if sample.scheduler:
+        pipe.scheduler = getattr(diffusers, sample.scheduler).from_config(pipe.scheduler.config)
     if gen.lora:
         pipe.load_lora_weights(gen.lora)
     images = []
-    for start in range(0, len(prompts), gen.batch_size):
-        size = {"height": gen.resolution, "width": gen.resolution} if gen.resolution else {}
-        images += pipe(prompt=prompts[start:start + gen.batch_size], num_inference_steps=gen.steps,
-                       guidance_scale=gen.guidance_scale, output_type="pil",
-                       generator=[torch.Generator("cpu").manual_seed(s) for s in seeds[start:start + gen.batch_size]],
+    for start in range(0, len(prompts), sample.batch_size):
+        size = {"height": sample.resolution, "width": sample.resolution} if sample.resolution else {}
+        images += pipe(prompt=prompts[start:start + sample.batch_size], num_inference_steps=sample.steps,
+                       guidance_scale=sample.guidance_scale, output_type="pil",
+                       generator=[torch.Generator("cpu").manual_seed(s) for s in seeds[start:start + sample.batch_size]],
                        **size).images
     return images
 
