@@ -235,7 +235,7 @@ def _commands(side: str, model_dir: Path, data_dir: Path, out: Path, args, resol
                 "--dataloader_num_workers", "0", "--learning_rate", "1e-5", "--lr_warmup_steps", "0",
                 "--max_grad_norm", "1.0", "--cache_dir", str(out / "hf_datasets")]
         return {"side": side, "script": str(args.diffusers_script), "argv": argv}
-    side, _, extra = side.partition("+")  # "ours-cached+train.channels_last=true": a variant of an ours side
+    side, _, extra = side.partition("+")  # "ours-cached+train.cuda_graphs=true": a variant of an ours side
     overrides = [f"model.pretrained={model_dir}", f"data.source={data_dir}", f"data.resolution={resolution}",
                  f"train.batch_size={args.batch_size}", f"train.max_steps={steps}", f"model.lora_rank={args.rank}",
                  "loss.name=dpo", "train.logger=tensorboard", "train.checkpoint_every=0", "data.num_workers=0",
@@ -353,7 +353,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch / OpenMP threads in every run")
     parser.add_argument("--sides", default=",".join(SIDES),
                         help="comma list of diffusers, ours-uncached, ours-cached; an ours side may add overrides "
-                             "after +, e.g. ours-cached+train.channels_last=true")
+                             "after +, e.g. ours-cached+train.cuda_graphs=true")
     parser.add_argument("--out", default="bench_vs_diffusers.json")
     parser.add_argument("--diffusers-commit", default=None, help="the diffusers commit the script came from (recorded)")
     parser.add_argument("--from-json", type=Path, default=None, help="print the table of an earlier results file")

@@ -409,3 +409,20 @@ def test_invert_command_euler_inverts_and_reconstructs_on_sd3(tiny_sd3_dir, tmp_
         assert metrics["grid"][-1] == 999 and len(metrics["grid"]) == steps  # ends at pure noise (sigma 1)
         rmse[steps] = metrics["latent_rmse"]
     assert 0 < rmse[40] < rmse[4] / 4
+
+
+@pytest.mark.parametrize("choice", ["uniform", "mode"])
+def test_trajectory_timestep_sampling_reaches_the_flow_schedule(choice, tiny_sd3_dir, pairs_path, tmp_path):
+    trainer = Trainer(make_cfg(tiny_sd3_dir, pairs_path, tmp_path, f"trajectory.timestep_sampling={choice}",
+                               "trajectory.mode_scale=0.5"))
+    schedule = trainer.backbone.schedule
+    assert (schedule.timestep_sampling, schedule.mode_scale, schedule.shift) == (choice, 0.5, 3.0)
+    auto = Trainer(make_cfg(tiny_sd3_dir, pairs_path, tmp_path / "auto")).backbone.schedule
+    assert auto.timestep_sampling == "logit_normal"  # SD3's own
+
+
+def test_timestep_sampling_of_a_ddpm_model_is_refused(tiny_sd_dir, pairs_path, tmp_path):
+    from diffusion_pref.config import ConfigError
+
+    with pytest.raises(ConfigError, match="trajectory.timestep_sampling=logit_normal .* draws them uniformly"):
+        Trainer(make_cfg(tiny_sd_dir, pairs_path, tmp_path, "trajectory.timestep_sampling=logit_normal"))

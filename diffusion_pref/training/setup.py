@@ -197,8 +197,6 @@ def setup_policy(cfg, backbone, weight_dtype, reference: str, device):
     for module in (unet, ref_unet):
         if module is None:
             continue
-        if cfg.train.channels_last:
-            module.to(memory_format=torch.channels_last)
         if cfg.train.compile:
             # In place (nn.Module.compile): the module object stays the one accelerate, peft and the savers know, so
             # every call through it is compiled; switching the adapter off for the reference adds one more graph.
@@ -401,6 +399,24 @@ def make_accelerator(t, runtime_cfg, out: Path):
                        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
 
 
+def training_schedule(schedule, traj_cfg):
+    """``schedule`` with the timestep sampling ``trajectory.timestep_sampling`` (and its parameters) asks for."""
+    from diffusion_pref.config import ConfigError
+    from diffusion_pref.schedules import FlowMatchSchedule
+
+    params = (traj_cfg.logit_mean, traj_cfg.logit_std, traj_cfg.mode_scale)
+    if not isinstance(schedule, FlowMatchSchedule):
+        if traj_cfg.timestep_sampling not in ("auto", "uniform") or params != (0.0, 1.0, 1.29):
+            raise ConfigError(f"trajectory.timestep_sampling={traj_cfg.timestep_sampling} and its logit_mean, "
+                              "logit_std, mode_scale choose how a flow-matching model (SD3) draws its timesteps; "
+                              "this model's DDPM-type schedule draws them uniformly: unset them")
+        return schedule
+    kind = schedule.timestep_sampling if traj_cfg.timestep_sampling == "auto" else traj_cfg.timestep_sampling
+    return FlowMatchSchedule(schedule.num_train_timesteps, schedule.shift, timestep_sampling=kind,
+                             logit_mean=traj_cfg.logit_mean, logit_std=traj_cfg.logit_std,
+                             mode_scale=traj_cfg.mode_scale)
+
+
 def check_run(cfg, reference: str) -> None:
     """Checks of a training run beyond :func:`diffusion_pref.config.validate` (what is installed)."""
     from diffusion_pref.config import ConfigError
@@ -468,6 +484,7 @@ class Trainer:
         if self.takes_soft:
             self.soft_labels, self.soft_label_summary = load_soft_labels(cfg, self.source, accelerator)
         self.backbone = backbone = load_backbone(cfg.model)
+        backbone.schedule = training_schedule(backbone.schedule, cfg.trajectory)
         check_resolution(cfg.model, cfg.data.resolution, vae=backbone.frozen["vae"])  # the exact factor, once loaded
         self.weight_dtype = runtime.dtype
         self.device = accelerator.device
