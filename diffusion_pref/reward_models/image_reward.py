@@ -44,16 +44,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .base import (
-    batch_slices,
-    build_rating_mlp,
-    check_prompts,
-    default_device,
-    images_to_pil,
-    load_state_dict_file,
-    openai_clip_pixels,
-    resolve_file,
-)
+from .base import batch_slices, build_rating_mlp, check_prompts, default_device, images_to_pil
+from .base import load_state_dict_file, openai_clip_pixels, resolve_file
 
 if TYPE_CHECKING:
     import torch
