@@ -45,7 +45,7 @@ PARTS=${PARTS:-tests vs compile}  # any subset of: tests vs smpo compile
 part() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 part tests && timeout "${TESTS_TIMEOUT:-80}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py \
-    tests/test_metrics_log.py tests/test_transfer.py \
+    tests/test_metrics_log.py tests/test_step_seam.py \
     tests/test_losses.py::test_smpo_takes_host_soft_labels_with_cuda_inputs 2>&1 \
     | tail -25 | tee "$OUT/tests.log"
 

@@ -1,17 +1,16 @@
 """The trainer's GPU speed machinery, behind one object the loop calls in two places.
 
 - :meth:`StepAccel.to_device`: a batch's floating-point tensors (latents, text encodings, pixels, cached
-  inversions, soft labels) go to the device through pinned memory without making the host wait for the GPU
-  (:func:`diffusion_pref.training.transfer.to_device`); integer and boolean tensors (row ids, sizes, flags)
-  stay on the host, where the loop and the backbone's conditioning read them.
+  inversions, soft labels) go to the device; integer and boolean tensors (row ids, sizes, flags) stay on the
+  host, where the loop and the backbone's conditioning read them.
 - :meth:`StepAccel.predict`: a no-grad denoiser call (the reference pass, SmPO's inversion with the policy),
   replayed from a CUDA graph under ``train.cuda_graphs`` (:mod:`diffusion_pref.training.cuda_graphs`; measured
   1.9-2.7x on a SmPO step on an H200) and run eagerly otherwise.
 
-On a CPU both are plain calls: the same numbers as without this object. The one-step-late metric readout of
-earlier versions is gone: it was never measured to help, and it needed a flush wherever a value was needed at
-once (BCO's running shift, validation, checkpoints, the end); metrics are now read at the end of each optimizer
-step.
+On a CPU both are plain calls: the same numbers as without this object. Two pieces of earlier versions are gone,
+never measured to help on a GPU: the one-step-late metric readout (it needed a flush wherever a value was needed
+at once: BCO's running shift, validation, checkpoints, the end; metrics are now read at the end of each optimizer
+step) and the copies of host-made tensors through pinned memory (the DataLoader's own ``pin_memory`` stays).
 
 Example::
 
@@ -24,7 +23,6 @@ from __future__ import annotations
 
 import logging
 
-from diffusion_pref.training.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +64,11 @@ class StepAccel:
         return cls(device, CudaGraphCalls())
 
     def to_device(self, batch: dict) -> dict:
-        """``batch`` with its floating-point tensors on the device (no host wait); everything else as it was."""
+        """``batch`` with its floating-point tensors on the device; everything else as it was. The DataLoader pins
+        its batches on CUDA (``pin_memory``), so these copies need not make the host wait."""
         import torch
 
-        return {key: to_device(value, self.device)
+        return {key: value.to(self.device, non_blocking=True)
                 if isinstance(value, torch.Tensor) and value.is_floating_point() else value
                 for key, value in batch.items()}
 
