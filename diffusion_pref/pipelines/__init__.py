@@ -150,6 +150,7 @@ FAMILIES: Dict[str, Family] = {
     "sdxl": Family("diffusion_pref.pipelines.sdxl:SDXLBackbone", ("StableDiffusionXL",)),
     "sd3": Family("diffusion_pref.pipelines.sd3:SD3Backbone", ("StableDiffusion3",)),
     "sd": Family("diffusion_pref.pipelines.stable_diffusion:StableDiffusionBackbone", ("StableDiffusion",)),
+    "tango": Family("diffusion_pref.pipelines.tango:TangoBackbone", ("Tango", "AudioLDM")),
 }
 
 
