@@ -24,7 +24,7 @@ Sampling (``sample``): Tango's ``AudioDiffusion.inference``: classifier-free gui
 unconditional input when ``guidance_scale > 1`` (Tango's defaults: guidance 3, 100 steps), the model's stochastic
 DDPM scheduler (``sample.scheduler`` may name another diffusers scheduler), each sample's initial and step noise from
 its own seed's CPU generator. Returns 1-D float32 waveforms at ``sample_rate`` (16 kHz): numpy arrays, or torch
-tensors for ``output_type="pt"``.
+tensors for ``output_type="pt"`` (``"latent"``: the final latents, undecoded).
 
 Example::
 
@@ -148,6 +148,10 @@ class TangoBackbone(Backbone):
                              "UNet downsampling need; pick such a duration")
         return frames
 
+    def audio_front_end(self, seconds: Optional[float] = None):
+        """``(MelSettings, frames)`` of clips of ``seconds`` (None: the model's default length)."""
+        return self.settings, self.frames_for(seconds)
+
     def samples_for(self, duration: Optional[float] = None) -> int:
         """Waveform samples of a clip of ``duration`` seconds (frames * hop)."""
         return self.frames_for(duration) * self.settings.hop_length
@@ -270,6 +274,8 @@ class TangoBackbone(Backbone):
                     uncond, cond = out.chunk(2)
                     out = uncond + guidance_scale * (cond - uncond)
                 latents = sampler.step(out, t, latents, **step_noise).prev_sample
+            if output_type == "latent":
+                return Samples(list(latents))
             waves = self.decode(latents).float().cpu()
         if output_type == "pt":
             return Samples(list(waves))
@@ -277,7 +283,8 @@ class TangoBackbone(Backbone):
 
     def load_lora(self, folder) -> None:
         """Sample with the LoRA :meth:`save_lora` wrote (its lora_alpha is read from the file's metadata)."""
-        self.denoiser.load_lora_adapter(str(folder), prefix="unet", adapter_name="sampling")
+        self.denoiser.load_lora_adapter(str(folder), prefix="unet", adapter_name="sampling",
+                                        weight_name="pytorch_lora_weights.safetensors")
         self._lora_loaded = True
 
     def unload_lora(self) -> None:
