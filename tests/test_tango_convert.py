@@ -129,10 +129,10 @@ def test_convert_errors_name_the_missing_piece(tiny_tango_dir, tmp_path):
     shutil.rmtree(src / "configs")
     with pytest.raises(ConvertError, match="--unet-config"):
         convert_tango(src, tmp_path / "out")
+    from diffusion_pref.pipelines.stable_diffusion import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="convert it first"):  # the hub layout given to train / generate
+        backbone_of(src)
     (src / "pytorch_model_main.bin").unlink()
     with pytest.raises(ConvertError, match="pytorch_model_main.bin: missing"):
         convert_tango(src, tmp_path / "out", unet_config=str(tiny_tango_dir / "unet" / "config.json"))
-    from diffusion_pref.pipelines.stable_diffusion import ModelLoadError
-
-    with pytest.raises(ModelLoadError, match="convert it first"):
-        backbone_of(src)
