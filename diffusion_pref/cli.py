@@ -86,9 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name, command in COMMANDS.items():
-        if command.own_args:  # parsed by the command itself
-            p = sub.add_parser(name, help=command.help, add_help=False)
-            p.add_argument("args", nargs=argparse.REMAINDER)
+        if command.own_args:  # listed here; main() hands its arguments to the command's own parser
+            sub.add_parser(name, help=command.help, add_help=False)
             continue
         p = sub.add_parser(name, help=command.help, description=command.help)
         p.add_argument("--config", help="a YAML recipe, e.g. configs/toy_train_dpo.yaml (default: built-in defaults)")
@@ -308,21 +307,27 @@ def _interrupted(command: str, cfg, argv: Sequence[str]) -> str:
     return "interrupted"
 
 
+def _run_own_args(name: str, argv: Sequence[str]) -> int:
+    """A command that parses its own arguments (``convert``): ``module.main(argv)``, errors as one line."""
+    try:
+        return importlib.import_module(COMMANDS[name].module).main(list(argv))
+    except (ValueError, OSError) as err:
+        if os.environ.get("DIFFUSION_PREF_TRACEBACK"):
+            raise
+        print(f"diffusion-pref {name}: error: {err}", file=sys.stderr)
+        return 1
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given and given[0] in COMMANDS and COMMANDS[given[0]].own_args:
+        return _run_own_args(given[0], given[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     command = COMMANDS[args.command]
-    if command.own_args:
-        try:
-            return importlib.import_module(command.module).main(args.args)
-        except (ValueError, OSError) as err:
-            if os.environ.get("DIFFUSION_PREF_TRACEBACK"):
-                raise
-            print(f"diffusion-pref {args.command}: error: {err}", file=sys.stderr)
-            return 1
 
     from diffusion_pref.config import ConfigError, check_loss, load_config, to_yaml
 
