@@ -294,3 +294,16 @@ def test_full_finetune_and_cache_output_loads_back(alpaca_path, tiny_tango_dir, 
     base = backbone_of(tiny_tango_dir).denoiser.state_dict()
     assert any(not torch.equal(base[n], v) for n, v in loaded.denoiser.state_dict().items())
     assert np.isfinite(loaded.sample(["rain"], [0], steps=2, guidance_scale=3.0, duration=SECONDS)[0]).all()
+
+
+@pytest.mark.parametrize("kind", ["ddim", "renoise"])
+def test_smpo_trajectories_train_tango(kind, alpaca_path, tiny_tango_dir, tmp_path):
+    """SmPO with its inverted trajectories (v-prediction DDPM schedule) through the one loop."""
+    from diffusion_pref.training.setup import Trainer
+
+    trainer = Trainer(make_cfg(tiny_tango_dir, alpaca_path, tmp_path, "loss.name=smpo", "data.soft_labels=label",
+                               f"trajectory.kind={kind}", "trajectory.steps=4", "train.max_steps=1"))
+    summary = trainer.train()
+    assert summary["steps"] == 1
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(m["loss"]) for m in metrics)
