@@ -136,3 +136,21 @@ def test_convert_errors_name_the_missing_piece(tiny_tango_dir, tmp_path):
     (src / "pytorch_model_main.bin").unlink()
     with pytest.raises(ConvertError, match="pytorch_model_main.bin: missing"):
         convert_tango(src, tmp_path / "out", unet_config=str(tiny_tango_dir / "unet" / "config.json"))
+
+
+def test_vocoder_weight_norm_is_folded(tiny_tango_dir):
+    """A vocoder saved with weight norm (weight_g, weight_v) converts to the same weights as one saved without."""
+    from transformers import SpeechT5HifiGan
+
+    from diffusion_pref.commands.convert import convert_vocoder
+
+    vocoder = SpeechT5HifiGan.from_pretrained(tiny_tango_dir / "vocoder")
+    plain = {f"vocoder.{k.replace('upsampler.', 'ups.')}": v for k, v in vocoder.state_dict().items()
+             if k not in ("mean", "scale")}
+    normed = dict(plain)
+    w = normed.pop("vocoder.conv_pre.weight")
+    g = w.norm(dim=(1, 2), keepdim=True)  # torch's weight_norm(dim=0): w = g * v / ||v||, here v = 2w
+    normed["vocoder.conv_pre.weight_g"], normed["vocoder.conv_pre.weight_v"] = g, 2 * w
+    a = convert_vocoder(plain, 160, 16000, tiny_tango_dir).state_dict()
+    b = convert_vocoder(normed, 160, 16000, tiny_tango_dir).state_dict()
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -9,8 +9,8 @@ The hub layout (``declare-lab/tango``, ``tango-full``, ``tango-full-ft-audiocaps
 - ``pytorch_model_main.bin``: ``unet.*`` (diffusers ``UNet2DConditionModel`` names) and ``text_encoder.*``
   (transformers ``T5EncoderModel`` names).
 - ``vae_config.json`` (AudioLDM's ``AutoencoderKL`` arguments: ``ddconfig``, ``embed_dim``, ``scale_factor``) and
-  ``pytorch_model_vae.bin``: the VAE in the original latent-diffusion names plus ``vocoder.*`` (HiFi-GAN, weight norm
-  removed). The VAE goes through diffusers' ``convert_ldm_vae_checkpoint``; the vocoder keys are renamed as diffusers'
+  ``pytorch_model_vae.bin``: the VAE in the original latent-diffusion names plus ``vocoder.*`` (HiFi-GAN; AudioLDM
+  removes its weight norm after building it; ``weight_g``/``weight_v`` pairs, if present, are folded). The VAE goes through diffusers' ``convert_ldm_vae_checkpoint``; the vocoder keys are renamed as diffusers'
   AudioLDM conversion script does (``ups.i`` -> ``upsampler.i``; ``mean``/``scale`` unused: normalize_before=False).
   The vocoder's configuration is AudioLDM's fixed 16 kHz / 64-mel HiFi-GAN; its widths and kernel sizes are read from
   the weights (so smaller test checkpoints convert too), the upsampling rates must multiply to the STFT hop.
@@ -115,10 +115,12 @@ def convert_vocoder(state: Dict[str, object], hop_length: int, sampling_rate: in
     from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
 
     weights = _prefixed(state, "vocoder.")
+    for key in [k for k in weights if k.endswith(".weight_v")]:  # weight norm not removed: fold it (dim 0)
+        base = key[:-len("_v")]
+        v, g = weights.pop(key), weights.pop(base + "_g")
+        weights[base] = g * v / v.norm(dim=tuple(range(1, v.dim())), keepdim=True)
     if "conv_pre.weight" not in weights:
         raise ConvertError(f"{file}: no vocoder.* weights (Tango's VAE file holds the HiFi-GAN vocoder)")
-    if any(k.endswith(("weight_g", "weight_v")) for k in weights):
-        raise ConvertError(f"{file}: the vocoder still has weight normalisation (weight_g / weight_v); remove it first")
     channels, n_mels, _ = weights["conv_pre.weight"].shape
     ups = sorted({int(k.split(".")[1]) for k in weights if k.startswith("ups.")})
     kernels = [int(weights[f"ups.{i}.weight"].shape[-1]) for i in ups]
