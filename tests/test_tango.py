@@ -307,3 +307,17 @@ def test_smpo_trajectories_train_tango(kind, alpaca_path, tiny_tango_dir, tmp_pa
     assert summary["steps"] == 1
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(m["loss"]) for m in metrics)
+
+
+def test_validation_writes_wav_clips(alpaca_path, tiny_tango_dir, tmp_path):
+    import soundfile
+
+    from diffusion_pref.training.setup import Trainer
+
+    trainer = Trainer(make_cfg(tiny_tango_dir, alpaca_path, tmp_path, "loss.name=dpo", "train.max_steps=1",
+                               "train.validate_every=1", "train.validation_prompts=[rain]", "sample.steps=2"))
+    trainer.train()
+    clips = sorted((tmp_path / "validation").rglob("*.wav"))
+    assert [c.name for c in clips] == ["00_base.wav", "00_tuned.wav"]
+    data, rate = soundfile.read(str(clips[0]))
+    assert rate == 16000 and data.shape == (64 * 160,)
