@@ -321,3 +321,17 @@ def test_validation_writes_wav_clips(alpaca_path, tiny_tango_dir, tmp_path):
     assert [c.name for c in clips] == ["00_base.wav", "00_tuned.wav"]
     data, rate = soundfile.read(str(clips[0]))
     assert rate == 16000 and data.shape == (64 * 160,)
+
+
+def test_cache_command_then_cached_training(alpaca_path, tiny_tango_dir, tmp_path):
+    from diffusion_pref.commands import cache
+    from diffusion_pref.training.setup import Trainer
+
+    overrides = ("loss.name=dpo", "data.cache=true", f"data.cache_dir={tmp_path / 'cache'}")
+    cache.run(make_cfg(tiny_tango_dir, alpaca_path, tmp_path / "out", *overrides))
+    shards = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("shard-*.safetensors")}
+    assert shards
+    trainer = Trainer(make_cfg(tiny_tango_dir, alpaca_path, tmp_path / "out", *overrides, "train.max_steps=1"))
+    assert trainer.train()["steps"] == 1
+    # the same cache key: the shards are read, not rebuilt
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("shard-*.safetensors")} == shards

@@ -49,6 +49,9 @@ def collate_audio(source, data_cfg, items: Sequence[Tuple[int, int]], seed: int)
     from diffusion_pref.audio import prepare_waveform
     from diffusion_pref.seeding import derive_rng
 
+    if source.audio is None:
+        raise DataError(f"data.source={data_cfg.source} holds audio but the model is not an audio model; set "
+                        "model.pretrained to a text-to-audio model (e.g. a Tango folder)")
     settings, frames = source.audio
     pairs, skipped = source.read(items)
     waves_w, waves_l, captions = [], [], []
