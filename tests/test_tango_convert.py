@@ -154,3 +154,19 @@ def test_vocoder_weight_norm_is_folded(tiny_tango_dir):
     a = convert_vocoder(plain, 160, 16000, tiny_tango_dir).state_dict()
     b = convert_vocoder(normed, 160, 16000, tiny_tango_dir).state_dict()
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_stft_buffers_are_compared_with_our_mel_bank(tiny_tango_dir, tmp_path, caplog):
+    """pytorch_model_stft.bin (TacotronSTFT's buffers): its mel_basis is checked against diffusion_pref.audio's."""
+    from diffusion_pref.audio import MelSettings, mel_basis
+    from diffusion_pref.commands.convert import _check_stft_buffers
+
+    settings = MelSettings.from_dict(json.loads((tiny_tango_dir / "stft_config.json").read_text()))
+    torch.save({"mel_basis": mel_basis(settings).clone()}, tmp_path / "pytorch_model_stft.bin")
+    with caplog.at_level("WARNING"):
+        _check_stft_buffers(tmp_path, settings)
+    assert "differs" not in caplog.text
+    torch.save({"mel_basis": mel_basis(settings) * 1.01}, tmp_path / "pytorch_model_stft.bin")
+    with caplog.at_level("WARNING"):
+        _check_stft_buffers(tmp_path, settings)
+    assert "mel filter bank differs" in caplog.text

@@ -10,7 +10,8 @@ The hub layout (``declare-lab/tango``, ``tango-full``, ``tango-full-ft-audiocaps
   (transformers ``T5EncoderModel`` names).
 - ``vae_config.json`` (AudioLDM's ``AutoencoderKL`` arguments: ``ddconfig``, ``embed_dim``, ``scale_factor``) and
   ``pytorch_model_vae.bin``: the VAE in the original latent-diffusion names plus ``vocoder.*`` (HiFi-GAN; AudioLDM
-  removes its weight norm after building it; ``weight_g``/``weight_v`` pairs, if present, are folded). The VAE goes through diffusers' ``convert_ldm_vae_checkpoint``; the vocoder keys are renamed as diffusers'
+  removes its weight norm after building it; ``weight_g``/``weight_v`` pairs, if present, are folded). The VAE goes
+  through diffusers' ``convert_ldm_vae_checkpoint``; the vocoder keys are renamed as diffusers'
   AudioLDM conversion script does (``ups.i`` -> ``upsampler.i``; ``mean``/``scale`` unused: normalize_before=False).
   The vocoder's configuration is AudioLDM's fixed 16 kHz / 64-mel HiFi-GAN; its widths and kernel sizes are read from
   the weights (so smaller test checkpoints convert too), the upsampling rates must multiply to the STFT hop.
@@ -22,7 +23,9 @@ Every ``.bin`` is read with ``torch.load(..., weights_only=True)``: tensors only
 Run it::
 
     huggingface-cli download declare-lab/tango2 --local-dir tango2-hub
-    diffusion-pref convert tango --src tango2-hub --dst models/tango2 --unet-config tango/configs/diffusion_model_config.json
+    git clone https://github.com/declare-lab/tango
+    diffusion-pref convert tango --src tango2-hub --dst models/tango2 \
+        --unet-config tango/configs/diffusion_model_config.json
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -172,10 +174,11 @@ def _check_stft_buffers(src: Path, settings) -> None:
     if theirs is None:
         return
     ours = mel_basis(settings)
-    if tuple(theirs.shape) != tuple(ours.shape) or float((theirs.float() - ours).abs().max()) > 1e-5 * float(ours.abs().max()):
+    same_shape = tuple(theirs.shape) == tuple(ours.shape)
+    gap = float((theirs.float() - ours).abs().max()) if same_shape else float("inf")
+    if gap > 1e-5 * float(ours.abs().max()):  # float32 storage of the same filter bank: ~1e-7 relative
         logger.warning("%s: its mel filter bank differs from diffusion_pref.audio's (max difference %s); audio "
-                       "encoded for training will not match Tango's exactly", path,
-                       float((theirs.float() - ours).abs().max()) if theirs.shape == ours.shape else "shape")
+                       "encoded for training will not match Tango's exactly", path, gap if same_shape else "shape")
 
 
 def convert_tango(src, dst, unet_config: Optional[str] = None, text_encoder: Optional[str] = None) -> Path:

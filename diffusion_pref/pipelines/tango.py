@@ -9,8 +9,8 @@ convert tango`` write it; there is no ``model_index.json``, ``stft_config.json``
 - ``vae/`` the AudioLDM ``AutoencoderKL`` on 1-channel log-mels ``[B, 1, T, 64]`` -> latents ``[B, 8, T/4, 16]``.
 - ``vocoder/`` HiFi-GAN ``SpeechT5HifiGan`` (mels ``[B, T, 64]`` -> ``T * 160`` samples at 16 kHz).
 - ``scheduler/`` the SD2.1 DDPM schedule Tango trains and samples with: scaled-linear betas, ``v_prediction``.
-- ``stft_config.json``: the mel front end (Tango's ``TacotronSTFT`` arguments, :class:`~diffusion_pref.audio.MelSettings`);
-  an optional ``audio_seconds`` key is the default clip length (else Tango's 10.24 s = 1024 frames).
+- ``stft_config.json``: the mel front end (Tango's ``TacotronSTFT`` arguments,
+  :class:`~diffusion_pref.audio.MelSettings`); an optional ``audio_seconds`` key is the default clip length (else Tango's 10.24 s = 1024 frames).
 
 ``encode(media)``: waveforms ``[B, samples]`` already prepared by :func:`diffusion_pref.audio.prepare_waveform`
 (16 kHz, mean removed, peak 0.5, ``frames * 160`` samples) -> log-mel -> VAE posterior mode * ``scaling_factor``
@@ -75,10 +75,10 @@ def tango_folder(model_cfg) -> Path:
         raise _model_error(f"model.pretrained={name}: this is the declare-lab checkpoint layout; convert it first: "
                            f"diffusion-pref convert tango --src {folder} --dst <folder>")
     missing = [sub for sub in SUBFOLDERS if not (folder / sub).is_dir()]
-    if missing or not (folder / "stft_config.json").is_file():
-        raise _model_error(f"model.pretrained={name}: not a Tango folder (missing "
-                           f"{', '.join(missing + ([] if (folder / 'stft_config.json').is_file() else ['stft_config.json']))}); "
-                           "write one with `diffusion-pref convert tango`")
+    missing += [] if (folder / "stft_config.json").is_file() else ["stft_config.json"]
+    if missing:
+        raise _model_error(f"model.pretrained={name}: not a Tango folder (missing {', '.join(missing)}); write one "
+                           "with `diffusion-pref convert tango`")
     return folder
 
 
