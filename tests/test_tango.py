@@ -334,3 +334,15 @@ def test_cache_command_then_cached_training(alpaca_path, tiny_tango_dir, tmp_pat
     assert trainer.train()["steps"] == 1
     # the same cache key: the shards are read, not rebuilt
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("shard-*.safetensors")} == shards
+
+
+def test_a_registered_name_is_detected_as_tango(tiny_tango_dir):
+    from diffusion_pref.pipelines import NAMED_MODELS, detect_family, register_named_model
+
+    register_named_model("tiny-tango-test", tiny_tango_dir, "build it with save_tiny_tango")
+    try:
+        cfg = load_config(None, ["model.pretrained=tiny-tango-test"])
+        assert detect_family(cfg.model) == "tango"
+        assert backbone_of("tiny-tango-test").family == "tango"
+    finally:
+        NAMED_MODELS.pop("tiny-tango-test")

@@ -187,10 +187,18 @@ class TangoBackbone(Backbone):
         """Scaled latents -> waveforms ``[B, T * hop]`` (VAE decoder, then the vocoder)."""
         import torch
 
-        mel = self.decode_mel(latents)
+        return self.vocode(self.decode_mel(latents).squeeze(1))
+
+    def vocode(self, mel):
+        """Log-mel ``[B, T, n_mels]`` -> waveforms ``[B, T * hop]`` with the vocoder (a subclass may use another,
+        e.g. Griffin-Lim for a model trained without one)."""
+        import torch
+
         vocoder = self.vocoder
+        first = next(vocoder.parameters(), None)
+        cast = {} if first is None else {"device": first.device, "dtype": first.dtype}
         with torch.no_grad():
-            return vocoder(mel.squeeze(1).to(device=vocoder.device, dtype=vocoder.dtype))
+            return vocoder(mel.to(**cast))
 
     def encode_prompts(self, prompts: Sequence[str]) -> Dict[str, object]:
         """-> ``{"encoder_hidden_states": [B, L, D], "encoder_attention_mask": [B, L]}`` (mask 1.0 for tokens, 0.0 for
