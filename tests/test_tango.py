@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -346,3 +347,19 @@ def test_a_registered_name_is_detected_as_tango(tiny_tango_dir):
         assert backbone_of("tiny-tango-test").family == "tango"
     finally:
         NAMED_MODELS.pop("tiny-tango-test")
+
+
+def test_tango2_recipe_trains_the_tiny_model_through_the_cli(alpaca_path, tiny_tango_dir, tmp_path):
+    """configs/tango2_dpo.yaml as shipped (full fine-tuning, frozen copy as reference, beta 1000), on the tiny model
+    and the test pairs for one step."""
+    from diffusion_pref import cli
+
+    recipe = Path(__file__).parent.parent / "configs" / "tango2_dpo.yaml"
+    code = cli.main(["train", "--config", str(recipe), f"model.pretrained={tiny_tango_dir}",
+                     f"data.source={alpaca_path}", f"data.audio_seconds={SECONDS}", "data.num_workers=0",
+                     "train.batch_size=2", "train.grad_accum=1", "train.max_steps=1", "train.logger=none",
+                     f"output.dir={tmp_path}"])
+    assert code == 0
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["output"] == "pipeline" and summary["beta"] == 1000 and summary["reference"] == "copy"
+    assert backbone_of(tmp_path).family == "tango"
