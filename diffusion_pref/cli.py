@@ -38,6 +38,7 @@ class Command:
     # Short flags for the settings a command is mostly run with: (flag, config key, help, choices or None).
     # A flag is only a spelling of its key=value override; a flag with no value key (store_true) sets it to true.
     flags: tuple = ()
+    own_args: bool = False  # reads its own arguments (module.main(argv)): no config, e.g. convert
 
 
 _INVERT_FLAGS = (
@@ -62,6 +63,8 @@ COMMANDS = {
         "diffusion_pref.commands.quickstart", "the whole loop (generate, train, evaluate) on a built-in model", 7,
         trains=True, defaults="quickstart.yaml",
     ),
+    "convert": Command("diffusion_pref.commands.convert", "convert a checkpoint into this toolkit's layout "
+                       "(convert tango --src DIR --dst DIR: declare-lab Tango / Tango 2)", 15, own_args=True),
     "iterate": Command("diffusion_pref.commands.iterate", "online rounds: generate from the tuned model, train on, evaluate",
                        17, trains=True),
 }
@@ -83,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name, command in COMMANDS.items():
+        if command.own_args:  # listed here; main() hands its arguments to the command's own parser
+            sub.add_parser(name, help=command.help, add_help=False)
+            continue
         p = sub.add_parser(name, help=command.help, description=command.help)
         p.add_argument("--config", help="a YAML recipe, e.g. configs/toy_train_dpo.yaml (default: built-in defaults)")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -301,7 +307,21 @@ def _interrupted(command: str, cfg, argv: Sequence[str]) -> str:
     return "interrupted"
 
 
+def _run_own_args(name: str, argv: Sequence[str]) -> int:
+    """A command that parses its own arguments (``convert``): ``module.main(argv)``, errors as one line."""
+    try:
+        return importlib.import_module(COMMANDS[name].module).main(list(argv))
+    except (ValueError, OSError) as err:
+        if os.environ.get("DIFFUSION_PREF_TRACEBACK"):
+            raise
+        print(f"diffusion-pref {name}: error: {err}", file=sys.stderr)
+        return 1
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given and given[0] in COMMANDS and COMMANDS[given[0]].own_args:
+        return _run_own_args(given[0], given[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -39,7 +39,11 @@ def run(cfg) -> None:
         if accelerator.is_main_process:
             print(f"soft labels ready: {len(labels)} pairs, p from {labels.scores}")
     backbone = load_backbone(cfg.model)
-    check_resolution(cfg.model, cfg.data.resolution, vae=backbone.frozen["vae"])
+    audio = backbone.audio_front_end(cfg.data.audio_seconds)  # (mel settings, frames) of an audio model
+    if audio is not None:
+        source.use_audio(*audio)
+    else:
+        check_resolution(cfg.model, cfg.data.resolution, vae=backbone.frozen["vae"])
     for name, module in backbone.frozen.items():
         module.to(accelerator.device, backbone.frozen_dtype.get(name, runtime.dtype))
     invert = None
