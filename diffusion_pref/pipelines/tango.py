@@ -185,7 +185,6 @@ class TangoBackbone(Backbone):
 
     def decode(self, latents):
         """Scaled latents -> waveforms ``[B, T * hop]`` (VAE decoder, then the vocoder)."""
-        import torch
 
         return self.vocode(self.decode_mel(latents).squeeze(1))
 
