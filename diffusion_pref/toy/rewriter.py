@@ -178,7 +178,7 @@ def build_model(tokenizer, seed: int = 0, width: int = 64, layers: int = 2):
     return model
 
 
-def pretrain(out: str | Path, *, steps: int = 1200, batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
+def pretrain(out: str | Path, *, steps: int = 600, batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
              drift_rate: float = 0.3, threads: int = 1, log=print) -> dict:
     """Train the rewriter on (caption -> grammar rewrite) text, completion tokens only; save it to ``out``.
 
@@ -249,7 +249,7 @@ def sample_stats(folder: str | Path, k: int = 8, seed: int = 0) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Pretrain the shapes-world prompt rewriter LM.")
     parser.add_argument("--out", default=str(WEIGHTS), help="output folder (default: the shipped weights' folder)")
-    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--drift-rate", type=float, default=0.3, help="share of pretraining rewrites that drift")
