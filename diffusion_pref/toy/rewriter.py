@@ -187,11 +187,21 @@ def pretrain(out: str | Path, *, steps: int = 600, batch_size: int = 32, lr: flo
     """
     import torch
 
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _pretrain(Path(out), steps, batch_size, lr, seed, drift_rate, log)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _pretrain(out: Path, steps: int, batch_size: int, lr: float, seed: int, drift_rate: float, log) -> dict:
+    import torch
+
     from diffusion_pref.prompt_opt.logprobs import encode_completions, token_logprobs
     from diffusion_pref.toy.pretrain import lr_factor
     from diffusion_pref.toy.render import CAPTION_TEMPLATE
 
-    torch.set_num_threads(threads)
     start = time.time()
     rng = random.Random(seed)
     tokenizer = rewriter_tokenizer()
@@ -216,7 +226,6 @@ def pretrain(out: str | Path, *, steps: int = 600, batch_size: int = 32, lr: flo
         if step % 200 == 0 or step == steps - 1:
             log(json.dumps({"step": step, "loss": round(running, 4), "t": round(time.time() - start, 1)}))
     model.eval()
-    out = Path(out)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     summary = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "pretrain_drift_rate": drift_rate,
