@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pyarrow.parquet as pq
 import pytest
@@ -23,6 +24,8 @@ def policy():
 
 def rows_of(folder):
     rows = [r for path in sorted(folder.glob("pairs-*.parquet")) for r in pq.read_table(path).to_pylist()]
+    # NaN (no embedder: no similarity) != NaN; compare it as None
+    rows = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]
     return sorted(rows, key=lambda r: r["prompt_index"])
 
 

@@ -107,13 +107,17 @@ def _pair_row(index: int, prompt: str, policy: Any, reward: Any, backbone: Any, 
               settings: RewriteSettings) -> tuple[Optional[dict], Counter]:
     rewrites = policy.sample(prompt, settings.k, seed=sample_seed(settings.seed, index, -1),
                              max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                             top_p=settings.top_p, top_k=settings.top_k)
+                             top_p=settings.top_p, top_k=settings.top_k, with_finished=True)
+    rewrites, finished = rewrites
     stats = Counter(rewrites=len(rewrites))
     texts = [prompt] * settings.include_original + rewrites
-    # an empty rewrite (the model stopped at once) cannot be trained on; it does not compete
-    scores = [float("nan") if not t.strip() else s
-              for t, s in zip(texts, _score_candidates(index, prompt, texts, reward, backbone, settings))]
-    stats["empty_rewrites"] = sum(not t.strip() for t in texts)
+    # An empty rewrite (the model stopped at once) or an unfinished one (cut at max_new_tokens, no eos) cannot be
+    # trained on as a complete answer: it is scored (for the record) but does not compete.
+    usable = [True] * settings.include_original + [bool(t.strip()) and f for t, f in zip(rewrites, finished)]
+    scores = [s if ok else float("nan")
+              for ok, s in zip(usable, _score_candidates(index, prompt, texts, reward, backbone, settings))]
+    stats["empty_rewrites"] = sum(not t.strip() for t in rewrites)
+    stats["unfinished_rewrites"] = sum(bool(t.strip()) and not f for t, f in zip(rewrites, finished))
     pairs, pair_stats = form_pairs(scores, "best_vs_worst")
     stats.update({k: v for k, v in pair_stats.items() if k in ("tie", "nan_scores")})
     if pairs and texts[pairs[0][0]] == texts[pairs[0][1]]:

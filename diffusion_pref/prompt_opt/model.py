@@ -229,9 +229,11 @@ class CausalLMPolicy:
 
     # -- sampling (prompt-opt generate) --------------------------------------------------------------------------
     def sample(self, prompt: str, k: int, seed: int, *, max_new_tokens: int = 48, temperature: float = 1.0,
-               top_p: float = 1.0, top_k: int = 0) -> list[str]:
+               top_p: float = 1.0, top_k: int = 0, with_finished: bool = False):
         """``k`` rewrites of one prompt, from the policy, reproducible from ``seed`` alone (one call per prompt, so
-        the result does not depend on how prompts are batched). Returns the decoded completions, stripped."""
+        the result does not depend on how prompts are batched). Returns the decoded completions, stripped; with
+        ``with_finished`` also whether each one ended with the eos token (an unfinished one was cut at
+        ``max_new_tokens`` or at the model's context, which always leaves room for the eos token)."""
         import torch
 
         model = _unwrap(self.module)
@@ -243,7 +245,7 @@ class CausalLMPolicy:
             ids = self.tokenizer(self.format_prompts([prompt])[0], return_tensors="pt")["input_ids"]
         context = self.context_length
         if context is not None:
-            max_new_tokens = min(max_new_tokens, context - ids.shape[1])
+            max_new_tokens = min(max_new_tokens, context - ids.shape[1] - 1)  # the eos added when training
             if max_new_tokens < 1:
                 raise ValueError(f"prompt {prompt!r} is {ids.shape[1]} tokens: no room left in the model's context "
                                  f"of {context} for a rewrite.")
@@ -260,7 +262,11 @@ class CausalLMPolicy:
                 )
         finally:
             model.train(was_training)
-        return [t.strip() for t in self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
+        new = out[:, ids.shape[1]:]
+        texts = [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        if not with_finished:
+            return texts
+        return texts, (new == self.tokenizer.eos_token_id).any(dim=1).tolist()
 
     # -- saving --------------------------------------------------------------------------------------------------
     def save_lora(self, directory: str | Path) -> Path:

@@ -170,7 +170,7 @@ def read_pairs(
                 rows.append(_check_row(record, optional, tokenizer, max_length, chat_template, prompt_template))
             except _BadRow as bad:
                 if on_bad_row == "error":
-                    raise ValueError(f"{file}: row {index}: {bad}.") from None
+                    raise ValueError(f"{file}: row {index}: {str(bad).rstrip('.')}.") from None
                 skipped[bad.reason] += 1
     if not rows:
         detail = f" ({sum(skipped.values())} bad rows skipped)" if skipped else ""
