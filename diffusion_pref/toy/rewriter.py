@@ -21,7 +21,11 @@ rewrite that does not parse scores 0. :func:`drift` says whether a rewrite chang
 
 Why text-side: rendering a rewrite with the shipped shapes-world diffusion model instead (toy-fidelity against the
 original caption) also works through ``prompt-opt generate``, but the toy text encoder knows none of the added
-words (they reach it as byte pieces it never saw), so added words cannot raise that reward on purpose.
+words: they reach it as byte pieces it never saw, and its tokenizer cuts the text at 16 tokens. Measured (10
+held-out captions x 8 grammar texts x 4 seeds, DDIM 20 steps, guidance 1; 0.26 s per image on the shared 2-core
+machine under load): mean toy-fidelity against the original 0.78 for the unchanged caption, 0.26 with added words,
+0.30 for drifted rewrites. Added words only lower that reward, so it cannot show "better prompts"; the text-side
+reward above is the one that can be raised by adding words, at no rendering cost.
 
 Rebuild the shipped weights (``diffusion_pref/toy/rewriter_weights``; about a minute on one core)::
 
