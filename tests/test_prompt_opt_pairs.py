@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -97,3 +98,21 @@ def test_collate_puts_chosen_first_then_rejected_and_carries_weight(tok):
     assert tok.decode(same["input_ids"][0][~same["completion_mask"][0].bool() & same["attention_mask"][0].bool()]) \
         == "photo: a red cat"
     assert "weight" not in collate_pairs(tok, GOOD)
+
+
+def test_semantic_alpha_sets_the_sem_dpo_weight_from_similarity(tmp_path):
+    rows = [{**r, "similarity": sim} for r, sim in zip(GOOD, [1.0, 0.5, -0.25])]
+    path = write_parquet(tmp_path / "s.parquet", rows)
+    for alpha in (0.0, 2.0):
+        pairs = read_pairs(path, semantic_alpha=alpha)
+        # W = exp(-alpha (1 - cos)), by hand: alpha 0 -> 1; alpha 2 -> 1, e^-1, e^-2.5
+        expected = [1.0, 1.0, 1.0] if alpha == 0 else [1.0, math.exp(-1.0), math.exp(-2.5)]
+        assert [r["weight"] for r in pairs.rows] == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="needs a 'similarity' column"):
+        read_pairs(write_parquet(tmp_path / "n.parquet", GOOD), semantic_alpha=1.0)
+    with pytest.raises(ValueError, match="has a 'weight' column already"):
+        read_pairs(write_parquet(tmp_path / "w.parquet", [{**r, "weight": 1.0} for r in rows]), semantic_alpha=1.0)
+    nan_rows = [{**rows[0], "similarity": float("nan")}, rows[1]]
+    with pytest.raises(ValueError, match=r"row 0: 'similarity' is nan, not a cosine"):
+        read_pairs(write_parquet(tmp_path / "x.parquet", nan_rows), semantic_alpha=1.0)
+    assert read_pairs(tmp_path / "x.parquet", semantic_alpha=1.0, on_bad_row="skip").skipped == {"bad_similarity": 1}

@@ -27,12 +27,13 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from diffusion_pref.prompt_opt.logprobs import encode_completions
+from diffusion_pref.prompt_opt.semantic import semantic_weight
 
 __all__ = ["PairSet", "REQUIRED", "OPTIONAL", "collate_pairs", "read_pairs"]
 
 REQUIRED = ("prompt", "chosen", "rejected")
 OPTIONAL = ("score_chosen", "score_rejected", "similarity", "weight")
-SKIP_REASONS = ("missing_field", "not_text", "empty", "too_long", "bad_weight")
+SKIP_REASONS = ("missing_field", "not_text", "empty", "too_long", "bad_weight", "bad_similarity")
 
 
 class _BadRow(ValueError):
@@ -143,12 +144,17 @@ def read_pairs(
     chat_template: Optional[bool] = None,
     prompt_template: Optional[str] = None,
     on_bad_row: str = "error",
+    semantic_alpha: Optional[float] = None,
 ) -> PairSet:
     """Read and check a pair file (or a folder of parquet shards); see the module docstring.
 
     With ``tokenizer`` every row is also tokenised as training will tokenise it (``chat_template``,
     ``prompt_template``, ``max_length``: the values the policy uses, e.g. ``policy.context_length``), so rows that
     do not fit are caught here rather than mid-run. Row numbers in messages count from 0 within each file.
+
+    ``semantic_alpha``: set each row's ``weight`` to Sem-DPO's ``exp(-alpha (1 - similarity))`` from the file's
+    ``similarity`` column (as ``prompt-opt generate`` or ``semantic.add_semantic_weights`` write it); a file that
+    already has ``weight``, or a row without a finite similarity, is an error (or a skip: ``bad_similarity``).
     """
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row={on_bad_row!r}; use 'error' or 'skip'.")
@@ -162,12 +168,24 @@ def read_pairs(
             raise ValueError(f"{file}: no column {missing[0]!r} (columns: {', '.join(columns) or 'none'}); a pair "
                              f"file needs {', '.join(REQUIRED)}.")
         optional = [c for c in OPTIONAL if c in columns]
+        if semantic_alpha is not None:
+            if "weight" in optional:
+                raise ValueError(f"{file}: has a 'weight' column already; read it as it is (semantic_alpha=None) "
+                                 "or drop the column to recompute it at another alpha.")
+            if "similarity" not in optional:
+                raise ValueError(f"{file}: semantic_alpha needs a 'similarity' column (semantic.add_semantic_weights "
+                                 "or prompt-opt generate with an embedder writes it).")
         if rows and ("weight" in optional) != ("weight" in rows[0]):
             raise ValueError(f"{file}: {'has' if 'weight' in optional else 'lacks'} a 'weight' column but the "
                              "files before it do not; give every shard the same columns.")
         for index, record in enumerate(records):
             try:
-                rows.append(_check_row(record, optional, tokenizer, max_length, chat_template, prompt_template))
+                row = _check_row(record, optional, tokenizer, max_length, chat_template, prompt_template)
+                if semantic_alpha is not None:
+                    if not -1.0 <= row["similarity"] <= 1.0:  # NaN fails too
+                        raise _BadRow("bad_similarity", f"'similarity' is {row['similarity']!r}, not a cosine")
+                    row["weight"] = float(semantic_weight(row["similarity"], semantic_alpha))
+                rows.append(row)
             except _BadRow as bad:
                 if on_bad_row == "error":
                     raise ValueError(f"{file}: row {index}: {str(bad).rstrip('.')}.") from None
