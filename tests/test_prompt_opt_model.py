@@ -161,3 +161,32 @@ def test_prompt_template_and_errors(tiny_causal_lm_dir):
     assert policy.tokenizer.decode(batch["input_ids"][0]).startswith("photo: cat dog")
     with pytest.raises(ValueError, match="chosen rows then rejected"):
         policy.log_likelihoods(batch)
+
+
+class Wrapper(torch.nn.Module):
+    """Stands in for DDP: no config, the model in ``.module``, the forward passed through."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+        self.calls = 0
+
+    def forward(self, **kwargs):
+        self.calls += 1
+        return self.module(**kwargs)
+
+
+@pytest.mark.parametrize("lora", [None, {"rank": 4}])
+def test_a_wrapped_module_is_used_for_the_policy_and_looked_through_for_the_reference(tiny_causal_lm_dir, lora):
+    policy = CausalLMPolicy.load(tiny_causal_lm_dir, lora=lora)
+    if lora:
+        perturb_lora(policy)
+    batch = collate_pairs(policy.tokenizer, ROWS)
+    wrapped = Wrapper(policy.module)
+    with torch.no_grad():
+        expected = torch.cat(policy.log_likelihoods(batch))
+        got = torch.cat(policy.log_likelihoods(batch, model=wrapped))
+    ref = torch.cat(policy.log_likelihoods(batch, reference=True, model=wrapped))
+    assert wrapped.calls == 1  # the policy forward went through the wrapper, the reference did not
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(ref, torch.cat(policy.log_likelihoods(batch, reference=True)), rtol=0, atol=0)

@@ -83,3 +83,12 @@ def test_shipped_weights_rewrite_with_variety():
     assert 0.1 <= stats["drift_rate"] <= 0.5  # some rewrites drift, most do not
     assert stats["mean_added_words"] >= 1.0
     assert len(eval_prompts()) * 4 == stats["samples"]
+
+
+def test_pretraining_is_reproducible_from_its_seed(tmp_path):
+    from safetensors.torch import load_file
+
+    for name in ("a", "b"):
+        pretrain(tmp_path / name, steps=5, batch_size=8, measure=False, log=lambda _: None)
+    a, b = (load_file(tmp_path / n / "model.safetensors") for n in ("a", "b"))
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)

@@ -183,23 +183,29 @@ def build_model(tokenizer, seed: int = 0, width: int = 64, layers: int = 2):
 
 
 def pretrain(out: str | Path, *, steps: int = 600, batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
-             drift_rate: float = 0.3, threads: int = 1, log=print) -> dict:
+             drift_rate: float = 0.3, threads: int = 1, measure: bool = True, log=print) -> dict:
     """Train the rewriter on (caption -> grammar rewrite) text, completion tokens only; save it to ``out``.
 
     Captions are the shapes-world training triples (the held-out ``eval_prompts`` stay unseen). Returns a summary
-    with the wall time and the share of samples (seeded, temperature 1) that parse, on held-out captions.
+    with the wall time and (``measure``) the share of samples (seeded, temperature 1) that parse, on held-out
+    captions. The same arguments give the same weights (one torch thread; dropout seeded).
     """
     import torch
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _pretrain(Path(out), steps, batch_size, lr, seed, drift_rate, log)
+        # Dropout draws from torch's global RNG: seed it for the run (same seed, same weights), and give the
+        # caller's RNG state back afterwards.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return _pretrain(Path(out), steps, batch_size, lr, seed, drift_rate, measure, log)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _pretrain(out: Path, steps: int, batch_size: int, lr: float, seed: int, drift_rate: float, log) -> dict:
+def _pretrain(out: Path, steps: int, batch_size: int, lr: float, seed: int, drift_rate: float, measure: bool,
+              log) -> dict:
     import torch
 
     from diffusion_pref.prompt_opt.logprobs import encode_completions, token_logprobs
@@ -235,7 +241,8 @@ def _pretrain(out: Path, steps: int, batch_size: int, lr: float, seed: int, drif
     summary = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "pretrain_drift_rate": drift_rate,
                "final_loss": round(running, 4), "train_seconds": round(time.time() - start, 1),
                "params": sum(p.numel() for p in model.parameters())}
-    summary.update(sample_stats(out))
+    if measure:
+        summary.update(sample_stats(out))
     (out / "pretrain_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log(json.dumps(summary))
     return summary
