@@ -190,3 +190,22 @@ def test_a_wrapped_module_is_used_for_the_policy_and_looked_through_for_the_refe
     assert wrapped.calls == 1  # the policy forward went through the wrapper, the reference did not
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     torch.testing.assert_close(ref, torch.cat(policy.log_likelihoods(batch, reference=True)), rtol=0, atol=0)
+
+
+def test_chat_template_policy_masks_the_rendered_prompt():
+    from diffusion_pref.toy.rewriter import WEIGHTS
+
+    policy = CausalLMPolicy.load(WEIGHTS)  # its tokenizer's template: "<caption> -> <rewrite><|endoftext|>"
+    tok = policy.tokenizer
+    rows = [{"prompt": "a red circle on a blue background", "chosen": "a bright red circle on a blue background",
+             "rejected": "a red square on a blue background, simple"}]
+    with torch.no_grad():
+        w, l = policy.log_likelihoods(collate_pairs(tok, rows))
+    for side, got in (("chosen", w), ("rejected", l)):
+        prompt_ids = tok(rows[0]["prompt"] + " ->")["input_ids"]
+        completion_ids = tok(" " + rows[0][side])["input_ids"] + [tok.eos_token_id]
+        ids = torch.tensor([prompt_ids + completion_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(policy.module(input_ids=ids).logits[0].double(), dim=-1)
+        expected = sum(logp[p - 1, ids[0, p]].item() for p in range(len(prompt_ids), ids.shape[1]))
+        assert got[0].item() == pytest.approx(expected, abs=1e-4)
