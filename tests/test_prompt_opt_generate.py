@@ -19,7 +19,7 @@ PROMPTS = eval_prompts()[:5]
 
 @pytest.fixture(scope="module")
 def policy():
-    return CausalLMPolicy.load(WEIGHTS)
+    return CausalLMPolicy.load(WEIGHTS, with_reference=False)
 
 
 def rows_of(folder):

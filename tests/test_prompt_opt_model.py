@@ -161,6 +161,10 @@ def test_prompt_template_and_errors(tiny_causal_lm_dir):
     assert policy.tokenizer.decode(batch["input_ids"][0]).startswith("photo: cat dog")
     with pytest.raises(ValueError, match="chosen rows then rejected"):
         policy.log_likelihoods(batch)
+    sampler = CausalLMPolicy.load(tiny_causal_lm_dir, with_reference=False)
+    assert sampler.reference_module is None
+    with pytest.raises(ValueError, match="with_reference=False"):
+        sampler.log_likelihoods(collate_pairs(sampler.tokenizer, ROWS), reference=True)
 
 
 class Wrapper(torch.nn.Module):

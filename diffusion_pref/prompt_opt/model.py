@@ -85,6 +85,8 @@ class CausalLMPolicy:
     ``disable_dropout`` (default, as TRL's DPO does): set every dropout probability to 0, so the policy's estimate is
     deterministic and equals the reference's before training (dropout would make the margin noise at step 0);
     this includes a LoRA's own dropout.
+    ``with_reference=False``: no frozen copy for a fully trained model (sampling only, e.g. ``prompt-opt generate``:
+    half the memory); scoring with ``reference=True`` then raises.
     """
 
     module: Any
@@ -95,6 +97,7 @@ class CausalLMPolicy:
     prompt_template: Optional[str] = None
     name: str = ""
     disable_dropout: bool = True
+    with_reference: bool = True
     _lora: bool = field(default=False, init=False)
 
     def __post_init__(self):
@@ -113,7 +116,7 @@ class CausalLMPolicy:
             if self.reference_module is not None:
                 raise ValueError("CausalLMPolicy: a LoRA policy's reference is its base (adapter disabled); "
                                  "do not pass reference_module.")
-        elif self.reference_module is None:
+        elif self.reference_module is None and self.with_reference:
             self.reference_module = copy.deepcopy(self.module)
         if self.reference_module is not None:
             self.reference_module.eval()
@@ -134,6 +137,7 @@ class CausalLMPolicy:
         chat_template: Optional[bool] = None,
         prompt_template: Optional[str] = None,
         disable_dropout: bool = True,
+        with_reference: bool = True,
     ) -> "CausalLMPolicy":
         """Load ``pretrained`` (a local folder or a hub id) with ``AutoModelForCausalLM`` and ``AutoTokenizer``.
 
@@ -167,7 +171,7 @@ class CausalLMPolicy:
                 model = get_peft_model(model, settings.peft_config())
         model.train()
         return cls(model, tokenizer, average=average, chat_template=chat_template, prompt_template=prompt_template,
-                   name=location, disable_dropout=disable_dropout)
+                   name=location, disable_dropout=disable_dropout, with_reference=with_reference)
 
     # -- what the training loop calls ----------------------------------------------------------------------------
     @property
@@ -219,6 +223,8 @@ class CausalLMPolicy:
                                                          token_weight=token_weight)
                     finally:
                         peft_model.train(was_training)
+                elif self.reference_module is None:
+                    raise ValueError("log_likelihoods(reference=True): this policy was built with_reference=False.")
                 else:
                     values = completion_logprobs(self.reference_module, inputs, average=self.average,
                                                  token_weight=token_weight)

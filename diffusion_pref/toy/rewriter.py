@@ -253,7 +253,7 @@ def sample_stats(folder: str | Path, k: int = 8, seed: int = 0) -> dict:
     from diffusion_pref.prompt_opt.model import CausalLMPolicy
     from diffusion_pref.toy.render import eval_prompts
 
-    policy = CausalLMPolicy.load(folder)
+    policy = CausalLMPolicy.load(folder, with_reference=False)
     parsed = drifted = added = total = 0
     for i, prompt in enumerate(eval_prompts()):
         for rewrite in policy.sample(prompt, k, seed=seed + i, max_new_tokens=MAX_POSITIONS):
