@@ -8,7 +8,11 @@ import math
 import pyarrow.parquet as pq
 import pytest
 
-from diffusion_pref.prompt_opt.generate import RewriteSettings, generate_pairs, read_done
+from diffusion_pref.prompt_opt.generate import (
+    RewriteSettings,
+    generate_pairs,
+    read_done,
+)
 from diffusion_pref.prompt_opt.model import CausalLMPolicy
 from diffusion_pref.prompt_opt.pairs import read_pairs
 from diffusion_pref.toy.render import eval_prompts
@@ -86,7 +90,9 @@ def test_image_backbone_renders_rewrites_and_scores_against_the_original(tmp_pat
     from diffusion_pref.reward_models.toy import ToyFidelity
 
     class Recording(ToyFidelity):
-        seen: list = []
+        def __init__(self):
+            super().__init__()
+            self.seen = []
 
         def score(self, prompts, media):
             self.seen.extend(prompts)

@@ -91,7 +91,7 @@ def test_a_short_run_changes_the_policy_and_not_the_reference(tiny_causal_lm_dir
     for _ in range(5):
         w, l = policy.log_likelihoods(batch)
         ref_w, ref_l = policy.log_likelihoods(batch, reference=True)
-        loss, metrics = LOSSES["dpo"](w, l, ref_w, ref_l, beta=0.1, weight=torch.full((3,), 0.5))
+        loss, _ = LOSSES["dpo"](w, l, ref_w, ref_l, beta=0.1, weight=torch.full((3,), 0.5))
         opt.zero_grad()
         loss.mean().backward()
         opt.step()

@@ -56,8 +56,8 @@ def test_folder_of_shards(tmp_path, tok):
         ({"prompt": "a cat", "chosen": "  ", "rejected": " dog"}, r"row 1: 'chosen' is empty", "empty"),
         ({"prompt": "a cat", "chosen": 3, "rejected": " dog"}, r"row 1: 'chosen' is a int, not text", "not_text"),
         ({"prompt": "cat " * 40, "chosen": " dog " * 30, "rejected": " dog"},
-         rf"row 1: 'chosen': prompt \+ completion is \d+ tokens .* longer than the model's context of "
-         rf"{GPT2_MAX_POSITIONS}", "too_long"),
+         (rf"row 1: 'chosen': prompt \+ completion is \d+ tokens .* longer than the model's context of "
+          rf"{GPT2_MAX_POSITIONS}"), "too_long"),
     ],
 )
 def test_bad_rows_raise_naming_the_row_or_are_counted(tmp_path, tok, bad, match, reason):

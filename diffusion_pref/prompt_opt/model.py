@@ -27,12 +27,9 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from diffusion_pref.prompt_opt.logprobs import completion_logprobs, encode_completions, model_context_length
-
-if TYPE_CHECKING:
-    import torch
 
 __all__ = ["CausalLMPolicy", "LoraSettings"]
 

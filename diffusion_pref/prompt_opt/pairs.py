@@ -29,7 +29,7 @@ from typing import Any, Optional, Sequence
 from diffusion_pref.prompt_opt.logprobs import encode_completions
 from diffusion_pref.prompt_opt.semantic import semantic_weight
 
-__all__ = ["PairSet", "REQUIRED", "OPTIONAL", "collate_pairs", "read_pairs"]
+__all__ = ["OPTIONAL", "REQUIRED", "PairSet", "collate_pairs", "read_pairs"]
 
 REQUIRED = ("prompt", "chosen", "rejected")
 OPTIONAL = ("score_chosen", "score_rejected", "similarity", "weight")
