@@ -28,12 +28,13 @@ def direct(model, tokenizer, prompt: str, completion: str) -> tuple[float, int]:
 
 
 def perturb_lora(policy, seed=1):
-    # peft starts lora_B at zero (policy == reference); give it values so the two differ.
+    # peft starts lora_B at zero (policy == reference) and lora_A from torch's global RNG; set both from a seed
+    # so the two differ by the same amount in every run.
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in policy.module.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
 
 
 @pytest.fixture()

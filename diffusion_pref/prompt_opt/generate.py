@@ -74,10 +74,10 @@ class RewriteSettings:
 
 
 def render(backbone: Any, prompts: Sequence[str], seeds: Sequence[int], settings: RewriteSettings) -> list:
-    """The one call into the image backbone's sampler (one image per (prompt, seed), PIL)."""
-    # H2 renames Backbone.generate to Backbone.sample: this line is the only one to change.
-    return backbone.generate(list(prompts), list(seeds), steps=settings.steps, guidance_scale=settings.guidance_scale,
-                             resolution=settings.resolution, output_type="pil")
+    """The one call into the image backbone's sampler: one PIL image per (prompt, seed), with ``.blocked`` (the
+    safety checker, when it is on, replaced the image)."""
+    return backbone.sample(list(prompts), list(seeds), steps=settings.steps, guidance_scale=settings.guidance_scale,
+                           resolution=settings.resolution, output_type="pil")
 
 
 def _scores(values: Any, expected: int, name: str) -> list[float]:
@@ -99,6 +99,8 @@ def _score_candidates(index: int, prompt: str, texts: list[str], reward: Any, ba
     images = render(backbone, [t for t, _ in jobs], [s for _, s in jobs], settings)
     # relevance against the ORIGINAL prompt, whatever the image was drawn from
     values = _scores(reward.score([prompt] * len(jobs), images), len(jobs), name)
+    # a blocked image is black, not a bad rewrite: its candidate's mean becomes NaN and it does not compete
+    values = [float("nan") if b else v for v, b in zip(values, getattr(images, "blocked", [False] * len(jobs)))]
     n = settings.image_seeds
     return [math.fsum(values[c * n:(c + 1) * n]) / n for c in range(len(texts))]
 
