@@ -196,8 +196,9 @@ def generate_pairs(
     ``policy``: a :class:`~diffusion_pref.prompt_opt.model.CausalLMPolicy` (anything with its ``sample``).
     ``reward``: ``score(prompts, images)`` (a reward model, or a combination of them), or a text-side reward.
     ``backbone``: ``diffusion_pref.pipelines.load_backbone(cfg.model)``. ``embed``: a ``semantic`` embedder for
-    the ``similarity`` column. ``names``: what identifies the policy / backbone / reward in the resume check
-    (default: their ``name`` attributes).
+    the ``similarity`` column. ``names``: what identifies the policy / backbone / reward / embedder in the resume
+    check (default: their ``name`` attributes; the backbone's class and family: a command should pass
+    ``{"backbone": cfg.model.pretrained}``).
     """
     from tqdm.auto import tqdm
 
@@ -216,7 +217,7 @@ def generate_pairs(
         **asdict(settings),
         "policy": names.get("policy", getattr(policy, "name", "")),
         "reward": names.get("reward", getattr(reward, "name", type(reward).__name__)),
-        "backbone": names.get("backbone", "" if backbone is None else str(getattr(backbone, "model_cfg", ""))),
+        "backbone": names.get("backbone", "" if backbone is None else f"{type(backbone).__name__}/{backbone.family}"),
         "embedder": names.get("embedder", "" if embed is None else getattr(embed, "name", "embedder")),
         "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16],
     }
