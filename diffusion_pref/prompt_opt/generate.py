@@ -36,8 +36,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-# Until the shared utilities land (utils.atomic_write / utils.derive_seed), the generate command's own helpers.
-from diffusion_pref.commands.generate import _atomic_write, form_pairs, sample_seed
+from diffusion_pref.commands.generate import form_pairs, sample_seed
+from diffusion_pref.fileio import atomic_write
 
 __all__ = ["RewriteSettings", "generate_pairs", "read_done", "render"]
 
@@ -174,9 +174,9 @@ def _write(folder: Path, number: int, rows: list[dict], meta: dict) -> None:
         import pyarrow.parquet as pq
 
         table = pa.Table.from_pylist(rows, schema=_schema().with_metadata({METADATA_KEY: json.dumps(meta).encode()}))
-        _atomic_write(folder / f"pairs-{number:05d}.parquet", lambda tmp: pq.write_table(table, tmp))
+        atomic_write(folder / f"pairs-{number:05d}.parquet", lambda tmp: pq.write_table(table, tmp))
     else:
-        _atomic_write(folder / f"pairs-{number:05d}.empty.json", lambda tmp: tmp.write_text(json.dumps(meta)))
+        atomic_write(folder / f"pairs-{number:05d}.empty.json", json.dumps(meta))
 
 
 def generate_pairs(
@@ -259,5 +259,5 @@ def generate_pairs(
     covered_all = {i for meta in all_meta.values() for i in meta["prompt_indices"]}
     summary = {"prompts_total": len(prompts), "prompts_done": len(covered_all),
                "pairs_written": sum(m["rows"] for m in all_meta.values()), **dict(sorted(totals.items()))}
-    _atomic_write(folder / SUMMARY_FILE, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+    atomic_write(folder / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
