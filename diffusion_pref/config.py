@@ -581,7 +581,7 @@ def validate(cfg: Config, *, loss: bool = False) -> None:
     if po.alpha > 0 and po.embedder == "none":
         raise ConfigError(f"prompt_opt.alpha={po.alpha} weights pairs by similarity: it needs prompt_opt.embedder "
                           "(minilm or clip), not none")
-    if po.reward == "toy-rewrite" and po.policy != "toy":
+    if po.reward == "toy-rewrite" and po.policy != "toy" and po.mode != "train":
         raise ConfigError("prompt_opt.reward=toy-rewrite scores shapes-world rewrites only: use it with "
                           "prompt_opt.policy=toy, or prompt_opt.reward=images")
 

@@ -175,7 +175,7 @@ def read_pairs(
             if "similarity" not in optional:
                 raise ValueError(f"{file}: semantic_alpha needs a 'similarity' column (semantic.add_semantic_weights "
                                  "or prompt-opt generate with an embedder writes it).")
-        if rows and ("weight" in optional) != ("weight" in rows[0]):
+        if rows and ("weight" in optional or semantic_alpha is not None) != ("weight" in rows[0]):
             raise ValueError(f"{file}: {'has' if 'weight' in optional else 'lacks'} a 'weight' column but the "
                              "files before it do not; give every shard the same columns.")
         for index, record in enumerate(records):
