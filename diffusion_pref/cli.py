@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, command in COMMANDS.items():
         p = sub.add_parser(name, help=command.help, description=command.help)
         if command.modes:
-            p.add_argument("mode", choices=command.modes, help=f"what to run ({command.mode_key})")
+            p.add_argument("mode", nargs="?", metavar="{" + ",".join(command.modes) + "}",
+                           help=f"what to run ({command.mode_key}; default: the config's)")
         p.add_argument("--config", help="a YAML recipe, e.g. configs/toy_train_dpo.yaml (default: built-in defaults)")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
         p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
@@ -105,7 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _flag_overrides(command: Command, args: argparse.Namespace) -> list:
     """The command's short flags as key=value overrides (after the positional ones, so a flag wins)."""
-    overrides = [f"{command.mode_key}={args.mode}"] if command.modes else []
+    overrides = []
+    mode = getattr(args, "mode", None)
+    if command.modes and mode is not None:
+        if "=" in mode:  # no mode given: the first override took its place
+            overrides.append(mode)
+        elif mode in command.modes:
+            overrides.append(f"{command.mode_key}={mode}")
+        else:
+            from diffusion_pref.config import ConfigError
+
+            raise ConfigError(f"{mode!r} is not a mode; use one of {', '.join(command.modes)} ({command.mode_key})")
     for flag, key, _, choices in command.flags:
         value = getattr(args, key)
         if choices == "switch" and value:

@@ -156,8 +156,10 @@ def test_cli_mode_is_the_first_argument():
     parser = cli.build_parser()
     args = parser.parse_args(["prompt-opt", "evaluate", "prompt_opt.k=2"])
     assert cli._flag_overrides(cli.COMMANDS["prompt-opt"], args) == ["prompt_opt.mode=evaluate"]
-    with pytest.raises(SystemExit):
-        parser.parse_args(["prompt-opt", "tune"])
+    args = parser.parse_args(["prompt-opt", "prompt_opt.k=2", "prompt_opt.alpha=1"])  # the config's mode
+    assert cli._flag_overrides(cli.COMMANDS["prompt-opt"], args) == ["prompt_opt.k=2"]
+    with pytest.raises(ConfigError, match="not a mode"):
+        cli._flag_overrides(cli.COMMANDS["prompt-opt"], parser.parse_args(["prompt-opt", "tune"]))
 
 
 def test_interval_metrics_by_hand():
