@@ -87,7 +87,7 @@ def test_resumes_after_a_kill_with_every_prompt_done_once(tmp_path, policy):
 def test_image_backbone_renders_rewrites_and_scores_against_the_original(tmp_path, policy):
     from diffusion_pref.config import ModelConfig
     from diffusion_pref.pipelines import load_backbone
-    from diffusion_pref.reward_models.toy import ToyFidelity
+    from diffusion_pref.toy.rewards import ToyFidelity
 
     class Recording(ToyFidelity):
         def __init__(self):
