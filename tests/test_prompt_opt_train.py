@@ -59,7 +59,7 @@ def test_a_short_run_changes_the_policy_and_not_the_reference(tiny_causal_lm_dir
     assert not torch.allclose(after_policy[0], before_policy[0])
     assert torch.equal(after_ref[0], before_ref[0]) and torch.equal(after_ref[1], before_ref[1])
     # DPO raised the chosen side relative to the rejected one
-    margin = lambda w, l, rw, rl: ((w - rw) - (l - rl)).mean().item()  # noqa: E731
+    margin = lambda w, l, rw, rl: ((w - rw) - (l - rl)).mean().item()
     assert margin(*after_policy, *after_ref) > 0
     assert summary["steps"] == 3 and summary["output"] == "lora" and summary["alpha"] == 0.0
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -20,7 +20,7 @@ from diffusion_pref.fileio import atomic_write
 logger = logging.getLogger(__name__)
 
 # Sem-DPO's alpha in the quickstart when prompt_opt.alpha is 0 (the quickstart compares it against alpha = 0)
-QUICKSTART_ALPHA = 8.0
+QUICKSTART_ALPHA = 16.0
 
 
 def _prompts(po, held_out: bool) -> list:
@@ -127,11 +127,22 @@ def quickstart(cfg) -> dict:
         results[name] = evaluate(run_cfg, adapter=str(out / name), out_dir=out / "eval" / name, embed=embed)
     keys = ("reward_rewrite", "win_rate", "similarity", "drift_rate", "drift_rate_exact")
     table = {name: {k: m[k] for k in keys if k in m} for name, m in results.items()}
+    from diffusion_pref.prompt_opt.evaluate import paired_differences
+
+    def rows(name):
+        return [json.loads(line) for line in (out / "eval" / name / "rewrites.jsonl").read_text().splitlines()]
+
+    keys = [k for k in ("score_rewrite", "similarity", "drift_exact") if k in rows("dpo")[0]
+            and rows("dpo")[0][k] is not None]
+    difference = paired_differences(rows("sem_dpo"), rows("dpo"), keys, bootstrap_samples=cfg.eval.bootstrap_samples,
+                                    bootstrap_seed=cfg.eval.bootstrap_seed)
     summary = {"alpha": alpha, "steps": cfg.train.max_steps, "loss": cfg.loss.name, "beta": po.beta,
                "k": po.k, "seed": cfg.runtime.seed, "reward_original": results["base"]["reward_original"],
-               "table": table, "seconds": round(time.perf_counter() - start, 1)}
+               "table": table, "sem_dpo_minus_dpo": difference, "seconds": round(time.perf_counter() - start, 1)}
     atomic_write(out / "quickstart.json", json.dumps(summary, indent=2) + "\n")
     print(format_table(summary))
+    print("sem_dpo - dpo (same prompts and sampling seeds): " + ", ".join(
+        f"{k} {m['mean']:+.3f} [{m['ci_low']:+.3f}, {m['ci_high']:+.3f}]" for k, m in difference.items()))
     return summary
 
 

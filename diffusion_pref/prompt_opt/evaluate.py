@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 from diffusion_pref.commands.generate import sample_seed
 from diffusion_pref.fileio import atomic_write
 
-__all__ = ["evaluate_rewrites", "interval_metrics"]
+__all__ = ["evaluate_rewrites", "interval_metrics", "paired_differences"]
 
 
 def _mean_ci(values_by_prompt: list[list[float]], samples: int, seed: int) -> dict:
@@ -71,6 +72,23 @@ def interval_metrics(rows: Sequence[dict], *, bootstrap_samples: int = 1000, boo
     return metrics
 
 
+def paired_differences(rows_a: Sequence[dict], rows_b: Sequence[dict], keys: Sequence[str], *,
+                       bootstrap_samples: int = 1000, bootstrap_seed: int = 0) -> dict:
+    """Mean of ``a - b`` per key over rewrites matched by (prompt_index, sample) (the same prompts and sampling
+    seeds), with the prompt-resampling bootstrap interval: is policy a's reward / drift above policy b's?"""
+    b_of = {(r["prompt_index"], r["sample"]): r for r in rows_b}
+    if set(b_of) != {(r["prompt_index"], r["sample"]) for r in rows_a}:
+        raise ValueError("paired_differences: the two evaluations cover different prompts or samples.")
+    out = {}
+    for key in keys:
+        by_prompt: dict[int, list[float]] = {}
+        for r in rows_a:
+            other = b_of[(r["prompt_index"], r["sample"])]
+            by_prompt.setdefault(int(r["prompt_index"]), []).append(float(r[key]) - float(other[key]))
+        out[key] = _mean_ci([by_prompt[i] for i in sorted(by_prompt)], bootstrap_samples, bootstrap_seed)
+    return out
+
+
 def evaluate_rewrites(
     prompts: Sequence[str],
     out_dir: str | Path,
@@ -78,16 +96,16 @@ def evaluate_rewrites(
     reward: Any,
     *,
     backbone: Any = None,
-    embed: Optional[Callable] = None,
+    embed: Callable | None = None,
     drift_threshold: float = 0.8,
-    exact_drift: Optional[Callable[[str, str], bool]] = None,
+    exact_drift: Callable[[str, str], bool] | None = None,
     k: int = 4,
     seed: int = 0,
     max_new_tokens: int = 48,
     temperature: float = 1.0,
     steps: int = 20,
     guidance_scale: float = 1.0,
-    resolution: Optional[int] = None,
+    resolution: int | None = None,
     bootstrap_samples: int = 1000,
     bootstrap_seed: int = 0,
     examples: int = 12,

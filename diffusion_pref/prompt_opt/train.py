@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +33,7 @@ def policy_location(pretrained: str) -> str:
     return pretrained
 
 
-def load_policy(cfg, *, device: str = "cpu", train: bool = True, adapter: Optional[str] = None):
+def load_policy(cfg, *, device: str = "cpu", train: bool = True, adapter: str | None = None):
     """The :class:`~.model.CausalLMPolicy` of ``prompt_opt.policy`` with ``model.finetune`` (LoRA: a new adapter
     with ``model.lora_rank`` / ``lora_alpha``, or ``adapter`` continued); ``train=False``: sampling only."""
     from diffusion_pref.prompt_opt.model import CausalLMPolicy, LoraSettings
@@ -110,15 +109,26 @@ class LMTrainer:
     """A prompt-opt training run: ``LMTrainer(cfg).train()``. The attributes are the ones the loop reads from a
     diffusion :class:`~diffusion_pref.training.setup.Trainer`."""
 
-    def __init__(self, cfg, pairs_path: Optional[str] = None):
+    def __init__(self, cfg, pairs_path: str | None = None):
         from accelerate.utils import set_seed
 
         from diffusion_pref.config import ConfigError, resolve_runtime, validate
-        from diffusion_pref.losses import LOSS_STATE, LOSSES, REFERENCE_FREE, TAKES_SOFT_LABEL, check_loss_params
+        from diffusion_pref.losses import (
+            LOSS_STATE,
+            LOSSES,
+            REFERENCE_FREE,
+            TAKES_SOFT_LABEL,
+            check_loss_params,
+        )
         from diffusion_pref.prompt_opt.pairs import PairCollator, read_pairs
         from diffusion_pref.training.accel import StepAccel
         from diffusion_pref.training.checkpoint import Checkpointer
-        from diffusion_pref.training.setup import check_run, make_accelerator, make_lr_scheduler, make_optimizer
+        from diffusion_pref.training.setup import (
+            check_run,
+            make_accelerator,
+            make_lr_scheduler,
+            make_optimizer,
+        )
 
         self.cfg = cfg
         validate(cfg, loss=True)
