@@ -1,6 +1,6 @@
 """The prompt optimizer's building blocks: a small causal LM that rewrites prompts, trained with Sem-DPO.
 
-What exists so far (the pieces that do not depend on the shared training loop):
+``diffusion-pref prompt-opt generate | train | evaluate | quickstart`` (:mod:`diffusion_pref.commands.prompt_opt`).
 
 - :mod:`diffusion_pref.prompt_opt.logprobs`: tokenise (prompt, completion) pairs with the chat template where the
   tokenizer has one, and compute the completion's log-probability under any ``AutoModelForCausalLM`` (prompt and
@@ -16,6 +16,10 @@ What exists so far (the pieces that do not depend on the shared training loop):
 - :mod:`diffusion_pref.prompt_opt.generate`: ``prompt-opt generate``'s pieces: sample rewrites, render them and
   the original with an image backbone, score against the original prompt, write best-vs-worst pair shards
   (resumable).
+- :mod:`diffusion_pref.prompt_opt.train`: :class:`~diffusion_pref.prompt_opt.train.LMTrainer`, the LM trained
+  through the shared loop (:func:`diffusion_pref.training.loop.train`) with its ``LMObjective``.
+- :mod:`diffusion_pref.prompt_opt.evaluate`: reward of rewrites vs the original prompts, similarity, drift rate
+  and win rate with bootstrap intervals on held-out prompts.
 - :mod:`diffusion_pref.toy.rewriter`: the shapes world's tiny rewriter LM (shipped weights), its grammar, the
   text-side rewrite reward and the drift test.
 

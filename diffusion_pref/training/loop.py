@@ -1,10 +1,10 @@
 """The training loop: one function for every loss, backbone and trajectory.
 
-Per micro-step: move the pair batch to the device, encode it (or read it from the cache), noise winner and
-loser with shared noise and timestep (the trajectory; ddim / renoise invert the pair first), run the reference
-once under ``no_grad`` (the policy with its LoRA adapter off, a frozen copy, or nothing for reference-free
-losses), the policy once over ``[w; l]``, turn both into log-likelihood estimates and hand them to
-``LOSSES[loss.name]``. Per optimizer step: gather the metrics from every process, log them, update the loss's
+Per micro-step: move the pair batch to the device, get the policy's and the reference's log-likelihood estimates
+of winner and loser from the run's objective (:mod:`diffusion_pref.training.objectives`; the diffusion one:
+encode the batch, noise winner and loser with shared noise and timestep, run the reference once under
+``no_grad`` and the policy once over ``[w; l]``; the language model's: completion log-probabilities) and hand
+them to ``LOSSES[loss.name]``, with the batch's per-pair ``weight`` when it has one. Per optimizer step: gather the metrics from every process, log them, update the loss's
 state when it declares one (``losses.LOSS_STATE``: bco's running reward shift), validate and checkpoint.
 
 What runs on a GPU faster goes through ``run.accel`` (:mod:`diffusion_pref.training.accel`); everything set up
