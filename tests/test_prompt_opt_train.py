@@ -197,3 +197,18 @@ def test_toy_evaluate_and_generate_through_the_command(tmp_path):
         assert row["score_rewrite"] == pytest.approx(reward.one(row["prompt"], row["rewrite"]))
         assert row["score_original"] == pytest.approx(reward.one(row["prompt"], row["prompt"]))
         assert row["drift_exact"] == float(drift(row["prompt"], row["rewrite"]))
+
+
+def test_resume_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(tiny_causal_lm_dir, tmp_path):
+    pairs = write_pairs(tmp_path / "pairs.jsonl", PAIRS)
+    args = ("train.max_steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=0")
+    whole, _ = train(lm_config(tmp_path, tiny_causal_lm_dir, pairs, *args))
+    final = lora_state(whole)
+    from diffusion_pref.prompt_opt.train import LMTrainer
+
+    resumed = LMTrainer(lm_config(tmp_path, tiny_causal_lm_dir, pairs, *args, "train.resume=latest"))
+    assert (resumed.step, resumed.epoch, resumed.next_index) == (2, 0, 2)  # 4 pairs, batch 2: epoch 0 done
+    assert not all(torch.equal(final[k], v) for k, v in lora_state(resumed).items())  # step 2's weights
+    assert resumed.train()["steps"] == 4
+    again = lora_state(resumed)
+    assert all(torch.equal(final[k], again[k]) for k in final)
