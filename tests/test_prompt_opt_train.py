@@ -212,3 +212,16 @@ def test_resume_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(tiny_caus
     assert resumed.train()["steps"] == 4
     again = lora_state(resumed)
     assert all(torch.equal(final[k], again[k]) for k in final)
+
+
+def test_quickstart_command_writes_the_dpo_and_sem_dpo_table(tmp_path, capsys):
+    from diffusion_pref import cli
+
+    code = cli.main(["prompt-opt", "quickstart", f"output.dir={tmp_path}", "train.max_steps=2", "prompt_opt.k=2",
+                     "eval.bootstrap_samples=20"])
+    assert code == 0
+    summary = json.loads((tmp_path / "quickstart.json").read_text())
+    assert set(summary["table"]) == {"base", "dpo", "sem_dpo"} and summary["alpha"] == 16.0
+    assert set(summary["sem_dpo_minus_dpo"]) == {"score_rewrite", "similarity", "drift_exact"}
+    assert json.loads((tmp_path / "sem_dpo" / "train_summary.json").read_text())["alpha"] == 16.0
+    assert "| sem_dpo |" in capsys.readouterr().out
