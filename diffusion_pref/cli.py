@@ -39,6 +39,9 @@ class Command:
     # A flag is only a spelling of its key=value override; a flag with no value key (store_true) sets it to true.
     flags: tuple = ()
     own_args: bool = False  # reads its own arguments (module.main(argv)): no config, e.g. convert
+    # A command with modes takes the mode as its first argument, a spelling of mode_key=<mode>.
+    modes: tuple = ()
+    mode_key: str = ""
 
 
 _INVERT_FLAGS = (
@@ -58,7 +61,10 @@ COMMANDS = {
                         flags=_EVALUATE_FLAGS),
     "invert": Command("diffusion_pref.commands.invert", "DDIM / ReNoise inversion and reconstruction of an image", 6,
                       flags=_INVERT_FLAGS),
-    "prompt-opt": Command("diffusion_pref.prompt_opt.train", "train a prompt-rewriting language model with Sem-DPO", None),
+    "prompt-opt": Command("diffusion_pref.commands.prompt_opt",
+                          "a prompt-rewriting language model: generate pairs, train (DPO / Sem-DPO), evaluate", 16,
+                          trains=True, defaults="prompt_opt/defaults.yaml",
+                          modes=("generate", "train", "evaluate", "quickstart"), mode_key="prompt_opt.mode"),
     "quickstart": Command(
         "diffusion_pref.commands.quickstart", "the whole loop (generate, train, evaluate) on a built-in model", 7,
         trains=True, defaults="quickstart.yaml",
@@ -90,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_parser(name, help=command.help, add_help=False)
             continue
         p = sub.add_parser(name, help=command.help, description=command.help)
+        if command.modes:
+            p.add_argument("mode", nargs="?", metavar="{" + ",".join(command.modes) + "}",
+                           help=f"what to run ({command.mode_key}; default: the config's)")
         p.add_argument("--config", help="a YAML recipe, e.g. configs/toy_train_dpo.yaml (default: built-in defaults)")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
         p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
@@ -104,6 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _flag_overrides(command: Command, args: argparse.Namespace) -> list:
     """The command's short flags as key=value overrides (after the positional ones, so a flag wins)."""
     overrides = []
+    mode = getattr(args, "mode", None)
+    if command.modes and mode is not None:
+        if "=" in mode:  # no mode given: the first override took its place
+            overrides.append(mode)
+        elif mode in command.modes:
+            overrides.append(f"{command.mode_key}={mode}")
+        else:
+            from diffusion_pref.config import ConfigError
+
+            raise ConfigError(f"{mode!r} is not a mode; use one of {', '.join(command.modes)} ({command.mode_key})")
     for flag, key, _, choices in command.flags:
         value = getattr(args, key)
         if choices == "switch" and value:

@@ -302,6 +302,29 @@ class IterateConfig:
 
 
 @dataclass
+class PromptOptConfig:
+    """``diffusion-pref prompt-opt``: a causal LM learns to rewrite prompts (train.*, runtime.*, loss.name and
+    model.finetune / lora_rank / lora_alpha apply to it too; model.lora_targets does not: peft's default for the
+    architecture is used)."""
+
+    mode: Literal["generate", "train", "evaluate", "quickstart"] = "train"
+    policy: str = "toy"  # a causal LM folder or hub id; toy = the shipped shapes-world rewriter
+    adapter: Optional[str] = None  # a trained LoRA folder (train writes one) to generate from or evaluate
+    prompts: Optional[str] = None  # generate: a text file, one prompt a line; None with policy=toy: the toy captions
+    eval_prompts: Optional[str] = None  # evaluate: held-out prompts (same format); None with policy=toy: toy ones
+    pairs: Optional[str] = None  # train: a pair file or folder; None = <output.dir>/pairs (what generate writes)
+    reward: Literal["toy-rewrite", "images"] = "toy-rewrite"  # images: reward.models on model.* renders
+    embedder: Literal["minilm", "clip", "none"] = "minilm"  # similarity e(x)·e(y); clip = model.pretrained's encoder
+    alpha: float = 0.0  # Sem-DPO weight exp(-alpha (1 - cos)); 0 = the unweighted loss
+    beta: float = 0.1  # the LM's loss beta (loss.beta is the diffusion models' scale)
+    k: int = 4  # rewrites per prompt (generate) and per held-out prompt (evaluate)
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    average: bool = False  # length-normalised completion log-probs instead of the sum
+    drift_threshold: float = 0.8  # evaluate: a rewrite below this similarity to its prompt counts as drift
+
+
+@dataclass
 class OutputConfig:
     dir: str = "outputs/run"
 
@@ -320,6 +343,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     iterate: IterateConfig = field(default_factory=IterateConfig)
     invert: InvertConfig = field(default_factory=InvertConfig)
+    prompt_opt: PromptOptConfig = field(default_factory=PromptOptConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
@@ -416,6 +440,12 @@ RANGES: Dict[str, Range] = {
     "eval.bootstrap_samples": AT_LEAST_0,
     "eval.max_prompts": AT_LEAST_1,
     "eval.report_prompts": AT_LEAST_0,
+    "prompt_opt.alpha": AT_LEAST_0,
+    "prompt_opt.beta": POSITIVE,
+    "prompt_opt.k": AT_LEAST_1,
+    "prompt_opt.max_new_tokens": AT_LEAST_1,
+    "prompt_opt.temperature": POSITIVE,
+    "prompt_opt.drift_threshold": Range(-1, 1),
 }
 
 
@@ -565,6 +595,18 @@ def validate(cfg: Config, *, loss: bool = False) -> None:
         raise ConfigError(f"generate.rso_keep={gen.rso_keep}: pairs need at least 2 accepted samples")
     if cfg.eval.images_dir is not None and cfg.eval.variants:
         raise ConfigError("set either eval.images_dir (score existing images) or eval.variants (generate), not both")
+    po = cfg.prompt_opt
+    if po.policy != "toy" and po.mode in ("generate", "quickstart") and po.prompts is None:
+        raise ConfigError(f"prompt_opt.mode={po.mode} with prompt_opt.policy={po.policy} needs prompt_opt.prompts "
+                          "(a text file, one prompt a line); only policy=toy has built-in prompts")
+    if po.policy != "toy" and po.mode == "evaluate" and po.eval_prompts is None:
+        raise ConfigError(f"prompt_opt.mode=evaluate with prompt_opt.policy={po.policy} needs prompt_opt.eval_prompts")
+    if po.alpha > 0 and po.embedder == "none":
+        raise ConfigError(f"prompt_opt.alpha={po.alpha} weights pairs by similarity: it needs prompt_opt.embedder "
+                          "(minilm or clip), not none")
+    if po.reward == "toy-rewrite" and po.policy != "toy" and po.mode != "train":
+        raise ConfigError("prompt_opt.reward=toy-rewrite scores shapes-world rewrites only: use it with "
+                          "prompt_opt.policy=toy, or prompt_opt.reward=images")
 
 
 class Runtime(NamedTuple):

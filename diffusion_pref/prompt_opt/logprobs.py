@@ -33,8 +33,12 @@ _NO_LIMIT = 10**9
 
 
 def model_context_length(model) -> int | None:
-    """The number of positions the model can attend over, from its config (None when the config does not say)."""
-    config = model.config
+    """The number of positions the model can attend over, from its config (None when the config does not say).
+
+    A wrapper without a config (DDP, FSDP: the model is its ``.module``) is looked through."""
+    while getattr(model, "config", None) is None and hasattr(model, "module"):
+        model = model.module
+    config = getattr(model, "config", None)
     for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
