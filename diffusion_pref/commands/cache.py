@@ -14,19 +14,18 @@ import logging
 
 def run(cfg) -> None:
     """``diffusion-pref cache``: build the cache for this config (same key as ``train`` with ``data.cache=true``)."""
-    from accelerate import Accelerator
-
     from diffusion_pref.config import resolve_runtime
     from diffusion_pref.data.cache import build_cache, cache_spec, grid_inverter, soft_label_scores_dir
     from diffusion_pref.data.pairs import PairSource, scores_used
     from diffusion_pref.losses import TAKES_SOFT_LABEL
     from diffusion_pref.pipelines import check_resolution, load_backbone
+    from diffusion_pref.training.setup import fresh_accelerator
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     check_resolution(cfg.model, cfg.data.resolution)
     runtime = resolve_runtime(cfg.runtime)  # as training resolves it, so train finds this cache
     spec = cache_spec(cfg)
-    accelerator = Accelerator(mixed_precision=runtime.mixed_precision, cpu=cfg.runtime.device == "cpu")
+    accelerator = fresh_accelerator(cfg.runtime)
     source = PairSource(cfg.data, seed=spec.seed, check_scores=scores_used(cfg.loss, cfg.data.soft_labels))
     if cfg.loss.name in TAKES_SOFT_LABEL and cfg.data.soft_labels != "label":
         from diffusion_pref.soft_labels import soft_labels_for_run

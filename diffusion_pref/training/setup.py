@@ -376,27 +376,32 @@ def load_soft_labels(cfg, source, accelerator):
     return labels, summary
 
 
-def make_accelerator(t, runtime_cfg, out: Path):
-    """A fresh accelerate ``Accelerator`` for this run's precision (``runtime.dtype``), device (``runtime.device=cpu``
-    forces the CPU; otherwise accelerate's device, the process's GPU in a multi-process launch), accumulation and
-    logger."""
+def fresh_accelerator(runtime_cfg, **kwargs):
+    """An accelerate ``Accelerator`` in ``runtime.dtype``'s mixed precision on ``runtime.device`` (cpu forces the CPU;
+    otherwise accelerate's device, the process's GPU in a multi-process launch), made from a clean state.
+
+    accelerate keeps its settings in process-wide singletons; a second run in the same process (quickstart, iterate,
+    benchmarks, tests) may want another precision or accumulation, so its state is reset first. The process group
+    (PartialState) is kept."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
 
     from diffusion_pref.config import resolve_runtime
 
-    from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import ProjectConfiguration
-
-    # accelerate keeps its settings in process-wide singletons; a second run in the same process (quickstart,
-    # benchmarks, tests) may want another precision or accumulation, so start from a clean state. The process
-    # group (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
+    return Accelerator(mixed_precision=resolve_runtime(runtime_cfg).mixed_precision, cpu=runtime_cfg.device == "cpu",
+                       **kwargs)
+
+
+def make_accelerator(t, runtime_cfg, out: Path):
+    """The training run's :func:`fresh_accelerator`: with its gradient accumulation, logger and project folder."""
+    from accelerate.utils import ProjectConfiguration
+
     check_sharding_runs_here()
-    return Accelerator(gradient_accumulation_steps=t.grad_accum,
-                       mixed_precision=resolve_runtime(runtime_cfg).mixed_precision, cpu=runtime_cfg.device == "cpu",
-                       log_with=None if t.logger == "none" else t.logger,
-                       project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    return fresh_accelerator(runtime_cfg, gradient_accumulation_steps=t.grad_accum,
+                             log_with=None if t.logger == "none" else t.logger,
+                             project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
 
 
 def training_schedule(schedule, traj_cfg):
