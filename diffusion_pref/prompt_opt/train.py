@@ -6,7 +6,10 @@ pieces in place of the diffusion ones: the pairs (:func:`.pairs.read_pairs`, tok
 and :class:`LMObjective`, whose ``log_likelihoods`` are the completion log-probabilities of
 :class:`.model.CausalLMPolicy` under the policy and the reference. Every loss of ``losses.LOSSES`` trains it;
 Sem-DPO is any loss with the per-pair weight ``exp(-alpha (1 - similarity))`` (``prompt_opt.alpha``) computed
-from the pair file's ``similarity`` column when it is read, handed to the loss as ``weight=``.
+from the pair file's ``similarity`` column when it is read, handed to the loss as ``weight=``. The losses that take
+soft labels (smpo, sppo) get SmPO's ``p = sigmoid(r'_chosen - r'_rejected)`` from the pair file's ``score_chosen`` /
+``score_rejected`` (:meth:`.pairs.PairSet.soft_labels`, the formula of :mod:`diffusion_pref.soft_labels`; settings
+``loss.soft_label_winner`` / ``soft_label_range``; ``data.soft_labels=label``: p = 1), written to the run folder.
 
     from diffusion_pref.config import load_config
     from diffusion_pref.prompt_opt.train import LMTrainer
@@ -68,8 +71,10 @@ class LMPairSource:
         return f"{len(self.pairs)} {weighted} pairs from {self.pairs.source}" + (f", {skipped} skipped" if skipped else "")
 
     def make_batch(self, items) -> dict:
+        import torch
+
         batch = self.collator([self.pairs[i] for i in items])
-        batch.update(size=len(items), skipped=0)
+        batch.update(size=len(items), skipped=0, rows=torch.tensor(list(items), dtype=torch.long))
         return batch
 
 
@@ -133,9 +138,9 @@ class LMTrainer:
         self.cfg = cfg
         validate(cfg, loss=True)
         t, po = cfg.train, cfg.prompt_opt
-        if cfg.loss.name in TAKES_SOFT_LABEL:
-            raise ConfigError(f"loss.name={cfg.loss.name} needs soft labels from reward scores, which prompt-opt train "
-                              "does not compute yet; use dpo, ipo, cpo, ... (a loss without soft labels)")
+        if cfg.loss.name in TAKES_SOFT_LABEL and cfg.loss.soft_label_scores == "reward_model":
+            raise ConfigError("loss.soft_label_scores=reward_model: prompt-opt train takes P(chosen preferred) from the "
+                              "pair file's score_chosen / score_rejected; use auto or dataset")
         if t.validate_every and t.validation_prompts:
             raise ConfigError("train.validate_every renders validation images: prompt-opt train has none; set it to 0")
         resolve_runtime(cfg.runtime)
@@ -150,7 +155,8 @@ class LMTrainer:
         self.loss_fn = LOSSES[cfg.loss.name]
         self.loss_params = check_loss_params(cfg.loss.name, dict(cfg.loss.params))
         self.beta = po.beta
-        self.takes_soft, self.soft_labels, self.soft_label_summary = False, None, None
+        self.takes_soft = cfg.loss.name in TAKES_SOFT_LABEL
+        self.soft_labels = self.soft_label_summary = None
         self.loss_state = LOSS_STATE[cfg.loss.name]() if cfg.loss.name in LOSS_STATE else None
         self.checkpointer = Checkpointer(accelerator, out, keep=t.keep_checkpoints, config=cfg)
         resume_from = self.checkpointer.find(t.resume)
@@ -165,6 +171,18 @@ class LMTrainer:
                            chat_template=policy.chat_template, prompt_template=policy.prompt_template,
                            on_bad_row=cfg.data.on_bad_row, semantic_alpha=po.alpha if po.alpha > 0 else None)
         self.source = LMPairSource(pairs, collator, cfg.runtime.seed)
+        if self.takes_soft:  # SmPO's p from the pair file's scores (data.soft_labels=label: p = 1)
+            from diffusion_pref.soft_labels import soft_label_summary
+
+            loss = cfg.loss
+            try:
+                self.soft_labels = pairs.soft_labels(winner=loss.soft_label_winner, score_range=loss.soft_label_range,
+                                                     hard=cfg.data.soft_labels == "label")
+            except ValueError as err:
+                raise ConfigError(f"loss.name={loss.name}: {err}") from None
+            self.soft_label_summary = soft_label_summary(None, self.soft_labels)
+            if accelerator.is_main_process:
+                self.soft_labels.save(out, extra_meta={"pairs_file": pairs.source})
         self.make_batch, self.num_workers = self.source.make_batch, 0
         self.accel = StepAccel(self.device)
         self.trainable = policy.trainable_parameters()
