@@ -322,6 +322,9 @@ class PromptOptConfig:
     temperature: float = 1.0
     average: bool = False  # length-normalised completion log-probs instead of the sum
     drift_threshold: float = 0.8  # evaluate: a rewrite below this similarity to its prompt counts as drift
+    # train: first this many steps of loss sft on (prompt, chosen), then the preference loss from that policy,
+    # whose reference is the SFT'd model (<output.dir>/sft/model); 0 = no warm start
+    sft_steps: int = 0
 
 
 @dataclass
@@ -446,6 +449,7 @@ RANGES: Dict[str, Range] = {
     "prompt_opt.max_new_tokens": AT_LEAST_1,
     "prompt_opt.temperature": POSITIVE,
     "prompt_opt.drift_threshold": Range(-1, 1),
+    "prompt_opt.sft_steps": AT_LEAST_0,
 }
 
 

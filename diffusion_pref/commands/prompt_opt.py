@@ -77,9 +77,9 @@ def generate(cfg, out_dir=None) -> dict:
 
 
 def train(cfg, pairs=None) -> dict:
-    from diffusion_pref.prompt_opt.train import LMTrainer
+    from diffusion_pref.prompt_opt.train import train_with_warm_start
 
-    return LMTrainer(cfg, pairs_path=pairs).train()
+    return train_with_warm_start(cfg, pairs_path=pairs)
 
 
 def evaluate(cfg, adapter=None, out_dir=None, embed=None) -> dict:

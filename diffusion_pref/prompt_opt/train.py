@@ -24,7 +24,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LMObjective", "LMPairSource", "LMTrainer", "load_policy"]
+__all__ = ["LMObjective", "LMPairSource", "LMTrainer", "load_policy", "sft_model_dir", "train_with_warm_start"]
 
 
 def policy_location(pretrained: str) -> str:
@@ -42,11 +42,20 @@ def load_policy(cfg, *, device: str = "cpu", train: bool = True, adapter: str | 
     from diffusion_pref.prompt_opt.model import CausalLMPolicy, LoraSettings
 
     po, model = cfg.prompt_opt, cfg.model
+    pretrained = policy_location(po.policy)
+    if adapter is not None:  # an adapter trained after an SFT warm start sits on the SFT'd model, not on po.policy
+        import json
+
+        summary = Path(adapter) / "train_summary.json"
+        warm = json.loads(summary.read_text()).get("warm_start") if summary.is_file() else None
+        if warm and warm.get("from") == po.policy:
+            logger.info("%s was trained after an SFT warm start: loading it on %s", adapter, warm["model"])
+            pretrained = warm["model"]
     lora = None
     if train and adapter is None and model.finetune == "lora":
         lora = LoraSettings(rank=model.lora_rank,
                             alpha=float(model.lora_alpha if model.lora_alpha is not None else model.lora_rank))
-    return CausalLMPolicy.load(policy_location(po.policy), lora=lora, adapter=adapter, device=device,
+    return CausalLMPolicy.load(pretrained, lora=lora, adapter=adapter, device=device,
                                average=po.average, with_reference=train)
 
 
@@ -87,6 +96,7 @@ class LMObjective:
     def __init__(self, policy, module, accelerator, reference: bool, alpha: float = 0.0):
         self.policy, self.module, self.accelerator, self.reference = policy, module, accelerator, reference
         self.alpha = alpha
+        self.extra: dict = {}  # more train_summary.json entries (warm_start)
 
     def log_likelihoods(self, batch, generator):
         ref_w = ref_l = None
@@ -97,7 +107,8 @@ class LMObjective:
         return policy_w, policy_l, ref_w, ref_l
 
     def summary(self) -> dict:
-        return {"output": "lora" if self.policy.is_lora else "full", "policy": self.policy.name, "alpha": self.alpha}
+        return {"output": "lora" if self.policy.is_lora else "full", "policy": self.policy.name, "alpha": self.alpha,
+                **self.extra}
 
     def save(self, out, save_outputs: bool = True) -> None:
         full_state = None
@@ -213,3 +224,47 @@ class LMTrainer:
         from diffusion_pref.training.loop import train
 
         return train(self, save_outputs=save_outputs)
+
+
+def sft_model_dir(out) -> Path:
+    """The SFT warm start's model (a complete ``AutoModelForCausalLM`` folder, a LoRA merged in) of a run in ``out``."""
+    return Path(out) / "sft" / "model"
+
+
+def train_with_warm_start(cfg, pairs_path: str | None = None) -> dict:
+    """``prompt-opt train``: with ``prompt_opt.sft_steps`` > 0 first that many steps of loss ``sft`` on (prompt,
+    chosen) through the same loop into ``<output.dir>/sft`` (its merged model in ``sft/model``), then the
+    preference loss (``loss.name``, ``train.max_steps``) starting from that model, which is also the reference
+    (the adapter disabled, or the frozen copy), as in DPO practice. A finished warm start is kept when the run is
+    started again (``train.resume`` resumes either stage). The run's ``train_summary.json`` names the SFT'd model
+    under ``warm_start``, and :func:`load_policy` loads the adapter on it."""
+    import copy
+    import shutil
+
+    po = cfg.prompt_opt
+    if po.sft_steps == 0:
+        return LMTrainer(cfg, pairs_path=pairs_path).train()
+    out = Path(cfg.output.dir)
+    pairs_path = pairs_path or po.pairs or str(out / "pairs")
+    model_dir = sft_model_dir(out)
+    if not (model_dir / "config.json").is_file():
+        sft_cfg = copy.deepcopy(cfg)
+        sft_cfg.loss.name, sft_cfg.loss.params = "sft", {}
+        sft_cfg.train.max_steps, sft_cfg.prompt_opt.alpha, sft_cfg.prompt_opt.sft_steps = po.sft_steps, 0.0, 0
+        sft_cfg.output.dir = str(out / "sft")
+        trainer = LMTrainer(sft_cfg, pairs_path=pairs_path)
+        trainer.train()
+        if trainer.accelerator.is_main_process:
+            partial = model_dir.with_name(model_dir.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            trainer.policy.save_full(partial)
+            partial.rename(model_dir)  # complete or absent
+        trainer.accelerator.wait_for_everyone()
+        del trainer
+    else:
+        logger.info("SFT warm start: %s is there already; training the preference loss from it", model_dir)
+    pref_cfg = copy.deepcopy(cfg)
+    pref_cfg.prompt_opt.policy, pref_cfg.prompt_opt.adapter = str(model_dir), None
+    trainer = LMTrainer(pref_cfg, pairs_path=pairs_path)
+    trainer.objective.extra["warm_start"] = {"from": po.policy, "model": str(model_dir), "steps": po.sft_steps}
+    return trainer.train()

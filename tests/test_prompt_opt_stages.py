@@ -1,0 +1,63 @@
+"""prompt-opt's stages: the SFT warm start before the preference loss, iterative rounds, the evaluate report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from test_prompt_opt_train import PAIRS, lm_config, write_pairs
+
+
+def logprobs(model, tokenizer, rows):
+    from diffusion_pref.prompt_opt.logprobs import completion_logprobs
+    from diffusion_pref.prompt_opt.pairs import collate_pairs
+
+    batch = collate_pairs(tokenizer, rows)
+    with torch.no_grad():
+        return completion_logprobs(model.eval(), {k: batch[k] for k in ("input_ids", "attention_mask",
+                                                                          "completion_mask")})
+
+
+def test_sft_warm_start_then_the_preference_loss_with_the_sft_model_as_reference(tiny_causal_lm_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from diffusion_pref.commands import prompt_opt
+    from diffusion_pref.prompt_opt.train import load_policy, sft_model_dir
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", PAIRS)
+    cfg = lm_config(tmp_path, tiny_causal_lm_dir, pairs, "prompt_opt.sft_steps=2", "train.max_steps=2")
+    summary = prompt_opt.train(cfg)
+    out = tmp_path / "run"
+    model_dir = sft_model_dir(out)
+    assert summary["steps"] == 2 and summary["policy"] == str(model_dir)
+    assert summary["warm_start"] == {"from": str(tiny_causal_lm_dir), "model": str(model_dir), "steps": 2}
+    # the SFT stage ran loss sft (= -log p(chosen)) through the loop for its own steps
+    sft_rows = [json.loads(line) for line in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert len(sft_rows) == 2 and sft_rows[0]["loss"] == pytest.approx(sft_rows[0]["nll_w"], rel=1e-6)
+    # the SFT'd model moved away from the base; the preference stage's reference is it (step 0: loss log 2)
+    tok = AutoTokenizer.from_pretrained(tiny_causal_lm_dir)
+    base = logprobs(AutoModelForCausalLM.from_pretrained(tiny_causal_lm_dir), tok, PAIRS)
+    sft = logprobs(AutoModelForCausalLM.from_pretrained(model_dir), tok, PAIRS)
+    assert (sft[:4] - base[:4]).mean() > 0  # SFT raised log p(chosen)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(out))
+    tuned = logprobs(adapted, tok, PAIRS)
+    with adapted.disable_adapter():
+        reference = logprobs(adapted, tok, PAIRS)
+    torch.testing.assert_close(reference, sft, rtol=0, atol=1e-5)
+    assert not torch.allclose(tuned, sft)
+    # evaluate / generate with the original policy load the adapter on the SFT'd model
+    policy = load_policy(cfg, train=False, adapter=str(out))
+    with torch.no_grad():
+        from diffusion_pref.prompt_opt.pairs import collate_pairs
+
+        w, l = policy.log_likelihoods(collate_pairs(policy.tokenizer, PAIRS))
+    torch.testing.assert_close(torch.cat([w, l]), tuned, rtol=0, atol=1e-5)
+    # started again: the finished warm start is kept
+    stamp = (model_dir / "model.safetensors").stat().st_mtime_ns
+    prompt_opt.train(cfg)
+    assert (model_dir / "model.safetensors").stat().st_mtime_ns == stamp
