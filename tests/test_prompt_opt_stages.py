@@ -61,3 +61,34 @@ def test_sft_warm_start_then_the_preference_loss_with_the_sft_model_as_reference
     stamp = (model_dir / "model.safetensors").stat().st_mtime_ns
     prompt_opt.train(cfg)
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def adapter_weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_iterate_two_rounds_each_from_the_last_and_resumable_by_round(tmp_path, capsys):
+    from diffusion_pref import cli
+
+    args = ["prompt-opt", "iterate", f"output.dir={tmp_path}", "prompt_opt.rounds=2", "train.max_steps=2",
+            "prompt_opt.k=2", "prompt_opt.embedder=none"]
+    assert cli.main(args) == 0
+    summary = json.loads((tmp_path / "iterate.json").read_text())
+    assert summary["rounds"] == 2 and summary["adapter"] == str(tmp_path / "round_2")
+    one = json.loads((tmp_path / "round_1" / "round.json").read_text())
+    two = json.loads((tmp_path / "round_2" / "round.json").read_text())
+    assert one["trained_from"] == {"policy": "toy", "adapter": None} and one["seed"] + 1 == two["seed"]
+    assert two["trained_from"]["adapter"] == str(tmp_path / "round_1")  # round 2 samples and trains from round 1
+    assert two["pairs"]["pairs_written"] > 0 and two["train"]["steps"] == 2
+    first, second = adapter_weights(tmp_path / "round_1"), adapter_weights(tmp_path / "round_2")
+    assert first.keys() == second.keys() and not all(torch.equal(first[k], second[k]) for k in first)
+    # round 2 cut short: started again, round 1 is kept and round 2 is redone from it, to the same weights
+    stamp = (tmp_path / "round_1" / "adapter_model.safetensors").stat().st_mtime_ns
+    (tmp_path / "round_2" / "round.json").unlink()
+    (tmp_path / "round_2" / "adapter_model.safetensors").unlink()
+    assert cli.main(args) == 0
+    assert (tmp_path / "round_1" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+    again = adapter_weights(tmp_path / "round_2")
+    assert all(torch.equal(second[k], again[k]) for k in second)
