@@ -92,3 +92,64 @@ def test_iterate_two_rounds_each_from_the_last_and_resumable_by_round(tmp_path, 
     assert (tmp_path / "round_1" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
     again = adapter_weights(tmp_path / "round_2")
     assert all(torch.equal(second[k], again[k]) for k in second)
+
+
+class FakeImages(list):
+    blocked = ()
+
+
+class FakeBackbone:
+    """Draws a solid image whose brightness is the prompt's length (so rewrites and originals differ)."""
+
+    def sample(self, prompts, seeds, **kwargs):
+        from PIL import Image
+
+        out = FakeImages(Image.new("RGB", (16, 16), (min(255, 4 * len(p)), seed % 256, 0))
+                         for p, seed in zip(prompts, seeds))
+        out.blocked = [False] * len(out)
+        return out
+
+
+class FakeImageReward:
+    name = "red"
+
+    def score(self, prompts, images):
+        return torch.tensor([img.getpixel((0, 0))[0] / 255 for img in images], dtype=torch.float64)
+
+
+def test_evaluate_report_has_a_row_per_example_with_both_images(tmp_path):
+    import re
+
+    from PIL import Image
+
+    from diffusion_pref.config import load_config
+    from diffusion_pref.prompt_opt.evaluate import evaluate_rewrites
+    from diffusion_pref.prompt_opt.train import load_policy
+
+    cfg = load_config(None, [f"output.dir={tmp_path}"])
+    policy = load_policy(cfg, train=False)
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    metrics = evaluate_rewrites(prompts, tmp_path / "img", policy, FakeImageReward(), backbone=FakeBackbone(), k=2,
+                                max_new_tokens=8, bootstrap_samples=20, examples=2)
+    page = (tmp_path / "img" / "report.html").read_text()
+    rows = re.findall(r'<tr class="example">(.*?)</tr>', page, flags=re.S)
+    assert len(rows) == 2 == len(metrics["examples"])
+    for row, example in zip(rows, metrics["examples"]):
+        assert row.count("<img ") == 2
+        import html
+
+        assert html.escape(example["prompt"]) in row and html.escape(example["rewrite"]) in row
+        # the saved images are the ones the reward scored: the original's brightness is its length
+        original = Image.open(tmp_path / "img" / example["image_original"]).getpixel((0, 0))[0]
+        assert original / 255 == pytest.approx(example["score_original"])
+        rewrite = Image.open(tmp_path / "img" / example["image_rewrite"]).getpixel((0, 0))[0]
+        assert rewrite / 255 == pytest.approx(example["score_rewrite"])
+    assert 'id="metrics"' in page and "reward_rewrite" in page and "win_rate" in page
+    # text-side reward (the shapes world): the same rows, text only
+    from diffusion_pref.toy.rewriter import ToyRewriteReward
+
+    evaluate_rewrites(prompts, tmp_path / "txt", policy, ToyRewriteReward(), k=2, max_new_tokens=8,
+                      bootstrap_samples=20, examples=3)
+    page = (tmp_path / "txt" / "report.html").read_text()
+    rows = re.findall(r'<tr class="example">(.*?)</tr>', page, flags=re.S)
+    assert len(rows) == 3 and "<img " not in page and not (tmp_path / "txt" / "images").exists()
