@@ -57,6 +57,10 @@ def test_sft_warm_start_then_the_preference_loss_with_the_sft_model_as_reference
 
         w, l = policy.log_likelihoods(collate_pairs(policy.tokenizer, PAIRS))
     torch.testing.assert_close(torch.cat([w, l]), tuned, rtol=0, atol=1e-5)
+    # continuing that adapter (as iterate's next round does): the new run records the same SFT'd base
+    more = prompt_opt.train(lm_config(tmp_path / "more", model_dir, pairs, f"prompt_opt.adapter={out}",
+                                      "train.max_steps=1"))
+    assert more["warm_start"] == summary["warm_start"] and more["policy"] == str(model_dir)
     # started again: the finished warm start is kept
     stamp = (model_dir / "model.safetensors").stat().st_mtime_ns
     prompt_opt.train(cfg)

@@ -44,10 +44,7 @@ def load_policy(cfg, *, device: str = "cpu", train: bool = True, adapter: str | 
     po, model = cfg.prompt_opt, cfg.model
     pretrained = policy_location(po.policy)
     if adapter is not None:  # an adapter trained after an SFT warm start sits on the SFT'd model, not on po.policy
-        import json
-
-        summary = Path(adapter) / "train_summary.json"
-        warm = json.loads(summary.read_text()).get("warm_start") if summary.is_file() else None
+        warm = warm_start_of(adapter)
         if warm and warm.get("from") == po.policy:
             logger.info("%s was trained after an SFT warm start: loading it on %s", adapter, warm["model"])
             pretrained = warm["model"]
@@ -57,6 +54,15 @@ def load_policy(cfg, *, device: str = "cpu", train: bool = True, adapter: str | 
                             alpha=float(model.lora_alpha if model.lora_alpha is not None else model.lora_rank))
     return CausalLMPolicy.load(pretrained, lora=lora, adapter=adapter, device=device,
                                average=po.average, with_reference=train)
+
+
+def warm_start_of(folder) -> dict | None:
+    """The ``warm_start`` entry of a trained folder's ``train_summary.json`` (``from``: the policy the SFT started
+    from, ``model``: the SFT'd model its adapter sits on), or None."""
+    import json
+
+    summary = Path(folder) / "train_summary.json"
+    return json.loads(summary.read_text()).get("warm_start") if summary.is_file() else None
 
 
 class LMPairSource:
@@ -204,6 +210,9 @@ class LMTrainer:
             self.checkpointer.register_trainable_only(self.unet)
         self.objective = LMObjective(policy, self.unet, accelerator, reference=self.reference != "none",
                                       alpha=po.alpha)
+        warm = warm_start_of(po.adapter) if po.adapter is not None else None
+        if warm:  # continuing an adapter that sits on an SFT'd model: so does this run's
+            self.objective.extra["warm_start"] = warm
 
         self.step, self.epoch, self.next_index, self.skipped_total = 0, 0, 0, 0
         if resume_from is not None:
