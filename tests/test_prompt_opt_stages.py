@@ -157,3 +157,20 @@ def test_evaluate_report_has_a_row_per_example_with_both_images(tmp_path):
     page = (tmp_path / "txt" / "report.html").read_text()
     rows = re.findall(r'<tr class="example">(.*?)</tr>', page, flags=re.S)
     assert len(rows) == 3 and "<img " not in page and not (tmp_path / "txt" / "images").exists()
+
+
+def test_iterate_with_a_warm_start_runs_it_once_and_evaluate_finds_its_base(tmp_path):
+    from diffusion_pref import cli
+
+    args = ["prompt-opt", "iterate", f"output.dir={tmp_path}", "prompt_opt.rounds=2", "train.max_steps=1",
+            "prompt_opt.k=2", "prompt_opt.embedder=none", "prompt_opt.sft_steps=1"]
+    assert cli.main(args) == 0
+    sft = str(tmp_path / "round_1" / "sft" / "model")
+    two = json.loads((tmp_path / "round_2" / "round.json").read_text())
+    assert two["trained_from"] == {"policy": sft, "adapter": str(tmp_path / "round_1")}
+    assert not (tmp_path / "round_2" / "sft").exists()
+    assert two["train"]["warm_start"]["model"] == sft and two["policy"] == sft
+    code = cli.main(["prompt-opt", "evaluate", f"output.dir={tmp_path / 'eval'}", "prompt_opt.k=1",
+                     "prompt_opt.embedder=none", f"prompt_opt.adapter={tmp_path / 'round_2'}",
+                     "eval.bootstrap_samples=10"])
+    assert code == 0 and (tmp_path / "eval" / "eval" / "report.html").is_file()

@@ -130,7 +130,7 @@ def iterate(cfg) -> dict:
             run_cfg.runtime.seed = cfg.runtime.seed + r - 1
             run_cfg.prompt_opt.policy, run_cfg.prompt_opt.adapter = policy, adapter
             run_cfg.prompt_opt.sft_steps = po.sft_steps if r == 1 else 0
-            run_cfg.output.dir = str(folder)
+            run_cfg.output.dir, run_cfg.prompt_opt.mode = str(folder), "train"  # prompts: the starting policy's
             pairs = generate(run_cfg, out_dir=folder / "pairs")
             summary = train(run_cfg, pairs=str(folder / "pairs"))
             lora = summary["output"] == "lora"

@@ -260,7 +260,7 @@ def train_with_warm_start(cfg, pairs_path: str | None = None) -> dict:
         sft_cfg = copy.deepcopy(cfg)
         sft_cfg.loss.name, sft_cfg.loss.params = "sft", {}
         sft_cfg.train.max_steps, sft_cfg.prompt_opt.alpha, sft_cfg.prompt_opt.sft_steps = po.sft_steps, 0.0, 0
-        sft_cfg.output.dir = str(out / "sft")
+        sft_cfg.output.dir, sft_cfg.prompt_opt.mode = str(out / "sft"), "train"
         trainer = LMTrainer(sft_cfg, pairs_path=pairs_path)
         trainer.train()
         if trainer.accelerator.is_main_process:
@@ -274,6 +274,7 @@ def train_with_warm_start(cfg, pairs_path: str | None = None) -> dict:
         logger.info("SFT warm start: %s is there already; training the preference loss from it", model_dir)
     pref_cfg = copy.deepcopy(cfg)
     pref_cfg.prompt_opt.policy, pref_cfg.prompt_opt.adapter = str(model_dir), None
+    pref_cfg.prompt_opt.mode = "train"  # a stage of train / iterate / quickstart; the policy is a folder now
     trainer = LMTrainer(pref_cfg, pairs_path=pairs_path)
     trainer.objective.extra["warm_start"] = {"from": po.policy, "model": str(model_dir), "steps": po.sft_steps}
     return trainer.train()
