@@ -7,10 +7,9 @@ import math
 
 import pytest
 import torch
+from test_prompt_opt_train import PAIRS, lm_config, lora_state, write_pairs
 
 from diffusion_pref.losses import LOSSES, REFERENCE_FREE
-
-from test_prompt_opt_train import PAIRS, lm_config, lora_state, write_pairs
 
 SCORES = [(0.9, 0.1), (0.6, 0.5), (0.4, 0.7), (0.8, 0.2)]  # the third pair's reward disagrees with its order
 SCORED = [{**r, "score_chosen": w, "score_rejected": l} for r, (w, l) in zip(PAIRS, SCORES)]

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from test_prompt_opt_train import PAIRS, lm_config, write_pairs
 
 
@@ -122,6 +121,7 @@ class FakeImageReward:
 
 
 def test_evaluate_report_has_a_row_per_example_with_both_images(tmp_path):
+    import html
     import re
 
     from PIL import Image
@@ -136,12 +136,10 @@ def test_evaluate_report_has_a_row_per_example_with_both_images(tmp_path):
     metrics = evaluate_rewrites(prompts, tmp_path / "img", policy, FakeImageReward(), backbone=FakeBackbone(), k=2,
                                 max_new_tokens=8, bootstrap_samples=20, examples=2)
     page = (tmp_path / "img" / "report.html").read_text()
-    rows = re.findall(r'<tr class="example">(.*?)</tr>', page, flags=re.S)
+    rows = re.findall(r'<tr class="example">(.*?)</tr>', page, flags=re.DOTALL)
     assert len(rows) == 2 == len(metrics["examples"])
     for row, example in zip(rows, metrics["examples"]):
         assert row.count("<img ") == 2
-        import html
-
         assert html.escape(example["prompt"]) in row and html.escape(example["rewrite"]) in row
         # the saved images are the ones the reward scored: the original's brightness is its length
         original = Image.open(tmp_path / "img" / example["image_original"]).getpixel((0, 0))[0]
@@ -155,7 +153,7 @@ def test_evaluate_report_has_a_row_per_example_with_both_images(tmp_path):
     evaluate_rewrites(prompts, tmp_path / "txt", policy, ToyRewriteReward(), k=2, max_new_tokens=8,
                       bootstrap_samples=20, examples=3)
     page = (tmp_path / "txt" / "report.html").read_text()
-    rows = re.findall(r'<tr class="example">(.*?)</tr>', page, flags=re.S)
+    rows = re.findall(r'<tr class="example">(.*?)</tr>', page, flags=re.DOTALL)
     assert len(rows) == 3 and "<img " not in page and not (tmp_path / "txt" / "images").exists()
 
 

@@ -75,8 +75,8 @@ def render_rewrite_report(metrics: dict, *, media_root: str | Path, title: str =
     body = "\n".join([
         f"<h1>{html.escape(title)}</h1>", f'<table class="details">{detail_rows}</table>',
         "<h2>Summary</h2>",
-        '<p class="meta">Each rewrite and its original prompt are scored against the ORIGINAL prompt with the same '
-        "seeds; intervals: percentile bootstrap over prompts.</p>", _metric_table(metrics),
+        ('<p class="meta">Each rewrite and its original prompt are scored against the ORIGINAL prompt with the same '
+         "seeds; intervals: percentile bootstrap over prompts.</p>"), _metric_table(metrics),
         "<h2>Examples</h2>", f'<p class="meta">{len(examples)} prompts, the first rewrite of each.</p>',
         _examples(examples, Path(media_root)),
     ])
