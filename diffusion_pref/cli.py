@@ -64,7 +64,7 @@ COMMANDS = {
     "prompt-opt": Command("diffusion_pref.commands.prompt_opt",
                           "a prompt-rewriting language model: generate pairs, train (DPO / Sem-DPO), evaluate", 16,
                           trains=True, defaults="prompt_opt/defaults.yaml",
-                          modes=("generate", "train", "evaluate", "quickstart"), mode_key="prompt_opt.mode"),
+                          modes=("generate", "train", "evaluate", "iterate", "quickstart"), mode_key="prompt_opt.mode"),
     "quickstart": Command(
         "diffusion_pref.commands.quickstart", "the whole loop (generate, train, evaluate) on a built-in model", 7,
         trains=True, defaults="quickstart.yaml",

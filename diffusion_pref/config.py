@@ -307,7 +307,7 @@ class PromptOptConfig:
     model.finetune / lora_rank / lora_alpha apply to it too; model.lora_targets does not: peft's default for the
     architecture is used)."""
 
-    mode: Literal["generate", "train", "evaluate", "quickstart"] = "train"
+    mode: Literal["generate", "train", "evaluate", "iterate", "quickstart"] = "train"
     policy: str = "toy"  # a causal LM folder or hub id; toy = the shipped shapes-world rewriter
     adapter: Optional[str] = None  # a trained LoRA folder (train writes one) to generate from or evaluate
     prompts: Optional[str] = None  # generate: a text file, one prompt a line; None with policy=toy: the toy captions
@@ -322,6 +322,10 @@ class PromptOptConfig:
     temperature: float = 1.0
     average: bool = False  # length-normalised completion log-probs instead of the sum
     drift_threshold: float = 0.8  # evaluate: a rewrite below this similarity to its prompt counts as drift
+    # train: first this many steps of loss sft on (prompt, chosen), then the preference loss from that policy,
+    # whose reference is the SFT'd model (<output.dir>/sft/model); 0 = no warm start
+    sft_steps: int = 0
+    rounds: int = 2  # iterate: rounds of (pairs from the current policy, then train on them) in <output.dir>/round_<r>
 
 
 @dataclass
@@ -446,6 +450,8 @@ RANGES: Dict[str, Range] = {
     "prompt_opt.max_new_tokens": AT_LEAST_1,
     "prompt_opt.temperature": POSITIVE,
     "prompt_opt.drift_threshold": Range(-1, 1),
+    "prompt_opt.sft_steps": AT_LEAST_0,
+    "prompt_opt.rounds": AT_LEAST_1,
 }
 
 
@@ -596,7 +602,7 @@ def validate(cfg: Config, *, loss: bool = False) -> None:
     if cfg.eval.images_dir is not None and cfg.eval.variants:
         raise ConfigError("set either eval.images_dir (score existing images) or eval.variants (generate), not both")
     po = cfg.prompt_opt
-    if po.policy != "toy" and po.mode in ("generate", "quickstart") and po.prompts is None:
+    if po.policy != "toy" and po.mode in ("generate", "iterate", "quickstart") and po.prompts is None:
         raise ConfigError(f"prompt_opt.mode={po.mode} with prompt_opt.policy={po.policy} needs prompt_opt.prompts "
                           "(a text file, one prompt a line); only policy=toy has built-in prompts")
     if po.policy != "toy" and po.mode == "evaluate" and po.eval_prompts is None:

@@ -3,6 +3,7 @@
     diffusion-pref prompt-opt generate                 # rewrite pairs from the policy -> <output.dir>/pairs (resumable)
     diffusion-pref prompt-opt train prompt_opt.alpha=2 # DPO (alpha 0) or Sem-DPO on those pairs -> <output.dir> (LoRA)
     diffusion-pref prompt-opt evaluate prompt_opt.adapter=outputs/prompt_opt   # -> <output.dir>/eval/metrics.json
+    diffusion-pref prompt-opt iterate prompt_opt.rounds=3   # pairs from the current policy, train; per round (resumable)
     diffusion-pref prompt-opt quickstart               # the shapes world: generate, DPO vs Sem-DPO, evaluate all
 
 The defaults (``diffusion_pref/prompt_opt/defaults.yaml``) train the shipped shapes-world rewriter on a CPU.
@@ -77,9 +78,9 @@ def generate(cfg, out_dir=None) -> dict:
 
 
 def train(cfg, pairs=None) -> dict:
-    from diffusion_pref.prompt_opt.train import LMTrainer
+    from diffusion_pref.prompt_opt.train import train_with_warm_start
 
-    return LMTrainer(cfg, pairs_path=pairs).train()
+    return train_with_warm_start(cfg, pairs_path=pairs)
 
 
 def evaluate(cfg, adapter=None, out_dir=None, embed=None) -> dict:
@@ -103,6 +104,49 @@ def evaluate(cfg, adapter=None, out_dir=None, embed=None) -> dict:
     logger.info("prompt-opt evaluate: reward %.4f -> %.4f, win rate %.3f", metrics["reward_original"]["mean"],
                 metrics["reward_rewrite"]["mean"], metrics["win_rate"]["mean"])
     return metrics
+
+
+def iterate(cfg) -> dict:
+    """``prompt_opt.rounds`` rounds, round r in ``<output.dir>/round_<r>``: pairs from the current policy (the
+    previous round's; sampled with seed ``runtime.seed + r - 1``), then ``train`` on them from that policy. With
+    LoRA each round continues the adapter and the reference stays the starting model (the SFT'd one when
+    ``prompt_opt.sft_steps`` > 0: the warm start runs in round 1 only); a fully trained model starts each round
+    from the previous round's weights, which are also that round's reference. A finished round is recorded in
+    ``round_<r>/round.json`` and skipped when the command is started again (a round cut short resumes its pairs,
+    and its training with ``train.resume``). Writes ``<output.dir>/iterate.json``; the last round's folder is the
+    result (``prompt_opt.adapter=<output.dir>/round_<R>`` for evaluate)."""
+    out = Path(cfg.output.dir)
+    po = cfg.prompt_opt
+    policy, adapter = po.policy, po.adapter
+    rounds = []
+    for r in range(1, po.rounds + 1):
+        folder = out / f"round_{r}"
+        record = folder / "round.json"
+        if record.is_file():
+            info = json.loads(record.read_text())
+            logger.info("prompt-opt iterate: round %d is done (%s); skipping it", r, record)
+        else:
+            run_cfg = copy.deepcopy(cfg)
+            run_cfg.runtime.seed = cfg.runtime.seed + r - 1
+            run_cfg.prompt_opt.policy, run_cfg.prompt_opt.adapter = policy, adapter
+            run_cfg.prompt_opt.sft_steps = po.sft_steps if r == 1 else 0
+            run_cfg.output.dir, run_cfg.prompt_opt.mode = str(folder), "train"  # prompts: the starting policy's
+            pairs = generate(run_cfg, out_dir=folder / "pairs")
+            summary = train(run_cfg, pairs=str(folder / "pairs"))
+            lora = summary["output"] == "lora"
+            start = summary["warm_start"]["model"] if "warm_start" in summary else policy
+            info = {"round": r, "seed": run_cfg.runtime.seed, "trained_from": {"policy": policy, "adapter": adapter},
+                    "policy": start if lora else str(folder), "adapter": str(folder) if lora else None,
+                    "pairs": pairs, "train": summary}
+            atomic_write(record, json.dumps(info, indent=2, default=str) + "\n")
+        policy, adapter = info["policy"], info["adapter"]
+        rounds.append(info)
+    summary = {"rounds": len(rounds), "policy": policy, "adapter": adapter,
+               "per_round": [{k: r[k] for k in ("round", "seed", "policy", "adapter")} for r in rounds]}
+    atomic_write(out / "iterate.json", json.dumps(summary, indent=2) + "\n")
+    logger.info("prompt-opt iterate: %d rounds; the result: prompt_opt.policy=%s prompt_opt.adapter=%s", len(rounds),
+                policy, adapter)
+    return summary
 
 
 def quickstart(cfg) -> dict:
@@ -160,4 +204,4 @@ def format_table(summary: dict) -> str:
 
 def run(cfg) -> None:
     mode = cfg.prompt_opt.mode
-    {"generate": generate, "train": train, "evaluate": evaluate, "quickstart": quickstart}[mode](cfg)
+    {"generate": generate, "train": train, "evaluate": evaluate, "iterate": iterate, "quickstart": quickstart}[mode](cfg)

@@ -1,6 +1,6 @@
 """The prompt optimizer's building blocks: a small causal LM that rewrites prompts, trained with Sem-DPO.
 
-``diffusion-pref prompt-opt generate | train | evaluate | quickstart`` (:mod:`diffusion_pref.commands.prompt_opt`).
+``diffusion-pref prompt-opt generate | train | evaluate | iterate | quickstart`` (:mod:`diffusion_pref.commands.prompt_opt`).
 
 - :mod:`diffusion_pref.prompt_opt.logprobs`: tokenise (prompt, completion) pairs with the chat template where the
   tokenizer has one, and compute the completion's log-probability under any ``AutoModelForCausalLM`` (prompt and
@@ -17,9 +17,11 @@
   the original with an image backbone, score against the original prompt, write best-vs-worst pair shards
   (resumable).
 - :mod:`diffusion_pref.prompt_opt.train`: :class:`~diffusion_pref.prompt_opt.train.LMTrainer`, the LM trained
-  through the shared loop (:func:`diffusion_pref.training.loop.train`) with its ``LMObjective``.
+  through the shared loop (:func:`diffusion_pref.training.loop.train`) with its ``LMObjective`` (soft labels for
+  smpo / sppo from the pair scores), and ``train_with_warm_start`` (the optional SFT stage first).
 - :mod:`diffusion_pref.prompt_opt.evaluate`: reward of rewrites vs the original prompts, similarity, drift rate
-  and win rate with bootstrap intervals on held-out prompts.
+  and win rate with bootstrap intervals on held-out prompts; :mod:`diffusion_pref.prompt_opt.report` writes its
+  HTML report (examples with both images when an image backbone rendered them).
 - :mod:`diffusion_pref.toy.rewriter`: the shapes world's tiny rewriter LM (shipped weights), its grammar, the
   text-side rewrite reward and the drift test.
 

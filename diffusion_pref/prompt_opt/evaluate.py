@@ -14,7 +14,9 @@ ORIGINAL prompt (an image reward renders both at the same seeds ``sample_seed(se
 - ``drift_rate_exact``: share of rewrites that changed what was asked for, where the world can tell exactly
   (the shapes world: :func:`diffusion_pref.toy.rewriter.drift`).
 
-Every number is a function of ``rewrites.jsonl`` (one row per rewrite), written beside ``metrics.json``.
+Every number is a function of ``rewrites.jsonl`` (one row per rewrite), written beside ``metrics.json`` and
+``report.html`` (:mod:`diffusion_pref.prompt_opt.report`: the table and examples, original prompt and rewrite, with
+both images when an image backbone rendered them, saved in ``images/``).
 """
 
 from __future__ import annotations
@@ -121,11 +123,20 @@ def evaluate_rewrites(
         raise ValueError("prompt-opt evaluate: no prompts.")
     settings = RewriteSettings(k=k, seed=seed, max_new_tokens=max_new_tokens, temperature=temperature,
                                steps=steps, guidance_scale=guidance_scale, resolution=resolution)
-    rows = []
+    out = Path(out_dir)
+    rows, pictures = [], {}
     for i, prompt in enumerate(prompts):
         rewrites = policy.sample(prompt, k, seed=sample_seed(seed, i, -1), max_new_tokens=max_new_tokens,
                                  temperature=temperature)
-        scores = _score_candidates(i, prompt, [prompt, *rewrites], reward, backbone, settings)
+        images = [] if i < examples else None
+        scores = _score_candidates(i, prompt, [prompt, *rewrites], reward, backbone, settings, keep_images=images)
+        if images:  # the example's images: the original and its first rewrite at the first image seed
+            (out / "images").mkdir(parents=True, exist_ok=True)
+            pictures[i] = {}
+            for side, image in (("original", images[0]), ("rewrite", images[settings.image_seeds])):
+                relative = f"images/{i:04d}_{side}.png"
+                atomic_write(out / relative, lambda tmp, image=image: image.save(tmp, format="PNG"))
+                pictures[i][f"image_{side}"] = relative
         similarity = [None] * k
         if embed is not None:
             from diffusion_pref.prompt_opt.semantic import cosine_similarities
@@ -142,10 +153,13 @@ def evaluate_rewrites(
     metrics = {"policy": name, "drift_threshold": drift_threshold, "k": k, "seed": seed,
                "bootstrap_samples": bootstrap_samples,
                **interval_metrics(rows, bootstrap_samples=bootstrap_samples, bootstrap_seed=bootstrap_seed),
-               "examples": [{key: r[key] for key in ("prompt", "rewrite", "score_original", "score_rewrite",
-                                                     "similarity")} for r in rows if r["sample"] == 0][:examples]}
-    out = Path(out_dir)
+               "examples": [{**{key: r[key] for key in ("prompt", "rewrite", "score_original", "score_rewrite",
+                                                        "similarity")}, **pictures.get(r["prompt_index"], {})}
+                            for r in rows if r["sample"] == 0][:examples]}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "rewrites.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     atomic_write(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    from diffusion_pref.prompt_opt.report import write_rewrite_report
+
+    write_rewrite_report(out / "report.html", metrics, media_root=out)
     return metrics

@@ -88,7 +88,9 @@ def _scores(values: Any, expected: int, name: str) -> list[float]:
 
 
 def _score_candidates(index: int, prompt: str, texts: list[str], reward: Any, backbone: Any,
-                      settings: RewriteSettings) -> list[float]:
+                      settings: RewriteSettings, keep_images: Optional[list] = None) -> list[float]:
+    """Each text's mean reward against ``prompt``; ``keep_images``: a list the rendered images are appended to
+    (text-major, ``settings.image_seeds`` per text; nothing for a text-side reward)."""
     name = getattr(reward, "name", type(reward).__name__)
     if getattr(reward, "text_side", False):
         return _scores(reward.score([prompt] * len(texts), texts), len(texts), name)
@@ -97,6 +99,8 @@ def _score_candidates(index: int, prompt: str, texts: list[str], reward: Any, ba
     seeds = [sample_seed(settings.seed, index, j) for j in range(settings.image_seeds)]
     jobs = [(t, s) for t in texts for s in seeds]  # every candidate at the same seeds: a paired comparison
     images = render(backbone, [t for t, _ in jobs], [s for _, s in jobs], settings)
+    if keep_images is not None:
+        keep_images.extend(images)
     # relevance against the ORIGINAL prompt, whatever the image was drawn from
     values = _scores(reward.score([prompt] * len(jobs), images), len(jobs), name)
     # a blocked image is black, not a bad rewrite: its candidate's mean becomes NaN and it does not compete

@@ -61,6 +61,43 @@ class PairSet:
     def has_weight(self) -> bool:
         return bool(self.rows) and "weight" in self.rows[0]
 
+    def soft_labels(self, *, winner: str = "reward", score_range: Optional[Sequence[float]] = None,
+                    hard: bool = False):
+        """P(chosen preferred) per pair for the losses that take soft labels (smpo, sppo), as a
+        :class:`diffusion_pref.soft_labels.SoftLabels` keyed by the row's index here: SmPO's
+        ``sigmoid(r'_chosen - r'_rejected)`` from ``score_chosen`` / ``score_rejected``, min-max normalised over
+        both sides of every pair (or over ``score_range``), by :func:`diffusion_pref.soft_labels.soft_label_probs`
+        (``winner="human"``: ``sigmoid(|gap|)``). ``hard``: p = 1 for every pair (no scores needed).
+        A file without the score columns, or a row whose score is not finite, is an error naming it."""
+        import numpy as np
+
+        from diffusion_pref.soft_labels import SoftLabels, check_score_range, minmax_range, soft_label_probs
+
+        rows = np.arange(len(self.rows), dtype=np.int64)
+        if hard:
+            ones = np.ones(len(self.rows))
+            return SoftLabels(rows=rows, p=ones, scores_w=ones, scores_l=np.zeros(len(self.rows)), low=0.0,
+                              high=1.0, winner=winner, scores="label")
+        for key in ("score_chosen", "score_rejected"):
+            if not self.rows or key not in self.rows[0]:
+                raise ValueError(f"{self.source}: soft labels need the {key!r} column (P(chosen preferred) comes from "
+                                 "score_chosen - score_rejected); prompt-opt generate writes both.")
+            for index, row in enumerate(self.rows):
+                if not math.isfinite(row[key]):
+                    raise ValueError(f"{self.source}: pair {index} ({row['prompt']!r}): {key!r} is {row[key]!r}; "
+                                     "soft labels need a finite score on both sides of every pair.")
+        s_w = np.asarray([r["score_chosen"] for r in self.rows], dtype=np.float64)
+        s_l = np.asarray([r["score_rejected"] for r in self.rows], dtype=np.float64)
+        if score_range is not None:
+            low, high = (float(v) for v in score_range)
+            check_score_range(rows, s_w, s_l, low, high, units="the pair file's score columns",
+                              where=lambda row: f"{self.source}: pair {row}")
+        else:
+            low, high = minmax_range(s_w, s_l)
+        p = soft_label_probs(s_w, s_l, low, high, winner)
+        return SoftLabels(rows=rows, p=p, scores_w=s_w, scores_l=s_l, low=low, high=high, winner=winner,
+                          scores="dataset")
+
 
 def _files(path: Path) -> list[Path]:
     if path.is_dir():
