@@ -112,6 +112,8 @@ class DataConfig:
     # (caption, jpg_0, jpg_1, label_0, and optionally score_0, score_1).
     columns: Dict[str, str] = field(default_factory=dict)
     resolution: int = 512
+    # Audio models (Tango): the training clip length in seconds; None = the model's (Tango: 10.24 s = 1024 mel frames).
+    audio_seconds: Optional[float] = None
     ties: Literal["drop", "soft"] = "drop"  # soft keeps label_0 == 0.5 as a soft label for losses that take one
     on_bad_row: Literal["error", "skip"] = "error"  # skip counts and reports every skipped row
     caption_dropout: float = 0.0  # decided once per pair, never differently for winner and loser
@@ -368,6 +370,7 @@ RANGES: Dict[str, Range] = {
     "model.lora_rank": AT_LEAST_1,
     "model.lora_alpha": POSITIVE,
     "data.resolution": AT_LEAST_1,
+    "data.audio_seconds": POSITIVE,
     "data.caption_dropout": Range(0, 1),
     "data.max_pairs": AT_LEAST_1,
     "data.num_workers": AT_LEAST_0,

@@ -70,7 +70,7 @@ def model_identity(model_cfg) -> Dict[str, object]:
     ident: Dict[str, object] = {"pretrained": location, "revision": model_cfg.revision, "variant": model_cfg.variant,
                                 "vae": model_cfg.vae, "family": model_cfg.family}
     index = Path(location) / "model_index.json"
-    if index.is_file():  # a local folder: weights rewritten in place change the key too
+    if index.is_file() or (Path(location) / "stft_config.json").is_file():  # a local folder: weights rewritten in place change the key too
         ident["mtimes"] = sorted(int(p.stat().st_mtime) for p in Path(location).rglob("*.safetensors"))
     return ident
 
@@ -151,7 +151,7 @@ def _encode_block(spec: CacheSpec, source, backbone, block_index: int, device, w
                   invert=None) -> Dict[str, object]:
     import torch
 
-    from diffusion_pref.data.loader import collate_pixels
+    from diffusion_pref.data.loader import collate_pixels, pair_media
 
     block = source.blocks[block_index]
     items = [(block_index, i) for i in range(len(block.rows))]
@@ -166,8 +166,8 @@ def _encode_block(spec: CacheSpec, source, backbone, block_index: int, device, w
         if not batch["size"]:
             continue
         with torch.no_grad():
-            pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]]).to(device)
-            latents_w, latents_l = backbone.encode(pixels).to(weight_dtype).chunk(2)
+            media = pair_media(batch).to(device)  # pixels or waveforms, [w; l]
+            latents_w, latents_l = backbone.encode(media).to(weight_dtype).chunk(2)
             text = backbone.encode_prompts(batch["captions"])
         # whether the text encoder cut each caption, for the trainer's count (the captions are not stored)
         cut = torch.tensor(backbone.prompts_cut(batch["captions"]), dtype=torch.bool)

@@ -30,12 +30,61 @@ def batches_per_epoch(num_items: int, batch_size: int, rank: int = 0, world: int
     return max(1, per_rank // batch_size) if per_rank else 0
 
 
+def pair_media(batch: Dict[str, object]):
+    """The batch's decoded media as one ``[w; l]`` tensor: pixels ``[2B, 3, R, R]`` or waveforms ``[2B, samples]``."""
+    import torch
+
+    if "audio_w" in batch:
+        return torch.cat([batch["audio_w"], batch["audio_l"]])
+    return torch.cat([batch["pixels_w"], batch["pixels_l"]])
+
+
+def collate_audio(source, data_cfg, items: Sequence[Tuple[int, int]], seed: int) -> Dict[str, object]:
+    """Decode pairs of audio into one batch of model-ready waveforms ``audio_w``/``audio_l`` ``[B, frames * hop]``
+    (Tango's front end: :func:`diffusion_pref.audio.prepare_waveform`); the uncached path. No augmentation but
+    caption dropout (decided once per pair, as for images)."""
+    import numpy as np
+    import torch
+
+    from diffusion_pref.audio import prepare_waveform
+    from diffusion_pref.seeding import derive_rng
+
+    settings, frames = source.audio
+    pairs, skipped = source.read(items)
+    waves_w, waves_l, captions = [], [], []
+    for pair in pairs:
+        waves_w.append(torch.from_numpy(prepare_waveform(pair.image_w[0], pair.image_w[1], settings, frames)))
+        waves_l.append(torch.from_numpy(prepare_waveform(pair.image_l[0], pair.image_l[1], settings, frames)))
+        # the same stream as the image path's first draw (augment_pair), so a pair drops its caption alike
+        drop = derive_rng(seed, pair.row, 0x5EED).random() < data_cfg.caption_dropout
+        captions.append("" if drop else pair.caption)
+    batch: Dict[str, object] = {"captions": captions, "skipped": skipped, "size": len(pairs)}
+    if not pairs:
+        return batch
+    batch.update(
+        audio_w=torch.stack(waves_w),  # [B, frames * hop]
+        audio_l=torch.stack(waves_l),
+        soft_label=torch.tensor([p.soft_label for p in pairs], dtype=torch.float32),
+        rows=torch.tensor([p.row for p in pairs], dtype=torch.long),
+        # image-only metadata (SDXL's micro-conditioning), kept as zeros so cached shards have the same fields
+        original_size=torch.from_numpy(np.zeros((len(pairs), 2), dtype=np.int64)),
+        crop_top_left=torch.from_numpy(np.zeros((len(pairs), 2), dtype=np.int64)),
+    )
+    if pairs[0].score_w is not None:
+        batch["score_w"] = torch.tensor([p.score_w for p in pairs], dtype=torch.float32)
+        batch["score_l"] = torch.tensor([p.score_l for p in pairs], dtype=torch.float32)
+    return batch
+
+
 def collate_pixels(source, data_cfg, items: Sequence[Tuple[int, int]], seed: int) -> Dict[str, object]:
-    """Decode and augment pairs into one batch of pixels; the uncached path."""
+    """Decode and augment pairs into one batch of pixels; the uncached path. Audio data
+    (``source.media == "audio"``) goes to :func:`collate_audio`."""
     import torch
 
     from diffusion_pref.data.augment import augment_pair
 
+    if source.media == "audio":
+        return collate_audio(source, data_cfg, items, seed)
     pairs, skipped = source.read(items)
     pix_w, pix_l, captions, sizes, crops = [], [], [], [], []
     for pair in pairs:

@@ -1,4 +1,13 @@
-"""Preference pairs from Pick-a-Pic-layout parquet: a local file, a folder of shards, or a hub dataset id.
+"""Preference pairs from Pick-a-Pic-layout (images) or Audio-alpaca-layout (audio) parquet: a local file, a folder of
+shards, or a hub dataset id.
+
+Audio (text-to-audio backbones such as Tango): the Audio-alpaca layout (``prompt, chosen, rejected, strategy``; the
+winner is always ``chosen``, so there is no label column) is recognised by its columns; the Pick-a-Pic layout with
+audio in ``jpg_0``/``jpg_1`` works too once the trainer calls :meth:`PairSource.use_audio`. Audio cells are encoded
+bytes (wav, flac, ogg), the ``datasets`` Audio struct (``{"bytes", "path"}``, or ``{"array", "sampling_rate"}``) or a
+path to a file (relative paths against the parquet file's folder). Unreadable, silent, NaN, multi-channel audio or a
+sample rate below the model's is a :class:`DataError` naming the file, row and column, or a counted skip with
+``data.on_bad_row=skip``.
 
 A row holds a caption, two encoded images (``jpg_0``, ``jpg_1``: raw bytes, or the ``{"bytes": ...}`` struct the
 ``datasets`` Image feature writes) and ``label_0`` = P(image 0 preferred); ``score_0``/``score_1`` are optional.
@@ -37,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 OPTIONAL_COLUMNS = ("score_0", "score_1")
+# Audio-alpaca (declare-lab/audio-alpaca): our name -> its column; the winner is always "chosen" (label_0 = 1)
+ALPACA_COLUMNS = {"caption": "prompt", "jpg_0": "chosen", "jpg_1": "rejected"}
 
 
 class DataError(ValueError):
@@ -48,7 +59,7 @@ class PreferencePair:
     """One pair, winner first. ``soft_label`` = P(winner preferred) (1.0 for a hard label, 0.5 for a tie)."""
 
     caption: str
-    image_w: "object"  # PIL.Image.Image
+    image_w: "object"  # PIL.Image.Image; for audio a (float32 mono waveform, sample rate) tuple
     image_l: "object"
     soft_label: float
     row: int  # global row id in the dataset (the order of files, then rows), stable across runs
@@ -161,6 +172,14 @@ class PairSource:
         self.check_scores = check_scores
         self.columns = {name: data_cfg.columns.get(name, name) for name in REQUIRED_COLUMNS + OPTIONAL_COLUMNS}
         self.files, self.fs = resolve_parquet_files(data_cfg.source, data_cfg.split)
+        # Audio-alpaca: recognised by its columns when the file has no label column of ours
+        names = self._open(self.files[0]).schema_arrow.names
+        self.alpaca = self.columns["label_0"] not in names and all(
+            data_cfg.columns.get(ours, theirs) in names for ours, theirs in ALPACA_COLUMNS.items())
+        if self.alpaca:
+            self.columns.update({ours: data_cfg.columns.get(ours, theirs) for ours, theirs in ALPACA_COLUMNS.items()})
+        self.media = "audio" if self.alpaca else "image"
+        self.audio = None  # (MelSettings, frames) once use_audio is called
         self.stats = ScanStats(files=len(self.files))
         self.blocks: List[Block] = []
         self.has_scores = False
@@ -187,8 +206,15 @@ class PairSource:
             raise DataError(f"{file}: row group {rg} could not be read ({type(err).__name__}: {err}); the file is "
                             "damaged; rewrite it or remove it from data.source") from None
 
+    def use_audio(self, settings, frames: int) -> None:
+        """Decode the media columns as audio, for a model whose front end is ``settings``
+        (:class:`diffusion_pref.audio.MelSettings`) with clips of ``frames`` mel frames."""
+        self.media = "audio"
+        self.audio = (settings, int(frames))
+
     def _check_schema(self, file: str, names: Sequence[str]) -> None:
-        missing = [ours for ours in REQUIRED_COLUMNS if self.columns[ours] not in names]
+        required = [c for c in REQUIRED_COLUMNS if not (self.alpaca and c == "label_0")]
+        missing = [ours for ours in required if self.columns[ours] not in names]
         if missing:
             mapping = " ".join(f"data.columns.{ours}=<your column>" for ours in missing)
             raise DataError(
@@ -220,17 +246,20 @@ class PairSource:
             caption_type = pf.schema_arrow.field(self.columns["caption"]).type
             self.binary_captions |= pa.types.is_binary(caption_type) or pa.types.is_large_binary(caption_type)
             # Captions are read here too (small next to the images): bad ones fail before any model loads.
-            wanted = [self.columns["label_0"], self.columns["caption"]]
+            wanted = [self.columns["caption"]] + ([] if self.alpaca else [self.columns["label_0"]])
             wanted += [self.columns["score_0"], self.columns["score_1"]] if has_scores else []
             for rg in range(pf.num_row_groups):
                 if self._full():
                     break
                 table = self._read_row_group(pf, file, rg, wanted)
-                labels = table.column(0).to_numpy(zero_copy_only=False).astype("float64")
-                captions = table.column(1).to_pylist()
-                scores = (np.stack([table.column(2).to_numpy(zero_copy_only=False).astype("float64"),
-                                    table.column(3).to_numpy(zero_copy_only=False).astype("float64")], 1)
-                          if has_scores else None)
+                captions = table.column(0).to_pylist()
+                # Audio-alpaca has no label: "chosen" always won
+                labels = (np.ones(table.num_rows) if self.alpaca
+                          else table.column(1).to_numpy(zero_copy_only=False).astype("float64"))
+                first_score = 1 if self.alpaca else 2
+                scores = (np.stack([table.column(first_score).to_numpy(zero_copy_only=False).astype("float64"),
+                                    table.column(first_score + 1).to_numpy(zero_copy_only=False).astype("float64")],
+                                   1) if has_scores else None)
                 block = Block(file=file, row_group=rg, local_rows=[], rows=[], swap=[], soft_labels=[],
                               scores=[] if has_scores else None)
                 for local, label in enumerate(labels):
@@ -339,7 +368,8 @@ class PairSource:
             raw = [table.column(1)[local].as_py(), table.column(2)[local].as_py()]
             try:
                 caption = self._caption(table.column(0)[local].as_py(), block, i)
-                images = [self._decode(raw[k], block, i, self.columns[f"jpg_{k}"]) for k in (0, 1)]
+                decode = self._decode_audio if self.media == "audio" else self._decode
+                images = [decode(raw[k], block, i, self.columns[f"jpg_{k}"]) for k in (0, 1)]
             except DataError:
                 if self.cfg.on_bad_row == "skip":
                     skipped += 1
@@ -389,6 +419,27 @@ class PairSource:
             raise DataError(f"{where}: could not decode image bytes ({type(err).__name__}: {err}); "
                             "set data.on_bad_row=skip to skip such rows (they are counted)") from None
 
+    def _decode_audio(self, value, block: Block, i: int, column: str):
+        """An audio cell -> (mono float32 waveform, sample rate), checked (see the module docstring)."""
+        from diffusion_pref.audio import AudioError, check_audio, read_audio
+
+        where = f"{self._where(block, i)}, column {column}"
+        if self.audio is None:
+            raise DataError(f"{where}: the data holds audio but the model is not an audio model; set "
+                            "model.pretrained to a text-to-audio model (e.g. a Tango folder)")
+        settings = self.audio[0]
+        if isinstance(value, str) and self.fs is None and not Path(value).is_absolute():
+            value = str(Path(block.file).parent / value)  # a path relative to the parquet file
+        elif isinstance(value, dict) and value.get("bytes") is None and value.get("array") is None and value.get("path"):
+            path = value["path"]
+            value = path if Path(path).is_absolute() or self.fs is not None else str(Path(block.file).parent / path)
+        try:
+            wave, rate = read_audio(value)
+            return check_audio(wave, rate, settings.sampling_rate), rate
+        except AudioError as err:
+            raise DataError(f"{where}: audio {err}; fix the data or set data.on_bad_row=skip to skip such rows "
+                            "(they are counted)") from None
+
     def identity(self) -> Dict[str, object]:
         """What the cache key needs to know about the data: files with size and mtime, and the row filter."""
         files = []
@@ -404,4 +455,7 @@ class PairSource:
             ident["scores_checked"] = False
         if self.binary_captions:  # decoded as UTF-8 (older versions trained on the text "b'...'")
             ident["captions"] = "utf-8"
+        if self.media == "audio":  # the front end the cached latents were computed with
+            ident["audio"] = {"frames": self.audio[1] if self.audio else None,
+                              "settings": self.audio[0].to_dict() if self.audio else None}
         return ident

@@ -78,13 +78,13 @@ def resolve_pretrained(pretrained: str) -> str:
 
     if pretrained in NAMED_MODELS:
         folder, how_to_build = NAMED_MODELS[pretrained]
-        if not (folder / "model_index.json").is_file():
+        if not ((folder / "model_index.json").is_file() or (folder / "stft_config.json").is_file()):
             raise ModelLoadError(f"model.pretrained={pretrained}: the shipped {pretrained} weights are missing at "
                                  f"{folder}; {how_to_build} or set model.pretrained")
         return str(folder)
     path = Path(pretrained).expanduser()
     if path.exists():
-        if not (path / "model_index.json").is_file():
+        if not ((path / "model_index.json").is_file() or (path / "stft_config.json").is_file()):  # or a Tango folder
             raise ModelLoadError(f"model.pretrained={pretrained}: the folder has no model_index.json; give a diffusers "
                                  "pipeline folder (pipe.save_pretrained(...) writes one)")
         return str(path)
@@ -150,6 +150,7 @@ FAMILIES: Dict[str, Family] = {
     "sdxl": Family("diffusion_pref.pipelines.sdxl:SDXLBackbone", ("StableDiffusionXL",)),
     "sd3": Family("diffusion_pref.pipelines.sd3:SD3Backbone", ("StableDiffusion3",)),
     "sd": Family("diffusion_pref.pipelines.stable_diffusion:StableDiffusionBackbone", ("StableDiffusion",)),
+    "tango": Family("diffusion_pref.pipelines.tango:TangoBackbone", ("Tango", "AudioLDM")),
 }
 
 

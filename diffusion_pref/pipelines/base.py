@@ -14,7 +14,8 @@ Members:
   get the run's dtype.
 - ``schedule``: the training noise arithmetic (``diffusion_pref.schedules``).
 - ``default_lora_targets``: the denoiser modules a LoRA adapts unless ``model.lora_targets`` says otherwise.
-- ``sample_rate``: Hz of an audio backbone's output; None for images.
+- ``sample_rate``: Hz of an audio backbone's output; None for images. ``audio_front_end(seconds)``: its mel
+  settings and clip length in frames (how training audio is prepared); None for images.
 
 Example::
 
@@ -106,6 +107,11 @@ class Backbone(abc.ABC):
     @abc.abstractmethod
     def unload_lora(self) -> None:
         """Remove what :meth:`load_lora` added."""
+
+    def audio_front_end(self, seconds: Optional[float] = None):
+        """For an audio backbone, ``(MelSettings, frames)``: how training data is turned into the waveforms
+        :meth:`encode` takes, for clips of ``seconds`` (None: the model's default length); None for images."""
+        return None
 
     def to(self, device=None, dtype=None) -> "Backbone":
         """Move the denoiser and every frozen module to ``device``; ``dtype`` casts them all (sampling: the pipeline

@@ -277,7 +277,7 @@ class PairEncoder:
         self.captions_cut += cut
 
     def __call__(self, batch):
-        import torch
+        from diffusion_pref.data.loader import pair_media
 
         if "latents_w" in batch:
             if "caption_cut" in batch:
@@ -286,8 +286,8 @@ class PairEncoder:
                 self.captions_cut = None
             text = {k[len("text."):]: v for k, v in batch.items() if k.startswith("text.")}
             return batch["latents_w"].to(self.weight_dtype), batch["latents_l"].to(self.weight_dtype), text
-        pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]])  # [2B, 3, R, R]
-        latents = self.backbone.encode(pixels).to(self.weight_dtype)
+        media = pair_media(batch)  # pixels [2B, 3, R, R] or waveforms [2B, samples]
+        latents = self.backbone.encode(media).to(self.weight_dtype)
         latents_w, latents_l = latents.chunk(2)
         self._count_cut(self.backbone.prompts_cut(batch["captions"]))
         return latents_w, latents_l, self.backbone.encode_prompts(batch["captions"])
@@ -468,7 +468,11 @@ class Trainer:
         if self.takes_soft:
             self.soft_labels, self.soft_label_summary = load_soft_labels(cfg, self.source, accelerator)
         self.backbone = backbone = load_backbone(cfg.model)
-        check_resolution(cfg.model, cfg.data.resolution, vae=backbone.frozen["vae"])  # the exact factor, once loaded
+        audio = backbone.audio_front_end(cfg.data.audio_seconds)  # (mel settings, frames) of an audio model
+        if audio is not None:
+            self.source.use_audio(*audio)
+        else:
+            check_resolution(cfg.model, cfg.data.resolution, vae=backbone.frozen["vae"])  # the exact factor
         self.weight_dtype = runtime.dtype
         self.device = accelerator.device
         self.accel = StepAccel.for_run(t, accelerator)
