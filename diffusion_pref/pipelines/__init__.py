@@ -175,7 +175,8 @@ def detect_family(model_cfg) -> str:
     """``model.family``, or for ``auto`` the family whose pipeline class ``model_index.json`` names."""
     if model_cfg.family != "auto":
         return model_cfg.family
-    if (Path(model_cfg.pretrained).expanduser() / "stft_config.json").is_file():  # Tango has no model_index.json
+    folder = named_model_folder(model_cfg.pretrained) or Path(model_cfg.pretrained).expanduser()
+    if (folder / "stft_config.json").is_file():  # Tango has no model_index.json (a folder, or a name like "tones")
         return "tango"
     class_name = _class_name(model_cfg)
     if "Tango" in class_name or "AudioLDM" in class_name:

@@ -26,10 +26,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from diffusion_pref.tones.audio import SAMPLE_RATE
-
-DURATION = 1.28  # seconds: 128 mel frames at hop 160
-NUM_SAMPLES = int(round(DURATION * SAMPLE_RATE))
+from diffusion_pref.tones.audio import DURATION, NUM_SAMPLES, SAMPLE_RATE
 TONAL = ("beep", "hum", "chirp")
 NOISY = ("hiss", "click")
 KINDS = TONAL + NOISY

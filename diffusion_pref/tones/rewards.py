@@ -1,7 +1,7 @@
 """Programmatic reward for the tones world: does a clip contain the sounds its caption asks for, in order?
 
-``TonesFidelity`` ("tones-fidelity") detects the sounds in the clip's log-mel (the Tango front end's definition,
-:func:`diffusion_pref.tones.audio.log_mel`), labels each one, and compares the detected sequence with the caption's:
+``TonesFidelity`` ("tones-fidelity") detects the sounds in the clip's log-mel (after Tango's peak normalisation, through the Tango front
+end: :func:`diffusion_pref.tones.audio.log_mel`), labels each one, and compares the detected sequence with the caption's:
 
 - a sound is a run of frames whose energy is ``ABOVE_FLOOR`` nats above the quiet frames and within
   ``ACTIVE_RANGE`` nats of the loudest frame (runs split by short dips are merged);
@@ -43,11 +43,9 @@ PITCH_SPLIT_HZ = 1000.0
 
 def detect(wave: Any) -> list:
     """The sounds of one 16 kHz waveform: a list of dicts ``kind, pitch, start, frames`` in time order."""
-    import torch
+    from diffusion_pref.tones.audio import log_mel, mel_centres_hz, prepare
 
-    from diffusion_pref.tones.audio import log_mel, mel_centres_hz
-
-    mel = log_mel(torch.as_tensor(np.asarray(wave, dtype=np.float32)).flatten()).numpy()  # [frames, n_mels]
+    mel = log_mel(prepare(wave)).numpy()  # [frames, n_mels]
     power = np.exp(2 * mel.astype(np.float64))  # [frames, n_mels]
     energy = np.log(power.sum(axis=1)) / 2  # [frames], nats of magnitude
     floor = float(np.percentile(energy, 10))
