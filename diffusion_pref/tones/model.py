@@ -48,7 +48,7 @@ def schedulers():
     common = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                   prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
                   clip_sample=False)
-    return DDPMScheduler(**common), DDIMScheduler(**common, set_alpha_to_one=False)
+    return DDPMScheduler(**common), DDIMScheduler(**common)
 
 
 def build_models(tokenizer, unet_channels=(16, 32), vae_channels=(8, 16, 16)):
@@ -135,7 +135,7 @@ class TonesModel:
         import torch
         from diffusers import DDIMScheduler
 
-        scheduler = DDIMScheduler.from_config(self.scheduler.config, set_alpha_to_one=False)
+        scheduler = DDIMScheduler.from_config(self.scheduler.config)
         scheduler.set_timesteps(steps)
         cond, mask = self.encode_text(prompts)
         use_cfg = guidance_scale != 1.0

@@ -129,7 +129,7 @@ class TonesFidelity:
     def __init__(self, device: Any = None, batch_size: Any = None):
         del device, batch_size  # numpy on the CPU
 
-    def score(self, prompts: Sequence[str], media: Any, sample_rate: int = 16000) -> "Any":
+    def score(self, prompts: Sequence[str], media: Any, sample_rate: Any = None) -> "Any":
         import torch
 
         from diffusion_pref.tones.audio import SAMPLE_RATE
@@ -137,7 +137,7 @@ class TonesFidelity:
 
         waves = _waves(media)
         prompts = check_prompts(prompts, len(waves), self.name)
-        if int(sample_rate) != SAMPLE_RATE:
+        if sample_rate is not None and int(sample_rate) != SAMPLE_RATE:
             raise ValueError(f"tones-fidelity: sample_rate={sample_rate}; the tones world is {SAMPLE_RATE} Hz")
         scores = []
         for prompt, wave in zip(prompts, waves):
