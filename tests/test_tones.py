@@ -196,3 +196,15 @@ def test_plugin_registers_names():
     reward = load_reward({"tones-fidelity": 1.0})
     wave = R.render(R.Clip.from_caption("a low hum", 0))
     assert float(reward.score(["a low hum"], [wave])[0]) == 1.0
+
+
+def test_quickstart_runs_generate_train_evaluate(tiny_tones_dir, tmp_path):
+    from diffusion_pref.tones.quickstart import main
+
+    out = tmp_path / "qs"
+    main(["--out", str(out), "--model", str(tiny_tones_dir), "--samples", "2", "--max-prompts", "2", "--min-gap",
+          "0", "--eval-seeds", "1", "--eval-prompts", "2", "train.max_steps=1", "train.batch_size=2"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["generate"]["pairs"] == 2 and summary["n_pairs"] == 2 and summary["loss"] == "dpo"
+    assert 0.0 <= summary["ci_low"] <= summary["win_rate"] <= summary["ci_high"] <= 1.0
+    assert (out / "train" / "pytorch_lora_weights.safetensors").is_file()
