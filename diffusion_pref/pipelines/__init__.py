@@ -43,7 +43,7 @@ def named_model_folder(name: str) -> Optional[Path]:
 
 def _named_choices() -> str:
     """" or 'toy'" (the registered short names, for messages), or "" when there are none."""
-    return f" or {', '.join(repr(name) for name in NAMED_MODELS)}" if NAMED_MODELS else ""
+    return f" or {', '.join(repr(name) for name in sorted(NAMED_MODELS))}" if NAMED_MODELS else ""
 
 
 def torch_dtype(name: str):
