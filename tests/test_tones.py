@@ -208,3 +208,14 @@ def test_quickstart_runs_generate_train_evaluate(tiny_tones_dir, tmp_path):
     assert summary["generate"]["pairs"] == 2 and summary["n_pairs"] == 2 and summary["loss"] == "dpo"
     assert 0.0 <= summary["ci_low"] <= summary["win_rate"] <= summary["ci_high"] <= 1.0
     assert (out / "train" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_image_quickstart_refuses_an_audio_named_model(tiny_tones_dir, tmp_path, monkeypatch):
+    from diffusion_pref import pipelines
+    from diffusion_pref.commands.quickstart import _built_in_model
+    from diffusion_pref.config import ConfigError, load_config
+
+    monkeypatch.setitem(pipelines.NAMED_MODELS, "tones", pipelines.NamedModel(tiny_tones_dir, "build them"))
+    cfg = load_config(None, ["model.pretrained=tones"])
+    with pytest.raises(ConfigError, match="audio model.*diffusion_pref.tones.quickstart"):
+        _built_in_model(cfg, tmp_path)
