@@ -97,6 +97,7 @@ def main(argv=None):
     parser.add_argument("--eval-seeds", type=int, default=4)
     parser.add_argument("--eval-prompts", type=int, default=0, help="use only this many held-out captions (0 = all)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--pairs", help="train on this pairs parquet (from an earlier run) instead of generating")
     parser.add_argument("overrides", nargs="*", help="config key=value for training, e.g. loss.name=smpo")
     args = parser.parse_args(argv)
 
@@ -114,10 +115,14 @@ def main(argv=None):
     if args.max_prompts:
         captions = captions[:: max(1, len(captions) // args.max_prompts)][: args.max_prompts]
     backbone = load_backbone(load_config(None, [f"model.pretrained={args.model}"]).model)
-    gen = generate_pairs(backbone, captions, args.samples, args.min_gap, out / "pairs" / "train.parquet")
+    pairs = Path(args.pairs) if args.pairs else out / "pairs" / "train.parquet"
+    if args.pairs:
+        gen = {"pairs_file": str(pairs)}
+    else:
+        gen = generate_pairs(backbone, captions, args.samples, args.min_gap, pairs)
     print(f"generate: {gen} ({time.time() - start:.0f} s)", flush=True)
     cfg = load_config(None, [
-        f"model.pretrained={args.model}", f"data.source={out / 'pairs' / 'train.parquet'}", "model.lora_rank=8",
+        f"model.pretrained={args.model}", f"data.source={pairs}", "model.lora_rank=8",
         "loss.name=dpo", "loss.beta=100", "train.batch_size=8", "train.max_steps=150", "train.learning_rate=1e-3",
         "train.lr_scheduler=constant", "train.logger=none", "train.checkpoint_every=0",
         f"output.dir={out / 'train'}", *args.overrides,
