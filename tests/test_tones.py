@@ -208,6 +208,11 @@ def test_quickstart_runs_generate_train_evaluate(tiny_tones_dir, tmp_path):
     assert summary["generate"]["pairs"] == 2 and summary["n_pairs"] == 2 and summary["loss"] == "dpo"
     assert 0.0 <= summary["ci_low"] <= summary["win_rate"] <= summary["ci_high"] <= 1.0
     assert (out / "train" / "pytorch_lora_weights.safetensors").is_file()
+    import pyarrow.parquet as pq
+
+    pairs = pq.read_table(out / "pairs" / "train.parquet").to_pydict()
+    assert {"prompt", "chosen", "rejected", "strategy", "score_0", "score_1"} <= set(pairs)
+    assert all(a >= b for a, b in zip(pairs["score_0"], pairs["score_1"]))
 
 
 def test_image_quickstart_refuses_an_audio_named_model(tiny_tones_dir, tmp_path, monkeypatch):

@@ -5,7 +5,8 @@
 
 1. generate: the tones model (through the Tango backbone) samples ``--samples`` clips per training caption; the
    programmatic ``tones-fidelity`` reward scores them; best and worst become a pair when they differ by
-   ``--min-gap``; pairs are written as an Audio-alpaca parquet (``prompt, chosen, rejected, strategy``, WAV bytes).
+   ``--min-gap``; pairs are written as an Audio-alpaca parquet (``prompt, chosen, rejected, strategy``, WAV bytes)
+   with the reward scores as ``score_0``/``score_1`` (SmPO's soft labels read them).
 2. train: a LoRA on those pairs with the library's ``Trainer`` (``loss.name`` etc. as ``key=value`` overrides).
 3. evaluate: base against tuned on the held-out captions with the same seeds: mean fidelity and the win rate
    with its 95% bootstrap interval over prompts (``evaluation.stats.win_rate``); ``summary.json``.
@@ -46,7 +47,7 @@ def generate_pairs(backbone, captions, samples: int, min_gap: float, path: Path,
     prompts = [c for c in captions for _ in range(samples)]
     seeds = [derive_seed(seed, i, k) for i in range(len(captions)) for k in range(samples)]
     waves, scores = _score(backbone, prompts, seeds)
-    rows = {"prompt": [], "chosen": [], "rejected": [], "strategy": []}
+    rows = {"prompt": [], "chosen": [], "rejected": [], "strategy": [], "score_0": [], "score_1": []}
     for i, caption in enumerate(captions):
         group = list(range(i * samples, (i + 1) * samples))
         best = max(group, key=lambda j: scores[j])
@@ -57,6 +58,8 @@ def generate_pairs(backbone, captions, samples: int, min_gap: float, path: Path,
         rows["chosen"].append({"bytes": wav_bytes(waves[best], backbone.sample_rate), "path": f"{best}.wav"})
         rows["rejected"].append({"bytes": wav_bytes(waves[worst], backbone.sample_rate), "path": f"{worst}.wav"})
         rows["strategy"].append(f"{scores[best]:.3f}-{scores[worst]:.3f}")
+        rows["score_0"].append(float(scores[best]))  # the reward scores (losses with soft labels read them)
+        rows["score_1"].append(float(scores[worst]))
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(rows), str(path))
     return {"pairs": len(rows["prompt"]), "prompts": len(captions), "samples": len(prompts),
