@@ -136,7 +136,12 @@ def test_griffin_lim_round_trip_keeps_the_reward(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_tones_dir(tmp_path_factory):
     """A random-weight model with the shipped model's structure and layout."""
-    from diffusion_pref.tones.model import TonesModel, build_models, schedulers, tones_tokenizer
+    from diffusion_pref.tones.model import (
+        TonesModel,
+        build_models,
+        schedulers,
+        tones_tokenizer,
+    )
     from diffusion_pref.tones.vocoder import GriffinLimVocoder
 
     torch.manual_seed(0)

@@ -14,8 +14,8 @@ Modules: ``render`` (clips and captions), ``audio`` (settings on the Tango front
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Sequence
 
 from diffusion_pref.pipelines import register_named_model
 from diffusion_pref.prompts import PromptRecord, register_prompt_set
@@ -24,20 +24,20 @@ from diffusion_pref.reward_models import register_reward_model
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 
 
-def _records(captions: Sequence[str]) -> List[PromptRecord]:
+def _records(captions: Sequence[str]) -> list[PromptRecord]:
     from diffusion_pref.tones.render import category
 
     return [PromptRecord(text, category(text)) for text in captions]
 
 
-def eval_prompt_records() -> List[PromptRecord]:
+def eval_prompt_records() -> list[PromptRecord]:
     """The held-out captions (``read_prompts("tones")``)."""
     from diffusion_pref.tones.render import eval_prompts
 
     return _records(eval_prompts())
 
 
-def train_prompt_records() -> List[PromptRecord]:
+def train_prompt_records() -> list[PromptRecord]:
     """The pretraining captions (``read_prompts("tones-train")``)."""
     from diffusion_pref.tones.render import train_captions
 

@@ -51,7 +51,7 @@ def prepare(wave: Any) -> np.ndarray:
     return prepare_waveform(wave, SAMPLE_RATE, settings(), FRAMES)
 
 
-def log_mel(waves: Any) -> "Any":
+def log_mel(waves: Any) -> Any:
     """Waveform(s) ``[T]`` or ``[B, T]`` -> log-mel ``[(B,) FRAMES, N_MELS]`` (torch float32), as the backbone."""
     import torch
 
@@ -71,5 +71,17 @@ def mel_centres_hz(n_mels: int = N_MELS) -> np.ndarray:
     return mel_to_hertz(edges, "slaney")[1:-1]
 
 
-__all__ = ["SAMPLE_RATE", "HOP", "N_FFT", "N_MELS", "FRAMES", "DURATION", "NUM_SAMPLES", "STFT_CONFIG", "settings",
-           "prepare", "log_mel", "mel_centres_hz"]
+__all__ = [
+    "DURATION",
+    "FRAMES",
+    "HOP",
+    "NUM_SAMPLES",
+    "N_FFT",
+    "N_MELS",
+    "SAMPLE_RATE",
+    "STFT_CONFIG",
+    "log_mel",
+    "mel_centres_hz",
+    "prepare",
+    "settings",
+]

@@ -14,9 +14,10 @@ Griffin-Lim): pretraining measures fidelity with it, and tests check the Tango b
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from diffusion_pref.tones.audio import FRAMES, N_MELS, STFT_CONFIG
 from diffusion_pref.tones.render import KINDS, PITCHES, PLURAL
@@ -94,7 +95,7 @@ class TonesModel:
         return folder
 
     @classmethod
-    def from_pretrained(cls, folder) -> "TonesModel":
+    def from_pretrained(cls, folder) -> TonesModel:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import AutoTokenizer, T5EncoderModel
 
@@ -156,4 +157,4 @@ class TonesModel:
         return mel if return_mel else self.vocoder(mel)
 
 
-__all__ = ["TonesModel", "tones_tokenizer", "build_models", "schedulers", "MAX_TOKENS", "FRAMES"]
+__all__ = ["FRAMES", "MAX_TOKENS", "TonesModel", "build_models", "schedulers", "tones_tokenizer"]

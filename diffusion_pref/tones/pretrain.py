@@ -30,7 +30,6 @@ from pathlib import Path
 
 from diffusion_pref.tones.render import (
     Clip,
-    Group,
     all_groups,
     caption,
     eval_prompts,
@@ -117,8 +116,14 @@ def main(argv=None):
 
     import torch
 
+    from diffusion_pref.tones.model import (
+        MAX_TOKENS,
+        TonesModel,
+        build_models,
+        schedulers,
+        tones_tokenizer,
+    )
     from diffusion_pref.tones.vocoder import GriffinLimVocoder
-    from diffusion_pref.tones.model import MAX_TOKENS, TonesModel, build_models, schedulers, tones_tokenizer
 
     torch.set_num_threads(args.threads)
     if args.eval_only:

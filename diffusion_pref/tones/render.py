@@ -21,12 +21,13 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 
 from diffusion_pref.tones.audio import DURATION, NUM_SAMPLES, SAMPLE_RATE
+
 TONAL = ("beep", "hum", "chirp")
 NOISY = ("hiss", "click")
 KINDS = TONAL + NOISY
@@ -55,7 +56,7 @@ _SINGULAR = {plural: kind for kind, plural in PLURAL.items()}
 class Group:
     count: int
     kind: str
-    pitch: Optional[str] = None  # "low" | "high" for tonal kinds, None for hiss and click
+    pitch: str | None = None  # "low" | "high" for tonal kinds, None for hiss and click
 
     def __post_init__(self):
         if self.count not in COUNTS:
@@ -91,7 +92,7 @@ class Clip:
             raise ValueError(f"tones: {caption(self)!r} does not fit in {DURATION} s")
 
     @classmethod
-    def from_caption(cls, text: str, seed: int = 0) -> "Clip":
+    def from_caption(cls, text: str, seed: int = 0) -> Clip:
         return cls(parse_caption(text), seed)
 
     def events(self) -> list:
@@ -173,13 +174,13 @@ def eval_prompts(limit: int = 40) -> list:
     return held[::step][:limit]
 
 
-def sample_clip(rng: random.Random, captions: Optional[Sequence[str]] = None) -> Clip:
+def sample_clip(rng: random.Random, captions: Sequence[str] | None = None) -> Clip:
     """A random clip over ``captions`` (default: the training captions), seeded from ``rng``."""
     captions = captions or train_captions()
     return Clip.from_caption(captions[rng.randrange(len(captions))], seed=rng.randrange(2**31))
 
 
-def _sound(kind: str, pitch: Optional[str], rng: np.random.Generator) -> np.ndarray:
+def _sound(kind: str, pitch: str | None, rng: np.random.Generator) -> np.ndarray:
     n = max(1, int(round(LENGTH[kind] * rng.uniform(0.9, 1.1) * SAMPLE_RATE)))
     t = np.arange(n) / SAMPLE_RATE
     if kind in TONAL:
@@ -237,6 +238,22 @@ def category(text: str) -> str:
     return parse_caption(text)[0].kind
 
 
-__all__ = ["DURATION", "NUM_SAMPLES", "KINDS", "TONAL", "NOISY", "PITCHES", "Group", "Clip", "caption",
-           "parse_caption", "all_captions", "train_captions", "eval_prompts", "sample_clip", "render",
-           "render_batch", "category"]
+__all__ = [
+    "DURATION",
+    "KINDS",
+    "NOISY",
+    "NUM_SAMPLES",
+    "PITCHES",
+    "TONAL",
+    "Clip",
+    "Group",
+    "all_captions",
+    "caption",
+    "category",
+    "eval_prompts",
+    "parse_caption",
+    "render",
+    "render_batch",
+    "sample_clip",
+    "train_captions",
+]

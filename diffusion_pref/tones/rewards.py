@@ -129,7 +129,7 @@ class TonesFidelity:
     def __init__(self, device: Any = None, batch_size: Any = None):
         del device, batch_size  # numpy on the CPU
 
-    def score(self, prompts: Sequence[str], media: Any, sample_rate: Any = None) -> "Any":
+    def score(self, prompts: Sequence[str], media: Any, sample_rate: Any = None) -> Any:
         import torch
 
         from diffusion_pref.tones.audio import SAMPLE_RATE

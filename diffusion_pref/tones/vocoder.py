@@ -62,7 +62,7 @@ class GriffinLimVocoder(torch.nn.Module):
         (folder / "config.json").write_text(json.dumps(self.config(), indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, folder, torch_dtype=None, **_) -> "GriffinLimVocoder":
+    def from_pretrained(cls, folder, torch_dtype=None, **_) -> GriffinLimVocoder:
         del torch_dtype  # it computes in float32
         config = json.loads((Path(folder) / "config.json").read_text())
         if config.pop("_class_name", None) != CLASS_NAME:
@@ -91,4 +91,4 @@ class GriffinLimVocoder(torch.nn.Module):
         return wave[0] if single else wave
 
 
-__all__ = ["GriffinLimVocoder", "is_griffin_lim", "CLASS_NAME"]
+__all__ = ["CLASS_NAME", "GriffinLimVocoder", "is_griffin_lim"]
