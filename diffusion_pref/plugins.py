@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 
-PLUGINS = ("diffusion_pref.toy",)
+PLUGINS = ("diffusion_pref.toy", "diffusion_pref.tones")
 
 _state = {"loaded": False}
 

@@ -43,7 +43,7 @@ def named_model_folder(name: str) -> Optional[Path]:
 
 def _named_choices() -> str:
     """" or 'toy'" (the registered short names, for messages), or "" when there are none."""
-    return f" or {', '.join(repr(name) for name in NAMED_MODELS)}" if NAMED_MODELS else ""
+    return f" or {', '.join(repr(name) for name in sorted(NAMED_MODELS))}" if NAMED_MODELS else ""
 
 
 def torch_dtype(name: str):
@@ -176,7 +176,7 @@ def detect_family(model_cfg) -> str:
     if model_cfg.family != "auto":
         return model_cfg.family
     folder = named_model_folder(model_cfg.pretrained) or Path(model_cfg.pretrained).expanduser()
-    if (folder / "stft_config.json").is_file():  # Tango has no model_index.json (a folder or a registered name)
+    if (folder / "stft_config.json").is_file():  # Tango has no model_index.json (a folder, or a name like "tones")
         return "tango"
     class_name = _class_name(model_cfg)
     if "Tango" in class_name or "AudioLDM" in class_name:

@@ -82,6 +82,20 @@ def tango_folder(model_cfg) -> Path:
     return folder
 
 
+def _vocoder_class(folder: Path):
+    """``SpeechT5HifiGan`` (Tango's HiFi-GAN), or the tones world's weight-free Griffin-Lim vocoder when
+    ``vocoder/config.json`` names it (only the tones model ships one)."""
+    from transformers import SpeechT5HifiGan
+
+    from diffusion_pref.tones.vocoder import is_griffin_lim
+
+    if is_griffin_lim(folder):
+        from diffusion_pref.tones.vocoder import GriffinLimVocoder
+
+        return GriffinLimVocoder
+    return SpeechT5HifiGan
+
+
 class TangoBackbone(Backbone):
     """Tango / Tango 2: ``denoiser`` is the UNet; see the module docstring."""
 
@@ -114,7 +128,7 @@ class TangoBackbone(Backbone):
     @classmethod
     def load(cls, model_cfg, dtype=None):
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import AutoTokenizer, SpeechT5HifiGan, T5EncoderModel
+        from transformers import AutoTokenizer, T5EncoderModel
 
         from diffusion_pref.audio import MelSettings
 
@@ -127,7 +141,7 @@ class TangoBackbone(Backbone):
                 tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"),
                 unet=UNet2DConditionModel.from_pretrained(folder / "unet", **extra),
                 vae=AutoencoderKL.from_pretrained(folder / "vae", **extra),
-                vocoder=SpeechT5HifiGan.from_pretrained(folder / "vocoder", **extra),
+                vocoder=_vocoder_class(folder / "vocoder").from_pretrained(folder / "vocoder", **extra),
                 scheduler=DDPMScheduler.from_pretrained(folder / "scheduler"),
             )
         except Exception as err:
