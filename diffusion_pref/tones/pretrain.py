@@ -24,10 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import time
-from pathlib import Path
 
+from diffusion_pref.pretraining import optimizer_step_with_ema, start_run
 from diffusion_pref.tones.render import (
     Clip,
     all_groups,
@@ -132,20 +131,7 @@ def main(argv=None):
         metrics = evaluate(model, eval_prompts(), args.eval_seeds, args.eval_steps, args.guidance)
         print(json.dumps({"model": args.eval_only, **metrics, "seconds": round(time.time() - start, 1)}))
         return
-    torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log_file = (out / "log.jsonl").open("a")
-    start = time.time()
-
-    def log(record):
-        record = {"t": round(time.time() - start, 1), **record}
-        print(json.dumps(record), flush=True)
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
-
-    log({"args": vars(args)})
+    rng, out, log = start_run(args)
     tokenizer = tones_tokenizer()
     text_encoder, unet, vae = build_models(tokenizer)
     train_sched, _ = schedulers()
@@ -221,15 +207,7 @@ def main(argv=None):
         target = train_sched.get_velocity(latents, noise, t)
         weight = (snr[t] + 1).clamp(max=args.min_snr + 1) / (snr[t] + 1)  # min-SNR-gamma on the x0 error (v)
         loss = (((pred - target) ** 2).mean(dim=(1, 2, 3)) * weight).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for module, shadow in zip((unet, text_encoder), ema):
-                for p, e in zip(module.parameters(), shadow):
-                    e.lerp_(p.detach(), 1 - decay)
+        optimizer_step_with_ema(loss, opt, params, (unet, text_encoder), ema, step, args.ema)
         running = 0.98 * running + 0.02 * float(loss.detach()) if step else float(loss.detach())
         if step % 50 == 0:
             log({"phase": "unet", "step": step, "loss": round(running, 4)})

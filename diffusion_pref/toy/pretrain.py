@@ -30,8 +30,8 @@ import json
 import math
 import random
 import time
-from pathlib import Path
 
+from diffusion_pref.pretraining import optimizer_step_with_ema, start_run
 from diffusion_pref.toy.render import (
     CAPTION_TEMPLATE,
     COLOURS,
@@ -288,20 +288,7 @@ def main(argv=None):
         metrics = evaluate_fidelity(pipe, eval_prompts(), args.eval_seeds, args.eval_steps, args.guidance)
         print(json.dumps({"pipeline": args.eval_only, **metrics, "seconds": round(time.time() - start, 1)}))
         return
-    torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log_file = (out / "log.jsonl").open("a")
-    start = time.time()
-
-    def log(record):
-        record = {"t": round(time.time() - start, 1), **record}
-        print(json.dumps(record), flush=True)
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
-
-    log({"args": vars(args)})
+    rng, out, log = start_run(args)
     tokenizer = save_tokenizer(out / "tokenizer_src")
     vae, text_encoder, unet = build_models(
         len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.model_max_length,
@@ -388,16 +375,7 @@ def main(argv=None):
         target = noise if args.prediction == "epsilon" else train_sched.get_velocity(latents, noise, t)
         per_sample = ((pred - target) ** 2).mean(dim=(1, 2, 3))  # [B]
         loss = (per_sample * loss_weight(snr[t], args.prediction, args.min_snr)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        # EMA warm-up (as in diffusers' EMAModel) so early checkpoints are not dominated by the random init.
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for module, shadow in zip((unet, text_encoder), ema):
-                for p, e in zip(module.parameters(), shadow):
-                    e.lerp_(p.detach(), 1 - decay)
+        optimizer_step_with_ema(loss, opt, params, (unet, text_encoder), ema, step, args.ema)
         running = 0.98 * running + 0.02 * float(loss.detach()) if step else float(loss.detach())
         if step % 50 == 0:
             elapsed = time.time() - train_start
