@@ -496,8 +496,11 @@ def test_tiny_reward_kwargs_load_and_score_every_registered_scorer(tmp_path):
     audio = [np.random.default_rng(0).standard_normal(48_000).astype(np.float32) * 0.1 for _ in range(2)]
     for name in sorted(REWARD_MODELS):
         scorer = load_reward_model(name, device="cpu", **tiny_reward_kwargs(name, tmp_path))
-        media, extra = (audio, {"sample_rate": 48_000}) if name == "clap" else (images, {})
+        media, extra = (audio, {"sample_rate": 48_000}) if name in ("clap", "tones-fidelity") else (images, {})
         prompts = ["a red circle on a blue background", "a green square on a white background"]  # toy-* parse them
+        if name == "tones-fidelity":  # the tones world's own captions and rate
+            prompts, media, extra = ["two high beeps then a low hum", "a hiss"], [a[:16_000] for a in audio], {
+                "sample_rate": 16_000}
         scores = scorer.score(prompts, media, **extra)
         assert scores.shape == (2,) and torch.isfinite(scores).all(), name
     with pytest.raises(ValueError, match="no tiny model"):

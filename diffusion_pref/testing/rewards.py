@@ -238,7 +238,7 @@ def tiny_reward_kwargs(name: str, root: str | Path) -> dict:
         return {"pretrained": once("imagereward", save_tiny_imagereward), "vision_heads": 2}
     if name == "clap":
         return {"pretrained": once("clap", save_tiny_clap)}
-    if name in ("toy-fidelity", "toy-size"):
+    if name in ("toy-fidelity", "toy-size", "tones-fidelity"):  # programmatic: no weights
         return {}
     raise ValueError(f"no tiny model for reward model {name!r}; choose one of pickscore, clip, aesthetic, hpsv2, "
-                     "hpsv21, imagereward, clap, toy-fidelity, toy-size")
+                     "hpsv21, imagereward, clap, toy-fidelity, toy-size, tones-fidelity")

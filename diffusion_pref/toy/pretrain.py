@@ -289,6 +289,7 @@ def main(argv=None):
         print(json.dumps({"pipeline": args.eval_only, **metrics, "seconds": round(time.time() - start, 1)}))
         return
     rng, out, log = start_run(args)
+    start = time.time()
     tokenizer = save_tokenizer(out / "tokenizer_src")
     vae, text_encoder, unet = build_models(
         len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.model_max_length,
