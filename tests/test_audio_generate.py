@@ -109,3 +109,31 @@ def test_two_scorers_must_both_pass_the_filters():
     # without components the filters apply to the ranking scores, as for images
     pairs, _ = form_pairs(combined, "best_vs_worst", min_loser_score=0.3)
     assert pairs == [(0, 1)] and not math.isnan(np.mean(combined))
+
+
+def test_evaluate_scores_audio_and_reports_players_and_spectrograms(tmp_path):
+    import json
+
+    from diffusion_pref.commands.evaluate import run as evaluate
+
+    torch.set_num_threads(1)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "eval"
+    cfg = load_config(None, [
+        "model.pretrained=tones", f"eval.prompts={prompts}", "eval.seeds=[0, 1]", "eval.bootstrap_samples=200",
+        "eval.variants={base: base, g2: base}", "eval.variant_sampling={g2: {guidance_scale: 2.0}}",
+        "sample.steps=3", "sample.guidance_scale=1.0", "sample.scheduler=DDIMScheduler", "runtime.device=cpu",
+        "reward.models={tones-fidelity: 1.0}", f"output.dir={out}",
+    ])
+    metrics = evaluate(cfg)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["rewards"] == ["tones-fidelity"] and metrics["variants"] == ["base", "g2"]
+    rate = saved["win_rates"]["tones-fidelity"]["g2"]
+    assert 0.0 <= rate["ci_low"] <= rate["win_rate"] <= rate["ci_high"] <= 1.0
+    clips = sorted((out / "media").rglob("*.wav"))
+    assert len(clips) == 2 * len(PROMPTS) * 2  # variants x prompts x seeds, beside the report
+    html = (out / "report.html").read_text()
+    shown = 2 * len(PROMPTS)  # the grid shows one seed: variants x prompts
+    assert html.count("<audio controls") == shown and html.count('<img class="spectrogram"') == shown
+    assert not (out / "grid.png").exists()  # the image grid is for images only
