@@ -137,3 +137,26 @@ def test_evaluate_scores_audio_and_reports_players_and_spectrograms(tmp_path):
     shown = 2 * len(PROMPTS)  # the grid shows one seed: variants x prompts
     assert html.count("<audio controls") == shown and html.count('<img class="spectrogram"') == shown
     assert not (out / "grid.png").exists()  # the image grid is for images only
+
+
+def test_quickstart_runs_the_tones_world_through_the_standard_commands(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "qs"
+    overrides = [
+        "model.pretrained=tones", f"output.dir={out}", "generate.max_prompts=6", "sample.steps=3",
+        "generate.min_gap=null", "train.max_steps=2", "train.batch_size=2", "train.logger=none",
+        "eval.max_prompts=2", "eval.seeds=[0,1]", "eval.bootstrap_samples=50",
+    ]
+    result = subprocess.run([sys.executable, "-m", "diffusion_pref.cli", "quickstart", *overrides],
+                            capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
+                                                                              "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tones-fidelity of base" in result.stdout and "win rate of dpo over base" in result.stdout
+    assert list((out / "pairs").glob("pairs-*.parquet"))
+    assert (out / "train" / "pytorch_lora_weights.safetensors").is_file()
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["win_rates"]["tones-fidelity"]["dpo"]["n_pairs"] == 2 * 2
+    assert "<audio controls" in (out / "eval" / "report.html").read_text()
