@@ -160,3 +160,33 @@ def test_quickstart_runs_the_tones_world_through_the_standard_commands(tmp_path)
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert metrics["win_rates"]["tones-fidelity"]["dpo"]["n_pairs"] == 2 * 2
     assert "<audio controls" in (out / "eval" / "report.html").read_text()
+
+
+class _ByIndex:
+    """A stub audio scorer: the clip's position in its batch times ``step``; records the sample_rate it gets."""
+
+    scale = "stub"
+
+    def __init__(self, name, step):
+        self.name, self.step, self.rates = name, step, []
+
+    def score(self, prompts, media, sample_rate=None):
+        self.rates.append(sample_rate)
+        return torch.tensor([self.step * (i % 3) for i in range(len(media))], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("second_step", [1.0, 0.0])
+def test_generate_with_two_scorers_needs_both_to_pass(tmp_path, second_step):
+    from diffusion_pref.reward_models.base import WeightedReward
+
+    torch.set_num_threads(1)
+    a, b = _ByIndex("a", 1.0), _ByIndex("b", second_step)
+    reward = WeightedReward({"a": (a, 1.0), "b": (b, 1.0)})
+    cfg = _cfg(tmp_path, "generate.max_prompts=1", "generate.min_loser_score=0.0", "generate.min_gap=0.5",
+               "generate.strategy=all_pairs")
+    summary = generate(cfg, reward=reward)
+    assert a.rates == b.rates == [16000]  # every scorer is told the clips' sample rate
+    # scores a = [0, 1, 2] (b the same, or all 0): all_pairs gives 3 pairs, each with a gap >= 1 on a;
+    # on a constant b every gap is 0 < min_gap, so nothing passes
+    assert summary["pairs_written"] == (3 if second_step else 0)
+    assert summary["pairs_filtered"]["min_gap"] == (0 if second_step else 3)
