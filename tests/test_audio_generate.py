@@ -42,7 +42,7 @@ def test_audio_pairs_are_written_in_the_audio_alpaca_layout(generated):
     from diffusion_pref.audio import read_audio
     from diffusion_pref.tones.rewards import TonesFidelity
 
-    tmp, cfg, summary = generated
+    tmp, _, summary = generated
     assert summary["prompts_done"] == 3 and summary["samples"] == 9
     files = sorted((tmp / "pairs").glob("pairs-*.parquet"))
     table = pq.read_table(files).to_pydict()
@@ -67,7 +67,7 @@ def test_audio_pairs_are_written_in_the_audio_alpaca_layout(generated):
 def test_train_reads_the_generated_pairs(generated):
     from diffusion_pref.training.setup import Trainer
 
-    tmp, cfg, summary = generated
+    tmp = generated[0]
     train_cfg = load_config(None, [
         "model.pretrained=tones", f"data.source={tmp / 'pairs'}", "model.lora_rank=4", "loss.name=dpo",
         "train.batch_size=2", "train.max_steps=1", "train.logger=none", "train.checkpoint_every=0",
@@ -79,7 +79,7 @@ def test_train_reads_the_generated_pairs(generated):
 
 
 def test_resume_does_nothing_more(generated):
-    tmp, cfg, summary = generated
+    _, cfg, summary = generated
     again = generate(cfg)
     assert again["pairs_written"] == summary["pairs_written"] and again["samples"] == summary["samples"]
 
@@ -141,6 +141,7 @@ def test_evaluate_scores_audio_and_reports_players_and_spectrograms(tmp_path):
 
 def test_quickstart_runs_the_tones_world_through_the_standard_commands(tmp_path):
     import json
+    import os
     import subprocess
     import sys
 
@@ -151,8 +152,8 @@ def test_quickstart_runs_the_tones_world_through_the_standard_commands(tmp_path)
         "eval.max_prompts=2", "eval.seeds=[0,1]", "eval.bootstrap_samples=50",
     ]
     result = subprocess.run([sys.executable, "-m", "diffusion_pref.cli", "quickstart", *overrides],
-                            capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
-                                                                              "OMP_NUM_THREADS": "1"})
+                            capture_output=True, text=True, timeout=600, check=False,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "tones-fidelity of base" in result.stdout and "win rate of dpo over base" in result.stdout
     assert list((out / "pairs").glob("pairs-*.parquet"))

@@ -120,8 +120,7 @@ Promise.all([...document.querySelectorAll('audio')].map(a => new Promise(done =>
 
 
 def _audio_report(tmp_path: Path) -> Path:
-    from diffusion_pref.audio import write_wav
-    from diffusion_pref.audio import wav_bytes
+    from diffusion_pref.audio import wav_bytes, write_wav
 
     rate, rows = 16000, []
     for v, variant in enumerate(VARIANTS):

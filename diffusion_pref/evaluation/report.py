@@ -102,7 +102,7 @@ def media_html(path: Path, alt: str = "") -> str:
 
             wave, rate = read_audio(path)
             png = base64.b64encode(spectrogram_png(wave, rate)).decode("ascii")
-        except Exception as err:  # a clip soundfile cannot decode (e.g. mp3) keeps its player
+        except (ValueError, OSError) as err:  # a clip soundfile cannot decode (AudioError, e.g. mp3) keeps its player
             return player + f'<div class="caption">no spectrogram ({html.escape(type(err).__name__)})</div>'
         return (player + f'<img class="spectrogram" alt="{html.escape("spectrogram of " + alt)}" width="{THUMBNAIL_SIZE}" '
                 f'height="128" src="data:image/png;base64,{png}">')
