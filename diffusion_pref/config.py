@@ -252,6 +252,8 @@ class GenerateConfig:
     samples_per_prompt: int = 4
     strategy: Literal["best_vs_worst", "all_pairs", "best_vs_each"] = "best_vs_worst"
     min_winner_score: Optional[float] = None
+    # Audio (a backbone with a sample_rate) only: the loser's score must reach this too (the Audio-alpaca filter)
+    min_loser_score: Optional[float] = None
     min_gap: Optional[float] = None
     max_gap: Optional[float] = None
     shard_size: int = 256  # pairs per parquet shard
@@ -261,6 +263,7 @@ class GenerateConfig:
     prompt_split: str = "train"  # split to read when generate.prompts is a hub dataset id
     max_prompts: Optional[int] = None  # only the first N prompts (smoke runs); raising it later resumes the same run
     image_format: Literal["png", "jpeg"] = "png"  # png: lossless, stored images score exactly as generated
+    audio_format: Literal["flac", "wav"] = "flac"  # audio backbones: both lossless 16-bit PCM
     # Statistical rejection sampling (RSO): None = off; otherwise each prompt's candidates are first thinned to
     # rso_keep samples accepted with probability exp((r - r_max) / rso_beta), then paired by `strategy`.
     rso_beta: Optional[float] = None

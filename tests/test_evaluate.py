@@ -438,7 +438,8 @@ def test_report_embeds_audio_players_for_audio_samples(tmp_path):
     metrics = compute_metrics(table, ["loud"], "base", bootstrap_samples=10)
     html = render_report(metrics, table, media_root=tmp_path)
     assert html.count('<audio controls preload="none" src="data:audio/wav;base64,') == 2
-    assert "<img" not in html
+    # each player has its spectrogram and there is no other image (audio is never shown as a picture)
+    assert html.count('<img class="spectrogram"') == html.count("<img") == 2
 
 
 # -- bad input -----------------------------------------------------------------------------------------------

@@ -98,3 +98,74 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert grid.get("img", 0) == len(PROMPTS) * len(VARIANTS)
     assert grid.get("tr", 0) == 1 + len(PROMPTS)
     assert dom.count('class="winrate"') == 1 and dom.count('class="histogram"') == 1
+
+
+# -- audio ---------------------------------------------------------------------------------------------------
+
+# Appended to a copy of the report (which itself has no JavaScript): loads every <audio> and records its duration
+# (-1 for an error), and every spectrogram's decoded width, into an element the dumped DOM then holds.
+_AUDIO_PROBE = """<script>
+Promise.all([...document.querySelectorAll('audio')].map(a => new Promise(done => {
+  a.addEventListener('loadedmetadata', () => done(a.duration), {once: true});
+  a.addEventListener('error', () => done(-1), {once: true});
+  a.load();
+}))).then(durations => {
+  const out = document.createElement('pre');
+  out.id = 'audio-probe';
+  const widths = [...document.querySelectorAll('img.spectrogram')].map(i => i.naturalWidth);
+  out.textContent = JSON.stringify({durations: durations, spectrograms: widths});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def _audio_report(tmp_path: Path) -> Path:
+    from diffusion_pref.audio import wav_bytes, write_wav
+
+    rate, rows = 16000, []
+    for v, variant in enumerate(VARIANTS):
+        for p, prompt in enumerate(PROMPTS):
+            for seed in (0, 1):
+                wave = 0.3 * np.sin(2 * np.pi * (300 + 200 * p + 50 * v) * np.arange(rate // 2) / rate)
+                suffix = ".flac" if variant == "dpo" else ".wav"  # both encodings must play
+                path = tmp_path / "media" / variant / f"{p:05d}_s{seed}{suffix}"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if suffix == ".wav":
+                    write_wav(path, wave, rate)
+                else:
+                    path.write_bytes(wav_bytes(wave, rate, format="FLAC"))
+                rows.append(dict(variant=variant, prompt_index=p, prompt=prompt, category="tones", seed=seed,
+                                 media=str(path.relative_to(tmp_path)), score=v + 0.1 * p + 0.01 * seed))
+    table = pd.DataFrame(rows)
+    metrics = compute_metrics(table, ["score"], "base", bootstrap_samples=100)
+    return write_report(tmp_path / "report.html", metrics, table, media_root=tmp_path, title="audio check")
+
+
+def test_audio_report_players_load_in_headless_chromium(tmp_path):
+    import json
+    import re
+
+    report = _audio_report(tmp_path)
+    text = report.read_text()
+    assert "<script" not in text  # the report itself stays script-free
+    probed = tmp_path / "probed.html"
+    probed.write_text(text.replace("</body>", _AUDIO_PROBE + "</body>"))
+    result = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--mute-audio",
+         f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1600", "--virtual-time-budget=10000",
+         "--dump-dom", probed.as_uri()],
+        capture_output=True, text=True, timeout=90,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    dom = result.stdout
+    grid = _elements(dom, "grid")
+    cells = len(PROMPTS) * len(VARIANTS)  # one seed is shown: one player and one spectrogram per sample shown
+    assert grid.get("audio", 0) == cells and grid.get("img", 0) == cells
+    match = re.search(r'<pre id="audio-probe">(.*?)</pre>', dom, re.S)
+    assert match, "the audio probe did not finish (an <audio> element neither loaded nor failed)"
+    probe = json.loads(match.group(1).replace("&quot;", '"'))
+    assert len(probe["durations"]) == cells
+    # every clip decodes to its 0.5 s (an <audio> that failed reports -1)
+    assert all(abs(d - 0.5) < 0.01 for d in probe["durations"]), probe["durations"]
+    assert probe["spectrograms"] == [256] * cells

@@ -8,7 +8,8 @@ by ``generate.strategy``:
 - ``all_pairs``: every two samples, the higher-scored one as winner;
 - ``best_vs_each``: the highest-scored sample against each of the others.
 
-Pairs then pass the filters ``min_winner_score``, ``min_gap`` and ``max_gap`` (the Audio-alpaca construction).
+Pairs then pass the filters ``min_winner_score``, ``min_loser_score``, ``min_gap`` and ``max_gap`` (the
+Audio-alpaca construction; ``min_loser_score`` keeps pairs whose loser is still a fair attempt).
 Pairs of equal scores are never written: they are counted as filtered ("tie"). Samples whose score is NaN are
 left out and counted. With ``rso_beta`` set, statistical rejection sampling (RSO) first thins the candidates.
 
@@ -19,6 +20,17 @@ Output: parquet shards ``pairs-p<process>-<n>.parquet`` in ``output.dir`` with t
 ``caption, jpg_0, jpg_1, label_0, label_1`` (images as PNG or JPEG bytes; ``label_0 = 1.0`` when ``jpg_0`` won)
 plus ``score_0, score_1, reward_model, seed_0, seed_1, model, prompt_index, category``, and ``summary.json``.
 Which side holds the winner is decided by a hash of the pair's seeds, so ``label_0`` is not constant.
+
+Audio (a backbone whose ``sample_rate`` is set, e.g. Tango or ``model.pretrained=tones``): each clip is scored
+with ``sample_rate=`` passed to the reward models and stored as FLAC (``generate.audio_format=wav``: WAV) bytes in
+the Audio-alpaca layout that ``diffusion-pref train`` reads directly: ``prompt, chosen, rejected, strategy``
+(``chosen``/``rejected`` as ``{"bytes", "path"}`` cells, the winner always in ``chosen``, so there is no label
+column) plus ``score_0`` (the winner's) and ``score_1`` and the same bookkeeping columns as for images. With two or
+more reward models configured, an audio pair is ranked by their weighted sum but must pass every filter on *each*
+scorer's own score: the winner reaches ``min_winner_score`` and the loser ``min_loser_score`` on both, and the
+winner-minus-loser gap lies within [``min_gap``, ``max_gap``] on both (so both scorers agree on the winner whenever
+``min_gap`` > 0). A pair counts under the first filter that fails on any scorer. Images keep filtering the weighted
+sum.
 
 Resuming: every shard is written to a temporary name and renamed, and records in its parquet metadata which
 prompt indices it covers (prompts whose pairs were all filtered are covered by a small ``.empty.json`` file
@@ -126,9 +138,14 @@ def form_pairs(
     min_winner_score: Optional[float] = None,
     min_gap: Optional[float] = None,
     max_gap: Optional[float] = None,
+    *,
+    min_loser_score: Optional[float] = None,
+    components: Optional[Sequence[Sequence[float]]] = None,
 ) -> Tuple[List[Tuple[int, int]], Counter]:
     """(winner, loser) index pairs of one prompt's candidates, and counts of what was left out and why.
 
+    Pairs are ranked by ``scores``; the filters apply to ``scores``, or, when ``components`` (one score list per
+    reward model, aligned with ``scores``) is given, to every one of those lists: a pair must pass on each.
     NaN scores are left out first (``nan_scores``). Among equal best (or worst) scores the lowest index is taken,
     so the result does not depend on anything but the scores. Counter keys: ``pairs_considered``,
     ``pairs_written``, ``nan_scores`` and one per :data:`FILTER_REASONS`.
@@ -150,16 +167,21 @@ def form_pairs(
             ]
         else:
             raise ValueError(f"unknown pairing strategy {strategy!r}; use best_vs_worst, all_pairs or best_vs_each")
+    if min_loser_score is not None:
+        stats["min_loser_score"] = 0  # so that the summary lists the filter when it is set
+    lists = [scores] if components is None else list(components)
     pairs = []
     for w, l in candidates:
         gap = scores[w] - scores[l]
         if gap == 0:
             reason = "tie"
-        elif min_winner_score is not None and scores[w] < min_winner_score:
+        elif min_winner_score is not None and any(c[w] < min_winner_score for c in lists):
             reason = "min_winner_score"
-        elif min_gap is not None and gap < min_gap:
+        elif min_loser_score is not None and any(c[l] < min_loser_score for c in lists):
+            reason = "min_loser_score"
+        elif min_gap is not None and any(c[w] - c[l] < min_gap for c in lists):
             reason = "min_gap"
-        elif max_gap is not None and gap > max_gap:
+        elif max_gap is not None and any(c[w] - c[l] > max_gap for c in lists):
             reason = "max_gap"
         else:
             pairs.append((w, l))
@@ -209,6 +231,12 @@ def _sample(backbone: Any, prompts: List[str], seeds: List[int], sample: SampleC
 # Shards: writing, and reading back what is already done
 
 
+def _encode_audio(wave: Any, rate: int, audio_format: str) -> bytes:
+    from diffusion_pref.audio import wav_bytes
+
+    return wav_bytes(wave, rate, format=audio_format.upper())
+
+
 def _encode_image(image: Any, image_format: str) -> bytes:
     buffer = io.BytesIO()
     if image_format == "png":
@@ -238,12 +266,34 @@ def _pair_schema():
     ])
 
 
+def _audio_pair_schema():
+    """The Audio-alpaca layout (``prompt, chosen, rejected, strategy``; audio as ``{"bytes", "path"}`` cells) and
+    the columns the image layout has beside its media (the winner is always ``chosen``: ``score_0`` is its score)."""
+    import pyarrow as pa
+
+    audio = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    return pa.schema([
+        ("prompt", pa.string()),
+        ("chosen", audio),
+        ("rejected", audio),
+        ("strategy", pa.string()),
+        ("score_0", pa.float64()),
+        ("score_1", pa.float64()),
+        ("reward_model", pa.string()),
+        ("seed_0", pa.int64()),
+        ("seed_1", pa.int64()),
+        ("model", pa.string()),
+        ("prompt_index", pa.int64()),
+        ("category", pa.string()),
+    ])
+
+
 def _write_shard(folder: Path, process: int, number: int, rows: List[dict], meta: dict) -> Path:
     if rows:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        schema = _pair_schema().with_metadata({METADATA_KEY: json.dumps(meta).encode()})
+        schema = (_audio_pair_schema() if "chosen" in rows[0] else _pair_schema()).with_metadata({METADATA_KEY: json.dumps(meta).encode()})
         table = pa.Table.from_pylist(rows, schema=schema)
         path = folder / f"pairs-p{process:03d}-{number:05d}.parquet"
         atomic_write(path, lambda tmp: pq.write_table(table, tmp))
@@ -287,6 +337,7 @@ class _Candidate:
     image: Any
     score: float
     blocked: bool = False  # the pipeline's safety checker replaced the image with a black one
+    components: Optional[Dict[str, float]] = None  # audio with several reward models: each one's score
 
 
 def _check_settings(gen: GenerateConfig, sample: SampleConfig) -> None:
@@ -312,6 +363,11 @@ def _settings(cfg: Config, prompts_digest: str, reward_name: str) -> dict:
         model=cfg.model.pretrained, model_revision=cfg.model.revision, model_variant=cfg.model.variant,
         model_vae=cfg.model.vae, reward_model=reward_name, prompts=prompts_digest,
     )
+    # Newer settings are recorded only when they differ from their default, so older runs still resume.
+    if cfg.generate.min_loser_score is not None:
+        values["min_loser_score"] = cfg.generate.min_loser_score
+    if cfg.generate.audio_format != "flac":
+        values["audio_format"] = cfg.generate.audio_format
     return values
 
 
@@ -339,8 +395,9 @@ def _prompt_groups(indices: List[int], gen: GenerateConfig, batch_size: int) -> 
 
 def _pairs_rows(
     prompt_index: int, record: Any, candidates: List[_Candidate], gen: GenerateConfig, model: str, reward_name: str,
-    seed: int,
+    seed: int, sample_rate: Optional[int] = None,
 ) -> Tuple[List[dict], Counter]:
+    """One prompt's rows (images: Pick-a-Pic layout; ``sample_rate`` set: audio in the Audio-alpaca layout)."""
     scores = [c.score for c in candidates]
     pool = [i for i, c in enumerate(candidates) if not c.blocked]  # a black image would only ever be a loser
     stats: Counter = Counter(safety_blocked=len(candidates) - len(pool))
@@ -351,12 +408,19 @@ def _pairs_rows(
         stats["rso_rejected"] = len(nan_free) - len(accepted)
         stats["nan_scores"] += len(pool) - len(nan_free)
         pool = [nan_free[i] for i in accepted]
+    components = None
+    if sample_rate is not None and candidates and candidates[0].components:  # audio, several scorers: each filters
+        components = [[candidates[i].components[name] for i in pool] for name in candidates[0].components]
     pairs, pair_stats = form_pairs(
-        [scores[i] for i in pool], gen.strategy, gen.min_winner_score, gen.min_gap, gen.max_gap
+        [scores[i] for i in pool], gen.strategy, gen.min_winner_score, gen.min_gap, gen.max_gap,
+        min_loser_score=gen.min_loser_score, components=components,
     )
     stats.update(pair_stats)
     encoded: Dict[int, bytes] = {}
     rows = []
+    if sample_rate is not None:
+        rows = _audio_rows(prompt_index, record, candidates, pool, pairs, gen, model, reward_name, sample_rate)
+        pairs = []
     for w, l in pairs:
         win, lose = candidates[pool[w]], candidates[pool[l]]
         first, second = (win, lose) if winner_first(win.seed, lose.seed) else (lose, win)
@@ -385,6 +449,36 @@ def _pairs_rows(
     return rows, stats
 
 
+def _audio_rows(
+    prompt_index: int, record: Any, candidates: List[_Candidate], pool: List[int], pairs: List[Tuple[int, int]],
+    gen: GenerateConfig, model: str, reward_name: str, sample_rate: int,
+) -> List[dict]:
+    """Audio-alpaca rows: the winner is always ``chosen`` (``score_0``), each clip encoded once."""
+    encoded: Dict[int, dict] = {}
+    rows = []
+    for w, l in pairs:
+        win, lose = candidates[pool[w]], candidates[pool[l]]
+        for c in (win, lose):
+            if c.sample not in encoded:
+                data = _encode_audio(c.image, sample_rate, gen.audio_format)
+                encoded[c.sample] = {"bytes": data, "path": f"p{prompt_index:06d}-s{c.sample:03d}.{gen.audio_format}"}
+        rows.append({
+            "prompt": record.prompt,
+            "chosen": encoded[win.sample],
+            "rejected": encoded[lose.sample],
+            "strategy": gen.strategy,
+            "score_0": win.score,
+            "score_1": lose.score,
+            "reward_model": reward_name,
+            "seed_0": win.seed,
+            "seed_1": lose.seed,
+            "model": model,
+            "prompt_index": prompt_index,
+            "category": record.category,
+        })
+    return rows
+
+
 def summarize(folder: str | Path, total_prompts: Optional[int] = None) -> dict:
     """Counts over every shard in ``folder`` (all runs and restarts together)."""
     metas = read_shards(folder)
@@ -397,7 +491,7 @@ def summarize(folder: str | Path, total_prompts: Optional[int] = None) -> dict:
         "prompts_done": len(covered),
         "pairs_written": sum(meta["rows"] for meta in metas.values()),
         "pairs_considered": totals["pairs_considered"],
-        "pairs_filtered": {reason: totals[reason] for reason in FILTER_REASONS},
+        "pairs_filtered": {reason: totals[reason] for reason in _filter_reasons(totals)},
         "samples": totals["samples"],
         "samples_with_nan_score": totals["nan_scores"],
         "samples_rejected_by_rso": totals["rso_rejected"],
@@ -409,6 +503,13 @@ def summarize(folder: str | Path, total_prompts: Optional[int] = None) -> dict:
         summary["prompts_total"] = total_prompts
         summary["prompts_missing"] = total_prompts - len(covered)
     return summary
+
+
+def _filter_reasons(totals: Counter) -> Tuple[str, ...]:
+    """FILTER_REASONS, with ``min_loser_score`` after ``min_winner_score`` where a run set that filter."""
+    if "min_loser_score" not in totals:
+        return FILTER_REASONS
+    return FILTER_REASONS[:2] + ("min_loser_score",) + FILTER_REASONS[2:]
 
 
 def _format_summary(summary: dict, folder: Path) -> str:
@@ -616,7 +717,7 @@ def _generate_groups(
             candidates = _sample_and_score(group, records, cfg, backbone, reward, reward_name)
             futures = [
                 (p, pool.submit(_pairs_rows, p, records[p], candidates[p], gen, cfg.model.pretrained, reward_name,
-                                cfg.runtime.seed))
+                                cfg.runtime.seed, getattr(backbone, "sample_rate", None)))
                 for p in group
             ]
             collect(previous)
@@ -640,9 +741,19 @@ def _sample_and_score(
         seeds = [sample_seed(cfg.runtime.seed, p, s) for p, s in batch]
         images = _sample(backbone, prompts, seeds, cfg.sample)
         blocked = images.blocked
-        scores = _as_floats(reward.score(prompts, images), len(batch), reward_name)
-        for (p, s), seed, image, score, flag in zip(batch, seeds, images, scores, blocked):
-            candidates[p].append(_Candidate(s, seed, image, score, flag))
+        rate = getattr(backbone, "sample_rate", None)
+        per_model: List[Optional[Dict[str, float]]] = [None] * len(batch)
+        if rate is None:
+            scores = _as_floats(reward.score(prompts, images), len(batch), reward_name)
+        elif len(getattr(reward, "components", {})) > 1:  # each scorer's own scores: a pair must pass on each
+            parts = reward.score_components(prompts, images, sample_rate=rate)
+            scores = _as_floats(reward.combine(parts), len(batch), reward_name)
+            lists = {name: _as_floats(v, len(batch), name) for name, v in parts.items()}
+            per_model = [{name: v[k] for name, v in lists.items()} for k in range(len(batch))]
+        else:
+            scores = _as_floats(reward.score(prompts, images, sample_rate=rate), len(batch), reward_name)
+        for (p, s), seed, image, score, flag, comp in zip(batch, seeds, images, scores, blocked, per_model):
+            candidates[p].append(_Candidate(s, seed, image, score, flag, comp))
     return candidates
 
 

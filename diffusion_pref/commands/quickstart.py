@@ -13,6 +13,10 @@
 Each step writes its own ``config.yaml``, so any step can be rerun alone with ``diffusion-pref <step> --config``.
 The settings live in ``quickstart.yaml`` beside this file; ``--config`` and ``key=value`` apply on top.
 
+``diffusion-pref quickstart model.pretrained=tones`` runs the same three commands on the tones world (audio: the
+tiny Tango-structured model, the ``tones-fidelity`` reward, Audio-alpaca pairs, a report with players and
+spectrograms) with the recipe in ``diffusion_pref/tones/quickstart.yaml`` in place of the shapes-world values.
+
 When the shapes-world weights are not in the package, the loop runs on a tiny random-weight Stable Diffusion
 instead and says so: that shows the plumbing works end to end, not that alignment works.
 """
@@ -42,12 +46,7 @@ def _built_in_model(cfg: Config, out: Path) -> tuple[Config, str]:
 
     shipped = named_model_folder(cfg.model.pretrained)
     if shipped is not None and (shipped / "stft_config.json").is_file():
-        from diffusion_pref.config import ConfigError
-
-        # Audio generation through `generate` is not there yet; the audio world's own module runs the same loop.
-        raise ConfigError(f"model.pretrained={cfg.model.pretrained} is an audio model and this quickstart generates "
-                          "images; run its world's own quickstart, e.g. `python -m diffusion_pref.tones.quickstart` "
-                          "(generate -> train -> evaluate for the tones world)")
+        return _audio_world(cfg, shipped), f"model: {cfg.model.pretrained} (audio)"
     if shipped is None or (shipped / "model_index.json").is_file():
         return cfg, f"model: {cfg.model.pretrained}"
     from diffusion_pref.testing import save_tiny_sd
@@ -60,6 +59,36 @@ def _built_in_model(cfg: Config, out: Path) -> tuple[Config, str]:
     )
     print(note, flush=True)
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=str(folder))), note
+
+
+def _audio_world(cfg: Config, shipped: Path) -> Config:
+    """``cfg`` with the audio world's recipe (``quickstart.yaml`` in the world's package, e.g. tones) in place of
+    every shapes-world default of ``diffusion_pref/quickstart.yaml`` that the user left as it was.
+
+    A key is taken from the world's recipe when its value still equals the shapes-world default, so a value given
+    on the command line or in ``--config`` stays (one given equal to the shapes-world default reads as unchanged).
+    """
+    import yaml
+
+    from diffusion_pref.config import ConfigError, load_config
+
+    recipe_file = shipped.parent / "quickstart.yaml"
+    if not recipe_file.is_file():
+        raise ConfigError(f"model.pretrained={cfg.model.pretrained} is an audio model without a quickstart recipe "
+                          f"({recipe_file} is missing); run generate, train and evaluate with your own config")
+    shapes = load_config(Path(__file__).resolve().parents[1] / "quickstart.yaml")
+    world = load_config(recipe_file)
+    recipe = yaml.safe_load(recipe_file.read_text()) or {}
+    changed = {}
+    for section, keys in recipe.items():
+        fields = {}
+        for key in keys:
+            current, default = getattr(getattr(cfg, section), key), getattr(getattr(shapes, section), key)
+            if current == default:
+                fields[key] = getattr(getattr(world, section), key)
+        if fields:
+            changed[section] = dataclasses.replace(getattr(cfg, section), **fields)
+    return dataclasses.replace(cfg, **changed)
 
 
 def _summary_lines(metrics: dict, reward: str, tuned: str) -> list[str]:

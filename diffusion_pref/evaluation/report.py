@@ -3,8 +3,9 @@
 It holds a summary table (mean, median and win rate with its 95% interval per variant and reward model), win-rate
 bars with interval whiskers and score histograms per reward model (both inline SVG, so no plotting library is
 needed), per-category means, and a grid of media (rows: prompts, columns: variants, one seed). Images are
-embedded as base64 PNG (JPEG thumbnails above 256 px); audio files (``.wav``/``.flac``) are embedded as
-``<audio>`` players.
+embedded as base64 PNG (JPEG thumbnails above 256 px); audio files (``.wav``/``.flac``, which evaluate writes
+beside the report under ``media/``) are embedded as ``<audio controls>`` players, each with its spectrogram
+(:func:`spectrogram_png`: the log-mel of :mod:`diffusion_pref.audio`, low frequencies at the bottom) as a PNG.
 
 Example::
 
@@ -39,6 +40,7 @@ th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; vertical-a
 th { background: #f2f2f2; text-align: center; } td.name, th.name { text-align: left; }
 #grid td { text-align: center; } #grid td.prompt { text-align: left; max-width: 260px; }
 #grid img { display: block; max-width: 256px; image-rendering: auto; }
+#grid audio { display: block; width: 256px; }
 .caption { font-size: 12px; color: #555; } .meta { font-size: 13px; color: #444; }
 .charts { display: flex; flex-wrap: wrap; gap: 24px; }
 """
@@ -54,15 +56,56 @@ def _colour(i: int) -> str:
     return COLOURS[i % len(COLOURS)]
 
 
+SPECTROGRAM_RANGE = 80.0 / (20 / math.log(10))  # natural-log units shown below each clip's peak: 80 dB of power
+# dark blue -> purple -> orange -> light yellow: (position, RGB) stops, interpolated linearly
+_SPECTROGRAM_STOPS = ((0.0, (0, 0, 30)), (0.35, (90, 20, 120)), (0.7, (230, 100, 40)), (1.0, (255, 250, 190)))
+
+
+def spectrogram_png(wave: Any, sample_rate: int, height: int = 128, width: int = THUMBNAIL_SIZE) -> bytes:
+    """A clip's log-mel spectrogram (:func:`diffusion_pref.audio.log_mel` with Tango's settings, after resampling
+    to 16 kHz) as PNG bytes: time left to right, mel bin 0 (lowest frequencies) at the bottom, the loudest value
+    white-yellow and values ``SPECTROGRAM_RANGE`` or more below it dark blue. Rendered with PIL."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from diffusion_pref.audio import MelSettings, log_mel, resample
+
+    settings = MelSettings()
+    wave = np.asarray(wave, dtype=np.float32)
+    if wave.ndim == 2:  # [samples, channels] as soundfile reads it
+        wave = wave.mean(axis=1)
+    wave = resample(wave, int(sample_rate), settings.sampling_rate)
+    mel = log_mel(torch.from_numpy(np.ascontiguousarray(wave))[None], settings)[0].numpy()  # [T, n_mels]
+    level = np.clip((mel - mel.max()) / SPECTROGRAM_RANGE + 1.0, 0.0, 1.0)
+    level[mel <= math.log(1e-5) + 1e-6] = 0.0  # log_mel's floor (silence) is dark, also in an all-silent clip
+    level = level[:, ::-1].T  # [n_mels, T], mel bin 0 in the bottom row
+    positions = [p for p, _ in _SPECTROGRAM_STOPS]
+    rgb = np.stack([np.interp(level, positions, [c[k] for _, c in _SPECTROGRAM_STOPS]) for k in range(3)], -1)
+    image = Image.fromarray(np.round(rgb).astype(np.uint8), "RGB").resize((width, height), Image.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def media_html(path: Path, alt: str = "") -> str:
-    """An embedded ``<img>`` or ``<audio>`` player for the media file at ``path``.
+    """An embedded ``<img>``, or an ``<audio>`` player with its spectrogram, for the media file at ``path``.
 
     Images up to ``THUMBNAIL_SIZE`` are embedded as PNG (exact pixels); larger ones as a JPEG thumbnail.
     """
     suffix = path.suffix.lower()
     if suffix in AUDIO_MIME:
         data = base64.b64encode(path.read_bytes()).decode("ascii")
-        return f'<audio controls preload="none" src="data:{AUDIO_MIME[suffix]};base64,{data}"></audio>'
+        player = f'<audio controls preload="none" src="data:{AUDIO_MIME[suffix]};base64,{data}"></audio>'
+        try:
+            from diffusion_pref.audio import read_audio
+
+            wave, rate = read_audio(path)
+            png = base64.b64encode(spectrogram_png(wave, rate)).decode("ascii")
+        except (ValueError, OSError) as err:  # a clip soundfile cannot decode (AudioError, e.g. mp3) keeps its player
+            return player + f'<div class="caption">no spectrogram ({html.escape(type(err).__name__)})</div>'
+        return (player + f'<img class="spectrogram" alt="{html.escape("spectrogram of " + alt)}" width="{THUMBNAIL_SIZE}" '
+                f'height="128" src="data:image/png;base64,{png}">')
     from PIL import Image
 
     with Image.open(path) as image:

@@ -11,8 +11,10 @@
 3. evaluate: base against tuned on the held-out captions with the same seeds: mean fidelity and the win rate
    with its 95% bootstrap interval over prompts (``evaluation.stats.win_rate``); ``summary.json``.
 
-Audio generation through ``diffusion-pref generate`` does not exist yet (generate writes images); this module does
-steps 1 and 3 with the same pieces (backbone.sample, the reward, the statistics) and step 2 with the real trainer.
+``diffusion-pref quickstart model.pretrained=tones`` runs the same loop through the standard commands (generate
+writes Audio-alpaca pairs, evaluate writes a report with players and spectrograms; recipe in
+``tones/quickstart.yaml``). This module stays as the lighter loop the measured runs in ``tones/weights/README.md``
+used: steps 1 and 3 with the same pieces (backbone.sample, the reward, the statistics), step 2 with the trainer.
 """
 
 from __future__ import annotations
