@@ -499,6 +499,10 @@ def write_report(out: Path, suite: str, results_dir: Path, note: str, planned: L
                     row.append("-")
                     continue
                 share = share_of_clean_gain(s["tuned_mean"] - s["base_mean"], clean["tuned_mean"] - clean["base_mean"])
+                if clean["tuned_mean"] - clean["base_mean"] <= 0:  # no clean gain: a share of a loss means nothing
+                    shares[f"{loss} {rate}"] = None
+                    row.append(f"n/a (gain {s['tuned_mean'] - s['base_mean']:+.3f})")
+                    continue
                 ng = [prompt_gains(r["final"]) for r in finished[f"{loss} flip {rate}"]]
                 cg = [prompt_gains(r["final"]) for r in finished[f"{loss} flip 0"]]
                 ci = share_interval([g for g, _ in ng], [n for _, n in ng], [g for g, _ in cg], [n for _, n in cg])
