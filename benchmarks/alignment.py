@@ -103,6 +103,53 @@ def share_of_clean_gain(gain: float, clean_gain: float) -> Optional[float]:
     return None if abs(clean_gain) < 1e-9 else gain / clean_gain
 
 
+def share_interval(noisy, noisy_n, clean, clean_n, *, samples: int = 2000, seed: int = 0, level: float = 0.95):
+    """Percentile interval of the share ``mean gain(noisy) / mean gain(clean)`` from ``[n_seeds, n_prompts]``
+    arrays of per-prompt summed gains (tuned - base score) and pair counts. Prompts are resampled once per draw
+    for both runs (they are evaluated on the same held-out prompts and seeds against the same base images);
+    training seeds are resampled independently for each (they are different runs). Draws whose clean gain is 0
+    are dropped; None when every draw is dropped."""
+    import numpy as np
+
+    arrays = [np.asarray(a, dtype=np.float64) for a in (noisy, noisy_n, clean, clean_n)]
+    if arrays[0].shape != arrays[1].shape or arrays[2].shape != arrays[3].shape or arrays[0].ndim != 2 \
+            or arrays[2].ndim != 2 or arrays[0].shape[1] != arrays[2].shape[1]:
+        raise ValueError("gains and counts must be [seeds, prompts] arrays over the same prompts, got "
+                         + ", ".join(str(a.shape) for a in arrays))
+    noisy, noisy_n, clean, clean_n = arrays
+    n_prompts = noisy.shape[1]
+    rng = np.random.default_rng(seed)
+    p_idx = rng.integers(0, n_prompts, size=(samples, n_prompts))
+    a_idx = rng.integers(0, noisy.shape[0], size=(samples, noisy.shape[0]))
+    b_idx = rng.integers(0, clean.shape[0], size=(samples, clean.shape[0]))
+
+    def counts(idx, n):
+        c = np.zeros((samples, n))
+        np.add.at(c, (np.arange(samples)[:, None], idx), 1.0)
+        return c
+
+    p_count = counts(p_idx, n_prompts)
+    a_count, b_count = counts(a_idx, noisy.shape[0]), counts(b_idx, clean.shape[0])
+    mean_noisy = np.einsum("bs,sp,bp->b", a_count, noisy, p_count) / np.einsum("bs,sp,bp->b", a_count, noisy_n, p_count)
+    mean_clean = np.einsum("bs,sp,bp->b", b_count, clean, p_count) / np.einsum("bs,sp,bp->b", b_count, clean_n, p_count)
+    keep = mean_clean != 0
+    if not keep.any():
+        return None
+    low, high = np.quantile(mean_noisy[keep] / mean_clean[keep], [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
+def prompt_gains(final: Dict):
+    """Per-prompt summed gains (tuned - base score) and pair counts of one run's final evaluation, prompt order."""
+    sums: Dict[int, float] = {}
+    counts: Dict[int, int] = {}
+    for (prompt, _), score, base in zip(final["pair_keys"], final["scores"], final["base_scores"]):
+        sums[int(prompt)] = sums.get(int(prompt), 0.0) + float(score) - float(base)
+        counts[int(prompt)] = counts.get(int(prompt), 0) + 1
+    keys = sorted(sums)
+    return [sums[k] for k in keys], [counts[k] for k in keys]
+
+
 def time_to_reach(times: Sequence[float], values: Sequence[float], target: float) -> Optional[float]:
     """First time at which ``values`` reaches ``target`` (linear between evaluated points); None if never."""
     prev_t, prev_v = 0.0, None
@@ -434,21 +481,40 @@ def write_report(out: Path, suite: str, results_dir: Path, note: str, planned: L
             f"{s['eval_s']:.0f} |")
     if suite == "noise":
         lines += ["", "Gain over the base (tuned - base toy-fidelity) as a share of the same loss's clean gain:", "",
-                  "| loss | 10% flipped | 20% flipped | 30% flipped |", "| --- | --- | --- | --- |"]
-        shares = {}
+                  "| loss | clean gain (95% CI) | 10% flipped | 20% flipped | 30% flipped |",
+                  "| --- | --- | --- | --- | --- |"]
+        shares, shares_ci = {}, {}
         for loss in ("dpo", "robust", "cdpo", "ipo"):
             clean = groups.get(f"{loss} flip 0")
             row = []
+            if clean is None:
+                row.append("-")
+            else:  # mean gain = sum of per-prompt gains / pairs: the two-level bootstrap of a ratio of sums
+                cg = [prompt_gains(r["final"]) for r in finished[f"{loss} flip 0"]]
+                low, high = two_level_bootstrap([g for g, _ in cg], [n for _, n in cg], samples=2000, seed=0)
+                row.append(f"{clean['tuned_mean'] - clean['base_mean']:+.3f} [{low:+.3f}, {high:+.3f}]")
             for rate in ("0.1", "0.2", "0.3"):
                 s = groups.get(f"{loss} flip {rate}")
                 if clean is None or s is None:
                     row.append("-")
                     continue
                 share = share_of_clean_gain(s["tuned_mean"] - s["base_mean"], clean["tuned_mean"] - clean["base_mean"])
+                if clean["tuned_mean"] - clean["base_mean"] <= 0:  # no clean gain: a share of a loss means nothing
+                    shares[f"{loss} {rate}"] = None
+                    row.append(f"n/a (gain {s['tuned_mean'] - s['base_mean']:+.3f})")
+                    continue
+                ng = [prompt_gains(r["final"]) for r in finished[f"{loss} flip {rate}"]]
+                cg = [prompt_gains(r["final"]) for r in finished[f"{loss} flip 0"]]
+                ci = share_interval([g for g, _ in ng], [n for _, n in ng], [g for g, _ in cg], [n for _, n in cg])
                 shares[f"{loss} {rate}"] = share
-                row.append("-" if share is None else f"{share:.0%}")
+                shares_ci[f"{loss} {rate}"] = ci
+                row.append("-" if share is None else f"{share:.0%}" + ("" if ci is None else f" [{ci[0]:.0%}, {ci[1]:.0%}]"))
             lines.append(f"| {loss} | " + " | ".join(row) + " |")
         report["share_of_clean_gain"] = shares
+        report["share_of_clean_gain_ci95"] = shares_ci
+        lines += ["", "Intervals: 95% bootstrap over the held-out prompts (resampled together for the noisy and the "
+                  "clean run) and the training seeds (each run's independently); a share is unstable where the clean "
+                  "gain's own interval comes near 0."]
     if suite == "time":
         curves = {}
         for g, rs in finished.items():
