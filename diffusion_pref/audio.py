@@ -116,7 +116,11 @@ def resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:
     """``wave`` ``[samples]`` from ``rate`` to ``target`` Hz with soxr (unchanged when the rates match)."""
     if rate == target:
         return np.asarray(wave, dtype=np.float32)
-    import soxr
+    try:
+        import soxr
+    except ImportError:
+        raise ImportError(f"audio at {rate} Hz must be resampled to {target} Hz, which needs soxr: "
+                          'pip install "diffusion-pref[audio]"') from None
 
     return soxr.resample(np.asarray(wave, dtype=np.float32), rate, target).astype(np.float32)
 
