@@ -15,6 +15,10 @@
 writes Audio-alpaca pairs, evaluate writes a report with players and spectrograms; recipe in
 ``tones/quickstart.yaml``). This module stays as the lighter loop the measured runs in ``tones/weights/README.md``
 used: steps 1 and 3 with the same pieces (backbone.sample, the reward, the statistics), step 2 with the trainer.
+
+Defaults (8 samples x 128 captions; DPO beta 30, lr 3e-3, 300 steps) measured on the shared 2-core CPU: base 0.486 ->
+tuned 0.534, win rate 0.604 [95% CI 0.538, 0.670] in ~5 minutes (``tones/weights/README.md`` has the table; with
+training seed 1 the interval touches 0.5).
 """
 
 from __future__ import annotations
@@ -96,8 +100,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="outputs/tones_quickstart")
     parser.add_argument("--model", default="tones", help="model.pretrained (default: the shipped tones model)")
-    parser.add_argument("--samples", type=int, default=4, help="clips per training caption")
-    parser.add_argument("--max-prompts", type=int, default=0, help="use only this many training captions (0 = all)")
+    parser.add_argument("--samples", type=int, default=8, help="clips per training caption")
+    parser.add_argument("--max-prompts", type=int, default=128,
+                        help="use only this many training captions, evenly spaced (0 = all 248)")
     parser.add_argument("--min-gap", type=float, default=0.25)
     parser.add_argument("--eval-seeds", type=int, default=4)
     parser.add_argument("--eval-prompts", type=int, default=0, help="use only this many held-out captions (0 = all)")
@@ -128,7 +133,7 @@ def main(argv=None):
     print(f"generate: {gen} ({time.time() - start:.0f} s)", flush=True)
     cfg = load_config(None, [
         f"model.pretrained={args.model}", f"data.source={pairs}", "model.lora_rank=8",
-        "loss.name=dpo", "loss.beta=100", "train.batch_size=8", "train.max_steps=150", "train.learning_rate=1e-3",
+        "loss.name=dpo", "loss.beta=30", "train.batch_size=8", "train.max_steps=300", "train.learning_rate=3e-3",
         "train.lr_scheduler=constant", "train.logger=none", "train.checkpoint_every=0",
         f"output.dir={out / 'train'}", *args.overrides,
     ])
