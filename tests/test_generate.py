@@ -376,6 +376,15 @@ def test_sigkill_loses_at_most_flush_every_prompts(tmp_path, tiny_sd_dir, refere
 
 
 def test_stop_on_signal_asks_once_then_gives_the_signal_back():
+    # Python's own Ctrl-C handler to start from: a job started in the background by a shell inherits SIGINT ignored
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _stop_on_signal_round_trip()
+    finally:
+        signal.signal(signal.SIGINT, outer)
+
+
+def _stop_on_signal_round_trip():
     before = signal.getsignal(signal.SIGINT)
     with generate_module._StopOnSignal() as stop:
         os.kill(os.getpid(), signal.SIGINT)

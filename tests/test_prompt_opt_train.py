@@ -218,7 +218,8 @@ def test_quickstart_command_writes_the_dpo_and_sem_dpo_table(tmp_path, capsys):
     from diffusion_pref import cli
 
     code = cli.main(["prompt-opt", "quickstart", f"output.dir={tmp_path}", "train.max_steps=2", "prompt_opt.k=2",
-                     "eval.bootstrap_samples=20"])
+                     "eval.bootstrap_samples=20",
+                     "prompt_opt.embedder=clip"])  # the toy model's own text encoder: no semantic extra needed
     assert code == 0
     summary = json.loads((tmp_path / "quickstart.json").read_text())
     assert set(summary["table"]) == {"base", "dpo", "sem_dpo"} and summary["alpha"] == 16.0

@@ -41,7 +41,12 @@ def _embedder(cfg):
     kind = cfg.prompt_opt.embedder
     if kind == "none":
         return None
-    embed = semantic.minilm_embedder() if kind == "minilm" else semantic.clip_text_embedder(cfg.model.pretrained)
+    if kind == "minilm":
+        embed = semantic.minilm_embedder()
+    else:  # the image model's own text encoder; resolve_pretrained: a named model ("toy") is a local folder
+        from diffusion_pref.pipelines import resolve_pretrained
+
+        embed = semantic.clip_text_embedder(resolve_pretrained(cfg.model.pretrained))
     embed.name = kind if kind == "minilm" else f"clip:{cfg.model.pretrained}"
     return embed
 
