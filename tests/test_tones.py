@@ -236,6 +236,6 @@ def test_quickstart_takes_the_tones_recipe_and_keeps_what_the_user_set(tmp_path)
     tones, note = _built_in_model(cfg, tmp_path)
     assert "(audio)" in note and dict(tones.reward.models) == {"tones-fidelity": 1.0}
     assert tones.generate.prompts == "tones-train" and tones.eval.prompts == "tones"
-    assert tones.sample.scheduler == "DDIMScheduler" and tones.generate.samples_per_prompt == 4
+    assert tones.sample.scheduler == "DDIMScheduler" and tones.generate.samples_per_prompt == 8
     assert tones.train.max_steps == 7 and tones.sample.steps == 3  # the user's values stay
-    assert tones.loss.beta == 100.0 and tones.model.lora_rank == cfg.model.lora_rank
+    assert tones.loss.beta == 30.0 and tones.model.lora_rank == cfg.model.lora_rank
