@@ -255,15 +255,17 @@ def _pair_schema():
         ("jpg_1", pa.binary()),
         ("label_0", pa.float64()),
         ("label_1", pa.float64()),
-        ("score_0", pa.float64()),
-        ("score_1", pa.float64()),
-        ("reward_model", pa.string()),
-        ("seed_0", pa.int64()),
-        ("seed_1", pa.int64()),
-        ("model", pa.string()),
-        ("prompt_index", pa.int64()),
-        ("category", pa.string()),
+        *_bookkeeping_columns(),
     ])
+
+
+def _bookkeeping_columns():
+    """The columns both layouts write beside their media: scores, the reward model, seeds, model, prompt, category."""
+    import pyarrow as pa
+
+    return [("score_0", pa.float64()), ("score_1", pa.float64()), ("reward_model", pa.string()),
+            ("seed_0", pa.int64()), ("seed_1", pa.int64()), ("model", pa.string()), ("prompt_index", pa.int64()),
+            ("category", pa.string())]
 
 
 def _audio_pair_schema():
@@ -277,14 +279,7 @@ def _audio_pair_schema():
         ("chosen", audio),
         ("rejected", audio),
         ("strategy", pa.string()),
-        ("score_0", pa.float64()),
-        ("score_1", pa.float64()),
-        ("reward_model", pa.string()),
-        ("seed_0", pa.int64()),
-        ("seed_1", pa.int64()),
-        ("model", pa.string()),
-        ("prompt_index", pa.int64()),
-        ("category", pa.string()),
+        *_bookkeeping_columns(),
     ])
 
 
