@@ -30,6 +30,16 @@ class NamedModel(NamedTuple):
 NAMED_MODELS: Dict[str, NamedModel] = {}
 
 
+# Vocoder classes a Tango-layout folder may name in vocoder/config.json ("_class_name" -> "module:Class") besides
+# Tango's HiFi-GAN; plugins fill it through register_vocoder (the tones world's weight-free Griffin-Lim).
+VOCODERS: Dict[str, str] = {}
+
+
+def register_vocoder(class_name: str, target: str) -> None:
+    """Make a Tango folder whose ``vocoder/config.json`` says ``_class_name: <class_name>`` load ``target``."""
+    VOCODERS[class_name] = target
+
+
 def register_named_model(name: str, folder: Path, how_to_build: str) -> None:
     """Make ``model.pretrained=<name>`` load the pipeline folder ``folder``."""
     NAMED_MODELS[name] = NamedModel(Path(folder), how_to_build)

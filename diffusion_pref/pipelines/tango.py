@@ -83,16 +83,22 @@ def tango_folder(model_cfg) -> Path:
 
 
 def _vocoder_class(folder: Path):
-    """``SpeechT5HifiGan`` (Tango's HiFi-GAN), or the tones world's weight-free Griffin-Lim vocoder when
-    ``vocoder/config.json`` names it (only the tones model ships one)."""
+    """``SpeechT5HifiGan`` (Tango's HiFi-GAN), or a vocoder a plugin registered (``pipelines.register_vocoder``: the
+    tones world's weight-free Griffin-Lim) when ``vocoder/config.json`` names it."""
+    import importlib
+    import json
+
     from transformers import SpeechT5HifiGan
 
-    from diffusion_pref.tones.vocoder import is_griffin_lim
+    from diffusion_pref.pipelines import VOCODERS
 
-    if is_griffin_lim(folder):
-        from diffusion_pref.tones.vocoder import GriffinLimVocoder
-
-        return GriffinLimVocoder
+    try:
+        name = json.loads((Path(folder) / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError):
+        name = None
+    if name in VOCODERS:
+        module, attr = VOCODERS[name].split(":")
+        return getattr(importlib.import_module(module), attr)
     return SpeechT5HifiGan
 
 

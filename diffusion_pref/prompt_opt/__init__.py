@@ -27,3 +27,20 @@
 
 The per-pair weight reaches every loss through ``LOSSES[name](..., weight=w)``.
 """
+
+from pathlib import Path
+from typing import Dict
+
+# Short names for prompt_opt.policy that stand for a local causal-LM folder; plugins fill it through
+# register_named_policy (the shapes world registers "toy", its rewriter).
+NAMED_POLICIES: Dict[str, Path] = {}
+
+
+def register_named_policy(name: str, folder) -> None:
+    """Make ``prompt_opt.policy=<name>`` load the causal-LM folder ``folder``."""
+    NAMED_POLICIES[name] = Path(folder)
+
+
+from diffusion_pref.plugins import load_plugins  # noqa: E402  (after the registry it fills)
+
+load_plugins()

@@ -28,12 +28,10 @@ __all__ = ["LMObjective", "LMPairSource", "LMTrainer", "load_policy", "sft_model
 
 
 def policy_location(pretrained: str) -> str:
-    """``toy`` -> the shipped shapes-world rewriter's folder; anything else as given."""
-    if pretrained == "toy":
-        from diffusion_pref.toy.rewriter import WEIGHTS
+    """A registered short name (``toy``: the shipped shapes-world rewriter) -> its folder; anything else as given."""
+    from diffusion_pref.prompt_opt import NAMED_POLICIES
 
-        return str(WEIGHTS)
-    return pretrained
+    return str(NAMED_POLICIES[pretrained]) if pretrained in NAMED_POLICIES else pretrained
 
 
 def load_policy(cfg, *, device: str = "cpu", train: bool = True, adapter: str | None = None):

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from diffusion_pref.pipelines import register_named_model
+from diffusion_pref.pipelines import register_named_model, register_vocoder
 from diffusion_pref.prompts import PromptRecord, register_prompt_set
 from diffusion_pref.reward_models import register_reward_model
 
@@ -47,6 +47,7 @@ def train_prompt_records() -> list[PromptRecord]:
 register_prompt_set("tones", eval_prompt_records)
 register_prompt_set("tones-train", train_prompt_records)
 register_reward_model("tones-fidelity", "diffusion_pref.tones.rewards:TonesFidelity")
+register_vocoder("GriffinLimVocoder", "diffusion_pref.tones.vocoder:GriffinLimVocoder")  # vocoder.CLASS_NAME
 register_named_model("tones", WEIGHTS, "build them with `python -m diffusion_pref.tones.pretrain --out DIR` and copy "
                      "DIR/final there")
 

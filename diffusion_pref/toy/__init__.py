@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import List, Sequence
 
 from diffusion_pref.pipelines import register_named_model
+from diffusion_pref.prompt_opt import register_named_policy
 from diffusion_pref.prompts import PromptRecord, register_prompt_set
 from diffusion_pref.reward_models import register_reward_model
 
@@ -47,5 +48,7 @@ register_prompt_set("toy-train", train_prompt_records)
 register_reward_model("toy-fidelity", "diffusion_pref.toy.rewards:ToyFidelity")
 register_reward_model("toy-size", "diffusion_pref.toy.rewards:ToySize")
 register_named_model("toy", WEIGHTS, "build them with `python -m diffusion_pref.toy.pretrain`")
+# the prompt optimizer's starting policy (diffusion_pref.toy.rewriter.WEIGHTS; `python -m diffusion_pref.toy.rewriter`)
+register_named_policy("toy", Path(__file__).resolve().parent / "rewriter_weights")
 
 __all__ = ["WEIGHTS", "eval_prompt_records", "train_prompt_records"]
