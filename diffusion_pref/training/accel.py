@@ -1,7 +1,7 @@
 """The trainer's GPU speed machinery, behind one object the loop calls in two places.
 
 - :meth:`StepAccel.to_device`: a batch's floating-point tensors (latents, text encodings, pixels, cached
-  inversions, soft labels) go to the device; integer and boolean tensors (row ids, sizes, flags) stay on the
+  inversions) go to the device; soft labels, integer and boolean tensors (row ids, sizes, flags) stay on the
   host, where the loop and the backbone's conditioning read them.
 - :meth:`StepAccel.predict`: a no-grad denoiser call (the reference pass, SmPO's inversion with the policy),
   replayed from a CUDA graph under ``train.cuda_graphs`` (:mod:`diffusion_pref.training.cuda_graphs`; measured
@@ -63,14 +63,18 @@ class StepAccel:
             return cls(device)
         return cls(device, CudaGraphCalls())
 
+    # Stay on the host: the loss range-checks soft labels there before moving them (on the device the check would
+    # make the host wait for the GPU in the middle of every step).
+    HOST_KEYS = frozenset({"soft_label"})
+
     def to_device(self, batch: dict) -> dict:
-        """``batch`` with its floating-point tensors on the device; everything else as it was. The DataLoader pins
-        its batches on CUDA (``pin_memory``), so these copies need not make the host wait."""
+        """``batch`` with its floating-point tensors on the device (but :attr:`HOST_KEYS`); everything else as it
+        was. The DataLoader pins its batches on CUDA (``pin_memory``), so these copies need not make the host wait."""
         import torch
 
         return {key: value.to(self.device, non_blocking=True)
-                if isinstance(value, torch.Tensor) and value.is_floating_point() else value
-                for key, value in batch.items()}
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and key not in self.HOST_KEYS
+                else value for key, value in batch.items()}
 
     def predict(self, name: str, backbone, module, x_t, t, cond):
         """``backbone.predict(x_t, t, cond, denoiser=module)`` for a no-grad call, from a CUDA graph when enabled.
