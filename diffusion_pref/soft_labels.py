@@ -21,7 +21,11 @@ Which image is the winner (``winner``):
 
 Scores come from the dataset's ``score_0`` / ``score_1`` columns (``scores="dataset"``) or from a reward model
 run over every kept pair before training (``scores="reward_model"``, any spec ``load_reward`` takes);
-``"auto"`` uses the columns when the dataset has them. A reward model's raw scores are stored once per dataset and
+``"auto"`` uses the columns when the dataset has them. Audio pairs (``source.media == "audio"``, decoded with the
+model's front end: the trainer scores them once the backbone is loaded) are scored on each side's decoded mono
+waveform at its own sample rate, ``reward.score(prompts, waves, sample_rate=rate)`` (``tones-fidelity``, ``clap``).
+Rows that do not decode are skipped with ``data.on_bad_row=skip`` (training skips the same rows) and counted
+(``skipped`` in ``soft_labels.json`` and the score cache). A reward model's raw scores are stored once per dataset and
 reward model (:class:`ScoreCache`; the trainer keeps them beside the data cache, ``data.cache_dir`` or
 ``output.dir/cache``) and reused by every later run, whatever its winner or range settings. The run's labels are
 written to ``soft_labels.parquet`` (row, score_w, score_l, p) plus ``soft_labels.json`` (range, settings, data
@@ -140,6 +144,7 @@ class SoftLabels:
     high: float
     winner: str
     scores: str  # where the scores came from: dataset | reward_model
+    skipped: int = 0  # rows the reward model could not score because they did not decode (data.on_bad_row=skip)
 
     def __post_init__(self):
         import numpy as np
@@ -175,6 +180,8 @@ class SoftLabels:
         atomic_write(out / TABLE_FILE, lambda tmp: pq.write_table(table, tmp))
         meta = {"low": self.low, "high": self.high, "winner": self.winner, "scores": self.scores,
                 "pairs": len(self), "p_mean": float(self.p.mean()), **(extra_meta or {})}
+        if self.skipped:
+            meta["skipped"] = self.skipped
         atomic_write(out / META_FILE, json.dumps(meta, indent=2))
         return out / TABLE_FILE
 
@@ -187,7 +194,7 @@ class SoftLabels:
         table = pq.read_table(out / TABLE_FILE)
         col = {name: table.column(name).to_numpy() for name in ("row", "score_w", "score_l", "p")}
         return cls(rows=col["row"], p=col["p"], scores_w=col["score_w"], scores_l=col["score_l"], low=meta["low"],
-                   high=meta["high"], winner=meta["winner"], scores=meta["scores"])
+                   high=meta["high"], winner=meta["winner"], scores=meta["scores"], skipped=meta.get("skipped", 0))
 
 
 @dataclass
@@ -205,7 +212,7 @@ class ScoreCache:
                                       "data": data_identity}, default=str))
 
     def read(self):
-        """(rows, score_w, score_l, units) when complete scores for ``key`` are stored, else None."""
+        """(rows, score_w, score_l, units, skipped) when complete scores for ``key`` are stored, else None."""
         import pyarrow.parquet as pq
 
         manifest = Path(self.directory) / "manifest.json"
@@ -216,9 +223,9 @@ class ScoreCache:
             return None
         table = pq.read_table(Path(self.directory) / "scores.parquet")
         columns = [table.column(name).to_numpy().tolist() for name in ("row", "score_w", "score_l")]
-        return (*columns, stored.get("units", "the stored scores' units"))
+        return (*columns, stored.get("units", "the stored scores' units"), int(stored.get("skipped", 0)))
 
-    def write(self, rows, scores_w, scores_l, units: str = "") -> None:
+    def write(self, rows, scores_w, scores_l, units: str = "", skipped: int = 0) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -227,8 +234,10 @@ class ScoreCache:
         table = pa.table({"row": pa.array(rows, pa.int64()), "score_w": pa.array(scores_w, pa.float64()),
                           "score_l": pa.array(scores_l, pa.float64())})
         atomic_write(directory / "scores.parquet", lambda tmp: pq.write_table(table, tmp))
-        atomic_write(directory / "manifest.json", json.dumps({"key": self.key, "pairs": len(rows), "units": units},
-                                                             indent=2, default=str))
+        manifest = {"key": self.key, "pairs": len(rows), "units": units}
+        if skipped:  # undecodable rows (data.on_bad_row=skip): no scores, counted
+            manifest["skipped"] = int(skipped)
+        atomic_write(directory / "manifest.json", json.dumps(manifest, indent=2, default=str))
 
 
 def _dataset_scores(source):
@@ -244,24 +253,61 @@ def _dataset_scores(source):
 
 
 def _reward_model_scores(source, reward, batch_size: int):
-    """(rows, score_w, score_l) by scoring every kept pair's two images with ``reward.score(prompts, images)``."""
+    """(rows, score_w, score_l, skipped) by scoring every kept pair's two sides with the reward model: images as
+    ``reward.score(prompts, images)``, audio (``source.media == "audio"``) as the decoded mono waveforms with
+    ``sample_rate=`` (:func:`_score_audio`). ``skipped``: rows that did not decode (``data.on_bad_row=skip``)."""
     from tqdm.auto import tqdm
 
+    audio = source.media == "audio"
+    if audio and source.audio is None:
+        raise ValueError("soft labels: the data holds audio, which is decoded with the model's front end; call "
+                         "source.use_audio(*backbone.audio_front_end(...)) before scoring the pairs")
     items = [(b, i) for b, block in enumerate(source.blocks) for i in range(len(block.rows))]
-    rows, s_w, s_l = [], [], []
+    rows, s_w, s_l, skipped = [], [], [], 0
     for start in tqdm(range(0, len(items), batch_size), desc="soft labels: scoring pairs"):
         # Rows that fail to decode (data.on_bad_row=skip) are skipped and counted by the trainer's reads too, so
         # they never need a label.
-        pairs, _ = source.read(items[start:start + batch_size])
+        pairs, bad = source.read(items[start:start + batch_size])
+        skipped += bad
         if not pairs:
             continue
-        captions = [p.caption for p in pairs]
-        scores = reward.score(captions + captions, [p.image_w for p in pairs] + [p.image_l for p in pairs])
-        scores = [float(v) for v in scores.tolist()]
+        if audio:
+            scores = _score_audio(source, reward, pairs)
+        else:
+            captions = [p.caption for p in pairs]
+            scores = reward.score(captions + captions, [p.image_w for p in pairs] + [p.image_l for p in pairs])
+            scores = [float(v) for v in scores.tolist()]
         rows.extend(p.row for p in pairs)
         s_w.extend(scores[:len(pairs)])
         s_l.extend(scores[len(pairs):])
-    return rows, s_w, s_l
+    if skipped:
+        logger.warning("soft labels: %d pair(s) could not be decoded and were skipped (data.on_bad_row=skip); they "
+                       "get no soft label, and training skips and counts the same rows", skipped)
+    return rows, s_w, s_l, skipped
+
+
+def _score_audio(source, reward, pairs) -> list:
+    """Winners' then losers' scores (floats, ``2 * len(pairs)``) of audio pairs: each side's decoded mono
+    waveform at its own sample rate (what ``source.read`` returns), one ``reward.score(prompts, waves,
+    sample_rate=rate)`` call per sample rate present."""
+    captions = [p.caption for p in pairs] * 2
+    clips = [p.image_w for p in pairs] + [p.image_l for p in pairs]  # (waveform, rate)
+    scores: list = [None] * len(clips)
+    for rate in dict.fromkeys(int(r) for _, r in clips):  # the rates in order of appearance
+        index = [k for k, (_, r) in enumerate(clips) if int(r) == rate]
+        try:
+            out = reward.score([captions[k] for k in index], [clips[k][0] for k in index], sample_rate=rate)
+        except ValueError as err:
+            k = index[0]
+            side = "winner" if k < len(pairs) else "loser"
+            message = " ".join(str(err).split())
+            raise ValueError(
+                f"soft labels: reward.models ({getattr(reward, 'name', 'the reward model')}) could not score the "
+                f"{side} of {_where(source, pairs[k % len(pairs)].row)} ({len(index)} clip(s) at {rate} Hz in this "
+                f"batch): {message}; resample the audio to a rate this reward model takes") from None
+        for k, v in zip(index, out.tolist()):
+            scores[k] = float(v)
+    return scores
 
 
 def compute_soft_labels(source, *, winner: str = "reward", scores: str = "auto", reward=None,
@@ -269,7 +315,7 @@ def compute_soft_labels(source, *, winner: str = "reward", scores: str = "auto",
                         score_cache: Optional[ScoreCache] = None) -> SoftLabels:
     """Soft labels for every kept pair of ``source`` (a :class:`~diffusion_pref.data.pairs.PairSource`).
 
-    ``reward``: an object with ``score(prompts, images)``, a spec for ``load_reward`` (name or ``{name:
+    ``reward``: an object with ``score(prompts, images)`` (audio: ``score(prompts, waves, sample_rate=...)``), a spec for ``load_reward`` (name or ``{name:
     weight}``), or a zero-argument function returning a scorer (so nothing loads when the columns suffice);
     needed when ``scores`` is ``reward_model`` (or ``auto`` without score columns).
     ``score_range``: fixed ``[low, high]`` instead of the dataset's min/max, in the units of the scores (for our
@@ -289,6 +335,7 @@ def compute_soft_labels(source, *, winner: str = "reward", scores: str = "auto",
             raise ValueError(f"soft labels: data.source={source.cfg.source} has no score columns (score_0, score_1; "
                              "map yours with data.columns.score_0=...); score the pairs with a reward model instead.")
         rows, s_w, s_l = _dataset_scores(source)
+        skipped = 0
         units = "the dataset's score columns"
     else:
         if reward is None:
@@ -296,9 +343,9 @@ def compute_soft_labels(source, *, winner: str = "reward", scores: str = "auto",
                              "reward models (reward.models) or add score_0/score_1 columns.")
         stored = score_cache.read() if score_cache is not None else None
         if stored is not None:
-            rows, s_w, s_l, units = stored
-            logger.info("soft labels: reusing the reward scores of %d pairs stored in %s", len(rows),
-                        score_cache.directory)
+            rows, s_w, s_l, units, skipped = stored
+            logger.info("soft labels: reusing the reward scores of %d pairs stored in %s%s", len(rows),
+                        score_cache.directory, f" ({skipped} undecodable pair(s) skipped)" if skipped else "")
         else:
             if callable(reward) and not hasattr(reward, "score"):
                 reward = reward()
@@ -306,10 +353,10 @@ def compute_soft_labels(source, *, winner: str = "reward", scores: str = "auto",
                 from diffusion_pref.reward_models import load_reward
 
                 reward = load_reward(reward)
-            rows, s_w, s_l = _reward_model_scores(source, reward, batch_size)
+            rows, s_w, s_l, skipped = _reward_model_scores(source, reward, batch_size)
             units = f"{getattr(reward, 'name', 'the reward model')}: {getattr(reward, 'scale', 'its own scale')}"
             if score_cache is not None:
-                score_cache.write(rows, s_w, s_l, units=units)
+                score_cache.write(rows, s_w, s_l, units=units, skipped=skipped)
     if score_range is not None:
         if len(score_range) != 2 or not all(math.isfinite(float(v)) for v in score_range):
             raise ValueError(f"soft labels: loss.soft_label_range={list(score_range)} must be two finite numbers "
@@ -322,7 +369,8 @@ def compute_soft_labels(source, *, winner: str = "reward", scores: str = "auto",
         low, high = minmax_range(s_w, s_l)
     p = soft_label_probs(s_w, s_l, low, high, winner)
     return SoftLabels(rows=np.asarray(rows, dtype=np.int64), p=p, scores_w=np.asarray(s_w, dtype=np.float64),
-                      scores_l=np.asarray(s_l, dtype=np.float64), low=low, high=high, winner=winner, scores=scores)
+                      scores_l=np.asarray(s_l, dtype=np.float64), low=low, high=high, winner=winner, scores=scores,
+                      skipped=skipped)
 
 
 def prepare_soft_labels(source, out_dir, *, winner: str = "reward", scores: str = "auto", reward=None,

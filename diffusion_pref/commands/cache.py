@@ -27,7 +27,8 @@ def run(cfg) -> None:
     spec = cache_spec(cfg)
     accelerator = fresh_accelerator(cfg.runtime)
     source = PairSource(cfg.data, seed=spec.seed, check_scores=scores_used(cfg.loss, cfg.data.soft_labels))
-    if cfg.loss.name in TAKES_SOFT_LABEL and cfg.data.soft_labels != "label":
+
+    def score_pairs():
         from diffusion_pref.soft_labels import soft_labels_for_run
 
         # Scored here, before the diffusion model takes memory, so that a distributed training run finds them
@@ -37,12 +38,19 @@ def run(cfg) -> None:
                                          score_cache_dir=soft_label_scores_dir(spec, source))
         if accelerator.is_main_process:
             print(f"soft labels ready: {len(labels)} pairs, p from {labels.scores}")
+
+    soft = cfg.loss.name in TAKES_SOFT_LABEL and cfg.data.soft_labels != "label"
+    audio_data = source.media == "audio"  # decoded with the model's front end: scored once it is known
+    if soft and not audio_data:
+        score_pairs()
     backbone = load_backbone(cfg.model)
     audio = backbone.audio_front_end(cfg.data.audio_seconds)  # (mel settings, frames) of an audio model
     if audio is not None:
         source.use_audio(*audio)
     else:
         check_resolution(cfg.model, cfg.data.resolution, vae=backbone.frozen["vae"])
+    if soft and audio_data:  # still before the model moves to the device
+        score_pairs()
     for name, module in backbone.frozen.items():
         module.to(accelerator.device, backbone.frozen_dtype.get(name, runtime.dtype))
     invert = None
