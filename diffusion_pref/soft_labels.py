@@ -252,6 +252,15 @@ def _dataset_scores(source):
     return rows, s_w, s_l
 
 
+def needs_front_end(source, loss_cfg) -> bool:
+    """Whether ``source``'s soft labels must wait for the model's audio front end: audio pairs scored by a reward
+    model (no score columns, or ``loss.soft_label_scores=reward_model``) are decoded with it, and its sample rate
+    decides which rows are bad. Labels from score columns, and image pairs, are computed before any model loads."""
+    scores = loss_cfg.soft_label_scores
+    from_model = scores == "reward_model" or (scores == "auto" and not source.has_scores)
+    return source.media == "audio" and from_model
+
+
 def _reward_model_scores(source, reward, batch_size: int):
     """(rows, score_w, score_l, skipped) by scoring every kept pair's two sides with the reward model: images as
     ``reward.score(prompts, images)``, audio (``source.media == "audio"``) as the decoded mono waveforms with
@@ -464,6 +473,7 @@ __all__ = [
     "check_score_range",
     "compute_soft_labels",
     "minmax_range",
+    "needs_front_end",
     "prepare_soft_labels",
     "soft_label_probs",
     "soft_label_summary",

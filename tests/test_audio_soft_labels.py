@@ -20,11 +20,11 @@ SECONDS = 0.64  # 64 mel frames on the tiny Tango model
 RATE = 16000
 
 
-def write_tones_pairs(path: Path, n: int = 4, bad=None):
+def write_tones_pairs(path: Path, n: int = 4, bad=None, scores=None):
     """Audio-alpaca parquet (prompt, chosen, rejected, strategy; WAV bytes in ``{"bytes", "path"}`` cells, as the
     tones quickstart and ``generate`` write them) without score columns. The winner is the tones-world rendering of
     its caption, the loser that of the next caption, so tones-fidelity separates them. ``bad``: row -> the
-    "rejected" cell instead."""
+    "rejected" cell instead; ``scores``: (score_0 list, score_1 list) columns to add."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -39,6 +39,8 @@ def write_tones_pairs(path: Path, n: int = 4, bad=None):
     for i in range(n):
         rows["chosen"].append({"bytes": wav_bytes(chosen[i], RATE), "path": f"c{i}.wav"})
         rows["rejected"].append(bad.get(i, {"bytes": wav_bytes(rejected[i], RATE), "path": f"r{i}.wav"}))
+    if scores is not None:
+        rows["score_0"], rows["score_1"] = scores
     pq.write_table(pa.table(rows), str(path))
     return path
 
@@ -133,6 +135,7 @@ def test_the_cache_command_stores_audio_scores_and_training_reuses_them(tones_pa
 def test_an_undecodable_audio_row_is_skipped_and_counted_as_training_skips_it(tiny_tango_dir, tmp_path):
     from diffusion_pref.data.pairs import DataError
     from diffusion_pref.soft_labels import SoftLabels
+    from diffusion_pref.tones.rewards import TonesFidelity
     from diffusion_pref.training.setup import Trainer
 
     data = write_tones_pairs(tmp_path / "bad.parquet", n=4, bad={1: {"bytes": b"not audio", "path": "r1.wav"}})
@@ -149,8 +152,6 @@ def test_an_undecodable_audio_row_is_skipped_and_counted_as_training_skips_it(ti
     assert summary["skipped_rows"] == 1
     rows = read_rows(data)
     s_w, s_l = [], []
-    from diffusion_pref.tones.rewards import TonesFidelity
-
     for k in (0, 2, 3):
         s_w.append(float(TonesFidelity().score([rows[k]["prompt"]], [decoded(rows[k]["chosen"])[0]], RATE)[0]))
         s_l.append(float(TonesFidelity().score([rows[k]["prompt"]], [decoded(rows[k]["rejected"])[0]], RATE)[0]))
@@ -171,6 +172,7 @@ def test_audio_at_a_rate_the_reward_does_not_take_is_an_error_naming_the_row(tin
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.filterwarnings("ignore:clap. resampling audio")
 def test_clap_scores_audio_pairs_for_soft_labels(tones_pairs, tiny_tango_dir, tmp_path):
     """CLAP (tiny weights) through the same path: the scores are CLAPScore.score of the decoded 16 kHz waveforms
     (resampled to CLAP's 48 kHz inside the scorer)."""
@@ -185,9 +187,34 @@ def test_clap_scores_audio_pairs_for_soft_labels(tones_pairs, tiny_tango_dir, tm
     assert labels.scores == "reward_model" and labels.rows.tolist() == [0, 1, 2, 3]
     clap = load_reward_model("clap", pretrained=str(clap_dir), device="cpu")
     rows = read_rows(tones_pairs)
-    with pytest.warns(UserWarning, match="resampling"):
-        s_w = clap.score([r["prompt"] for r in rows], [decoded(r["chosen"])[0] for r in rows], sample_rate=RATE)
-        s_l = clap.score([r["prompt"] for r in rows], [decoded(r["rejected"])[0] for r in rows], sample_rate=RATE)
+    s_w = clap.score([r["prompt"] for r in rows], [decoded(r["chosen"])[0] for r in rows], sample_rate=RATE)
+    s_l = clap.score([r["prompt"] for r in rows], [decoded(r["rejected"])[0] for r in rows], sample_rate=RATE)
     # float32 cosines batched differently here: they agree to float32 rounding
     torch.testing.assert_close(torch.tensor(labels.scores_w, dtype=torch.float32), s_w, rtol=0, atol=1e-6)
     torch.testing.assert_close(torch.tensor(labels.scores_l, dtype=torch.float32), s_l, rtol=0, atol=1e-6)
+
+
+def test_audio_pairs_with_score_columns_take_their_labels_from_the_columns_before_the_model_loads(tiny_tango_dir,
+                                                                                                 tmp_path, monkeypatch):
+    """As the tones quickstart writes them: no reward model runs, and the labels need no audio front end."""
+    from diffusion_pref.data.pairs import PairSource
+    from diffusion_pref.soft_labels import needs_front_end
+    from diffusion_pref.tones.rewards import TonesFidelity
+    from diffusion_pref.training.setup import Trainer
+
+    data = write_tones_pairs(tmp_path / "scored.parquet", n=3, scores=([0.9, 0.8, 1.0], [0.2, 0.6, 0.4]))
+    cfg = make_cfg(tiny_tango_dir, data, tmp_path / "run")
+    assert not needs_front_end(PairSource(cfg.data), cfg.loss)
+    unscored = make_cfg(tiny_tango_dir, write_tones_pairs(tmp_path / "plain.parquet", n=3), tmp_path / "x")
+    assert needs_front_end(PairSource(unscored.data), unscored.loss)
+    forced = make_cfg(tiny_tango_dir, data, tmp_path / "x", "loss.soft_label_scores=reward_model")
+    assert needs_front_end(PairSource(forced.data), forced.loss)
+
+    def no_reward(*args, **kwargs):
+        raise AssertionError("score columns are there: no reward model should run")
+
+    monkeypatch.setattr(TonesFidelity, "score", no_reward)
+    labels = Trainer(cfg).soft_labels
+    assert labels.scores == "dataset" and labels.scores_w.tolist() == [0.9, 0.8, 1.0]
+    want = [1.0 / (1.0 + math.exp(-(w - lo) / 0.8)) for w, lo in ((0.9, 0.2), (0.8, 0.6), (1.0, 0.4))]
+    assert labels.p.tolist() == pytest.approx(want, abs=1e-12)

@@ -19,6 +19,7 @@ def run(cfg) -> None:
     from diffusion_pref.data.pairs import PairSource, scores_used
     from diffusion_pref.losses import TAKES_SOFT_LABEL
     from diffusion_pref.pipelines import check_resolution, load_backbone
+    from diffusion_pref.soft_labels import needs_front_end, soft_labels_for_run
     from diffusion_pref.training.setup import fresh_accelerator
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -29,8 +30,6 @@ def run(cfg) -> None:
     source = PairSource(cfg.data, seed=spec.seed, check_scores=scores_used(cfg.loss, cfg.data.soft_labels))
 
     def score_pairs():
-        from diffusion_pref.soft_labels import soft_labels_for_run
-
         # Scored here, before the diffusion model takes memory, so that a distributed training run finds them
         # stored instead of waiting on its main process (a long wait hits the process group's timeout).
         with accelerator.main_process_first():
@@ -40,8 +39,8 @@ def run(cfg) -> None:
             print(f"soft labels ready: {len(labels)} pairs, p from {labels.scores}")
 
     soft = cfg.loss.name in TAKES_SOFT_LABEL and cfg.data.soft_labels != "label"
-    audio_data = source.media == "audio"  # decoded with the model's front end: scored once it is known
-    if soft and not audio_data:
+    late = soft and needs_front_end(source, cfg.loss)  # audio scored by a reward model: with the model's front end
+    if soft and not late:
         score_pairs()
     backbone = load_backbone(cfg.model)
     audio = backbone.audio_front_end(cfg.data.audio_seconds)  # (mel settings, frames) of an audio model
@@ -49,7 +48,7 @@ def run(cfg) -> None:
         source.use_audio(*audio)
     else:
         check_resolution(cfg.model, cfg.data.resolution, vae=backbone.frozen["vae"])
-    if soft and audio_data:  # still before the model moves to the device
+    if late:  # still before the model moves to the device
         score_pairs()
     for name, module in backbone.frozen.items():
         module.to(accelerator.device, backbone.frozen_dtype.get(name, runtime.dtype))

@@ -486,10 +486,13 @@ class Trainer:
         self.source = PairSource(cfg.data, seed=cfg.runtime.seed,
                                  check_scores=scores_used(cfg.loss, cfg.data.soft_labels))
         self.soft_labels = self.soft_label_summary = None
-        # Image pairs are scored before any model loads; audio pairs (Audio-alpaca layout) once the model's front
-        # end is known, whose sample rate decides which rows are bad (skipped alike by the scoring and training).
-        audio_data = self.source.media == "audio"
-        if self.takes_soft and not audio_data:
+        # Soft labels before any model loads, except for audio pairs scored by a reward model: those are decoded
+        # with the model's front end, whose sample rate decides which rows are bad (skipped alike when scoring and
+        # training).
+        from diffusion_pref.soft_labels import needs_front_end
+
+        late_labels = self.takes_soft and needs_front_end(self.source, cfg.loss)
+        if self.takes_soft and not late_labels:
             self.soft_labels, self.soft_label_summary = load_soft_labels(cfg, self.source, accelerator)
         self.backbone = backbone = load_backbone(cfg.model)
         backbone.schedule = training_schedule(backbone.schedule, cfg.trajectory)
@@ -498,7 +501,7 @@ class Trainer:
             self.source.use_audio(*audio)
         else:
             check_resolution(cfg.model, cfg.data.resolution, vae=backbone.frozen["vae"])  # the exact factor
-        if self.takes_soft and audio_data:
+        if late_labels:
             self.soft_labels, self.soft_label_summary = load_soft_labels(cfg, self.source, accelerator)
         self.weight_dtype = runtime.dtype
         self.device = accelerator.device
