@@ -132,7 +132,7 @@ def test_the_cache_command_stores_audio_scores_and_training_reuses_them(tones_pa
     assert trainer.train()["steps"] == 1
 
 
-def test_an_undecodable_audio_row_is_skipped_and_counted_as_training_skips_it(tiny_tango_dir, tmp_path):
+def test_an_undecodable_audio_row_is_skipped_and_counted_as_training_skips_it(tiny_tango_dir, tmp_path, monkeypatch):
     from diffusion_pref.data.pairs import DataError
     from diffusion_pref.soft_labels import SoftLabels
     from diffusion_pref.tones.rewards import TonesFidelity
@@ -143,8 +143,8 @@ def test_an_undecodable_audio_row_is_skipped_and_counted_as_training_skips_it(ti
                                         r"decode.*data\.on_bad_row=skip"):
         Trainer(make_cfg(tiny_tango_dir, data, tmp_path / "strict"))
     # one batch of all four rows: the scoring and the training step skip the same row, and both count it
-    trainer = Trainer(make_cfg(tiny_tango_dir, data, tmp_path / "skip", "data.on_bad_row=skip",
-                               "train.batch_size=4"))
+    flags = ("data.on_bad_row=skip", "train.batch_size=4", f"data.cache_dir={tmp_path / 'cache'}")
+    trainer = Trainer(make_cfg(tiny_tango_dir, data, tmp_path / "skip", *flags))
     labels = trainer.soft_labels
     assert labels.rows.tolist() == [0, 2, 3] and labels.skipped == 1
     assert SoftLabels.load(tmp_path / "skip").skipped == 1
@@ -156,6 +156,14 @@ def test_an_undecodable_audio_row_is_skipped_and_counted_as_training_skips_it(ti
         s_w.append(float(TonesFidelity().score([rows[k]["prompt"]], [decoded(rows[k]["chosen"])[0]], RATE)[0]))
         s_l.append(float(TonesFidelity().score([rows[k]["prompt"]], [decoded(rows[k]["rejected"])[0]], RATE)[0]))
     assert labels.scores_w.tolist() == s_w and labels.scores_l.tolist() == s_l
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("the stored scores should have been reused")
+
+    # another run on the same data reads the stored scores, with the skipped row still counted
+    monkeypatch.setattr(TonesFidelity, "score", not_again)
+    again = Trainer(make_cfg(tiny_tango_dir, data, tmp_path / "again", *flags)).soft_labels
+    assert again.rows.tolist() == [0, 2, 3] and again.skipped == 1 and again.p.tolist() == labels.p.tolist()
 
 
 def test_audio_at_a_rate_the_reward_does_not_take_is_an_error_naming_the_row(tiny_tango_dir, tmp_path):
