@@ -324,8 +324,9 @@ def compute_soft_labels(source, *, winner: str = "reward", scores: str = "auto",
                         score_cache: Optional[ScoreCache] = None) -> SoftLabels:
     """Soft labels for every kept pair of ``source`` (a :class:`~diffusion_pref.data.pairs.PairSource`).
 
-    ``reward``: an object with ``score(prompts, images)`` (audio: ``score(prompts, waves, sample_rate=...)``), a spec for ``load_reward`` (name or ``{name:
-    weight}``), or a zero-argument function returning a scorer (so nothing loads when the columns suffice);
+    ``reward``: an object with ``score(prompts, images)`` (audio: ``score(prompts, waves, sample_rate=...)``),
+    a spec for ``load_reward`` (name or ``{name: weight}``), or a zero-argument function returning a scorer (so
+    nothing loads when the columns suffice);
     needed when ``scores`` is ``reward_model`` (or ``auto`` without score columns).
     ``score_range``: fixed ``[low, high]`` instead of the dataset's min/max, in the units of the scores (for our
     pickscore, SmPO's range is :data:`SMPO_PICKSCORE_RANGE`); a score outside it is an error naming the row.
