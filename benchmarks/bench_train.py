@@ -143,7 +143,6 @@ def main() -> None:
         for name in args.models.split(","):
             model_dir = save_tiny_sd(tmp / "tiny") if name == "tiny" else _save_sd15_sized(tmp / "sd15")
             resolution = args.resolution or (32 if name == "tiny" else 128)
-            run_args = argparse.Namespace(**{**vars(args), "resolution": resolution})
             pairs = args.batch_size * (args.steps + 1)
             data = _write_pairs(tmp / f"pairs-{name}.parquet", pairs, resolution)
             for mode in args.modes.split(","):

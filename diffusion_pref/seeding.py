@@ -10,7 +10,7 @@ Example::
     generator = torch.Generator().manual_seed(derive_seed(cfg.runtime.seed, micro_step))
     order = derive_rng(seed, epoch).permutation(n)
 
-Schemes left outside on purpose (changing them would change stored results): ``commands.generate.sample_seed``
+Schemes left outside on purpose (changing them would change stored results): ``pairing.sample_seed``
 (a blake2b hash of "seed/prompt/sample", whose sample index may be -1) and the toy world's
 ``random.Random(f"place:{seed}")`` (the shipped weights were trained on those scenes).
 """

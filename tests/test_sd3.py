@@ -20,6 +20,7 @@ from diffusion_pref.config import load_config
 from diffusion_pref.training.setup import Trainer  # the one place that names the training module
 
 sys.path.insert(0, str(Path(__file__).parent))
+from helpers import backbone_of, read_metrics, train_config  # noqa: E402
 from test_data import write_pairs  # noqa: E402
 
 
@@ -36,21 +37,7 @@ def pairs_path(tmp_path_factory):
 
 
 def make_cfg(model_dir, data, out, *overrides):
-    return load_config(None, [
-        f"model.pretrained={model_dir}", f"data.source={data}", "data.resolution=32", "train.batch_size=1",
-        "train.max_steps=2", "train.learning_rate=1e-2", "train.weight_decay=0", "train.logger=none",
-        "train.checkpoint_every=0", "model.lora_rank=2", f"output.dir={out}", *overrides,
-    ])
-
-
-def backbone_of(model_dir):
-    from diffusion_pref.pipelines import load_backbone
-
-    return load_backbone(load_config(None, [f"model.pretrained={model_dir}"]).model)
-
-
-def read_metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return train_config(model_dir, data, out, *overrides, batch_size=1, learning_rate="1e-2")
 
 
 # ------------------------------------------------------------------------------------------------- loading

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,9 @@ import torch
 
 from diffusion_pref.config import load_config
 from diffusion_pref.losses import LOSSES, TAKES_SOFT_LABEL
+
+sys.path.insert(0, str(Path(__file__).parent))
+from helpers import backbone_of, read_metrics, train_config  # noqa: E402
 
 SECONDS = 0.64  # 64 mel frames -> latents [8, 16, 4] on the tiny model
 RATE = 16000
@@ -48,18 +52,9 @@ def alpaca_path(tmp_path_factory):
     return write_alpaca(tmp_path_factory.mktemp("alpaca") / "train.parquet")
 
 
-def backbone_of(model_dir):
-    from diffusion_pref.pipelines import load_backbone
-
-    return load_backbone(load_config(None, [f"model.pretrained={model_dir}"]).model)
-
-
 def make_cfg(model_dir, data, out, *overrides):
-    return load_config(None, [
-        f"model.pretrained={model_dir}", f"data.source={data}", f"data.audio_seconds={SECONDS}",
-        "train.batch_size=2", "train.max_steps=2", "train.learning_rate=1e-2", "train.weight_decay=0",
-        "train.logger=none", "train.checkpoint_every=0", "model.lora_rank=2", f"output.dir={out}", *overrides,
-    ])
+    return train_config(model_dir, data, out, *overrides, batch_size=2, learning_rate="1e-2",
+                        data_keys=(f"data.audio_seconds={SECONDS}",))
 
 
 # ------------------------------------------------------------------------------------------------ backbone
@@ -249,7 +244,7 @@ def test_every_loss_trains_tango_lora(loss, alpaca_path, tiny_tango_dir, tmp_pat
     assert before and all("lora" in n for n in before)
     summary = trainer.train()
     assert summary["steps"] == 2
-    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(tmp_path)
     assert all(math.isfinite(m["loss"]) for m in metrics)
     params = dict(denoiser.named_parameters())
     assert any(not torch.equal(params[n], p) for n, p in before.items()), f"{loss}: nothing trained"
@@ -305,7 +300,7 @@ def test_smpo_trajectories_train_tango(kind, alpaca_path, tiny_tango_dir, tmp_pa
                                f"trajectory.kind={kind}", "trajectory.steps=4", "train.max_steps=1"))
     summary = trainer.train()
     assert summary["steps"] == 1
-    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(tmp_path)
     assert all(math.isfinite(m["loss"]) for m in metrics)
 
 

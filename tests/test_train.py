@@ -22,6 +22,7 @@ from diffusion_pref.config import load_config
 from diffusion_pref.losses import LOSSES, TAKES_SOFT_LABEL
 
 sys.path.insert(0, str(Path(__file__).parent))
+from helpers import read_metrics, train_config  # noqa: E402
 from test_data import write_pairs  # noqa: E402
 
 
@@ -31,15 +32,7 @@ def pairs_path(tmp_path_factory):
 
 
 def make_cfg(model_dir, data, out, *overrides):
-    return load_config(None, [
-        f"model.pretrained={model_dir}", f"data.source={data}", "data.resolution=32", "train.batch_size=2",
-        "train.max_steps=2", "train.learning_rate=1e-3", "train.weight_decay=0", "train.logger=none",
-        "train.checkpoint_every=0", "model.lora_rank=2", f"output.dir={out}", *overrides,
-    ])
-
-
-def read_metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return train_config(model_dir, data, out, *overrides, batch_size=2, learning_rate="1e-3")
 
 
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)

@@ -27,8 +27,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from diffusion_pref.commands.generate import sample_seed
 from diffusion_pref.fileio import atomic_write
+from diffusion_pref.pairing import sample_seed
 
 __all__ = ["evaluate_rewrites", "interval_metrics", "paired_differences"]
 

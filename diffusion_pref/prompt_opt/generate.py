@@ -36,8 +36,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from diffusion_pref.commands.generate import form_pairs, sample_seed
 from diffusion_pref.fileio import atomic_write
+from diffusion_pref.pairing import form_pairs, sample_seed
 
 __all__ = ["RewriteSettings", "generate_pairs", "read_done", "render"]
 

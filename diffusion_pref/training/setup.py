@@ -259,11 +259,28 @@ class PairEncoder:
     """Batch -> (latents_w, latents_l, text encodings), from pixels and captions or from the cache. The batch's
     tensors are on the device already (:meth:`~diffusion_pref.training.accel.StepAccel.to_device`)."""
 
+    # Captions whose cut flag is remembered (a few hundred bytes each): the uncached step tokenizes a caption for
+    # the text encoder, and checking it against the token limit is a second tokenization; a caption met again
+    # (pairs share captions, every epoch repeats them) is not checked again. Past this many, new captions are
+    # checked each time they come, as all were before.
+    CUT_MEMO_SIZE = 100_000
+
     def __init__(self, backbone, weight_dtype):
         self.backbone, self.weight_dtype = backbone, weight_dtype
         # Pairs whose caption the text encoder saw cut at its token limit, counted each time a pair is encoded;
         # None once a cache from before this count was read (its shards do not say).
         self.captions_cut = 0
+        self._cut_memo: dict = {}  # caption -> backbone.prompts_cut's flag for it
+
+    def _prompts_cut(self, captions) -> list:
+        """``backbone.prompts_cut(captions)``, asking the backbone only about captions it was not asked about yet
+        (each once, in the order first met)."""
+        memo = self._cut_memo
+        new = [c for c in dict.fromkeys(captions) if c not in memo]
+        found = dict(zip(new, self.backbone.prompts_cut(new))) if new else {}
+        if len(memo) + len(found) <= self.CUT_MEMO_SIZE:
+            memo.update(found)
+        return [memo[c] if c in memo else found[c] for c in captions]
 
     def _count_cut(self, flags) -> None:
         if self.captions_cut is None:
@@ -287,7 +304,7 @@ class PairEncoder:
         media = pair_media(batch)  # pixels [2B, 3, R, R] or waveforms [2B, samples]
         latents = self.backbone.encode(media).to(self.weight_dtype)
         latents_w, latents_l = latents.chunk(2)
-        self._count_cut(self.backbone.prompts_cut(batch["captions"]))
+        self._count_cut(self._prompts_cut(batch["captions"]))
         return latents_w, latents_l, self.backbone.encode_prompts(batch["captions"])
 
 
