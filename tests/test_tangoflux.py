@@ -305,3 +305,34 @@ def test_full_finetune_writes_the_hub_layout(tiny_tangoflux_dir, pairs_path, tmp
     base = backbone_of(tiny_tangoflux_dir).denoiser.state_dict()
     assert any(not torch.equal(base[n], v) for n, v in loaded.denoiser.state_dict().items())
     assert np.isfinite(loaded.sample(["rain"], [0], steps=2, guidance_scale=4.5, duration=SECONDS)[0]).all()
+
+
+@pytest.mark.parametrize("loss", sorted(__import__("diffusion_pref.losses", fromlist=["LOSSES"]).LOSSES))
+def test_every_loss_trains_tangoflux_lora(loss, tiny_tangoflux_dir, pairs_path, tmp_path):
+    from diffusion_pref.losses import TAKES_SOFT_LABEL
+    from diffusion_pref.training.setup import Trainer
+
+    soft = ["data.soft_labels=label"] if loss in TAKES_SOFT_LABEL else []
+    trainer = Trainer(load_config(None, train_args(tiny_tangoflux_dir, pairs_path, tmp_path, f"loss.name={loss}",
+                                                   "train.max_steps=1", *soft)[1:]))
+    denoiser = trainer.accelerator.unwrap_model(trainer.unet)
+    before = {n: p.detach().clone() for n, p in denoiser.named_parameters() if p.requires_grad}
+    assert before and all("lora" in n for n in before)
+    assert trainer.train()["steps"] == 1
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(m["loss"]) for m in metrics)
+    params = dict(denoiser.named_parameters())
+    assert any(not torch.equal(params[n], p) for n, p in before.items()), f"{loss}: nothing trained"
+
+
+@pytest.mark.parametrize("kind", ["ddim"])
+def test_smpo_inverted_trajectories_train_tangoflux(kind, tiny_tangoflux_dir, pairs_path, tmp_path):
+    """SmPO along the flow model's inverted Euler trajectory, through the one loop."""
+    from diffusion_pref.training.setup import Trainer
+
+    trainer = Trainer(load_config(None, train_args(tiny_tangoflux_dir, pairs_path, tmp_path, "loss.name=smpo",
+                                                   "data.soft_labels=label", f"trajectory.kind={kind}",
+                                                   "trajectory.steps=4", "train.max_steps=1")[1:]))
+    assert trainer.train()["steps"] == 1
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(m["loss"]) for m in metrics)
