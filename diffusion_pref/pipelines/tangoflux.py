@@ -443,14 +443,17 @@ class TangoFluxBackbone(Backbone):
     def save_full(self, directory, denoiser, state_dict=None) -> None:
         """A folder in the hub layout (loadable by TangoFlux's own ``TangoFluxInference`` and by this backbone) with
         the trained transformer; the other files copied from the source folder."""
-        from safetensors.torch import save_file
+        from safetensors.torch import load_file, save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         transformer = state_dict if state_dict is not None else denoiser.state_dict()
-        state = {f"text_encoder.{k}": v for k, v in self.text_encoder.state_dict().items()
-                 if k != "encoder.embed_tokens.weight"}  # tied to shared.weight; the hub file omits it too
-        state.update(self.conditioner.state_dict())
+        if self.folder is not None:  # the frozen parts at their saved precision (training casts them)
+            state = {k: v for k, v in load_file(str(self.folder / WEIGHTS)).items() if not k.startswith("transformer.")}
+        else:
+            state = {f"text_encoder.{k}": v for k, v in self.text_encoder.state_dict().items()
+                     if k != "encoder.embed_tokens.weight"}  # tied to shared.weight; the hub file omits it too
+            state.update(self.conditioner.state_dict())
         state.update({f"transformer.{k}": v for k, v in transformer.items()})
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(directory / WEIGHTS))
         if self.folder is not None:
