@@ -336,3 +336,20 @@ def test_smpo_inverted_trajectories_train_tangoflux(kind, tiny_tangoflux_dir, pa
     assert trainer.train()["steps"] == 1
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(m["loss"]) for m in metrics)
+
+
+def test_crpo_recipe_trains_the_tiny_model_through_the_cli(tiny_tangoflux_dir, pairs_path, tmp_path):
+    """configs/tangoflux_crpo.yaml as shipped (full fine-tuning, frozen copy as reference, rpo with beta 1000 and
+    alpha 1: TangoFlux's CRPO loss), on the tiny model for one step; the output is the hub layout again."""
+    from pathlib import Path
+
+    from diffusion_pref import cli
+
+    recipe = Path(__file__).parent.parent / "configs" / "tangoflux_crpo.yaml"
+    code = cli.main(["train", "--config", str(recipe), f"model.pretrained={tiny_tangoflux_dir}",
+                     f"data.source={pairs_path}", f"data.audio_seconds={SECONDS}", "data.num_workers=0",
+                     "train.batch_size=2", "train.max_steps=1", "train.logger=none", f"output.dir={tmp_path}"])
+    assert code == 0
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["output"] == "pipeline" and summary["beta"] == 1000 and summary["reference"] == "copy"
+    assert backbone_of(tmp_path).family == "tangoflux"
