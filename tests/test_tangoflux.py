@@ -228,6 +228,8 @@ def test_sample_matches_tangoflux_inference_by_hand(tiny_tangoflux_dir):
     with torch.no_grad():
         full = backbone.decode(ours[None])[0]
     np.testing.assert_allclose(waves[0], full[:int(SECONDS * RATE)].numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="sample.scheduler=DDIMScheduler: TangoFlux is a flow-matching model"):
+        backbone.sample([prompt], [0], steps=1, guidance_scale=1.0, scheduler="DDIMScheduler")
     with pytest.raises(ValueError, match="duration=31: TangoFlux takes durations"):
         backbone.sample([prompt], [0], steps=1, guidance_scale=1.0, duration=31)
 
@@ -353,3 +355,32 @@ def test_crpo_recipe_trains_the_tiny_model_through_the_cli(tiny_tangoflux_dir, p
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert summary["output"] == "pipeline" and summary["beta"] == 1000 and summary["reference"] == "copy"
     assert backbone_of(tmp_path).family == "tangoflux"
+
+
+def test_crpo_round_generate_with_clap_then_train(tiny_tangoflux_dir, tmp_path):
+    """CRPO's loop through the standard commands: the model's own samples ranked by CLAP (a tiny random CLAP here),
+    best vs worst, stored at 44.1 kHz, then DPO on them."""
+    import pyarrow.parquet as pq
+
+    from diffusion_pref.audio import read_audio
+    from diffusion_pref.commands.generate import generate
+    from diffusion_pref.testing.rewards import save_tiny_clap
+    from diffusion_pref.training.setup import Trainer
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a dog barking\nrain on the street\n")
+    clap = save_tiny_clap(tmp_path / "clap")
+    summary = generate(load_config(None, [
+        f"model.pretrained={tiny_tangoflux_dir}", f"generate.prompts={prompts}", "generate.samples_per_prompt=3",
+        "generate.strategy=best_vs_worst", "generate.min_gap=0", "sample.steps=2", "sample.guidance_scale=4.5",
+        "sample.batch_size=3", "runtime.device=cpu", "reward.models={clap: 1.0}", f"reward.pretrained={{clap: {clap}}}",
+        f"output.dir={tmp_path / 'pairs'}"]))
+    assert summary["samples"] == 6 and summary["pairs_written"] >= 1
+    table = pq.read_table(sorted((tmp_path / "pairs").glob("pairs-*.parquet"))).to_pydict()
+    wave, rate = read_audio(table["chosen"][0])
+    assert rate == RATE and wave.shape == (int(0.7 * RATE),)  # the tiny model's default duration (max_duration)
+    out = tmp_path / "train"
+    result = Trainer(load_config(None, train_args(tiny_tangoflux_dir, tmp_path / "pairs", out, "loss.name=rpo",
+                                                  "loss.beta=1000", "train.max_steps=1", "train.batch_size=1")[1:])
+                     ).train()
+    assert result["steps"] == 1 and (out / "pytorch_lora_weights.safetensors").is_file()

@@ -66,18 +66,22 @@ import shutil
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from diffusion_pref.pipelines.base import Backbone, Samples, scheduler_class, smallest_token_limit, texts_over_limit
+from diffusion_pref.pipelines.base import (
+    Backbone,
+    Samples,
+    scheduler_class,
+    smallest_token_limit,
+    texts_over_limit,
+)
+from diffusion_pref.pipelines.tango import (  # the same T5 length view and error type
+    _Limited,
+    _model_error,
+)
 
 TEXT_TOKENS = 64  # TangoFlux's max_text_seq_len
 DEFAULT_SECONDS = 10.0  # TangoFlux's CLI / generate / CRPO duration
 WEIGHTS, VAE_WEIGHTS, CONFIG = "tangoflux.safetensors", "vae.safetensors", "config.json"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-
-
-def _model_error(message: str):
-    from diffusion_pref.pipelines.stable_diffusion import ModelLoadError
-
-    return ModelLoadError(message)
 
 
 def is_tangoflux(pretrained: str) -> bool:
@@ -203,7 +207,11 @@ class TangoFluxBackbone(Backbone):
 
     @classmethod
     def load(cls, model_cfg, dtype=None):
-        from diffusers import AutoencoderOobleck, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+        from diffusers import (
+            AutoencoderOobleck,
+            FlowMatchEulerDiscreteScheduler,
+            FluxTransformer2DModel,
+        )
         from safetensors.torch import load_file
         from transformers import AutoConfig, AutoTokenizer, T5EncoderModel
 
@@ -368,6 +376,10 @@ class TangoFluxBackbone(Backbone):
             raise ValueError("safety_checker=true: TangoFlux ships no safety checker; set sample.safety_checker=false")
         seconds = self._check_duration(duration if duration is not None else min(DEFAULT_SECONDS, self.max_duration),
                                        "duration")
+        base = scheduler_class(scheduler) if scheduler else type(self.scheduler)
+        if not base.__name__.startswith("FlowMatch"):
+            raise ValueError(f"sample.scheduler={scheduler}: TangoFlux is a flow-matching model; use a FlowMatch* "
+                             "scheduler (e.g. FlowMatchEulerDiscreteScheduler) or leave it unset")
         if not prompts:
             return Samples([])
         module = self.denoiser
@@ -388,7 +400,6 @@ class TangoFluxBackbone(Backbone):
                                       empty["encoder_attention_mask"][:, :length], seconds)
                 cond = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
             cond = {k: v.to(device=device, dtype=dtype) for k, v in cond.items()}
-            base = scheduler_class(scheduler) if scheduler else type(self.scheduler)
             sampler = base.from_config(self.scheduler.config)
             if "sigmas" in inspect.signature(sampler.set_timesteps).parameters:
                 sampler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps), device=device)
@@ -467,13 +478,3 @@ class TangoFluxBackbone(Backbone):
         else:
             (directory / CONFIG).write_text(json.dumps(self.config, indent=2) + "\n")
             save_file({k: v.contiguous().cpu() for k, v in self.vae.state_dict().items()}, str(directory / VAE_WEIGHTS))
-
-
-class _Limited:
-    """The tokenizer seen with the length the backbone cuts to (for the cut-prompt count)."""
-
-    def __init__(self, tokenizer, limit: int):
-        self._tokenizer, self.model_max_length = tokenizer, limit
-
-    def __call__(self, *args, **kwargs):
-        return self._tokenizer(*args, **kwargs)
