@@ -8,8 +8,9 @@ the prefixes ``text_encoder.``, ``fc.``, ``duration_emebdder.`` (sic) and ``tran
 ``encoder.embed_tokens`` is absent, as the hub file has it) and ``vae.safetensors`` (Stable Audio Open's
 ``AutoencoderOobleck`` with its default config). The T5 config and tokenizer come from ``text_encoder_name``: a
 subfolder of the model folder when one has that name (the tiny test model), else a hub id or path as TangoFlux
-loads it. Two optional files, absent on the hub, size small models: ``vae_config.json`` (an Oobleck config;
-default: diffusers' defaults, which are Stable Audio Open's). Detected by ``tangoflux.safetensors``.
+loads it. An optional ``vae_config.json``, absent on the hub, sizes a small VAE (default: diffusers' Oobleck
+defaults, which are Stable Audio Open's, as TangoFlux's ``AutoencoderOobleck()``). Detected by
+``tangoflux.safetensors``; a hub id not yet downloaded needs ``model.family=tangoflux``.
 
 The modules (TangoFlux's ``tangoflux/model.py``, written anew here):
 
@@ -50,6 +51,12 @@ sample's noise ``randn(1, T, C)`` from its own seed's CPU generator (the draw ``
 ``torch.manual_seed(seed)``). Prompts are run in groups of equal token length, so that, as in TangoFlux's
 single-prompt inference, no prompt sees padding and results do not depend on the batch. Returns mono float32
 waveforms at 44.1 kHz of ``duration`` seconds.
+
+Differences from TangoFlux's code, all deliberate: mono in and out (the data checks refuse multi-channel files:
+mix them down; TangoFlux keeps stereo files stereo); one duration for every pair (``data.audio_seconds``; TangoFlux
+reads a ``duration`` column per row); latents are the posterior mode, not a sample; ``fc`` is not trained;
+sampling cuts prompts at 64 tokens as training does (TangoFlux's inference at the tokenizer's 512); training audio
+below 44.1 kHz is refused by the data checks (TangoFlux upsamples it).
 
 Example::
 
@@ -233,7 +240,7 @@ class TangoFluxBackbone(Backbone):
         text_encoder = T5EncoderModel(t5_config)
         _load_strict(text_encoder, _split(state, "text_encoder."), f"{WEIGHTS} text_encoder",
                      allowed_missing=("encoder.embed_tokens.weight",))
-        text_encoder.tie_weights()
+        text_encoder.set_input_embeddings(text_encoder.shared)  # encoder.embed_tokens is shared, as T5 builds it
         width = t5_config.d_model
         transformer = FluxTransformer2DModel(
             in_channels=config.get("in_channels", 64), num_layers=config.get("num_layers", 6),
