@@ -60,6 +60,21 @@ class MelSettings:
         return int(round(seconds * self.sampling_rate / self.hop_length))
 
 
+@dataclass(frozen=True)
+class WaveSettings:
+    """The front end of a model whose VAE encodes waveforms (TangoFlux's Oobleck VAE): resample to
+    ``sampling_rate``, keep the first ``seconds`` (None: all), pad with zeros or cut to ``frames * hop_length``
+    samples (``hop_length``: samples per latent frame); no mean removal or peak normalisation (TangoFlux's
+    ``read_wav_file`` has none). ``prepare_waveform`` takes it in place of :class:`MelSettings`."""
+
+    sampling_rate: int = 44100
+    hop_length: int = 2048
+    seconds: Optional[float] = None
+
+    def to_dict(self) -> dict:
+        return {"front_end": "waveform", **asdict(self)}
+
+
 class AudioError(ValueError):
     """Audio that cannot be used; the message says why (callers add the file / row)."""
 
@@ -139,8 +154,13 @@ def fit_length(wave: np.ndarray, samples: int) -> np.ndarray:
 
 
 def prepare_waveform(wave: np.ndarray, rate: int, settings: MelSettings, frames: int) -> np.ndarray:
-    """Decoded mono audio -> the model's input waveform ``[frames * hop]`` float32 (see the module docstring)."""
+    """Decoded mono audio -> the model's input waveform ``[frames * hop]`` float32 (see the module docstring;
+    :class:`WaveSettings`: resampled, cut to its ``seconds`` and padded, not normalised)."""
     wave = resample(np.asarray(wave, dtype=np.float32), rate, settings.sampling_rate)
+    if isinstance(settings, WaveSettings):
+        if settings.seconds is not None:
+            wave = wave[:int(settings.seconds * settings.sampling_rate)]
+        return fit_length(wave, frames * settings.hop_length)
     wave = fit_length(normalize_peak(wave), frames * settings.hop_length)
     return (wave / np.abs(wave).max() * 0.5).astype(np.float32)  # Tango's second peak scaling, after the padding
 

@@ -37,7 +37,7 @@ from diffusion_pref.suggest import did_you_mean
 # The fixed sets of choices, declared once as types: the loader checks every Literal-typed field (with a
 # did-you-mean), and code that needs the list reads it with ``typing.get_args`` (e.g. ``get_args(TrajectoryKind)``).
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
-ModelFamily = Literal["auto", "sd", "sdxl", "sd3", "tango"]
+ModelFamily = Literal["auto", "sd", "sdxl", "sd3", "tango", "tangoflux"]
 TrajectoryKind = Literal["forward", "ddim", "renoise"]
 TMode = Literal["exact", "grid_below", "smpo_released"]
 TimestepSampling = Literal["auto", "uniform", "logit_normal", "mode"]

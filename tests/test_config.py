@@ -74,7 +74,7 @@ def test_choices_are_checked():
 
 @pytest.mark.parametrize("override, message", [
     ("runtime.dtype=fp61", r"runtime\.dtype='fp61' is not one of auto, fp32, fp16, bf16; did you mean 'fp16'\? \(command line\)"),
-    ("model.family=sdx", r"model\.family='sdx' .* not one of auto, sd, sdxl, sd3, tango; did you mean 'sdxl'\?"),
+    ("model.family=sdx", r"model\.family='sdx' .* not one of auto, sd, sdxl, sd3, tango, tangoflux; did you mean 'sdxl'\?"),
     ("trajectory.kind=renoice", r"did you mean 'renoise'\?"),
     ("generate.strategy=best_vs_wrost", r"did you mean 'best_vs_worst'\?"),
 ])

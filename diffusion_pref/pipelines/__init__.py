@@ -94,7 +94,7 @@ def resolve_pretrained(pretrained: str) -> str:
         return str(folder)
     path = Path(pretrained).expanduser()
     if path.exists():
-        if not ((path / "model_index.json").is_file() or (path / "stft_config.json").is_file()):  # or a Tango folder
+        if not any((path / f).is_file() for f in ("model_index.json", "stft_config.json", "tangoflux.safetensors")):
             raise ModelLoadError(f"model.pretrained={pretrained}: the folder has no model_index.json; give a diffusers "
                                  "pipeline folder (pipe.save_pretrained(...) writes one)")
         return str(path)
@@ -161,6 +161,7 @@ FAMILIES: Dict[str, Family] = {
     "sd3": Family("diffusion_pref.pipelines.sd3:SD3Backbone", ("StableDiffusion3",)),
     "sd": Family("diffusion_pref.pipelines.stable_diffusion:StableDiffusionBackbone", ("StableDiffusion",)),
     "tango": Family("diffusion_pref.pipelines.tango:TangoBackbone", ("Tango", "AudioLDM")),
+    "tangoflux": Family("diffusion_pref.pipelines.tangoflux:TangoFluxBackbone", ()),  # detected by its weights file
 }
 
 
@@ -188,6 +189,10 @@ def detect_family(model_cfg) -> str:
     folder = named_model_folder(model_cfg.pretrained) or Path(model_cfg.pretrained).expanduser()
     if (folder / "stft_config.json").is_file():  # Tango has no model_index.json (a folder, or a name like "tones")
         return "tango"
+    from diffusion_pref.pipelines.tangoflux import is_tangoflux
+
+    if is_tangoflux(model_cfg.pretrained):  # the declare-lab hub layout: tangoflux.safetensors, no model_index.json
+        return "tangoflux"
     class_name = _class_name(model_cfg)
     if "Tango" in class_name or "AudioLDM" in class_name:
         return "tango"

@@ -38,6 +38,9 @@ Savers (write the standard layout into ``path`` and return it as a ``Path``):
   (keys ``sampling_rate, filter_length, hop_length, win_length, n_mel_channels, mel_fmin, mel_fmax``, the
   argument names of Tango's ``TacotronSTFT``). There is no ``model_index.json``: no diffusers pipeline class
   runs Tango; the audio backbone loads each subfolder itself.
+- ``save_tiny_tangoflux(path, seed=0)``: the ``declare-lab/TangoFlux`` hub layout (``config.json``,
+  ``tangoflux.safetensors``, ``vae.safetensors``) plus ``vae_config.json`` and ``text_encoder/`` (T5 config and
+  tokenizer), which the real sizes take from their defaults and the hub.
 - ``save_tiny_causal_lm(path, **kw)``: a transformers folder for ``AutoModelForCausalLM`` / ``AutoTokenizer``.
 
 Pytest fixtures in ``tests/conftest.py`` (session-scoped, saved once; treat the folders as read-only):
@@ -573,6 +576,71 @@ def tiny_tango_components(seed: int = 0) -> TinyTango:
 def save_tiny_tango(path: str | Path, **kwargs) -> Path:
     """Save ``tiny_tango_components(**kwargs)`` in the layout described in the module docstring."""
     return tiny_tango_components(**kwargs).save_pretrained(path)
+
+
+# ---------------------------------------------------------------- TangoFlux
+
+TINY_TANGOFLUX_CONFIG = {  # the keys of declare-lab/TangoFlux's config.json, tiny values
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "in_channels": 8,  # the VAE's latent channels (TangoFlux: 64)
+    "attention_head_dim": 128,  # as TangoFlux: diffusers' default rope axes (16, 56, 56) sum to it
+    "num_attention_heads": 1,
+    "joint_attention_dim": 32,  # = the T5 width, as in TangoFlux (1024 both)
+    "audio_seq_len": 16,  # 16 latent frames * 2048 samples = 0.743 s at 44.1 kHz (TangoFlux: 645)
+    "max_duration": 0.7,  # TangoFlux: 30
+    "uncondition": False,
+    "text_encoder_name": "text_encoder",  # a subfolder here (T5 config + tokenizer); TangoFlux: google/flan-t5-large
+}
+
+TINY_OOBLECK_CONFIG = {"encoder_hidden_size": 16,  # mean + scale: 8 latent channels
+                       "downsampling_ratios": [2, 4, 4, 8, 8],
+                       "channel_multiples": [1, 1, 1, 1, 1], "decoder_channels": 4, "decoder_input_channels": 8,
+                       "audio_channels": 2, "sampling_rate": 44100}
+
+
+def save_tiny_tangoflux(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random-weight TangoFlux in the hub layout of ``declare-lab/TangoFlux``: ``config.json``,
+    ``tangoflux.safetensors`` (prefixes ``text_encoder.`` without the tied ``encoder.embed_tokens``, ``fc.``,
+    ``duration_emebdder.``, ``transformer.``) and ``vae.safetensors`` (``AutoencoderOobleck``, stereo, 2048 samples
+    per latent frame as Stable Audio Open's), plus what the hub does not need for the real sizes: ``vae_config.json``
+    and ``text_encoder/`` (T5 config + tokenizer, named by ``text_encoder_name``)."""
+    from diffusers import AutoencoderOobleck, FluxTransformer2DModel
+    from safetensors.torch import save_file
+    from transformers import T5Config, T5EncoderModel
+
+    from diffusion_pref.pipelines.tangoflux import _conditioner_class
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = dict(TINY_TANGOFLUX_CONFIG)
+    tokenizer = tiny_t5_tokenizer()
+    width = config["joint_attention_dim"]
+    t5_config = T5Config(vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                         relative_attention_num_buckets=8, relative_attention_max_distance=32,
+                         feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         decoder_start_token_id=tokenizer.pad_token_id)
+    with _seeded(seed):
+        text_encoder = T5EncoderModel(t5_config)
+        transformer = FluxTransformer2DModel(
+            in_channels=config["in_channels"], num_layers=config["num_layers"],
+            num_single_layers=config["num_single_layers"], attention_head_dim=config["attention_head_dim"],
+            num_attention_heads=config["num_attention_heads"], joint_attention_dim=width,
+            pooled_projection_dim=width, guidance_embeds=False)
+        conditioner = _conditioner_class()(width, width, config["max_duration"])
+        conditioner.duration_emebdder.time_positional_embedding[0].weights.data.normal_()  # TangoFlux: randn
+        vae = AutoencoderOobleck(**TINY_OOBLECK_CONFIG)
+    state = {f"text_encoder.{k}": v for k, v in text_encoder.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    state.update(conditioner.state_dict())
+    state.update({f"transformer.{k}": v for k, v in transformer.state_dict().items()})
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path / "tangoflux.safetensors"))
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(path / "vae.safetensors"))
+    (path / "vae_config.json").write_text(json.dumps(TINY_OOBLECK_CONFIG, indent=2) + "\n")
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    t5_config.save_pretrained(str(path / "text_encoder"))
+    tokenizer.save_pretrained(str(path / "text_encoder"))
+    return path
 
 
 # ---------------------------------------------------------------- GPT-2-style causal LM
