@@ -384,3 +384,21 @@ def test_crpo_round_generate_with_clap_then_train(tiny_tangoflux_dir, tmp_path):
                                                   "loss.beta=1000", "train.max_steps=1", "train.batch_size=1")[1:])
                      ).train()
     assert result["steps"] == 1 and (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_cache_key_changes_when_the_weights_are_rewritten_in_place(tiny_tangoflux_dir, tmp_path):
+    """A TangoFlux folder has neither model_index.json nor stft_config.json: its cache key must still see its
+    weights rewritten in place (a fine-tune saved over the folder), or a cache of the old weights would be reused."""
+    import os
+    import shutil
+
+    from diffusion_pref.data.cache import model_identity
+
+    folder = tmp_path / "tf"
+    shutil.copytree(tiny_tangoflux_dir, folder)
+    cfg = load_config(None, [f"model.pretrained={folder}"]).model
+    before = model_identity(cfg)
+    weights = folder / "tangoflux.safetensors"
+    stat = weights.stat()
+    os.utime(weights, (stat.st_atime, stat.st_mtime + 10))
+    assert model_identity(cfg) != before

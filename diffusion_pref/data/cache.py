@@ -69,8 +69,7 @@ def model_identity(model_cfg) -> Dict[str, object]:
     location = resolve_pretrained(model_cfg.pretrained)
     ident: Dict[str, object] = {"pretrained": location, "revision": model_cfg.revision, "variant": model_cfg.variant,
                                 "vae": model_cfg.vae, "family": model_cfg.family}
-    index = Path(location) / "model_index.json"
-    if index.is_file() or (Path(location) / "stft_config.json").is_file():  # a local folder: weights rewritten in place change the key too
+    if Path(location).is_dir():  # a local folder (any family's layout): weights rewritten in place change the key too
         ident["mtimes"] = sorted(int(p.stat().st_mtime) for p in Path(location).rglob("*.safetensors"))
     return ident
 
