@@ -132,6 +132,34 @@ class Backbone(abc.ABC):
         """A full pipeline folder with ``denoiser`` (``state_dict``: its gathered weights when sharded)."""
 
 
+class DenoiserLora:
+    """:meth:`Backbone.load_lora` / :meth:`Backbone.unload_lora` for a backbone whose own sampling loop calls the
+    denoiser (no diffusers pipeline): the folder :meth:`Backbone.save_lora` wrote (diffusers' LoRA format, keys
+    prefixed ``LORA_PREFIX``, ``lora_alpha`` in the file's metadata) goes into the denoiser as adapter "sampling".
+    Put it before :class:`Backbone` in the bases."""
+
+    LORA_PREFIX: str = ""
+    _lora_loaded: bool = False
+
+    def load_lora(self, folder) -> None:
+        self.denoiser.load_lora_adapter(str(folder), prefix=self.LORA_PREFIX, adapter_name="sampling",
+                                        weight_name="pytorch_lora_weights.safetensors")
+        self._lora_loaded = True
+
+    def unload_lora(self) -> None:
+        if self._lora_loaded:
+            self.denoiser.delete_adapters("sampling")
+            self._lora_loaded = False
+
+
+def waveform_samples(waves, output_type: str) -> Samples:
+    """Decoded waveforms ``[n, samples]`` (float, on the host) as :meth:`Backbone.sample` returns them: tensors for
+    ``output_type="pt"``, numpy arrays otherwise."""
+    if output_type == "pt":
+        return Samples(list(waves))
+    return Samples([w.numpy() for w in waves])
+
+
 def repeat_pair(cond: Dict[str, Any]) -> Dict[str, Any]:
     """Repeat every per-pair tensor for the ``[w; l]`` layout (both sides of a pair share the prompt)."""
     import torch

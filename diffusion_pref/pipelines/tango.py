@@ -41,7 +41,8 @@ import shutil
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from diffusion_pref.pipelines.base import Backbone, Samples, scheduler_class, smallest_token_limit, texts_over_limit
+from diffusion_pref.pipelines.base import (Backbone, DenoiserLora, Samples, scheduler_class, smallest_token_limit,
+                                           texts_over_limit, waveform_samples)
 
 TEXT_TOKENS = 128  # prompt tokens seen by the UNet (AudioCaps / Audio-alpaca captions are far shorter)
 SUBFOLDERS = ("text_encoder", "tokenizer", "unet", "vae", "vocoder", "scheduler")
@@ -102,10 +103,11 @@ def _vocoder_class(folder: Path):
     return SpeechT5HifiGan
 
 
-class TangoBackbone(Backbone):
+class TangoBackbone(DenoiserLora, Backbone):
     """Tango / Tango 2: ``denoiser`` is the UNet; see the module docstring."""
 
     family = "tango"
+    LORA_PREFIX = "unet"  # save_lora writes the diffusers SD layout
 
     def __init__(self, text_encoder, tokenizer, unet, vae, vocoder, scheduler, settings, folder=None,
                  audio_seconds: Optional[float] = None):
@@ -129,7 +131,6 @@ class TangoBackbone(Backbone):
         self.frames = settings.frames(audio_seconds) if audio_seconds else TANGO_FRAMES
         limit = getattr(tokenizer, "model_max_length", None)
         self.text_tokens = min(TEXT_TOKENS, limit) if isinstance(limit, int) else TEXT_TOKENS
-        self._lora_loaded = False
 
     @classmethod
     def load(cls, model_cfg, dtype=None):
@@ -304,20 +305,7 @@ class TangoBackbone(Backbone):
             if output_type == "latent":
                 return Samples(list(latents))
             waves = self.decode(latents).float().cpu()
-        if output_type == "pt":
-            return Samples(list(waves))
-        return Samples([w.numpy() for w in waves])
-
-    def load_lora(self, folder) -> None:
-        """Sample with the LoRA :meth:`save_lora` wrote (its lora_alpha is read from the file's metadata)."""
-        self.denoiser.load_lora_adapter(str(folder), prefix="unet", adapter_name="sampling",
-                                        weight_name="pytorch_lora_weights.safetensors")
-        self._lora_loaded = True
-
-    def unload_lora(self) -> None:
-        if self._lora_loaded:
-            self.denoiser.delete_adapters("sampling")
-            self._lora_loaded = False
+        return waveform_samples(waves, output_type)
 
     # -- outputs -------------------------------------------------------------------------------------------
     def save_lora(self, directory, denoiser) -> None:

@@ -75,10 +75,12 @@ from typing import Dict, List, Optional, Sequence
 
 from diffusion_pref.pipelines.base import (
     Backbone,
+    DenoiserLora,
     Samples,
     scheduler_class,
     smallest_token_limit,
     texts_over_limit,
+    waveform_samples,
 )
 from diffusion_pref.pipelines.tango import (  # the same T5 length view and error type
     _Limited,
@@ -184,10 +186,11 @@ def _load_strict(module, state: dict, what: str, allowed_missing=()) -> None:
                            f"{example!r}); the checkpoint does not match config.json")
 
 
-class TangoFluxBackbone(Backbone):
+class TangoFluxBackbone(DenoiserLora, Backbone):
     """TangoFlux: ``denoiser`` is the ``FluxTransformer2DModel``; see the module docstring."""
 
     family = "tangoflux"
+    LORA_PREFIX = "transformer"  # save_lora writes diffusers' Flux layout
     default_lora_targets = LORA_TARGETS
 
     def __init__(self, config, text_encoder, tokenizer, conditioner, transformer, vae, scheduler, folder=None):
@@ -210,7 +213,6 @@ class TangoFluxBackbone(Backbone):
         self.duration = min(DEFAULT_SECONDS, self.max_duration)  # what training conditions on (audio_front_end)
         limit = getattr(tokenizer, "model_max_length", None)
         self.text_tokens = min(TEXT_TOKENS, limit) if isinstance(limit, int) else TEXT_TOKENS
-        self._lora_loaded = False
 
     @classmethod
     def load(cls, model_cfg, dtype=None):
@@ -430,20 +432,7 @@ class TangoFluxBackbone(Backbone):
         if output_type == "latent":
             return Samples(list(ordered))
         waves = self.decode(ordered).float().cpu()[:, :int(seconds * self.sample_rate)]
-        if output_type == "pt":
-            return Samples(list(waves))
-        return Samples([w.numpy() for w in waves])
-
-    def load_lora(self, folder) -> None:
-        """Sample with the LoRA :meth:`save_lora` wrote (its lora_alpha read from the file's metadata)."""
-        self.denoiser.load_lora_adapter(str(folder), prefix="transformer", adapter_name="sampling",
-                                        weight_name="pytorch_lora_weights.safetensors")
-        self._lora_loaded = True
-
-    def unload_lora(self) -> None:
-        if self._lora_loaded:
-            self.denoiser.delete_adapters("sampling")
-            self._lora_loaded = False
+        return waveform_samples(waves, output_type)
 
     # -- outputs -------------------------------------------------------------------------------------------
     def save_lora(self, directory, denoiser) -> None:
