@@ -103,7 +103,35 @@ def _vocoder_class(folder: Path):
     return SpeechT5HifiGan
 
 
-class TangoBackbone(DenoiserLora, Backbone):
+class T5Text:
+    """The text side of Tango and TangoFlux: a (FLAN-)T5 encoder run on prompts padded to ``text_tokens`` with its
+    attention mask; longer prompts are cut (and counted). Needs ``text_encoder``, ``tokenizer`` and ``text_tokens``.
+    Put it before :class:`Backbone` in the bases."""
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Dict[str, object]:
+        """-> ``{"encoder_hidden_states": [B, L, D], "encoder_attention_mask": [B, L]}`` (mask 1.0 for tokens, 0.0 for
+        padding, in the encoder's dtype so it travels with the float tensors)."""
+        import torch
+
+        encoder = self.text_encoder
+        tokens = self.tokenizer(list(prompts), max_length=self.text_tokens, padding="max_length", truncation=True,
+                                return_tensors="pt")
+        ids, mask = tokens.input_ids.to(encoder.device), tokens.attention_mask.to(encoder.device)
+        with torch.no_grad():
+            hidden = encoder(input_ids=ids, attention_mask=mask)[0]
+        return {"encoder_hidden_states": hidden, "encoder_attention_mask": mask.to(hidden.dtype)}
+
+    def _tokenizers(self) -> list:
+        return [_Limited(self.tokenizer, self.text_tokens)]
+
+    def prompts_cut(self, prompts: Sequence[str]) -> List[bool]:
+        return texts_over_limit(self._tokenizers(), prompts)
+
+    def token_limit(self) -> Optional[int]:
+        return smallest_token_limit(self._tokenizers())
+
+
+class TangoBackbone(DenoiserLora, T5Text, Backbone):
     """Tango / Tango 2: ``denoiser`` is the UNet; see the module docstring."""
 
     family = "tango"
@@ -219,28 +247,6 @@ class TangoBackbone(DenoiserLora, Backbone):
         cast = {} if first is None else {"device": first.device, "dtype": first.dtype}
         with torch.no_grad():
             return vocoder(mel.to(**cast))
-
-    def encode_prompts(self, prompts: Sequence[str]) -> Dict[str, object]:
-        """-> ``{"encoder_hidden_states": [B, L, D], "encoder_attention_mask": [B, L]}`` (mask 1.0 for tokens, 0.0 for
-        padding, in the encoder's dtype so it travels with the float tensors)."""
-        import torch
-
-        encoder = self.text_encoder
-        tokens = self.tokenizer(list(prompts), max_length=self.text_tokens, padding="max_length", truncation=True,
-                                return_tensors="pt")
-        ids, mask = tokens.input_ids.to(encoder.device), tokens.attention_mask.to(encoder.device)
-        with torch.no_grad():
-            hidden = encoder(input_ids=ids, attention_mask=mask)[0]
-        return {"encoder_hidden_states": hidden, "encoder_attention_mask": mask.to(hidden.dtype)}
-
-    def _tokenizers(self) -> list:
-        return [_Limited(self.tokenizer, self.text_tokens)]
-
-    def prompts_cut(self, prompts: Sequence[str]) -> List[bool]:
-        return texts_over_limit(self._tokenizers(), prompts)
-
-    def token_limit(self) -> Optional[int]:
-        return smallest_token_limit(self._tokenizers())
 
     def conditioning(self, text: Dict[str, object], batch: Optional[Dict[str, object]] = None) -> Dict[str, object]:
         return {"encoder_hidden_states": text["encoder_hidden_states"],

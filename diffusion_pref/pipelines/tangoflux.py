@@ -71,21 +71,16 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 from diffusion_pref.pipelines.base import (
     Backbone,
     DenoiserLora,
     Samples,
     scheduler_class,
-    smallest_token_limit,
-    texts_over_limit,
     waveform_samples,
 )
-from diffusion_pref.pipelines.tango import (  # the same T5 length view and error type
-    _Limited,
-    _model_error,
-)
+from diffusion_pref.pipelines.tango import T5Text, _model_error  # the same T5 text side and error type
 
 TEXT_TOKENS = 64  # TangoFlux's max_text_seq_len
 DEFAULT_SECONDS = 10.0  # TangoFlux's CLI / generate / CRPO duration
@@ -186,7 +181,7 @@ def _load_strict(module, state: dict, what: str, allowed_missing=()) -> None:
                            f"{example!r}); the checkpoint does not match config.json")
 
 
-class TangoFluxBackbone(DenoiserLora, Backbone):
+class TangoFluxBackbone(DenoiserLora, T5Text, Backbone):
     """TangoFlux: ``denoiser`` is the ``FluxTransformer2DModel``; see the module docstring."""
 
     family = "tangoflux"
@@ -300,28 +295,6 @@ class TangoFluxBackbone(DenoiserLora, Backbone):
         vae = self.vae
         with torch.no_grad():
             return vae.decode(latents.to(device=vae.device, dtype=vae.dtype).transpose(1, 2)).sample.mean(1)
-
-    def encode_prompts(self, prompts: Sequence[str]) -> Dict[str, object]:
-        """-> ``{"encoder_hidden_states": [B, 64, D], "encoder_attention_mask": [B, 64]}`` (T5 with its mask; the
-        mask is 1.0 for tokens, 0.0 for padding, in the encoder's dtype)."""
-        import torch
-
-        encoder = self.text_encoder
-        tokens = self.tokenizer(list(prompts), max_length=self.text_tokens, padding="max_length", truncation=True,
-                                return_tensors="pt")
-        ids, mask = tokens.input_ids.to(encoder.device), tokens.attention_mask.to(encoder.device)
-        with torch.no_grad():
-            hidden = encoder(input_ids=ids, attention_mask=mask)[0]
-        return {"encoder_hidden_states": hidden, "encoder_attention_mask": mask.to(hidden.dtype)}
-
-    def _tokenizers(self) -> list:
-        return [_Limited(self.tokenizer, self.text_tokens)]
-
-    def prompts_cut(self, prompts: Sequence[str]) -> List[bool]:
-        return texts_over_limit(self._tokenizers(), prompts)
-
-    def token_limit(self) -> Optional[int]:
-        return smallest_token_limit(self._tokenizers())
 
     def conditioning(self, text: Dict[str, object], batch: Optional[Dict[str, object]] = None,
                      duration: Optional[float] = None) -> Dict[str, object]:
