@@ -204,21 +204,33 @@ def test_plugin_registers_names():
     assert float(reward.score(["a low hum"], [wave])[0]) == 1.0
 
 
-def test_quickstart_runs_generate_train_evaluate(tiny_tones_dir, tmp_path):
+def test_quickstart_runs_generate_train_evaluate_through_the_standard_commands(tmp_path):
+    # python -m diffusion_pref.tones.quickstart is `diffusion-pref quickstart model.pretrained=tones`: the shipped
+    # model through generate -> train -> evaluate, with the tones recipe reaching each step (reduced sizes)
+    from diffusion_pref.config import load_config
+    from diffusion_pref.tones import WEIGHTS
     from diffusion_pref.tones.quickstart import main
 
+    if not (WEIGHTS / "stft_config.json").is_file():
+        pytest.skip("tones weights not built in this checkout")
     out = tmp_path / "qs"
-    main(["--out", str(out), "--model", str(tiny_tones_dir), "--samples", "2", "--max-prompts", "2", "--min-gap",
-          "0", "--eval-seeds", "1", "--eval-prompts", "2", "train.max_steps=1", "train.batch_size=2"])
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["generate"]["pairs"] == 2 and summary["n_pairs"] == 2 and summary["loss"] == "dpo"
-    assert 0.0 <= summary["ci_low"] <= summary["win_rate"] <= summary["ci_high"] <= 1.0
+    assert main(["--out", str(out), "sample.steps=2", "generate.max_prompts=2", "generate.samples_per_prompt=2",
+                 "generate.min_gap=null", "train.max_steps=1", "train.batch_size=2", "eval.max_prompts=2",
+                 "eval.seeds=[0]", "eval.bootstrap_samples=20"]) == 0
+    summary = json.loads((out / "quickstart_summary.json").read_text())
+    assert "(audio)" in summary["model"] and summary["loss"] == "dpo"
+    win = json.loads((out / "eval" / "metrics.json").read_text())["win_rates"]["tones-fidelity"]["dpo"]
+    assert win["n_pairs"] == 2 and 0.0 <= win["ci_low"] <= win["win_rate"] <= win["ci_high"] <= 1.0
     assert (out / "train" / "pytorch_lora_weights.safetensors").is_file()
+    train_cfg = load_config(out / "train" / "config.yaml")
+    recipe = load_config(Path(WEIGHTS).parent / "quickstart.yaml")
+    assert train_cfg.loss.beta == recipe.loss.beta and train_cfg.train.learning_rate == recipe.train.learning_rate
+    assert train_cfg.generate.strategy == recipe.generate.strategy and train_cfg.eval.seeds == [0]
     import pyarrow.parquet as pq
 
-    pairs = pq.read_table(out / "pairs" / "train.parquet").to_pydict()
+    pairs = pq.read_table(sorted((out / "pairs").glob("pairs-*.parquet"))[0]).to_pydict()
     assert {"prompt", "chosen", "rejected", "strategy", "score_0", "score_1"} <= set(pairs)
-    assert all(a >= b for a, b in zip(pairs["score_0"], pairs["score_1"]))
+    assert len(pairs["prompt"]) >= 1  # SmPO's soft labels read the score columns
 
 
 def test_quickstart_takes_the_tones_recipe_and_keeps_what_the_user_set(tmp_path):
