@@ -35,6 +35,9 @@ class Command:
     trains: bool = False  # loss settings are checked before the module (and any model) is loaded
     saves_config: bool = False  # the module writes config.yaml itself, once its own checks have passed
     defaults: Optional[str] = None  # a recipe inside the package, applied before --config (path from the package)
+    # "module:function" taking model.pretrained and returning more recipe files for that model, layered after
+    # `defaults` and before --config (the quickstart: an audio world's own recipe)
+    model_defaults: Optional[str] = None
     # Short flags for the settings a command is mostly run with: (flag, config key, help, choices or None).
     # A flag is only a spelling of its key=value override; a flag with no value key (store_true) sets it to true.
     flags: tuple = ()
@@ -67,7 +70,7 @@ COMMANDS = {
                           modes=("generate", "train", "evaluate", "iterate", "quickstart"), mode_key="prompt_opt.mode"),
     "quickstart": Command(
         "diffusion_pref.commands.quickstart", "the whole loop (generate, train, evaluate) on a built-in model", 7,
-        trains=True, defaults="quickstart.yaml",
+        trains=True, defaults="quickstart.yaml", model_defaults="diffusion_pref.commands.quickstart:model_recipes",
     ),
     "convert": Command("diffusion_pref.commands.convert", "convert a checkpoint into this toolkit's layout "
                        "(convert tango --src DIR --dst DIR: declare-lab Tango / Tango 2)", 15, own_args=True),
@@ -354,7 +357,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = record = None
     try:
         defaults = Path(__file__).parent / command.defaults if command.defaults else None
-        cfg = load_config(args.config, [*args.overrides, *_flag_overrides(command, args)], defaults=defaults)
+        overrides = [*args.overrides, *_flag_overrides(command, args)]
+        cfg = load_config(args.config, overrides, defaults=defaults)
+        if command.model_defaults:
+            module_name, function = command.model_defaults.split(":")
+            more = getattr(importlib.import_module(module_name), function)(cfg.model.pretrained)
+            if more:  # the same layers with the model's recipe under --config and the command line
+                cfg = load_config(args.config, overrides, defaults=[d for d in (defaults, *more) if d is not None])
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0

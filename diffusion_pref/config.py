@@ -685,14 +685,17 @@ def parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
 
 
 def load_config(
-    path: Optional[str | Path] = None, overrides: Sequence[str] = (), defaults: Optional[str | Path] = None
+    path: Optional[str | Path] = None, overrides: Sequence[str] = (),
+    defaults: Optional[str | Path | Sequence[str | Path]] = None,
 ) -> Config:
     """Defaults, then the YAML file at ``path``, then the dotted ``overrides``; returns a checked :class:`Config`.
 
-    ``defaults`` is a command's own recipe (the quickstart ships one inside the package), applied before ``path``.
+    ``defaults`` is a command's own recipe (the quickstart ships one inside the package), or several applied in
+    order (the quickstart's, then an audio world's), all before ``path``.
     """
     merged = OmegaConf.structured(Config)
-    for layer in (defaults, path):
+    layers = [defaults] if defaults is None or isinstance(defaults, (str, Path)) else list(defaults)
+    for layer in (*layers, path):
         if layer is not None:
             merged = _merge_file(merged, Path(layer))
     dotted = parse_overrides(overrides)

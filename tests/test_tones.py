@@ -233,21 +233,34 @@ def test_quickstart_runs_generate_train_evaluate_through_the_standard_commands(t
     assert len(pairs["prompt"]) >= 1  # SmPO's soft labels read the score columns
 
 
-def test_quickstart_takes_the_tones_recipe_and_keeps_what_the_user_set(tmp_path):
-    # (this test replaced one that checked the image quickstart refused an audio model: it now runs the audio loop)
-    from diffusion_pref.commands.quickstart import _built_in_model
+def test_quickstart_takes_the_tones_recipe_and_keeps_what_the_user_set(tmp_path, capsys):
+    # the command line layers the tones recipe over the shapes world's and under the user's values: a value given
+    # equal to the shapes-world default (generate.strategy=best_vs_worst) stays too
+    import yaml
+
+    from diffusion_pref.cli import main
     from diffusion_pref.config import load_config
     from diffusion_pref.tones import WEIGHTS
 
     if not (WEIGHTS / "stft_config.json").is_file():
         pytest.skip("tones weights not built in this checkout")
-    import diffusion_pref
+    recipe = load_config(Path(WEIGHTS).parent / "quickstart.yaml")
+    shapes = load_config(Path(WEIGHTS).parents[1] / "quickstart.yaml")
+    assert recipe.generate.strategy != shapes.generate.strategy == "best_vs_worst"
 
-    cfg = load_config(None, ["model.pretrained=tones", "train.max_steps=7", "sample.steps=3"],
-                      defaults=Path(diffusion_pref.__file__).parent / "quickstart.yaml")
-    tones, note = _built_in_model(cfg, tmp_path)
-    assert "(audio)" in note and dict(tones.reward.models) == {"tones-fidelity": 1.0}
-    assert tones.generate.prompts == "tones-train" and tones.eval.prompts == "tones"
-    assert tones.sample.scheduler == "DDIMScheduler" and tones.generate.samples_per_prompt == 8
-    assert tones.train.max_steps == 7 and tones.sample.steps == 3  # the user's values stay
-    assert tones.loss.beta == 30.0 and tones.model.lora_rank == cfg.model.lora_rank
+    def resolved(*overrides):
+        assert main(["quickstart", "--print-config", "model.pretrained=tones", *overrides]) == 0
+        return yaml.safe_load(capsys.readouterr().out)
+
+    tones = resolved("train.max_steps=7", "sample.steps=3", "generate.strategy=best_vs_worst")
+    assert tones["reward"]["models"] == {"tones-fidelity": 1.0}
+    assert tones["generate"]["prompts"] == "tones-train" and tones["eval"]["prompts"] == "tones"
+    assert tones["sample"]["scheduler"] == "DDIMScheduler" and tones["generate"]["samples_per_prompt"] == 8
+    assert tones["train"]["max_steps"] == 7 and tones["sample"]["steps"] == 3  # the user's values stay
+    assert tones["generate"]["strategy"] == "best_vs_worst"  # given equal to the shapes world's: still the user's
+    assert tones["loss"]["beta"] == recipe.loss.beta and tones["model"]["lora_rank"] == shapes.model.lora_rank
+    config = tmp_path / "mine.yaml"
+    config.write_text("loss:\n  beta: 55\n")
+    assert resolved("--config", str(config))["loss"]["beta"] == 55  # --config over the world's recipe
+    image = main(["quickstart", "--print-config"]) == 0 and yaml.safe_load(capsys.readouterr().out)
+    assert image["generate"]["strategy"] == shapes.generate.strategy and image["loss"]["beta"] == shapes.loss.beta

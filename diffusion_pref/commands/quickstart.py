@@ -15,7 +15,8 @@ The settings live in ``quickstart.yaml`` beside this file; ``--config`` and ``ke
 
 ``diffusion-pref quickstart model.pretrained=tones`` runs the same three commands on the tones world (audio: the
 tiny Tango-structured model, the ``tones-fidelity`` reward, Audio-alpaca pairs, a report with players and
-spectrograms) with the recipe in ``diffusion_pref/tones/quickstart.yaml`` in place of the shapes-world values.
+spectrograms) with the recipe in ``diffusion_pref/tones/quickstart.yaml`` layered over the shapes-world values
+(:func:`model_recipes`; ``--config`` and ``key=value`` still apply on top).
 
 When the shapes-world weights are not in the package, the loop runs on a tiny random-weight Stable Diffusion
 instead and says so: that shows the plumbing works end to end, not that alignment works.
@@ -45,8 +46,8 @@ def _built_in_model(cfg: Config, out: Path) -> tuple[Config, str]:
     from diffusion_pref.pipelines import named_model_folder
 
     shipped = named_model_folder(cfg.model.pretrained)
-    if shipped is not None and (shipped / "stft_config.json").is_file():
-        return _audio_world(cfg, shipped), f"model: {cfg.model.pretrained} (audio)"
+    if shipped is not None and (shipped / "stft_config.json").is_file():  # its recipe: model_recipes
+        return cfg, f"model: {cfg.model.pretrained} (audio)"
     if shipped is None or (shipped / "model_index.json").is_file():
         return cfg, f"model: {cfg.model.pretrained}"
     from diffusion_pref.testing import save_tiny_sd
@@ -61,34 +62,21 @@ def _built_in_model(cfg: Config, out: Path) -> tuple[Config, str]:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=str(folder))), note
 
 
-def _audio_world(cfg: Config, shipped: Path) -> Config:
-    """``cfg`` with the audio world's recipe (``quickstart.yaml`` in the world's package, e.g. tones) in place of
-    every shapes-world default of ``diffusion_pref/quickstart.yaml`` that the user left as it was.
+def model_recipes(pretrained: str) -> list[Path]:
+    """The recipe files a built-in world adds for ``model.pretrained`` (the command line layers them after the
+    shapes-world ``quickstart.yaml`` and before ``--config`` and ``key=value``, so every value the user gives
+    stays): an audio world's ``quickstart.yaml`` beside its weights (e.g. tones); none for image models."""
+    from diffusion_pref.config import ConfigError
+    from diffusion_pref.pipelines import named_model_folder
 
-    A key is taken from the world's recipe when its value still equals the shapes-world default, so a value given
-    on the command line or in ``--config`` stays (one given equal to the shapes-world default reads as unchanged).
-    """
-    import yaml
-
-    from diffusion_pref.config import ConfigError, load_config
-
-    recipe_file = shipped.parent / "quickstart.yaml"
-    if not recipe_file.is_file():
-        raise ConfigError(f"model.pretrained={cfg.model.pretrained} is an audio model without a quickstart recipe "
-                          f"({recipe_file} is missing); run generate, train and evaluate with your own config")
-    shapes = load_config(Path(__file__).resolve().parents[1] / "quickstart.yaml")
-    world = load_config(recipe_file)
-    recipe = yaml.safe_load(recipe_file.read_text()) or {}
-    changed = {}
-    for section, keys in recipe.items():
-        fields = {}
-        for key in keys:
-            current, default = getattr(getattr(cfg, section), key), getattr(getattr(shapes, section), key)
-            if current == default:
-                fields[key] = getattr(getattr(world, section), key)
-        if fields:
-            changed[section] = dataclasses.replace(getattr(cfg, section), **fields)
-    return dataclasses.replace(cfg, **changed)
+    shipped = named_model_folder(pretrained)
+    if shipped is None or not (shipped / "stft_config.json").is_file():
+        return []
+    recipe = shipped.parent / "quickstart.yaml"
+    if not recipe.is_file():
+        raise ConfigError(f"model.pretrained={pretrained} is an audio model without a quickstart recipe "
+                          f"({recipe} is missing); run generate, train and evaluate with your own config")
+    return [recipe]
 
 
 def _summary_lines(metrics: dict, reward: str, tuned: str) -> list[str]:
