@@ -285,8 +285,10 @@ def do_run(out: Path, run: Run) -> Dict:
     cfg = _config(overrides)
     print(f"=== {run.name}: {' '.join(run.overrides)} seed {run.seed} flip {run.flip_rate:g}", flush=True)
     started = time.time()
+    cpu_started = time.process_time()
     train_command.run(cfg)
     train_s = time.time() - started
+    train_cpu_s = time.process_time() - cpu_started  # all of this process's threads: steadier than wall on a busy machine
 
     points = []  # (step, seconds since the start of training, lora folder)
     if run.checkpoints:
@@ -323,7 +325,7 @@ def do_run(out: Path, run: Run) -> Dict:
         })
     summary = json.loads((train_dir / "train_summary.json").read_text()) if (train_dir / "train_summary.json").is_file() else {}
     result = {**dataclasses.asdict(run), "pairs": str(pairs), "n_pairs": _count_pairs(pairs),
-              "generate_s": generate_s, "train_s": train_s, "eval_s": eval_s, "final": evals[-1], "points": evals,
+              "generate_s": generate_s, "train_s": train_s, "train_cpu_s": train_cpu_s, "eval_s": eval_s, "final": evals[-1], "points": evals,
               "train_summary": {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}}
     folder.mkdir(parents=True, exist_ok=True)
     result_file.write_text(json.dumps(result, indent=2))
@@ -422,6 +424,10 @@ def group_summary(results: List[Dict]) -> Dict:
         "losses": int(sum(f["losses"] for f in finals)),
         "errors": [_errors(f) for f in finals],
         "train_s": float(np.mean([r["train_s"] for r in results])),
+        # process CPU seconds of training (one torch thread): steadier than wall time on a shared machine; runs
+        # recorded before it was measured have none
+        "train_cpu_s": (float(np.mean([r["train_cpu_s"] for r in results if "train_cpu_s" in r]))
+                        if any("train_cpu_s" in r for r in results) else None),
         "eval_s": float(np.mean([r["eval_s"] for r in results])),
         "generate_s": float(np.mean([r["generate_s"] for r in results])),
     }
@@ -467,18 +473,18 @@ def write_report(out: Path, suite: str, results_dir: Path, note: str, planned: L
                     "planned_groups": planned_groups, "unfinished_runs": missing}
     lines = [f"# Shapes-world alignment: suite `{suite}`", "", note, "",
              "| run | seeds | pairs | base | tuned toy-fidelity | shortfall recovered | win rate (95% CI) | "
-             "wins/ties/losses | colour errors | train s | eval s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "wins/ties/losses | colour errors | train s | train CPU s | eval s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for g in planned_groups:
         s = groups.get(g)
         if s is None:
-            lines.append(f"| {g} | not run | | | | | | | | | |")
+            lines.append(f"| {g} | not run | | | | | | | | | | |")
             continue
         lines.append(
             f"| {g} | {','.join(map(str, s['seeds']))} | {s['n_pairs']} | {s['base_mean']:.3f} | {s['tuned_mean']:.3f} | "
             f"{s['shortfall_recovered']:.0%} | {s['win_rate']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}] | "
             f"{s['wins']}/{s['ties']}/{s['losses']} | {_errors_text(s['errors'])} | {s['train_s']:.0f} | "
-            f"{s['eval_s']:.0f} |")
+            f"{'-' if s['train_cpu_s'] is None else format(s['train_cpu_s'], '.0f')} | {s['eval_s']:.0f} |")
     if suite == "noise":
         lines += ["", "Gain over the base (tuned - base toy-fidelity) as a share of the same loss's clean gain:", "",
                   "| loss | clean gain (95% CI) | 10% flipped | 20% flipped | 30% flipped |",
@@ -551,31 +557,51 @@ def write_report(out: Path, suite: str, results_dir: Path, note: str, planned: L
 
 
 def _plot(report: Dict, finished: Dict, path: Path, suite: str) -> None:
+    """The suite's picture: time -- win rate against training time per variant (checkpoints along the way);
+    losses/beta -- win rate (95% interval) and mean tuned toy-fidelity (one dot per training seed) against the
+    mean training wall time of each run."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)", flush=True)
+        print("matplotlib is not installed: no plot (pip install matplotlib, or the `bench` extra)", flush=True)
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xlabel = "training wall time, s (shared 2-core CPU, one torch thread)"
     if suite == "time":
+        fig, ax = plt.subplots(figsize=(7, 4.5))
         for g, c in report.get("curves", {}).items():
             ax.plot(c["train_s"], c["win_rate"], marker="o", label=g)
-    else:
-        for g, s in report["groups"].items():
-            ax.errorbar([s["train_s"]], [s["win_rate"]], yerr=[[s["win_rate"] - s["ci_low"]], [s["ci_high"] - s["win_rate"]]],
-                        fmt="o", capsize=3)
-            ax.annotate(g, (s["train_s"], s["win_rate"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.axhline(0.5, color="grey", lw=0.5)
-    ax.set_xlabel("training wall time, s (shared busy 2-core CPU)")
-    ax.set_ylabel("win rate over base (toy-fidelity)")
-    ax.set_title(f"shapes world: {suite}")
-    if suite == "time":
+        ax.axhline(0.5, color="grey", lw=0.5)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("win rate over base (toy-fidelity)")
         ax.legend(fontsize=8)
+        axes = [ax]
+    else:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+        rate_ax, fid_ax = axes
+        for i, (g, s) in enumerate(report["groups"].items()):
+            colour = plt.get_cmap("tab20")(i % 20)
+            rate_ax.errorbar([s["train_s"]], [s["win_rate"]], fmt="o", capsize=3, color=colour,
+                             yerr=[[s["win_rate"] - s["ci_low"]], [s["ci_high"] - s["win_rate"]]])
+            rate_ax.annotate(g, (s["train_s"], s["win_rate"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
+            times = [r["train_s"] for r in finished[g]]
+            fid_ax.scatter(times, s["tuned_mean_per_seed"], s=14, color=colour)
+            fid_ax.annotate(g, (s["train_s"], s["tuned_mean"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
+        rate_ax.axhline(0.5, color="grey", lw=0.5)
+        rate_ax.set_ylabel("win rate over base, 95% interval (seeds x prompts)")
+        base = [s["base_mean"] for s in report["groups"].values()]
+        if base:
+            fid_ax.axhline(base[0], color="grey", lw=0.5, ls="--")
+            fid_ax.annotate("base", (fid_ax.get_xlim()[0], base[0]), fontsize=7, xytext=(2, 2), textcoords="offset points")
+        fid_ax.set_ylabel("mean tuned toy-fidelity (a dot per training seed)")
+        for ax in axes:
+            ax.set_xlabel(xlabel)
+    fig.suptitle(f"shapes world: alignment suite `{suite}`")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
     print(f"wrote {path}", flush=True)
 
 
