@@ -5,7 +5,7 @@ evaluates base against tuned on the held-out captions and seeds (``toy-fidelity`
 
 - ``recipe``: candidate quickstart recipes (beta, learning rate, steps, pairs) for the packaged settings;
 - ``losses``: every loss of ``LOSSES`` on the same pairs with the same budget, ``--seeds`` training seeds each;
-- ``beta``: a beta sweep for ``dpo`` and ``smpo``;
+- ``beta``: a beta sweep for ``dpo`` and ``smpo`` (``--losses``/``--betas`` for others);
 - ``noise``: 0/10/20/30% of the pairs' labels flipped at random (recorded seeds); dpo, robust, cdpo, ipo; each
   loss's gain at each noise level as a share of its clean gain;
 - ``time``: time to quality for DPO and SmPO (forward, ReNoise, ReNoise with the cached reference inversion):
@@ -350,7 +350,8 @@ def _losses():
     return list(LOSSES)
 
 
-def suite_runs(suite: str, seeds: Sequence[int], steps: int, beta: float) -> List[Run]:
+def suite_runs(suite: str, seeds: Sequence[int], steps: int, beta: float,
+               sweep: Sequence[str] = ("dpo", "smpo"), betas: Sequence[float] = (25, 100, 250, 1000, 2500)) -> List[Run]:
     budget = (f"train.max_steps={steps}",)
     runs: List[Run] = []
 
@@ -367,10 +368,11 @@ def suite_runs(suite: str, seeds: Sequence[int], steps: int, beta: float) -> Lis
                                 (*budget, f"loss.name={loss}", f"loss.beta={beta:g}", *extra), seed=seed))
     elif suite == "beta":
         for seed in seeds:
-            for loss in ("dpo", "smpo"):
-                for b in (25, 100, 250, 1000, 2500):
-                    runs.append(Run(f"beta-{loss}-b{b}-s{seed}", f"{loss} beta {b}",
-                                    (*budget, f"loss.name={loss}", f"loss.beta={b}"), seed=seed))
+            for loss in sweep:
+                extra = ("loss.params.flip_rate=0.1",) if loss == "robust" else ()
+                for b in betas:
+                    runs.append(Run(f"beta-{loss}-b{b:g}-s{seed}", f"{loss} beta {b:g}",
+                                    (*budget, f"loss.name={loss}", f"loss.beta={b:g}", *extra), seed=seed))
     elif suite == "noise":
         for seed in seeds:
             for rate in (0.0, 0.1, 0.2, 0.3):
@@ -615,6 +617,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--beta", type=float, default=None, help="beta for losses/noise/time (default: the recipe's)")
     p.add_argument("--run", nargs="+", action="append", default=[], metavar="NAME OVERRIDE",
                    help="recipe suite: a named run and its overrides (generate.* and sample.* pick the pairs); repeatable")
+    p.add_argument("--losses", nargs="+", default=["dpo", "smpo"], help="beta suite: the losses swept")
+    p.add_argument("--betas", type=float, nargs="+", default=[25, 100, 250, 1000, 2500], help="beta suite: the values")
     p.add_argument("--only", nargs="*", help="only runs whose name contains one of these")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--note", default="")
@@ -636,7 +640,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 r = json.loads(f.read_text())
                 planned.append(Run(r["name"], r["group"], tuple(r["overrides"]), tuple(r["generate"]), seed=r["seed"]))
     else:
-        planned = suite_runs(args.suite, args.seeds, args.steps, beta)
+        planned = suite_runs(args.suite, args.seeds, args.steps, beta, args.losses, args.betas)
     if args.only:
         planned = [r for r in planned if any(k in r.name for k in args.only)]
     if not args.report_only:
