@@ -5,7 +5,7 @@ evaluates base against tuned on the held-out captions and seeds (``toy-fidelity`
 
 - ``recipe``: candidate quickstart recipes (beta, learning rate, steps, pairs) for the packaged settings;
 - ``losses``: every loss of ``LOSSES`` on the same pairs with the same budget, ``--seeds`` training seeds each;
-- ``beta``: a beta sweep for ``dpo`` and ``smpo``;
+- ``beta``: a beta sweep for ``dpo`` and ``smpo`` (``--losses``/``--betas`` for others);
 - ``noise``: 0/10/20/30% of the pairs' labels flipped at random (recorded seeds); dpo, robust, cdpo, ipo; each
   loss's gain at each noise level as a share of its clean gain;
 - ``time``: time to quality for DPO and SmPO (forward, ReNoise, ReNoise with the cached reference inversion):
@@ -285,8 +285,10 @@ def do_run(out: Path, run: Run) -> Dict:
     cfg = _config(overrides)
     print(f"=== {run.name}: {' '.join(run.overrides)} seed {run.seed} flip {run.flip_rate:g}", flush=True)
     started = time.time()
+    cpu_started = time.process_time()
     train_command.run(cfg)
     train_s = time.time() - started
+    train_cpu_s = time.process_time() - cpu_started  # all of this process's threads: steadier than wall on a busy machine
 
     points = []  # (step, seconds since the start of training, lora folder)
     if run.checkpoints:
@@ -323,7 +325,7 @@ def do_run(out: Path, run: Run) -> Dict:
         })
     summary = json.loads((train_dir / "train_summary.json").read_text()) if (train_dir / "train_summary.json").is_file() else {}
     result = {**dataclasses.asdict(run), "pairs": str(pairs), "n_pairs": _count_pairs(pairs),
-              "generate_s": generate_s, "train_s": train_s, "eval_s": eval_s, "final": evals[-1], "points": evals,
+              "generate_s": generate_s, "train_s": train_s, "train_cpu_s": train_cpu_s, "eval_s": eval_s, "final": evals[-1], "points": evals,
               "train_summary": {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}}
     folder.mkdir(parents=True, exist_ok=True)
     result_file.write_text(json.dumps(result, indent=2))
@@ -348,7 +350,8 @@ def _losses():
     return list(LOSSES)
 
 
-def suite_runs(suite: str, seeds: Sequence[int], steps: int, beta: float) -> List[Run]:
+def suite_runs(suite: str, seeds: Sequence[int], steps: int, beta: float,
+               sweep: Sequence[str] = ("dpo", "smpo"), betas: Sequence[float] = (25, 100, 250, 1000, 2500)) -> List[Run]:
     budget = (f"train.max_steps={steps}",)
     runs: List[Run] = []
 
@@ -365,10 +368,11 @@ def suite_runs(suite: str, seeds: Sequence[int], steps: int, beta: float) -> Lis
                                 (*budget, f"loss.name={loss}", f"loss.beta={beta:g}", *extra), seed=seed))
     elif suite == "beta":
         for seed in seeds:
-            for loss in ("dpo", "smpo"):
-                for b in (25, 100, 250, 1000, 2500):
-                    runs.append(Run(f"beta-{loss}-b{b}-s{seed}", f"{loss} beta {b}",
-                                    (*budget, f"loss.name={loss}", f"loss.beta={b}"), seed=seed))
+            for loss in sweep:
+                extra = ("loss.params.flip_rate=0.1",) if loss == "robust" else ()
+                for b in betas:
+                    runs.append(Run(f"beta-{loss}-b{b:g}-s{seed}", f"{loss} beta {b:g}",
+                                    (*budget, f"loss.name={loss}", f"loss.beta={b:g}", *extra), seed=seed))
     elif suite == "noise":
         for seed in seeds:
             for rate in (0.0, 0.1, 0.2, 0.3):
@@ -422,6 +426,10 @@ def group_summary(results: List[Dict]) -> Dict:
         "losses": int(sum(f["losses"] for f in finals)),
         "errors": [_errors(f) for f in finals],
         "train_s": float(np.mean([r["train_s"] for r in results])),
+        # process CPU seconds of training (one torch thread): steadier than wall time on a shared machine; runs
+        # recorded before it was measured have none
+        "train_cpu_s": (float(np.mean([r["train_cpu_s"] for r in results if "train_cpu_s" in r]))
+                        if any("train_cpu_s" in r for r in results) else None),
         "eval_s": float(np.mean([r["eval_s"] for r in results])),
         "generate_s": float(np.mean([r["generate_s"] for r in results])),
     }
@@ -467,18 +475,18 @@ def write_report(out: Path, suite: str, results_dir: Path, note: str, planned: L
                     "planned_groups": planned_groups, "unfinished_runs": missing}
     lines = [f"# Shapes-world alignment: suite `{suite}`", "", note, "",
              "| run | seeds | pairs | base | tuned toy-fidelity | shortfall recovered | win rate (95% CI) | "
-             "wins/ties/losses | colour errors | train s | eval s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "wins/ties/losses | colour errors | train s | train CPU s | eval s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for g in planned_groups:
         s = groups.get(g)
         if s is None:
-            lines.append(f"| {g} | not run | | | | | | | | | |")
+            lines.append(f"| {g} | not run | | | | | | | | | | |")
             continue
         lines.append(
             f"| {g} | {','.join(map(str, s['seeds']))} | {s['n_pairs']} | {s['base_mean']:.3f} | {s['tuned_mean']:.3f} | "
             f"{s['shortfall_recovered']:.0%} | {s['win_rate']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}] | "
             f"{s['wins']}/{s['ties']}/{s['losses']} | {_errors_text(s['errors'])} | {s['train_s']:.0f} | "
-            f"{s['eval_s']:.0f} |")
+            f"{'-' if s['train_cpu_s'] is None else format(s['train_cpu_s'], '.0f')} | {s['eval_s']:.0f} |")
     if suite == "noise":
         lines += ["", "Gain over the base (tuned - base toy-fidelity) as a share of the same loss's clean gain:", "",
                   "| loss | clean gain (95% CI) | 10% flipped | 20% flipped | 30% flipped |",
@@ -551,31 +559,51 @@ def write_report(out: Path, suite: str, results_dir: Path, note: str, planned: L
 
 
 def _plot(report: Dict, finished: Dict, path: Path, suite: str) -> None:
+    """The suite's picture: time -- win rate against training time per variant (checkpoints along the way);
+    losses/beta -- win rate (95% interval) and mean tuned toy-fidelity (one dot per training seed) against the
+    mean training wall time of each run."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)", flush=True)
+        print("matplotlib is not installed: no plot (pip install matplotlib, or the `bench` extra)", flush=True)
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xlabel = "training wall time, s (shared 2-core CPU, one torch thread)"
     if suite == "time":
+        fig, ax = plt.subplots(figsize=(7, 4.5))
         for g, c in report.get("curves", {}).items():
             ax.plot(c["train_s"], c["win_rate"], marker="o", label=g)
-    else:
-        for g, s in report["groups"].items():
-            ax.errorbar([s["train_s"]], [s["win_rate"]], yerr=[[s["win_rate"] - s["ci_low"]], [s["ci_high"] - s["win_rate"]]],
-                        fmt="o", capsize=3)
-            ax.annotate(g, (s["train_s"], s["win_rate"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.axhline(0.5, color="grey", lw=0.5)
-    ax.set_xlabel("training wall time, s (shared busy 2-core CPU)")
-    ax.set_ylabel("win rate over base (toy-fidelity)")
-    ax.set_title(f"shapes world: {suite}")
-    if suite == "time":
+        ax.axhline(0.5, color="grey", lw=0.5)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("win rate over base (toy-fidelity)")
         ax.legend(fontsize=8)
+        axes = [ax]
+    else:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+        rate_ax, fid_ax = axes
+        for i, (g, s) in enumerate(report["groups"].items()):
+            colour = plt.get_cmap("tab20")(i % 20)
+            rate_ax.errorbar([s["train_s"]], [s["win_rate"]], fmt="o", capsize=3, color=colour,
+                             yerr=[[s["win_rate"] - s["ci_low"]], [s["ci_high"] - s["win_rate"]]])
+            rate_ax.annotate(g, (s["train_s"], s["win_rate"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
+            times = [r["train_s"] for r in finished[g]]
+            fid_ax.scatter(times, s["tuned_mean_per_seed"], s=14, color=colour)
+            fid_ax.annotate(g, (s["train_s"], s["tuned_mean"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
+        rate_ax.axhline(0.5, color="grey", lw=0.5)
+        rate_ax.set_ylabel("win rate over base, 95% interval (seeds x prompts)")
+        base = [s["base_mean"] for s in report["groups"].values()]
+        if base:
+            fid_ax.axhline(base[0], color="grey", lw=0.5, ls="--")
+            fid_ax.annotate("base", (fid_ax.get_xlim()[0], base[0]), fontsize=7, xytext=(2, 2), textcoords="offset points")
+        fid_ax.set_ylabel("mean tuned toy-fidelity (a dot per training seed)")
+        for ax in axes:
+            ax.set_xlabel(xlabel)
+    fig.suptitle(f"shapes world: alignment suite `{suite}`")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
     print(f"wrote {path}", flush=True)
 
 
@@ -589,6 +617,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--beta", type=float, default=None, help="beta for losses/noise/time (default: the recipe's)")
     p.add_argument("--run", nargs="+", action="append", default=[], metavar="NAME OVERRIDE",
                    help="recipe suite: a named run and its overrides (generate.* and sample.* pick the pairs); repeatable")
+    p.add_argument("--losses", nargs="+", default=["dpo", "smpo"], help="beta suite: the losses swept")
+    p.add_argument("--betas", type=float, nargs="+", default=[25, 100, 250, 1000, 2500], help="beta suite: the values")
     p.add_argument("--only", nargs="*", help="only runs whose name contains one of these")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--note", default="")
@@ -610,7 +640,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 r = json.loads(f.read_text())
                 planned.append(Run(r["name"], r["group"], tuple(r["overrides"]), tuple(r["generate"]), seed=r["seed"]))
     else:
-        planned = suite_runs(args.suite, args.seeds, args.steps, beta)
+        planned = suite_runs(args.suite, args.seeds, args.steps, beta, args.losses, args.betas)
     if args.only:
         planned = [r for r in planned if any(k in r.name for k in args.only)]
     if not args.report_only:
