@@ -580,17 +580,47 @@ def _plot(report: Dict, finished: Dict, path: Path, suite: str) -> None:
         ax.set_ylabel("win rate over base (toy-fidelity)")
         ax.legend(fontsize=8)
         axes = [ax]
+    elif suite == "beta":  # win rate and fidelity against beta, a line per loss
+        fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+        rate_ax, fid_ax = axes
+        by_loss: Dict[str, List] = {}
+        for g, s in report["groups"].items():
+            opts = dict(o.split("=", 1) for o in s["overrides"])
+            # (runs copied from the recipe suite carry only their beta: the recipe's loss, dpo)
+            by_loss.setdefault(opts.get("loss.name", "dpo"), []).append((float(opts["loss.beta"]), s))
+        for i, (loss, points) in enumerate(sorted(by_loss.items())):
+            points.sort(key=lambda p: p[0])
+            betas = [b for b, _ in points]
+            rate_ax.errorbar(betas, [s["win_rate"] for _, s in points], capsize=3, marker="o", label=loss,
+                             yerr=[[s["win_rate"] - s["ci_low"] for _, s in points],
+                                   [s["ci_high"] - s["win_rate"] for _, s in points]], color=f"C{i}")
+            fid_ax.plot(betas, [s["tuned_mean"] for _, s in points], marker="o", label=loss, color=f"C{i}")
+        base = [s["base_mean"] for s in report["groups"].values()]
+        if base:
+            fid_ax.axhline(base[0], color="grey", lw=0.5, ls="--", label="base")
+        rate_ax.axhline(0.5, color="grey", lw=0.5)
+        rate_ax.set_ylabel("win rate over base, 95% interval")
+        fid_ax.set_ylabel("mean tuned toy-fidelity")
+        for ax in axes:
+            ax.set_xscale("log")
+            ax.set_xlabel("beta (our convention)")
+            ax.legend(fontsize=8)
     else:
+        # a loss's mean CPU seconds (over the runs that recorded them: steady under a varying load) when every
+        # group has some, else wall seconds
+        cpu = all(s.get("train_cpu_s") is not None for s in report["groups"].values())
+        key = "train_cpu_s" if cpu else "train_s"
+        if cpu:
+            xlabel = "training CPU s per run (one torch thread; mean of the runs that recorded it)"
         fig, axes = plt.subplots(1, 2, figsize=(12, 5))
         rate_ax, fid_ax = axes
         for i, (g, s) in enumerate(report["groups"].items()):
             colour = plt.get_cmap("tab20")(i % 20)
-            rate_ax.errorbar([s["train_s"]], [s["win_rate"]], fmt="o", capsize=3, color=colour,
+            rate_ax.errorbar([s[key]], [s["win_rate"]], fmt="o", capsize=3, color=colour,
                              yerr=[[s["win_rate"] - s["ci_low"]], [s["ci_high"] - s["win_rate"]]])
-            rate_ax.annotate(g, (s["train_s"], s["win_rate"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
-            times = [r["train_s"] for r in finished[g]]
-            fid_ax.scatter(times, s["tuned_mean_per_seed"], s=14, color=colour)
-            fid_ax.annotate(g, (s["train_s"], s["tuned_mean"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
+            rate_ax.annotate(g, (s[key], s["win_rate"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
+            fid_ax.scatter([s[key]] * len(s["tuned_mean_per_seed"]), s["tuned_mean_per_seed"], s=14, color=colour)
+            fid_ax.annotate(g, (s[key], s["tuned_mean"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
         rate_ax.axhline(0.5, color="grey", lw=0.5)
         rate_ax.set_ylabel("win rate over base, 95% interval (seeds x prompts)")
         base = [s["base_mean"] for s in report["groups"].values()]
