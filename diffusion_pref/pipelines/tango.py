@@ -54,24 +54,31 @@ def _model_error(message: str):
     return ModelLoadError(message)
 
 
-def tango_folder(model_cfg) -> Path:
-    """The local folder of ``model.pretrained`` (a registered short name, a folder, or a hub id already in this
-    backbone's layout), checked for every subfolder."""
+def local_folder(model_cfg, what: str) -> Path:
+    """``model.pretrained`` as a local folder: a registered short name, a folder, or a hub id (downloaded);
+    ``what`` names the expected layout in the one-line error."""
     from diffusion_pref.pipelines import named_model_folder
 
     name = model_cfg.pretrained
     folder = named_model_folder(name) or Path(name).expanduser()
-    if not folder.is_dir():
-        if name.startswith((".", "/", "~")) or name.count("/") != 1:
-            raise _model_error(f"model.pretrained={name}: no such folder; give a Tango folder written by "
-                               "`diffusion-pref convert tango`")
-        from huggingface_hub import snapshot_download
+    if folder.is_dir():
+        return folder
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise _model_error(f"model.pretrained={name}: no such folder; give {what}")
+    from huggingface_hub import snapshot_download
 
-        try:
-            folder = Path(snapshot_download(name, revision=model_cfg.revision))
-        except Exception as err:
-            raise _model_error(f"could not download model.pretrained={name!r} ({type(err).__name__}); check the id "
-                               "and your network, or give a local folder") from None
+    try:
+        return Path(snapshot_download(name, revision=model_cfg.revision))
+    except Exception as err:
+        raise _model_error(f"could not download model.pretrained={name!r} ({type(err).__name__}); check the id "
+                           "and your network, or give a local folder") from None
+
+
+def tango_folder(model_cfg) -> Path:
+    """The local folder of ``model.pretrained`` (a registered short name, a folder, or a hub id already in this
+    backbone's layout), checked for every subfolder."""
+    name = model_cfg.pretrained
+    folder = local_folder(model_cfg, "a Tango folder written by `diffusion-pref convert tango`")
     if (folder / "pytorch_model_main.bin").is_file() and not (folder / "unet").is_dir():
         raise _model_error(f"model.pretrained={name}: this is the declare-lab checkpoint layout; convert it first: "
                            f"diffusion-pref convert tango --src {folder} --dst <folder>")

@@ -80,7 +80,7 @@ from diffusion_pref.pipelines.base import (
     scheduler_class,
     waveform_samples,
 )
-from diffusion_pref.pipelines.tango import T5Text, _model_error  # the same T5 text side and error type
+from diffusion_pref.pipelines.tango import T5Text, _model_error, local_folder  # the same T5 text side and error type
 
 TEXT_TOKENS = 64  # TangoFlux's max_text_seq_len
 DEFAULT_SECONDS = 10.0  # TangoFlux's CLI / generate / CRPO duration
@@ -108,21 +108,8 @@ def is_tangoflux(pretrained: str) -> bool:
 
 def tangoflux_folder(model_cfg) -> Path:
     """The local folder of ``model.pretrained`` (downloaded from the hub when it is an id), with its three files."""
-    from diffusion_pref.pipelines import named_model_folder
-
     name = model_cfg.pretrained
-    folder = named_model_folder(name) or Path(name).expanduser()
-    if not folder.is_dir():
-        if name.startswith((".", "/", "~")) or name.count("/") != 1:
-            raise _model_error(f"model.pretrained={name}: no such folder; give a TangoFlux folder (the "
-                               "declare-lab/TangoFlux hub layout) or its hub id")
-        from huggingface_hub import snapshot_download
-
-        try:
-            folder = Path(snapshot_download(name, revision=model_cfg.revision))
-        except Exception as err:
-            raise _model_error(f"could not download model.pretrained={name!r} ({type(err).__name__}); check the id "
-                               "and your network, or give a local folder") from None
+    folder = local_folder(model_cfg, "a TangoFlux folder (the declare-lab/TangoFlux hub layout) or its hub id")
     missing = [f for f in (CONFIG, WEIGHTS, VAE_WEIGHTS) if not (folder / f).is_file()]
     if missing:
         raise _model_error(f"model.pretrained={name}: not a TangoFlux folder (missing {', '.join(missing)}); give "
